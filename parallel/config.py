@@ -1,0 +1,39 @@
+"""How a run is parallelised. Read by the trainer; holds no process groups or devices."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """Process layout and the expert-parallel mode."""
+
+    backend: str = "auto"
+    """torch.distributed backend: `auto` picks nccl when every rank has a GPU, else gloo."""
+    device: str = "auto"
+    """`auto` (cuda:LOCAL_RANK when available, else cpu), `cpu` or `cuda`."""
+    ep_size: int = 1
+    """Ranks that share one copy of the experts (1: every rank holds every expert, plain DDP)."""
+    expert_sharding: str = "resident"
+    """`resident` (each rank keeps the experts it computes) or `fssdp` (Hecate)."""
+    engine: str = "torch"
+    """Optimizer engine for the dense parameters: `torch` (DDP) or `deepspeed` (ZeRO)."""
+    timeout_s: float = 300.0
+    """Rendezvous and collective timeout, seconds."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"parallel.backend ({self.backend!r}) must be one of 'auto', 'gloo', 'nccl'")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"parallel.device ({self.device!r}) must be one of 'auto', 'cpu', 'cuda'")
+        if self.ep_size < 1:
+            raise ValueError(f"parallel.ep_size ({self.ep_size}) must be >= 1")
+        if self.expert_sharding not in ("resident", "fssdp"):
+            raise ValueError(
+                f"parallel.expert_sharding ({self.expert_sharding!r}) must be one of 'resident', 'fssdp'"
+            )
+        if self.engine not in ("torch", "deepspeed"):
+            raise ValueError(f"parallel.engine ({self.engine!r}) must be one of 'torch', 'deepspeed'")
+        if self.timeout_s <= 0:
+            raise ValueError(f"parallel.timeout_s ({self.timeout_s}) must be > 0")

@@ -1,0 +1,105 @@
+"""SwiGLU experts over tokens sorted by expert, via `torch._grouped_mm` (dropless).
+
+Legend: T tokens (sorted by local expert), D model dim, F expert ffn dim, E local experts.
+Weights are stored as (E, out, in), the torchtitan layout: w1_EFD, w3_EFD (gate, up), w2_EDF (down).
+"""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    `torch._grouped_mm`'s backward fails on an expanded (stride-0) gradient, as `out.sum()` produces.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad.numel() == 0:  # an empty tensor counts as contiguous whatever its strides
+            return grad.new_zeros(grad.shape)
+        return grad.contiguous()
+
+
+def _offsets(counts_E: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(counts_E, dim=0).to(torch.int32)
+
+
+def grouped_swiglu(
+    x_TD: torch.Tensor,
+    counts_E: torch.Tensor,
+    w1_EFD: torch.Tensor,
+    w2_EDF: torch.Tensor,
+    w3_EFD: torch.Tensor,
+) -> torch.Tensor:
+    """out_t = w2[e] (silu(w1[e] x_t) * w3[e] x_t) for the expert e that token t is sorted under.
+
+    `counts_E` (int, sums to T) gives how many consecutive rows of x belong to each expert; an expert
+    with zero rows is fine. Runs in fp32/bf16/fp16 on CPU and bf16 on Hopper.
+    """
+    offs = _offsets(counts_E)
+    x_TD = _ContiguousGrad.apply(x_TD)
+    h1_TF = torch._grouped_mm(x_TD, w1_EFD.transpose(-2, -1), offs=offs)
+    h3_TF = torch._grouped_mm(x_TD, w3_EFD.transpose(-2, -1), offs=offs)
+    h_TF = F.silu(h1_TF) * h3_TF
+    out_TD = torch._grouped_mm(h_TF, w2_EDF.transpose(-2, -1), offs=offs)
+    return _ContiguousGrad.apply(out_TD)
+
+
+def looped_swiglu(
+    x_TD: torch.Tensor,
+    counts_E: torch.Tensor,
+    w1_EFD: torch.Tensor,
+    w2_EDF: torch.Tensor,
+    w3_EFD: torch.Tensor,
+) -> torch.Tensor:
+    """The per-expert loop that `grouped_swiglu` must equal (the reference in tests and benchmarks)."""
+    outs = []
+    for e, x in enumerate(torch.split(x_TD, counts_E.tolist())):
+        outs.append((F.silu(x @ w1_EFD[e].T) * (x @ w3_EFD[e].T)) @ w2_EDF[e].T)
+    if not outs:
+        return x_TD.new_zeros(0, w2_EDF.shape[1])
+    return torch.cat(outs)
+
+
+class GroupedExperts(nn.Module):
+    """The weights of `num_experts` SwiGLU experts, computed together by `grouped_swiglu`.
+
+    Under the skeleton's resident store every rank holds all of them; expert parallelism and FSSDP
+    replace *which* experts a rank holds and where the weights come from, not this computation.
+    """
+
+    def __init__(self, num_experts: int, dim: int, ffn_dim: int, *, init_std: float = 0.02, out_std: float | None = None):
+        super().__init__()
+        self.num_experts, self.dim, self.ffn_dim = num_experts, dim, ffn_dim
+        self.w1_EFD = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
+        self.w3_EFD = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
+        self.w2_EDF = nn.Parameter(torch.empty(num_experts, dim, ffn_dim))
+        self.init_weights(init_std, out_std if out_std is not None else init_std)
+
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        nn.init.normal_(self.w1_EFD, std=init_std)
+        nn.init.normal_(self.w3_EFD, std=init_std)
+        nn.init.normal_(self.w2_EDF, std=out_std)
+
+    def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        return grouped_swiglu(x_TD, counts_E, self.w1_EFD, self.w2_EDF, self.w3_EFD)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, dim={self.dim}, ffn_dim={self.ffn_dim}"
+
+
+def swiglu_flops(num_tokens: int, dim: int, ffn_dim: int) -> int:
+    """Forward FLOPs of SwiGLU over `num_tokens` routed token-slots: three (D x F) matmuls."""
+    return 2 * num_tokens * dim * ffn_dim * 3
+
+
+__all__ = ["GroupedExperts", "grouped_swiglu", "looped_swiglu", "swiglu_flops"]

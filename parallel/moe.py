@@ -1,0 +1,102 @@
+"""The MoE feed-forward block: router -> dispatcher -> grouped experts -> weighted combine.
+
+The dispatcher and the expert store are the seams that expert parallelism and FSSDP swap:
+`LocalDispatcher` keeps every token on its rank and computes every expert here (the skeleton's
+data-parallel mode). Legend: T tokens, D model dim, F ffn dim, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moesaic.parallel.experts import GroupedExperts
+from moesaic.parallel.router import RouterConfig, RouterOutput, TopKRouter
+
+
+@dataclass(kw_only=True)
+class MoEConfig:
+    """Shape of one MoE feed-forward block."""
+
+    num_experts: int = 8
+    """Routed experts per MoE layer."""
+    top_k: int = 2
+    """Experts each token is sent to."""
+    ffn_dim: int = 256
+    """Hidden size of each routed SwiGLU expert (fine-grained experts: many experts, small ffn_dim)."""
+    num_shared_experts: int = 0
+    """Always-active SwiGLU experts of the same ffn_dim, computed locally (DeepSeekMoE)."""
+    router: RouterConfig = field(default_factory=RouterConfig)
+    """How tokens choose experts."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.router, dict):
+            self.router = RouterConfig(**self.router)
+        if self.num_experts < 1:
+            raise ValueError(f"model.moe.num_experts ({self.num_experts}) must be >= 1")
+        if self.top_k < 1:
+            raise ValueError(f"model.moe.top_k ({self.top_k}) must be >= 1")
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"model.moe.top_k ({self.top_k}) must be <= model.moe.num_experts ({self.num_experts})"
+            )
+        if self.ffn_dim < 1:
+            raise ValueError(f"model.moe.ffn_dim ({self.ffn_dim}) must be >= 1")
+        if self.num_shared_experts < 0:
+            raise ValueError(f"model.moe.num_shared_experts ({self.num_shared_experts}) must be >= 0")
+
+
+class SwiGLU(nn.Module):
+    """A dense SwiGLU MLP (the shared expert, and the FFN of dense layers)."""
+
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, ffn_dim, bias=False)
+        self.w3 = nn.Linear(dim, ffn_dim, bias=False)
+        self.w2 = nn.Linear(ffn_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class LocalDispatcher(nn.Module):
+    """Every expert is on this rank: sort token-slots by expert, compute, combine."""
+
+    def forward(self, x_TD: torch.Tensor, route: RouterOutput, experts: GroupedExperts) -> torch.Tensor:
+        num_tokens, top_k = route.expert_ids_TK.shape
+        # 1. permute token-slots so that each expert's rows are contiguous (stable: token order kept)
+        order = torch.argsort(route.expert_ids_TK.flatten(), stable=True)
+        token_of_slot = order // top_k
+        # 2. grouped GEMM over the sorted rows
+        y_sorted = experts(x_TD[token_of_slot], route.tokens_per_expert_E)
+        # 3. un-permute and combine with the router weights
+        w_sorted = route.weights_TK.flatten()[order].unsqueeze(-1)
+        out_TD = x_TD.new_zeros(num_tokens, x_TD.shape[-1])
+        return out_TD.index_add(0, token_of_slot, y_sorted * w_sorted)
+
+
+class MoE(nn.Module):
+    """Router + dispatcher + grouped experts (+ optional shared experts)."""
+
+    def __init__(self, dim: int, cfg: MoEConfig, *, init_std: float = 0.02, out_std: float | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.router = TopKRouter(dim, cfg.num_experts, cfg.top_k, cfg.router)
+        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.ffn_dim, init_std=init_std, out_std=out_std)
+        self.dispatcher: nn.Module = LocalDispatcher()
+        self.shared = (
+            SwiGLU(dim, cfg.ffn_dim * cfg.num_shared_experts) if cfg.num_shared_experts > 0 else None
+        )
+        self.last_route: RouterOutput | None = None
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        route = self.router(x_TD)
+        out_TD = self.dispatcher(x_TD, route, self.experts)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+        self.last_route = route
+        return out_TD.view_as(x_BSD), route

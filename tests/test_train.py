@@ -1,0 +1,80 @@
+"""Tier 4: the real trainer, through Hydra and torchrun, on gloo ranks."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import child_env, read_metrics, torchrun
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_two_rank_training_learns_and_ranks_agree(tmp_path):
+    torchrun(2, ["experiment=smoke", f"logging.out_dir={tmp_path}", "logging.run_name=r2", "logging.dump_rank_params=true"])
+    run = tmp_path / "r2"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["backend"] == "gloo" and summary["steps"] == 30
+    train = [r for r in read_metrics(run) if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30]
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5, [r["loss"] for r in train]
+    assert all(len(r["load_max_over_mean"]) == 2 for r in train)
+    assert summary["val_bpb"] < 8.0 and summary["unigram_bpb"] > 3.0
+    p0 = torch.load(run / "params-rank0.pt", weights_only=True)
+    p1 = torch.load(run / "params-rank1.pt", weights_only=True)
+    assert p0.keys() == p1.keys() and len(p0) > 10
+    init = _initial_params()
+    moved = 0
+    for k in p0:
+        assert torch.equal(p0[k], p1[k]), f"{k} differs across ranks"
+        moved += int(not torch.equal(p0[k], init[k]))
+    assert moved == len(p0)  # every parameter trained, experts included
+    assert (run / "config.yaml").is_file()
+
+
+def _initial_params():
+    from hydra import compose, initialize_config_module
+
+    from moesaic.trainer.config import register_configs, to_train_config
+    from moesaic.trainer.model import Transformer
+
+    register_configs()
+    with initialize_config_module(config_module="moesaic.configs", version_base=None):
+        cfg = to_train_config(compose(config_name="config", overrides=["experiment=smoke"]))
+    torch.manual_seed(cfg.seed)
+    return Transformer(cfg.model).state_dict()
+
+
+def _run_single(args, tmp_path):
+    return subprocess.run(
+        [sys.executable, "-m", "moesaic.trainer", *args], capture_output=True, text=True, timeout=120,
+        env=child_env(), cwd=tmp_path,
+    )
+
+
+def test_single_process_run_writes_the_run_directory(tmp_path):
+    proc = _run_single(["experiment=smoke", "steps=10", "logging.run_name=one", f"logging.out_dir={tmp_path}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    for key in ("val_bpb", "unigram_bpb", "tokens_per_s", "wall_s", "peak_rss_mib_per_rank"):
+        assert key in summary
+    assert summary["world_size"] == 1
+    kinds = [r["kind"] for r in read_metrics(tmp_path / "one")]
+    assert kinds.count("eval") == 1 and kinds.count("train") == 2
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["model.moe.top_k=9"], "model.moe.top_k (9) must be <= model.moe.num_experts (4)"),
+        (["logging.out_dir=/proc/no-such"], "logging.out_dir ('/proc/no-such') is not writable"),
+        (["data=text", "data.path=/nowhere"], "data.path ('/nowhere') does not exist"),
+    ],
+)
+def test_bad_input_exits_with_one_named_line(args, message, tmp_path):
+    proc = _run_single(["experiment=smoke", *args], tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,3 @@
+from moesaic.trainer.main import main
+
+main()

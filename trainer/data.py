@@ -1,0 +1,163 @@
+"""Training data: byte-level text (the embedded default is the Python standard library's own
+source), or a nanoGPT-style flat uint16 `.bin` token file. Windows are sampled at seeded random
+offsets, so a batch is a pure function of (seed, rank, step): resuming needs only the step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SOURCES = ("stdlib", "text", "bin")
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where tokens come from and how they are cut into training windows."""
+
+    source: str = "stdlib"
+    """`stdlib` (the Python standard library's .py files, as bytes), `text` (a file or folder of text
+    files, as bytes) or `bin` (flat uint16 tokens: a file, or a folder with train.bin and val.bin)."""
+    path: str | None = None
+    """File or folder for `text` and `bin`; unused for `stdlib`."""
+    pattern: str = "**/*"
+    """Glob of files to read when `path` is a folder of text files."""
+    seq_len: int = 128
+    """Tokens per training window."""
+    val_percent: float = 5.0
+    """Share held out for validation: by a hash of each file's path, or the tail of a single file."""
+    max_bytes: int = 0
+    """Read at most this many bytes of text (0: all)."""
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source ({self.source!r}) must be one of {', '.join(map(repr, SOURCES))}")
+        if self.seq_len < 2:
+            raise ValueError(f"data.seq_len ({self.seq_len}) must be >= 2")
+        if not 0 < self.val_percent < 100:
+            raise ValueError(f"data.val_percent ({self.val_percent}) must be in (0, 100)")
+        if self.max_bytes < 0:
+            raise ValueError(f"data.max_bytes ({self.max_bytes}) must be >= 0")
+        if self.source != "stdlib":
+            if not self.path:
+                raise ValueError(f"data.path must be set when data.source is {self.source!r}")
+            if not Path(self.path).expanduser().exists():
+                raise ValueError(f"data.path ({self.path!r}) does not exist (data.source={self.source!r})")
+
+
+@dataclass
+class Corpus:
+    train: np.ndarray  # 1-D tokens (uint8 bytes or uint16 ids)
+    val: np.ndarray
+    name: str
+    is_bytes: bool
+
+    def unigram_bpb(self) -> float:
+        """Entropy of the validation set's own token distribution, bits per token."""
+        counts = np.bincount(self.val, minlength=256).astype(np.float64)
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log2(p)).sum())
+
+
+def _is_val(rel_path: str, val_percent: float) -> bool:
+    h = int.from_bytes(hashlib.sha1(rel_path.encode()).digest()[:8], "little")
+    return (h % 10_000) < val_percent * 100
+
+
+def _read_files(files: list[tuple[str, Path]], cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    train, val, total = [], [], 0
+    for rel, path in sorted(files):
+        data = path.read_bytes()
+        if cfg.max_bytes and total + len(data) > cfg.max_bytes:
+            data = data[: cfg.max_bytes - total]
+        total += len(data)
+        (val if _is_val(rel, cfg.val_percent) else train).append(data)
+        if cfg.max_bytes and total >= cfg.max_bytes:
+            break
+    return np.frombuffer(b"".join(train), np.uint8), np.frombuffer(b"".join(val), np.uint8)
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _stdlib_files() -> list[tuple[str, Path]]:
+    root, out = stdlib_root(), []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        for name in filenames:
+            if name.endswith(".py"):
+                p = Path(dirpath) / name
+                out.append((p.relative_to(root).as_posix(), p))
+    return out
+
+
+def _split_tail(tokens: np.ndarray, val_percent: float) -> tuple[np.ndarray, np.ndarray]:
+    cut = int(len(tokens) * (1 - val_percent / 100))
+    return tokens[:cut], tokens[cut:]
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    """Read the configured source; raise ValueError naming `data.*` if it is unusable."""
+    if cfg.source == "stdlib":
+        train, val = _read_files(_stdlib_files(), cfg)
+        corpus = Corpus(train, val, f"stdlib:{stdlib_root()}", True)
+    elif cfg.source == "text":
+        root = Path(cfg.path).expanduser()
+        if root.is_dir():
+            files = [(p.relative_to(root).as_posix(), p) for p in root.glob(cfg.pattern) if p.is_file()]
+            train, val = _read_files(files, cfg)
+            if len(train) and not len(val):  # too few files for a hash split: hold out the tail
+                train, val = _split_tail(train, cfg.val_percent)
+        else:
+            data = np.frombuffer(root.read_bytes()[: cfg.max_bytes or None], np.uint8)
+            train, val = _split_tail(data, cfg.val_percent)
+        corpus = Corpus(train, val, f"text:{root}", True)
+    else:
+        root = Path(cfg.path).expanduser()
+        if root.is_dir():
+            missing = [n for n in ("train.bin", "val.bin") if not (root / n).is_file()]
+            if missing:
+                raise ValueError(f"data.path ({cfg.path!r}) is a folder without {' and '.join(missing)}")
+            train = np.memmap(root / "train.bin", dtype=np.uint16, mode="r")
+            val = np.memmap(root / "val.bin", dtype=np.uint16, mode="r")
+        else:
+            if root.stat().st_size % 2:
+                raise ValueError(f"data.path ({cfg.path!r}) has an odd size: not a flat uint16 token file")
+            train, val = _split_tail(np.memmap(root, dtype=np.uint16, mode="r"), cfg.val_percent)
+        corpus = Corpus(train, val, f"bin:{root}", False)
+    for split, arr in (("training", corpus.train), ("validation", corpus.val)):
+        if len(arr) <= cfg.seq_len + 1:
+            raise ValueError(
+                f"data.path ({cfg.path or str(stdlib_root())!r}) gives {len(arr)} {split} tokens, "
+                f"fewer than data.seq_len + 2 ({cfg.seq_len + 2}): empty or too small"
+            )
+    return corpus
+
+
+def check_vocab(corpus: Corpus, vocab_size: int) -> None:
+    top = int(np.max(corpus.train)) if len(corpus.train) else 0
+    top = max(top, int(np.max(corpus.val)) if len(corpus.val) else 0)
+    if top >= vocab_size:
+        raise ValueError(f"model.vocab_size ({vocab_size}) must be > the largest token id in data.path ({top})")
+
+
+def sample_batch(
+    tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: int, stream: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch_size` windows at offsets drawn from SeedSequence([seed, *stream]); returns (x, y) int64."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *stream])))
+    starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
+    windows = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts])
+    t = torch.from_numpy(windows)
+    return t[:, :-1], t[:, 1:]
+
+
+TRAIN_STREAM, VAL_STREAM = 0, 1

@@ -1,0 +1,115 @@
+"""Process-group set-up from the launcher's environment (torchrun today; SLURM in launch/).
+
+Returns a `DistInfo`; a single process without launcher variables runs with no process group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moesaic.parallel.config import ParallelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None: single process, no process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} ({value!r}) must be an integer") from None
+
+
+def pick_device(pcfg: ParallelConfig, local_rank: int) -> torch.device:
+    if pcfg.device == "cpu" or (pcfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("parallel.device ('cuda') was asked for, but torch.cuda.is_available() is False")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        if pcfg.device == "cuda":
+            raise ValueError(f"LOCAL_RANK ({local_rank}) needs a GPU, but this node has {count}")
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(pcfg: ParallelConfig) -> DistInfo:
+    """Read RANK/WORLD_SIZE/LOCAL_RANK, pick the device and backend, and join the process group."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"RANK ({rank}) must be in [0, WORLD_SIZE ({world_size}))")
+    device = pick_device(pcfg, local_rank)
+    if world_size == 1 and "MASTER_ADDR" not in os.environ:
+        return DistInfo(0, 1, 0, device, None)
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(var):
+            raise ValueError(
+                f"{var} is not set: start the job with torchrun (or srun under SLURM), or export "
+                "MASTER_ADDR and MASTER_PORT"
+            )
+    backend = pcfg.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError("parallel.backend ('nccl') needs a GPU per rank; use gloo on CPU")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend=backend,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=pcfg.timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
+    return DistInfo(rank, world_size, local_rank, device, backend)
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.backend is not None and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj, info: DistInfo, src: int = 0):
+    if info.backend is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_(t: torch.Tensor, info: DistInfo, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if info.backend is not None:
+        dist.all_reduce(t, op=op)
+    return t
+
+
+def all_gather_object(obj, info: DistInfo) -> list:
+    if info.backend is None:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out

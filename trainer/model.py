@@ -1,0 +1,206 @@
+"""Decoder-only MoE transformer: RMSNorm, rotary embeddings, causal SDPA attention, and an MoE
+feed-forward in every layer (the first `num_dense_layers` may be dense SwiGLU instead).
+
+Legend: B batch, S sequence, D model dim, H heads, Dh head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moesaic.parallel.moe import MoE, MoEConfig, SwiGLU
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Sizes of the transformer. The MoE block's own sizes live in `moe`."""
+
+    vocab_size: int = 256
+    """Token vocabulary; 256 for byte-level text."""
+    dim: int = 128
+    """Model (residual stream) width."""
+    num_layers: int = 4
+    """Transformer blocks."""
+    num_heads: int = 4
+    """Attention heads; must divide dim."""
+    max_seq_len: int = 256
+    """Longest sequence the rotary tables cover."""
+    num_dense_layers: int = 0
+    """The first N blocks use a dense SwiGLU FFN instead of MoE."""
+    dense_ffn_dim: int = 512
+    """Hidden size of the dense FFN in those first blocks."""
+    rope_theta: float = 10000.0
+    """Rotary embedding base."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    init_std: float = 0.02
+    """Std of the normal initialisation; output projections are scaled by 1/sqrt(2 * num_layers)."""
+    tie_embeddings: bool = True
+    """Share the input embedding with the output head."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """The MoE feed-forward block."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+        for name in ("vocab_size", "dim", "num_layers", "num_heads", "max_seq_len", "dense_ffn_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} ({getattr(self, name)}) must be >= 1")
+        if self.dim % self.num_heads:
+            raise ValueError(f"model.dim ({self.dim}) must be divisible by model.num_heads ({self.num_heads})")
+        if (self.dim // self.num_heads) % 2:
+            raise ValueError(
+                f"model.dim / model.num_heads ({self.dim // self.num_heads}) must be even for rotary embeddings"
+            )
+        if not 0 <= self.num_dense_layers <= self.num_layers:
+            raise ValueError(
+                f"model.num_dense_layers ({self.num_dense_layers}) must be in [0, model.num_layers ({self.num_layers})]"
+            )
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.num_dense_layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x_BHSDh: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x_BHSDh[..., 0::2], x_BHSDh[..., 1::2]
+    cos, sin = cos_SD.to(x_BHSDh.dtype), sin_SD.to(x_BHSDh.dtype)
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.dim // cfg.num_heads
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        q, k, v = self.wqkv(x_BSD).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos[:S], sin[:S]), apply_rotary(k, cos[:S], sin[:S])
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(B, S, D))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.is_moe = layer_id >= cfg.num_dense_layers
+        if self.is_moe:
+            self.moe = MoE(cfg.dim, cfg.moe, init_std=cfg.init_std, out_std=out_std)
+        else:
+            self.mlp = SwiGLU(cfg.dim, cfg.dense_ffn_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        h = self.ffn_norm(x)
+        if self.is_moe:
+            y, route = self.moe(h)
+            return x + y, route
+        return x + self.mlp(h), None
+
+
+@dataclass
+class ModelOutput:
+    loss: torch.Tensor | None  # ce + aux_coef * aux + z_coef * z (what backward runs on)
+    ce_loss: torch.Tensor | None  # next-token cross-entropy, nats per token
+    aux_loss: torch.Tensor  # mean over MoE layers, unscaled
+    z_loss: torch.Tensor  # mean over MoE layers, unscaled
+    logits: torch.Tensor
+    tokens_per_expert_LE: torch.Tensor | None  # int64 (moe layers, experts), detached
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rotary_tables(cfg.dim // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def reset_parameters(self) -> None:
+        std, out_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_out = name.endswith(("wo", "w2"))
+                nn.init.normal_(module.weight, std=out_std if is_out else std)
+
+    def moe_layers(self) -> list[MoE]:
+        return [blk.moe for blk in self.layers if blk.is_moe]
+
+    def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None) -> ModelOutput:
+        x = self.embed(idx_BS)
+        aux, z, counts = [], [], []
+        for layer in self.layers:
+            x, route = layer(x, self.rope_cos, self.rope_sin)
+            if route is not None:
+                aux.append(route.aux_loss)
+                z.append(route.z_loss)
+                counts.append(route.tokens_per_expert_E)
+        logits = self.head(self.norm(x)).float()
+        zero = logits.new_zeros(())
+        aux_loss = torch.stack(aux).mean() if aux else zero
+        z_loss = torch.stack(z).mean() if z else zero
+        ce = loss = None
+        if targets_BS is not None:
+            ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets_BS.reshape(-1))
+            rc = self.cfg.moe.router
+            loss = ce + rc.aux_loss_coef * aux_loss + rc.z_loss_coef * z_loss
+        return ModelOutput(
+            loss=loss,
+            ce_loss=ce,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            logits=logits,
+            tokens_per_expert_LE=torch.stack(counts).detach() if counts else None,
+        )
+
+    def num_params(self) -> dict[str, int]:
+        """Total and active (per token) parameter counts; tied weights counted once."""
+        seen, total, expert = set(), 0, 0
+        for name, p in self.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            if ".experts." in name:
+                expert += p.numel()
+        m = self.cfg.moe
+        active = total - expert + expert * m.top_k // m.num_experts
+        return {"total": total, "active": active, "expert": expert}
