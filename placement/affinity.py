@@ -150,11 +150,15 @@ def _holds(gpu_R: np.ndarray, e_R: np.ndarray, E: int, G: int) -> np.ndarray:
 
 def _dist(holds_EG: np.ndarray, hop: np.ndarray) -> np.ndarray:
     """(E, G): cheapest hop from a GPU holding expert e to GPU g."""
+    if (holds_EG.sum(1) == 1).all():
+        return hop[holds_EG.argmax(1)]
     return np.where(holds_EG[:, :, None], hop[None, :, :], np.inf).min(axis=1)
 
 
 def _transition_cost(W: np.ndarray, holds_a: np.ndarray, dist_b: np.ndarray) -> float:
     """sum_{i,j} W[i,j] * min_{g holds i} dist_b[j, g]."""
+    if (holds_a.sum(1) == 1).all():  # no replicas at layer a: one GPU per expert
+        return float((W * dist_b[:, holds_a.argmax(1)].T).sum())
     pair = np.where(holds_a[:, None, :], dist_b[None, :, :], np.inf).min(axis=2)
     return float((W * pair).sum())
 
@@ -186,41 +190,61 @@ class Search:
             c += _transition_cost(p.W[l], h, _dist(self.holds(l + 1), p.hop))
         return c
 
-    def cost_matrix(self, l: int) -> np.ndarray:
+    def cost_matrix(self, l: int, *, use_next: bool = True) -> np.ndarray:
         """(E, G) cost of putting (one replica of) expert e at layer l on GPU g, neighbours fixed."""
         p, C = self.p, np.zeros((self.E, self.G))
         if l > 0:
             C += p.W[l - 1].T @ _dist(self.holds(l - 1), p.hop)
-        if l < p.num_layers - 1:
+        if use_next and l < p.num_layers - 1:
             C += p.W[l] @ _dist(self.holds(l + 1), p.hop)
         return C
 
-    def place(self, l: int) -> bool:
-        """Re-place layer l given its neighbours; True if the true local cost went down."""
+    def solve_layer(self, l: int, *, use_next: bool = True) -> np.ndarray:
+        """The best feasible placement of layer l found for its cost matrix (neighbours fixed)."""
         p = self.p
         e_R, w_R, cap, S = p.expert_LR[l], p.weight_LR[l], p.cap_L[l], p.S
         r_E = np.bincount(e_R, minlength=self.E)
-        C = self.cost_matrix(l) / np.maximum(r_E, 1)[:, None]
-        cur = self.gpu[l]
+        C = self.cost_matrix(l, use_next=use_next) / np.maximum(r_E, 1)[:, None]
         # 1. transportation problem on the slot-expanded matrix (exact without load and replica rules)
         rows, cols = linear_sum_assignment(np.repeat(C[e_R], S, axis=1))
         lsa = np.empty(len(e_R), dtype=np.int64)
         lsa[rows] = cols // S
-        # 2. restore the load tolerance and replica rule by swaps, then descend by swaps
-        cands = [_swap_descent(_repair(lsa, e_R, w_R, C, cap, self.G), e_R, w_R, C, cap, self.G),
-                 _swap_descent(cur, e_R, w_R, C, cap, self.G)]
-        cands = [c for c in cands if c is not None]
-        best = min(cands, key=lambda g: float(C[e_R, g].sum()))
-        # 3. per-layer ILP polish, warm-started from the best swap solution
+        # 2. restore the load tolerance and the replica rule by swaps, then descend by swaps
+        best = _swap_descent(_repair(lsa, e_R, w_R, C, cap, self.G), e_R, w_R, C, cap, self.G)
+        if best is None:  # the repair got stuck: descend from the current (feasible) placement
+            best = _swap_descent(self.gpu[l], e_R, w_R, C, cap, self.G)
+        # 3. per-layer ILP polish, warm-started from the swap solution
         if self.E * self.G <= self.opts.ilp_max_vars and time.perf_counter() < self.deadline:
             polished = self._ilp(C, e_R, w_R, r_E, cap, best)
             if polished is not None and C[e_R, polished].sum() < C[e_R, best].sum() - 1e-12:
                 best = polished
+        return best
+
+    def place(self, l: int) -> bool:
+        """Re-place layer l given its neighbours; keep it only if the true local cost went down."""
+        cur, best = self.gpu[l], self.solve_layer(l)
         before, after = self.local_cost(l, cur), self.local_cost(l, best)
         if after < before - 1e-9 * max(1.0, before):
             self.gpu[l] = best
             return True
         return False
+
+    def chain(self, rng: np.random.Generator | None = None) -> None:
+        """A coherent start: optionally cluster layer 0's experts by their affinity rows (balanced
+        k-means), then place layers 1..L-1 in turn against the previous layer only."""
+        p = self.p
+        if rng is not None and p.num_layers > 1:
+            A = p.W[0] / np.maximum(p.W[0].sum(1, keepdims=True), 1e-12)
+            e_R = p.expert_LR[0]
+            start = _balanced_kmeans(A[e_R], self.G, p.S, rng)
+            fixed = _swap_descent(_repair(start, e_R, p.weight_LR[0], np.zeros((self.E, self.G)), p.cap_L[0], self.G),
+                                  e_R, p.weight_LR[0], np.zeros((self.E, self.G)), p.cap_L[0], self.G)
+            if fixed is not None:
+                self.gpu[0] = fixed
+        for l in range(1, self.p.num_layers):
+            if time.perf_counter() > self.deadline:
+                return
+            self.gpu[l] = self.solve_layer(l, use_next=False)
 
     def _ilp(self, C, e_R, w_R, r_E, cap, start) -> np.ndarray | None:
         E, G, S = self.E, self.G, self.p.S
@@ -270,6 +294,7 @@ def _repair(gpu_R, e_R, w_R, C, cap, G, max_iter: int = 10_000) -> np.ndarray | 
     gpu = gpu_R.copy()
     E = C.shape[0]
     f = lambda c: np.maximum(c - 1, 0)  # noqa: E731  excess replicas in a cell
+    replicas = len(np.unique(e_R)) < len(e_R)
     for _ in range(max_iter):
         load = _loads(gpu, w_R, G)
         cnt = np.zeros((E, G), dtype=np.int64)
@@ -277,12 +302,15 @@ def _repair(gpu_R, e_R, w_R, C, cap, G, max_iter: int = 10_000) -> np.ndarray | 
         over = np.maximum(load - cap, 0.0)
         if not over.any() and not (cnt > 1).any():
             return gpu
-        ga, gb = gpu[:, None], gpu[None, :]
-        ea, eb = e_R[:, None], e_R[None, :]
-        dw = w_R[None, :] - w_R[:, None]
+        rows = np.flatnonzero((over[gpu] > 0) | (cnt[e_R, gpu] > 1))  # items on a violating GPU
+        ga, gb = gpu[rows][:, None], gpu[None, :]
+        ea, eb = e_R[rows][:, None], e_R[None, :]
+        dw = w_R[None, :] - w_R[rows][:, None]
         d_over = (np.maximum(load[ga] + dw - cap, 0) + np.maximum(load[gb] - dw - cap, 0) - over[ga] - over[gb])
-        d_dup = (f(cnt[ea, ga] - 1) - f(cnt[ea, ga]) + f(cnt[ea, gb] + 1) - f(cnt[ea, gb])
-                 + f(cnt[eb, gb] - 1) - f(cnt[eb, gb]) + f(cnt[eb, ga] + 1) - f(cnt[eb, ga]))
+        d_dup = 0.0
+        if replicas:
+            d_dup = (f(cnt[ea, ga] - 1) - f(cnt[ea, ga]) + f(cnt[ea, gb] + 1) - f(cnt[ea, gb])
+                     + f(cnt[eb, gb] - 1) - f(cnt[eb, gb]) + f(cnt[eb, ga] + 1) - f(cnt[eb, ga]))
         d_viol = d_over + d_dup * (1.0 + cap)  # a duplicate outweighs any overload
         d_cost = C[ea, gb] + C[eb, ga] - C[ea, ga] - C[eb, gb]
         valid = (ga != gb) & (ea != eb) & (d_viol < -1e-12)
@@ -290,6 +318,7 @@ def _repair(gpu_R, e_R, w_R, C, cap, G, max_iter: int = 10_000) -> np.ndarray | 
             return None
         score = np.where(valid, d_viol * 1e6 + d_cost, np.inf)
         a, b = np.unravel_index(np.argmin(score), score.shape)
+        a = rows[a]
         gpu[a], gpu[b] = gpu[b], gpu[a]
     return None
 
@@ -345,6 +374,8 @@ def affinity(stats: RoutingStats, topo: Topology, slots_per_gpu: int | None = No
         if restart:  # relabel GPUs per layer: same loads, a different basin
             start = [_relabel(g, topo, rng) for g in start]
         search = Search(prob, start, opts, deadline)
+        if restart % 2 == 0:  # even restarts grow a chain from a clustered layer 0; odd ones descend as is
+            search.chain(rng if restart else None)
         cost, sweeps, converged = search.run()
         runs.append({"restart": restart, "cost": cost, "sweeps": sweeps, "converged": converged,
                      "ilp": {s: search.ilp_reports.count(s) for s in set(search.ilp_reports)}})
@@ -373,6 +404,24 @@ def affinity(stats: RoutingStats, topo: Topology, slots_per_gpu: int | None = No
         "traces": list(stats.sources),
     }
     return Placement.from_holds(holds, G, topo.gpus_per_node, meta=meta)
+
+
+def _balanced_kmeans(X_RF: np.ndarray, G: int, S: int, rng: np.random.Generator, iters: int = 20) -> np.ndarray:
+    """(R,) cluster of each row, exactly S rows per cluster: k-means whose assignment step is a
+    transportation problem (linear_sum_assignment on the slot-expanded distances)."""
+    R = X_RF.shape[0]
+    centers = X_RF[rng.choice(R, size=G, replace=False)]
+    labels = np.zeros(R, dtype=np.int64)
+    for _ in range(iters):
+        d = ((X_RF[:, None, :] - centers[None, :, :]) ** 2).sum(-1)  # (R, G)
+        rows, cols = linear_sum_assignment(np.repeat(d, S, axis=1))
+        new = np.empty(R, dtype=np.int64)
+        new[rows] = cols // S
+        if np.array_equal(new, labels):
+            break
+        labels = new
+        centers = np.stack([X_RF[labels == g].mean(0) if (labels == g).any() else centers[g] for g in range(G)])
+    return labels
 
 
 def _relabel(gpu_R: np.ndarray, topo: Topology, rng: np.random.Generator) -> np.ndarray:
