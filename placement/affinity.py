@@ -118,8 +118,8 @@ def _exact_balance(e_R, w_R, r_E, G, S, start_gpu_R, solver) -> np.ndarray:
     w_E = np.zeros(E)
     w_E[e_R] = w_R
     prob = pulp.LpProblem("balance", pulp.LpMinimize)
-    x = {(e, g): pulp.LpVariable(f"x_{e}_{g}", cat="Binary") for e in range(E) for g in range(G)}
-    t = pulp.LpVariable("t", lowBound=0)
+    x = {(e, g): prob.add_variable(f"x_{e}_{g}", cat="Binary") for e in range(E) for g in range(G)}
+    t = prob.add_variable("t", lowBound=0)
     prob += t
     for e in range(E):
         prob += pulp.lpSum(x[e, g] for g in range(G)) == int(r_E[e])
@@ -251,7 +251,7 @@ class Search:
         w_E = np.zeros(E)
         w_E[e_R] = w_R
         prob = pulp.LpProblem("layer", pulp.LpMinimize)
-        x = {(e, g): pulp.LpVariable(f"x_{e}_{g}", cat="Binary") for e in range(E) for g in range(G)}
+        x = {(e, g): prob.add_variable(f"x_{e}_{g}", cat="Binary") for e in range(E) for g in range(G)}
         prob += pulp.lpSum(float(C[e, g]) * x[e, g] for e in range(E) for g in range(G))
         for e in range(E):
             prob += pulp.lpSum(x[e, g] for g in range(G)) == int(r_E[e])

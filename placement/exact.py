@@ -33,13 +33,13 @@ def monolithic(stats: RoutingStats, topo: Topology, slots_per_gpu: int | None = 
     p = build_problem(stats, topo, S, epsilon, solver=solver)
     L, hop = p.num_layers, p.hop
     prob = pulp.LpProblem("affinity_monolithic", pulp.LpMinimize)
-    x = {(l, e, g): pulp.LpVariable(f"x_{l}_{e}_{g}", cat="Binary") for l in range(L) for e in range(E) for g in range(G)}
+    x = {(l, e, g): prob.add_variable(f"x_{l}_{e}_{g}", cat="Binary") for l in range(L) for e in range(E) for g in range(G)}
     z = {}
     for l in range(L - 1):
         for i, j in zip(*np.nonzero(p.W[l])):
             for g in range(G):
                 for h in range(G):
-                    z[l, i, j, g, h] = pulp.LpVariable(f"z_{l}_{i}_{j}_{g}_{h}", lowBound=0, upBound=1)
+                    z[l, i, j, g, h] = prob.add_variable(f"z_{l}_{i}_{j}_{g}_{h}", lowBound=0, upBound=1)
     prob += pulp.lpSum(float(p.W[l][i, j] * hop[g, h]) * v for (l, i, j, g, h), v in z.items())
     for l in range(L):
         r = np.bincount(p.expert_LR[l], minlength=E)
