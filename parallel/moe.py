@@ -29,6 +29,9 @@ class MoEConfig:
     """Hidden size of each routed SwiGLU expert (fine-grained experts: many experts, small ffn_dim)."""
     num_shared_experts: int = 0
     """Always-active SwiGLU experts of the same ffn_dim, computed locally (DeepSeekMoE)."""
+    capacity_factor: float = 0.0
+    """0: dropless. Otherwise each expert takes at most ceil(capacity_factor * tokens * top_k /
+    num_experts) token-slots of the (expert-parallel group's) batch, by position; the rest are dropped."""
     router: RouterConfig = field(default_factory=RouterConfig)
     """How tokens choose experts."""
 
@@ -45,6 +48,8 @@ class MoEConfig:
             )
         if self.ffn_dim < 1:
             raise ValueError(f"model.moe.ffn_dim ({self.ffn_dim}) must be >= 1")
+        if self.capacity_factor < 0:
+            raise ValueError(f"model.moe.capacity_factor ({self.capacity_factor}) must be >= 0 (0: dropless)")
         if self.num_shared_experts < 0:
             raise ValueError(f"model.moe.num_shared_experts ({self.num_shared_experts}) must be >= 0")
 
@@ -65,13 +70,29 @@ class SwiGLU(nn.Module):
 class LocalDispatcher(nn.Module):
     """Every expert is on this rank: sort token-slots by expert, compute, combine."""
 
+    def __init__(self, capacity_factor: float = 0.0):
+        super().__init__()
+        self.capacity_factor = capacity_factor
+        self.counters: dict = {}
+
     def forward(self, x_TD: torch.Tensor, route: RouterOutput, experts: GroupedExperts) -> torch.Tensor:
+        from moesaic.parallel.expert_parallel import capacity_keep
+
         num_tokens, top_k = route.expert_ids_TK.shape
+        ids = route.expert_ids_TK.flatten()
         # 1. permute token-slots so that each expert's rows are contiguous (stable: token order kept)
-        order = torch.argsort(route.expert_ids_TK.flatten(), stable=True)
+        if self.capacity_factor > 0:
+            keep = capacity_keep(ids, experts.num_experts, self.capacity_factor, num_tokens)
+            kept = torch.nonzero(keep).flatten()
+            order = kept[torch.argsort(ids[kept], stable=True)]
+            counts = torch.bincount(ids[kept], minlength=experts.num_experts)
+        else:
+            order = torch.argsort(ids, stable=True)
+            counts = route.tokens_per_expert_E
+        self.counters = {"dropped": num_tokens * top_k - order.numel()}
         token_of_slot = order // top_k
         # 2. grouped GEMM over the sorted rows
-        y_sorted = experts(x_TD[token_of_slot], route.tokens_per_expert_E)
+        y_sorted = experts(x_TD[token_of_slot], counts)
         # 3. un-permute and combine with the router weights
         w_sorted = route.weights_TK.flatten()[order].unsqueeze(-1)
         out_TD = x_TD.new_zeros(num_tokens, x_TD.shape[-1])
@@ -86,7 +107,7 @@ class MoE(nn.Module):
         self.cfg = cfg
         self.router = TopKRouter(dim, cfg.num_experts, cfg.top_k, cfg.router)
         self.experts = GroupedExperts(cfg.num_experts, dim, cfg.ffn_dim, init_std=init_std, out_std=out_std)
-        self.dispatcher: nn.Module = LocalDispatcher()
+        self.dispatcher: nn.Module = LocalDispatcher(cfg.capacity_factor)
         self.shared = (
             SwiGLU(dim, cfg.ffn_dim * cfg.num_shared_experts) if cfg.num_shared_experts > 0 else None
         )

@@ -23,13 +23,17 @@ class RouterConfig:
     """Coefficient of the Switch-Transformer load-balancing loss E * sum_e f_e * p_e."""
     z_loss_coef: float = 0.001
     """Coefficient of the router z-loss mean(logsumexp(logits)^2) (ST-MoE)."""
+    bias_update_rate: float = 0.0
+    """Aux-loss-free balancing (DeepSeek-V3): after each step, each expert's selection bias moves by
+    this much towards balance (bias += rate * sign(mean load - load)). 0 turns it off. The bias
+    changes which experts are picked, never the combine weights."""
 
     def __post_init__(self) -> None:
         if self.score_func not in ("softmax", "sigmoid"):
             raise ValueError(
                 f"model.moe.router.score_func ({self.score_func!r}) must be one of 'softmax', 'sigmoid'"
             )
-        for name in ("aux_loss_coef", "z_loss_coef"):
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             value = getattr(self, name)
             if value < 0:
                 raise ValueError(f"model.moe.router.{name} ({value}) must be >= 0")
@@ -55,15 +59,14 @@ class TopKRouter(nn.Module):
         self.top_k = top_k
         self.cfg = cfg
         self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.register_buffer("bias_E", torch.zeros(num_experts))  # selection-only bias (aux-loss-free)
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         logits_TE = self.gate(x_TD).float()
-        if self.cfg.score_func == "softmax":
-            scores_TE = logits_TE.softmax(dim=-1)
-            weights_TK, ids_TK = scores_TE.topk(self.top_k, dim=-1)
-        else:
-            scores_TE = logits_TE.sigmoid()
-            weights_TK, ids_TK = scores_TE.topk(self.top_k, dim=-1)
+        scores_TE = logits_TE.softmax(dim=-1) if self.cfg.score_func == "softmax" else logits_TE.sigmoid()
+        ids_TK = (scores_TE.detach() + self.bias_E).topk(self.top_k, dim=-1).indices
+        weights_TK = scores_TE.gather(1, ids_TK)
+        if self.cfg.score_func == "sigmoid":
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
         num_tokens = x_TD.shape[0]
@@ -83,3 +86,10 @@ class TopKRouter(nn.Module):
             z_loss=z,
             tokens_per_expert_E=counts_E,
         )
+
+    @torch.no_grad()
+    def update_bias(self, global_counts_E: torch.Tensor) -> None:
+        """Aux-loss-free balancing step from the loads of all ranks (identical on every rank)."""
+        if self.cfg.bias_update_rate > 0:
+            c = global_counts_E.to(self.bias_E.dtype)
+            self.bias_E += self.cfg.bias_update_rate * torch.sign(c.mean() - c)

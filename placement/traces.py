@@ -128,10 +128,12 @@ def stats_from_traces(paths: list[str | Path], num_experts: int | None = None) -
 
 
 def synth(preset: str | Preset, num_tokens: int, seed: int, *, skew: float | None = None,
-          affinity: float | None = None, chunk: int = 16384) -> np.ndarray:
+          affinity: float | None = None, sample_seed: int | None = None, chunk: int = 16384) -> np.ndarray:
     """A synthetic trace [T, L, K] (int16). Per layer, expert popularity is Zipf(skew) over a random
     order. Experts fall into hidden groups; with probability mass `affinity`, a token's next-layer
-    choice follows the groups of its current experts (the planted inter-layer affinity)."""
+    choice follows the groups of its current experts (the planted inter-layer affinity).
+    `seed` fixes the model (popularities and groups); `sample_seed` (default: seed) the tokens, so
+    two traces of one model with different sample seeds are a fit set and a held-out set."""
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise TraceError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -156,6 +158,8 @@ def synth(preset: str | Preset, num_tokens: int, seed: int, *, skew: float | Non
         pops.append(pop)
         group_probs.append(gp)
         groups.append(g)
+    if sample_seed is not None:
+        rng = np.random.default_rng([seed, sample_seed])
     out = np.empty((num_tokens, L, K), dtype=np.int16)
     for start in range(0, num_tokens, chunk):
         n = min(chunk, num_tokens - start)

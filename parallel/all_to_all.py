@@ -1,0 +1,37 @@
+"""`all_to_all` with uneven splits as an autograd op (gloo and nccl): the backward pass is the same
+exchange with the splits swapped. `torch.distributed.nn.functional.all_to_all_single` does this too
+but is deprecated in torch 2.13; this one is stable and small."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        out = grad.new_empty((sum(ctx.in_splits),) + tuple(grad.shape[1:]))
+        dist.all_to_all_single(out, grad, ctx.in_splits, ctx.out_splits, group=ctx.group)
+        return out, None, None, None
+
+
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None) -> torch.Tensor:
+    """Rows x[sum(in_splits[:d]) : ...] go to rank d of `group`; returns the rows received, by source."""
+    return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
+
+
+def exchange_counts(send_counts: torch.Tensor, group=None) -> torch.Tensor:
+    """send_counts (P, C) int64: row d is what this rank sends to rank d. Returns (P, C): row s is
+    what rank s sends here. One equal-split all_to_all_single, no autograd."""
+    recv = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv, send_counts.contiguous(), group=group)
+    return recv

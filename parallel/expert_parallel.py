@@ -1,0 +1,245 @@
+"""Expert parallelism driven by a placement plan.
+
+Each MoE layer's experts are spread over the `ep` ranks as the `Placement` says (any map, per layer,
+replicas allowed). Tokens travel to their experts and back by `all_to_all_single` with uneven splits.
+A token uses a replica on its own rank if there is one; otherwise the replicas share the work by token
+index. The expert-data-parallel (`edp`) ranks hold the same experts; expert gradients are summed over
+replicas in the EP group and over `edp`, then scaled to the gradient of the global mean loss.
+
+Legend: T local tokens, K top-k, N = T*K token-slots, D model dim, E experts, P ep ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moesaic.parallel.all_to_all import all_to_all, exchange_counts
+from moesaic.parallel.experts import GroupedExperts
+from moesaic.parallel.router import RouterOutput
+from moesaic.placement.plan import Placement, check_fits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One MoE layer's plan as seen from one EP rank."""
+
+    holders: tuple[tuple[int, ...], ...]  # expert -> sorted EP ranks holding it
+    ep_rank: int
+    ep_size: int
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.holders)
+
+    @property
+    def local_experts(self) -> list[int]:
+        return [e for e, h in enumerate(self.holders) if self.ep_rank in h]
+
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """holders padded (E, maxH), replica counts (E,), and whether this rank holds e (E,)."""
+        max_h = max(len(h) for h in self.holders)
+        pad = torch.tensor([list(h) + [h[0]] * (max_h - len(h)) for h in self.holders], dtype=torch.int64)
+        n = torch.tensor([len(h) for h in self.holders], dtype=torch.int64)
+        local = torch.tensor([self.ep_rank in h for h in self.holders])
+        return pad, n, local
+
+
+def capacity_keep(ids_N: torch.Tensor, num_experts: int, capacity_factor: float, num_tokens: int,
+                  group=None) -> torch.Tensor:
+    """(N,) bool: which token-slots fit in their expert's capacity. Capacity per expert is
+    ceil(capacity_factor * tokens of the whole group * K / E); priority is position in the group's
+    batch: rank order, then token order, then slot order (the same order a one-process reference sees)."""
+    counts_E = torch.bincount(ids_N, minlength=num_experts)
+    row = torch.cat([counts_E, torch.tensor([num_tokens])])
+    if group is not None and dist.get_world_size(group) > 1:
+        P = dist.get_world_size(group)
+        rows = torch.empty(P, row.numel(), dtype=row.dtype)
+        dist.all_gather_into_tensor(rows, row, group=group)
+        me = dist.get_rank(group)
+    else:
+        rows, me = row[None], 0
+    total_tokens = int(rows[:, -1].sum())
+    top_k = ids_N.numel() // max(num_tokens, 1) if num_tokens else 1
+    capacity = math.ceil(capacity_factor * total_tokens * top_k / num_experts)
+    before_E = rows[:me, :-1].sum(0)  # slots of earlier ranks
+    # position of each slot among this rank's slots of the same expert
+    order = torch.argsort(ids_N, stable=True)
+    starts = torch.cumsum(counts_E, 0) - counts_E
+    pos_sorted = torch.arange(ids_N.numel()) - starts[ids_N[order]]
+    pos = torch.empty_like(pos_sorted)
+    pos[order] = pos_sorted
+    return (before_E[ids_N] + pos) < capacity
+
+
+class ExpertParallelDispatcher(nn.Module):
+    """route -> permute by destination -> exchange counts -> all-to-all -> group by local expert ->
+    grouped GEMM -> reverse all-to-all -> un-permute -> weighted combine."""
+
+    def __init__(self, plan: LayerPlan, group, *, capacity_factor: float = 0.0):
+        super().__init__()
+        self.plan, self.group, self.capacity_factor = plan, group, capacity_factor
+        pad, n, local = plan.tables()
+        self.register_buffer("holders_pad", pad, persistent=False)
+        self.register_buffer("num_holders", n, persistent=False)
+        self.register_buffer("is_local", local, persistent=False)
+        self.local_experts = torch.tensor(plan.local_experts, dtype=torch.int64)
+        self.counters: dict = {}
+
+    def forward(self, x_TD: torch.Tensor, route: RouterOutput, experts: GroupedExperts) -> torch.Tensor:
+        P, me, E = self.plan.ep_size, self.plan.ep_rank, self.plan.num_experts
+        T, K = route.expert_ids_TK.shape
+        ids_N = route.expert_ids_TK.flatten()
+        slot = torch.arange(T * K)
+        # 1. drop token-slots over capacity (capacity mode only)
+        keep_N = (capacity_keep(ids_N, E, self.capacity_factor, T, self.group) if self.capacity_factor > 0
+                  else torch.ones_like(ids_N, dtype=torch.bool))
+        # 2. pick each slot's destination: a local replica, else replicas in turn by slot index
+        pick = self.holders_pad[ids_N, slot % self.num_holders[ids_N]]
+        dest_N = torch.where(self.is_local[ids_N], torch.full_like(pick, me), pick)
+        # 3. permute the kept slots by (destination, expert): the receiver's local experts are id-sorted
+        kept = torch.nonzero(keep_N).flatten()
+        order = kept[torch.argsort(dest_N[kept] * E + ids_N[kept], stable=True)]
+        x_send = x_TD[order // K]
+        # 4. exchange the (destination, expert) counts
+        send_PE = torch.zeros(P, E, dtype=torch.int64)
+        send_PE.index_put_((dest_N[order], ids_N[order]), torch.ones_like(order), accumulate=True)
+        recv_PE = exchange_counts(send_PE, self.group)
+        in_splits, out_splits = send_PE.sum(1).tolist(), recv_PE.sum(1).tolist()
+        # 5. tokens to their experts
+        x_recv = all_to_all(x_send, out_splits, in_splits, self.group)
+        # 6. regroup the received rows from (source, expert) blocks to expert-major order
+        cnt_PL = recv_PE[:, self.local_experts]
+        if len(self.local_experts):
+            perm = _source_to_expert_major(cnt_PL)
+            y = experts(x_recv[perm], cnt_PL.sum(0))
+            y_recv = torch.empty_like(y).index_copy(0, perm, y)
+        else:  # this rank computes no expert in this layer: it receives nothing
+            y_recv = x_recv
+        # 7. results back to the tokens' ranks, then the weighted combine
+        y_back = all_to_all(y_recv, in_splits, out_splits, self.group)
+        w = route.weights_TK.flatten()[order].unsqueeze(-1).to(y_back.dtype)
+        out_TD = x_TD.new_zeros(T, x_TD.shape[-1]).index_add(0, order // K, y_back * w)
+        row_bytes = x_TD.shape[-1] * x_TD.element_size()
+        self.counters = {
+            "tokens_sent": sum(c for d, c in enumerate(in_splits) if d != me),
+            "tokens_received": sum(c for s, c in enumerate(out_splits) if s != me),
+            "a2a_bytes": 2 * row_bytes * sum(c for d, c in enumerate(in_splits) if d != me),
+            "dropped": int((~keep_N).sum()),
+            "tokens_per_local_expert": cnt_PL.sum(0).tolist(),
+        }
+        return out_TD
+
+
+def _source_to_expert_major(cnt_PL: torch.Tensor) -> torch.Tensor:
+    """Rows arrive as blocks (source s, local expert e), source-major; return the index that lists
+    them expert-major (all sources' rows of expert 0, then expert 1, ...)."""
+    P, Lx = cnt_PL.shape
+    flat = cnt_PL.flatten()
+    starts = (torch.cumsum(flat, 0) - flat).view(P, Lx)
+    cnt_em = cnt_PL.t().flatten()
+    start_em = starts.t().flatten()
+    total = int(flat.sum())
+    seg_begin = torch.cumsum(cnt_em, 0) - cnt_em
+    return torch.repeat_interleave(start_em - seg_begin, cnt_em, output_size=total) + torch.arange(total)
+
+
+def layer_plans(plan: Placement, ep_rank: int) -> list[LayerPlan]:
+    return [LayerPlan(tuple(layer), ep_rank, plan.num_gpus) for layer in plan.placement]
+
+
+def apply_expert_parallel(model: nn.Module, mesh, plan: Placement, *, capacity_factor: float = 0.0) -> list[str]:
+    """Keep on this rank only the experts that `plan` gives its EP rank, and route tokens to the others
+    by all-to-all. `mesh` is a 2-D DeviceMesh ("edp", "ep"). Returns the names of the expert
+    parameters (to keep them out of DDP). The model must hold every expert, as built."""
+    ep_group, ep_rank = mesh.get_group("ep"), mesh.get_local_rank("ep")
+    moes = model.moe_layers()
+    check_fits(plan, num_layers=len(moes), num_experts=moes[0].cfg.num_experts, num_gpus=mesh.size(1) if mesh.ndim > 1 else mesh.size())
+    names = []
+    for lp, moe in zip(layer_plans(plan, ep_rank), moes):
+        full = moe.experts
+        local = lp.local_experts
+        sub = GroupedExperts(len(local), full.dim, full.ffn_dim)
+        with torch.no_grad():
+            for name in ("w1_EFD", "w2_EDF", "w3_EFD"):
+                getattr(sub, name).copy_(getattr(full, name)[local])
+        sub.expert_ids = local
+        moe.experts = sub
+        moe.dispatcher = ExpertParallelDispatcher(lp, ep_group, capacity_factor=capacity_factor)
+        moe.layer_plan = lp
+    for pname, _ in model.named_parameters():
+        if ".experts." in pname:
+            names.append(pname)
+    n_local = [len(m.layer_plan.local_experts) for m in moes]
+    log.info("applied expert parallel: ep_size %d, edp_size %d, local experts per layer %s",
+             mesh.size(-1), mesh.size(0) if mesh.ndim > 1 else 1, n_local)
+    return names
+
+
+def _flat_grads(experts: GroupedExperts) -> torch.Tensor:
+    """(n_local, 3*F*D) this rank's expert gradients, one row per local expert."""
+    ws = (experts.w1_EFD, experts.w2_EDF, experts.w3_EFD)
+    n = experts.num_experts
+    return torch.cat([(w.grad if w.grad is not None else torch.zeros_like(w)).reshape(n, -1) for w in ws], 1)
+
+
+def _set_flat_grads(experts: GroupedExperts, flat: torch.Tensor) -> None:
+    n, i = experts.num_experts, 0
+    for w in (experts.w1_EFD, experts.w2_EDF, experts.w3_EFD):
+        size = w[0].numel() if n else 0
+        w.grad = flat[:, i : i + size].reshape(w.shape).contiguous()
+        i += size
+
+
+def reduce_expert_grads(model: nn.Module, mesh, world_size: int) -> int:
+    """Make every expert gradient the gradient of the global mean loss: sum over the replicas in the
+    EP group and over the edp ranks, then divide by the world size. Returns the bytes this rank sent."""
+    ep_group, edp_group = mesh.get_group("ep"), mesh.get_group("edp") if mesh.ndim > 1 else None
+    sent = 0
+    for moe in model.moe_layers():
+        lp: LayerPlan = moe.layer_plan
+        flat = _flat_grads(moe.experts)
+        local = lp.local_experts
+        # 1. replicas in the EP group: each holder sends its partial sum to every other holder
+        pairs = [(d, e) for e in local for d in lp.holders[e] if d != lp.ep_rank]
+        if any(len(h) > 1 for h in lp.holders):
+            pairs.sort()
+            row = {e: i for i, e in enumerate(local)}
+            send = flat[[row[e] for _, e in pairs]] if pairs else flat.new_zeros(0, flat.shape[1])
+            in_splits = [sum(1 for d, _ in pairs if d == r) for r in range(lp.ep_size)]
+            recv_from = [(s, e) for s in range(lp.ep_size) if s != lp.ep_rank for e in local if s in lp.holders[e]]
+            out_splits = [sum(1 for s, _ in recv_from if s == r) for r in range(lp.ep_size)]
+            recv = flat.new_empty(len(recv_from), flat.shape[1])
+            dist.all_to_all_single(recv, send.contiguous(), out_splits, in_splits, group=ep_group)
+            sent += send.numel() * send.element_size()
+            for (s, e), g in zip(recv_from, recv):
+                flat[row[e]] += g
+        # 2. the same experts on the other edp ranks
+        if edp_group is not None and dist.get_world_size(edp_group) > 1:
+            dist.all_reduce(flat, group=edp_group)
+            sent += flat.numel() * flat.element_size()
+        # 3. the global mean over all ranks' tokens
+        flat /= world_size
+        _set_flat_grads(moe.experts, flat)
+    return sent
+
+
+def expert_grad_sq_norm(model: nn.Module, mesh) -> torch.Tensor:
+    """This rank's share of the global squared norm of expert gradients: each expert counted once
+    across its replicas and the edp ranks (all-reduce the result over the world)."""
+    total = torch.zeros((), dtype=torch.float64)
+    edp = mesh.size(0) if mesh.ndim > 1 else 1
+    for moe in model.moe_layers():
+        lp = moe.layer_plan
+        flat = _flat_grads(moe.experts).double()
+        reps = torch.tensor([len(lp.holders[e]) for e in lp.local_experts], dtype=torch.float64)
+        total += ((flat ** 2).sum(1) / (reps * edp)).sum()
+    return total
