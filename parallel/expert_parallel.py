@@ -62,8 +62,9 @@ def capacity_keep(ids_N: torch.Tensor, num_experts: int, capacity_factor: float,
     row = torch.cat([counts_E, torch.tensor([num_tokens])])
     if group is not None and dist.get_world_size(group) > 1:
         P = dist.get_world_size(group)
-        rows = torch.empty(P, row.numel(), dtype=row.dtype)
+        rows = torch.empty(P * row.numel(), dtype=row.dtype)
         dist.all_gather_into_tensor(rows, row, group=group)
+        rows = rows.view(P, -1)
         me = dist.get_rank(group)
     else:
         rows, me = row[None], 0
@@ -188,13 +189,14 @@ def _flat_grads(experts: GroupedExperts) -> torch.Tensor:
     """(n_local, 3*F*D) this rank's expert gradients, one row per local expert."""
     ws = (experts.w1_EFD, experts.w2_EDF, experts.w3_EFD)
     n = experts.num_experts
-    return torch.cat([(w.grad if w.grad is not None else torch.zeros_like(w)).reshape(n, -1) for w in ws], 1)
+    return torch.cat([(w.grad if w.grad is not None else torch.zeros_like(w)).reshape(n, w.shape[1] * w.shape[2])
+                      for w in ws], 1)
 
 
 def _set_flat_grads(experts: GroupedExperts, flat: torch.Tensor) -> None:
     n, i = experts.num_experts, 0
     for w in (experts.w1_EFD, experts.w2_EDF, experts.w3_EFD):
-        size = w[0].numel() if n else 0
+        size = w.shape[1] * w.shape[2]
         w.grad = flat[:, i : i + size].reshape(w.shape).contiguous()
         i += size
 

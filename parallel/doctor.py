@@ -1,0 +1,212 @@
+"""`moesaic-doctor`: checks a cluster's collectives and moesaic's expert-parallel layer against a
+one-process reference (the same seed and weights; rank 0 recomputes the whole batch).
+
+    torchrun --nproc_per_node N -m moesaic.parallel.doctor [--json] [--suite full]
+
+Prints a table (or JSON with the max abs differences) and exits non-zero on any mismatch beyond the
+tolerance (fp32: 1e-5, relative to the largest reference value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import sys
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moesaic.parallel.expert_parallel import apply_expert_parallel, reduce_expert_grads
+from moesaic.parallel.moe import MoE, MoEConfig
+from moesaic.parallel.router import RouterConfig
+from moesaic.placement.plan import Placement
+
+
+class _OneLayer(nn.Module):
+    def __init__(self, moe: MoE):
+        super().__init__()
+        self.moe = moe
+
+    def moe_layers(self):
+        return [self.moe]
+
+
+def make_plan(kind: str, num_experts: int, ep: int, seed: int = 0, num_layers: int = 1) -> Placement:
+    """Test plans: contiguous, random (uneven counts), replicated (hot experts on several ranks),
+    and zero-rank (the last rank computes nothing)."""
+    rng = np.random.default_rng(seed)
+    layers = []
+    for _ in range(num_layers):
+        if kind == "contiguous":
+            block = -(-num_experts // ep)
+            layer = [(e // block,) for e in range(num_experts)]
+        elif kind == "random":
+            layer = [(int(rng.integers(ep)),) for _ in range(num_experts)]
+        elif kind == "replicated":
+            layer = [(e % ep,) for e in range(num_experts)]
+            for e in range(min(2, num_experts)):
+                extra = rng.choice(ep, size=min(ep, 2 + e), replace=False)
+                layer[e] = tuple(sorted(set(layer[e]) | {int(g) for g in extra}))
+        elif kind == "zero-rank":
+            layer = [(e % max(ep - 1, 1),) for e in range(num_experts)]
+        else:
+            raise ValueError(f"plan kind ({kind!r}) must be contiguous, random, replicated or zero-rank")
+        layers.append(layer)
+    return Placement(ep, ep, layers, {"method": f"test-{kind}"})
+
+
+def _mesh(world: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (1, world), mesh_dim_names=("edp", "ep"))
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    d = float((a - b).abs().max()) if a.numel() else 0.0
+    return d, d / max(1.0, float(b.abs().max()) if b.numel() else 1.0)
+
+
+def ep_layer_check(name: str, plan_kind: str, cfg: MoEConfig, *, dim: int = 32, tokens: int = 24, seed: int = 0,
+                   bias: str | None = None, tol: float = 1e-5, inject_fault: bool = False) -> dict:
+    """One EP layer against the reference: outputs, input gradients, expert and gate gradients."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(seed)
+    moe = MoE(dim, cfg)
+    if bias == "random":
+        moe.router.bias_E.copy_(torch.randn(cfg.num_experts, generator=torch.Generator().manual_seed(seed)) * 0.1)
+    elif bias == "starve-last":  # the last expert is never picked: it receives zero tokens
+        moe.router.bias_E[-1] = -1e9
+    ref = copy.deepcopy(moe)
+    plan = make_plan(plan_kind, cfg.num_experts, world, seed)
+    apply_expert_parallel(_OneLayer(moe), _mesh(world), plan, capacity_factor=cfg.capacity_factor)
+
+    def data(r):
+        g = torch.Generator().manual_seed(seed * 1000 + r)
+        return torch.randn(tokens, dim, generator=g), torch.randn(tokens, dim, generator=g)
+
+    x, up = data(rank)
+    x.requires_grad_(True)
+    out, _ = moe(x[None])
+    (out[0] * up).sum().backward()
+    reduce_expert_grads(_OneLayer(moe), _mesh(world), world_size=1)  # the loss is a plain sum over ranks
+    outs = torch.empty(world * tokens, dim)
+    mine = out[0].detach().contiguous()
+    if inject_fault and rank == world - 1:  # proves the check can fail: perturb one rank's output
+        mine = mine + 1e-3
+    dist.all_gather_into_tensor(outs, mine)
+    xgrads = torch.empty(world * tokens, dim)
+    dist.all_gather_into_tensor(xgrads, x.grad.contiguous())
+    lp = moe.layer_plan
+    full = {n: torch.zeros_like(getattr(ref.experts, n)) for n in ("w1_EFD", "w2_EDF", "w3_EFD")}
+    for i, e in enumerate(lp.local_experts):
+        if lp.holders[e][0] == rank:  # each expert contributed once, by its first holder
+            for n in full:
+                full[n][e] = getattr(moe.experts, n).grad[i]
+    for t in full.values():
+        dist.all_reduce(t)
+    gate = moe.router.gate.weight.grad.clone()
+    dist.all_reduce(gate)
+    dropped = torch.tensor([moe.dispatcher.counters["dropped"]])
+    dist.all_reduce(dropped)
+    result = None
+    if rank == 0:
+        xs, ups = zip(*(data(r) for r in range(world)))
+        x_all = torch.cat(xs).requires_grad_(True)
+        out_ref, _ = ref(x_all[None])
+        (out_ref[0] * torch.cat(ups)).sum().backward()
+        diffs = {"output": _diff(outs, out_ref[0].detach()), "input_grad": _diff(xgrads, x_all.grad),
+                 "gate_grad": _diff(gate, ref.router.gate.weight.grad)}
+        for n in full:
+            diffs[f"{n}_grad"] = _diff(full[n], getattr(ref.experts, n).grad)
+        worst = max(rel for _, rel in diffs.values())
+        ref_dropped = ref.dispatcher.counters["dropped"]
+        result = {"check": name, "plan": plan_kind, "world": world, "max_abs_diff": {k: v[0] for k, v in diffs.items()},
+                  "max_rel_diff": worst, "dropped": int(dropped), "dropped_ref": ref_dropped,
+                  "ok": bool(worst <= tol and int(dropped) == ref_dropped)}
+    box = [result]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def collectives_check() -> list[dict]:
+    """The collectives moesaic uses, with known answers."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    out = []
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t)
+    out.append({"check": "all_reduce", "ok": float(t) == world * (world + 1) / 2})
+    g = torch.empty(world)
+    dist.all_gather_into_tensor(g, torch.tensor([float(rank)]))
+    out.append({"check": "all_gather_into_tensor", "ok": g.tolist() == [float(r) for r in range(world)]})
+    # uneven all_to_all_single: rank r sends (d + 1) rows of value r to rank d
+    send = torch.cat([torch.full((d + 1, 3), float(rank)) for d in range(world)])
+    recv = torch.empty(world * (rank + 1), 3)
+    dist.all_to_all_single(recv, send, [rank + 1] * world, [d + 1 for d in range(world)])
+    expect = torch.cat([torch.full((rank + 1, 3), float(s)) for s in range(world)])
+    out.append({"check": "all_to_all_single (uneven)", "ok": bool(torch.equal(recv, expect))})
+    obj = [{"rank": rank}] if rank == 0 else [None]
+    dist.broadcast_object_list(obj, src=0)
+    out.append({"check": "broadcast_object_list", "ok": obj[0] == {"rank": 0}})
+    oks = torch.tensor([int(all(c["ok"] for c in out))])
+    dist.all_reduce(oks, op=dist.ReduceOp.MIN)
+    for c in out:
+        c["ok"] = c["ok"] and bool(oks)
+    return out
+
+
+def suite(kind: str) -> list[tuple]:
+    base = MoEConfig(num_experts=8, top_k=2, ffn_dim=16)
+    checks = [(f"ep/{p}", p, base, None) for p in ("contiguous", "random", "replicated")]
+    if kind == "full":
+        sig = replace(base, router=RouterConfig(score_func="sigmoid"))
+        checks += [
+            ("ep/sigmoid+bias", "random", sig, "random"),
+            ("ep/top1", "replicated", replace(base, top_k=1), None),
+            ("ep/zero-token-expert", "random", base, "starve-last"),
+            ("ep/zero-token-rank", "zero-rank", base, None),
+            ("ep/capacity-1.0", "replicated", replace(base, capacity_factor=1.0), None),
+            ("ep/capacity-0.5-top1", "random", replace(base, top_k=1, capacity_factor=0.5), None),
+            ("ep/shared+fine-grained", "random", MoEConfig(num_experts=16, top_k=4, ffn_dim=8, num_shared_experts=1), None),
+        ]
+    return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="moesaic-doctor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print machine-readable results")
+    ap.add_argument("--suite", choices=("default", "full"), default="default")
+    ap.add_argument("--tol", type=float, default=1e-5)
+    ap.add_argument("--backend", default="gloo")
+    ap.add_argument("--inject-fault", action="store_true", help="perturb the last rank's outputs: every EP check must FAIL")
+    a = ap.parse_args(argv)
+    if "RANK" not in os.environ:
+        print("moesaic-doctor: error: start it with torchrun, e.g. torchrun --nproc_per_node 4 -m moesaic.parallel.doctor", file=sys.stderr)
+        return 2
+    dist.init_process_group(a.backend, timeout=datetime.timedelta(seconds=120))
+    try:
+        results = collectives_check()
+        for name, plan_kind, cfg, bias in suite(a.suite):
+            results.append(ep_layer_check(name, plan_kind, cfg, bias=bias, tol=a.tol, inject_fault=a.inject_fault))
+        ok = all(r["ok"] for r in results)
+        if dist.get_rank() == 0:
+            if a.json:
+                print(json.dumps({"world": dist.get_world_size(), "backend": a.backend, "ok": ok, "results": results}))
+            else:
+                print(f"moesaic-doctor: {dist.get_world_size()} ranks, backend {a.backend}")
+                for r in results:
+                    extra = f"  max rel diff {r['max_rel_diff']:.2e}" if "max_rel_diff" in r else ""
+                    print(f"  {'ok  ' if r['ok'] else 'FAIL'}  {r['check']}{extra}")
+        dist.barrier()
+        return 0 if ok else 1
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
