@@ -160,7 +160,8 @@ def layer_plans(plan: Placement, ep_rank: int) -> list[LayerPlan]:
 def apply_expert_parallel(model: nn.Module, mesh, plan: Placement, *, capacity_factor: float = 0.0) -> list[str]:
     """Keep on this rank only the experts that `plan` gives its EP rank, and route tokens to the others
     by all-to-all. `mesh` is a 2-D DeviceMesh ("edp", "ep"). Returns the names of the expert
-    parameters (to keep them out of DDP). The model must hold every expert, as built."""
+    parameters and plan buffers, which differ across ranks (to keep them out of DDP). The model
+    must hold every expert, as built."""
     ep_group, ep_rank = mesh.get_group("ep"), mesh.get_local_rank("ep")
     moes = model.moe_layers()
     check_fits(plan, num_layers=len(moes), num_experts=moes[0].cfg.num_experts, num_gpus=mesh.size(1) if mesh.ndim > 1 else mesh.size())
@@ -176,9 +177,8 @@ def apply_expert_parallel(model: nn.Module, mesh, plan: Placement, *, capacity_f
         moe.experts = sub
         moe.dispatcher = ExpertParallelDispatcher(lp, ep_group, capacity_factor=capacity_factor)
         moe.layer_plan = lp
-    for pname, _ in model.named_parameters():
-        if ".experts." in pname:
-            names.append(pname)
+    names += [n for n, _ in model.named_parameters() if ".experts." in n]
+    names += [n for n, _ in model.named_buffers() if ".dispatcher." in n]  # per-rank plan tables
     n_local = [len(m.layer_plan.local_experts) for m in moes]
     log.info("applied expert parallel: ep_size %d, edp_size %d, local experts per layer %s",
              mesh.size(-1), mesh.size(0) if mesh.ndim > 1 else 1, n_local)

@@ -49,3 +49,13 @@ def eplb(stats: RoutingStats, topo: Topology, slots_per_gpu: int | None = None) 
         holds.append(h)
     return Placement.from_holds(holds, G, topo.gpus_per_node,
                                 meta={"method": "eplb", "slots_per_gpu": S, "seconds": time.perf_counter() - t0})
+
+
+def static_plan(method: str, num_layers: int, num_experts: int, num_gpus: int, gpus_per_node: int = 0) -> Placement:
+    """`contiguous` or `round_robin` without statistics (the trainer's start-up plans)."""
+    from moesaic.placement.stats import RoutingStats
+
+    fn = {"contiguous": contiguous, "round_robin": round_robin}.get(method)
+    if fn is None:
+        raise ValueError(f"placement.plan ({method!r}) must be 'contiguous', 'round_robin' or a plan file path")
+    return fn(RoutingStats.zeros(num_layers, num_experts), Topology(num_gpus=num_gpus, gpus_per_node=gpus_per_node))

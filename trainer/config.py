@@ -129,8 +129,6 @@ class TrainConfig:
         if self.optim.warmup_steps > self.steps:
             raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be <= steps ({self.steps})")
         # Modes whose issues have not landed yet are refused by name rather than silently ignored.
-        if self.parallel.ep_size != 1:
-            raise ValueError(f"parallel.ep_size ({self.parallel.ep_size}) > 1 is not implemented yet; use 1")
         if self.parallel.expert_sharding != "resident":
             raise ValueError(
                 f"parallel.expert_sharding ({self.parallel.expert_sharding!r}) is not implemented yet; use 'resident'"
@@ -139,8 +137,8 @@ class TrainConfig:
             raise ValueError(f"parallel.engine ({self.parallel.engine!r}) is not implemented yet; use 'torch'")
         if self.placement.every_n_steps:
             raise ValueError(
-                f"placement.every_n_steps ({self.placement.every_n_steps}) needs expert parallelism, "
-                "which is not implemented yet; use 0"
+                f"placement.every_n_steps ({self.placement.every_n_steps}): re-placement during training "
+                "is not implemented yet; use 0"
             )
 
 

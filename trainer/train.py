@@ -10,14 +10,16 @@ import math
 import time
 from dataclasses import asdict
 
+import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
+from moesaic.parallel.recorder import RoutingRecorder
 from moesaic.trainer.config import OptimConfig, TrainConfig
 from moesaic.trainer.data import TRAIN_STREAM, VAL_STREAM, check_vocab, load_corpus, sample_batch
 from moesaic.trainer.dist import DistInfo, all_gather_object, all_reduce_, init_distributed, shutdown
 from moesaic.trainer.metrics import RunLogger, make_run_dir, peak_rss_mib
 from moesaic.trainer.model import Transformer
+from moesaic.trainer.parallelize import Parallel, parallelize, resolve_plan, world_size_from_env
 
 log = logging.getLogger(__name__)
 LN2 = math.log(2.0)
@@ -72,16 +74,17 @@ def _load_stats(counts_LE: torch.Tensor) -> dict:
 
 def train(cfg: TrainConfig) -> dict:
     """Train as configured; returns the summary (on every rank)."""
-    corpus = load_corpus(cfg.data)  # bad paths fail here, before any process group forms
+    corpus = load_corpus(cfg.data)  # bad paths and plans fail here, before any process group forms
     check_vocab(corpus, cfg.model.vocab_size)
+    plan = resolve_plan(cfg, world_size_from_env())
     info = init_distributed(cfg.parallel)
     try:
-        return _train(cfg, corpus, info)
+        return _train(cfg, corpus, info, plan)
     finally:
         shutdown(info)
 
 
-def _train(cfg: TrainConfig, corpus, info: DistInfo) -> dict:
+def _train(cfg: TrainConfig, corpus, info: DistInfo, plan) -> dict:
     run_dir = make_run_dir(cfg.logging.out_dir, cfg.logging.run_name, info)
     if info.is_main:
         from omegaconf import OmegaConf
@@ -91,7 +94,9 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo) -> dict:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = Transformer(cfg.model).to(info.device)
     counts = model.num_params()
-    ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) if info.backend else model
+    par = parallelize(model, cfg, info, plan)
+    mc = cfg.model.moe
+    recorder = RoutingRecorder(cfg.model.num_moe_layers, mc.num_experts, mc.top_k)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.steps))
 
@@ -102,7 +107,9 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo) -> dict:
         f"moesaic: {info.world_size} rank(s), backend={info.backend or 'none'}, device={info.device}; "
         f"model {counts['total'] / 1e6:.2f}M params ({counts['active'] / 1e6:.2f}M active); "
         f"data {corpus.name}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens; "
-        f"val unigram entropy {unigram:.3f} {unit}; run dir {run_dir}"
+        f"val unigram entropy {unigram:.3f} {unit}; "
+        f"ep_size {cfg.parallel.ep_size} ({'plan ' + cfg.placement.plan if plan else 'every rank holds every expert'}); "
+        f"run dir {run_dir}"
     )
 
     tokens_per_step = cfg.batch_size * cfg.data.seq_len * cfg.grad_accum_steps * info.world_size
@@ -113,27 +120,33 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo) -> dict:
         t0 = time.perf_counter()
         stats = torch.zeros(3, dtype=torch.float64)  # ce, aux, z (summed over micro-steps)
         counts_LE = None
+        comm = {"a2a_bytes": 0, "dropped": 0}
         for micro in range(cfg.grad_accum_steps):
             x, y = sample_batch(
                 corpus.train, cfg.batch_size, cfg.data.seq_len, seed=cfg.seed, stream=(TRAIN_STREAM, info.rank, step, micro)
             )
             last = micro == cfg.grad_accum_steps - 1
-            ctx = ddp.no_sync() if (info.backend and not last) else _null()
-            with ctx:
-                out = ddp(x.to(info.device), y.to(info.device))
+            with (par.no_sync() if not last else _null()):
+                out = par.train_model(x.to(info.device), y.to(info.device))
                 (out.loss / cfg.grad_accum_steps).backward()
             stats += torch.tensor([out.ce_loss.item(), out.aux_loss.item(), out.z_loss.item()], dtype=torch.float64)
             c = out.tokens_per_expert_LE
             counts_LE = c.cpu() if counts_LE is None else counts_LE + c.cpu()
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            if cfg.optim.grad_clip > 0
-            else _grad_norm(model)
-        )
+            recorder.observe_model(model)
+            for moe in model.moe_layers():
+                comm["a2a_bytes"] += moe.dispatcher.counters.get("a2a_bytes", 0)
+                comm["dropped"] += moe.dispatcher.counters.get("dropped", 0)
+        par.reduce_grads()
+        grad_norm = par.clip_grad_norm(cfg.optim.grad_clip)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+
+        if any(m.router.cfg.bias_update_rate > 0 for m in model.moe_layers()):
+            global_LE = all_reduce_(counts_LE.to(torch.float64), info)
+            for moe, c in zip(model.moe_layers(), global_LE):
+                moe.router.update_bias(c)
 
         stats /= cfg.grad_accum_steps
         all_reduce_(stats, info)
@@ -149,10 +162,13 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo) -> dict:
         done = step + 1
         if done % cfg.logging.log_every == 0 or done == cfg.steps:
             counts_all = all_reduce_(counts_LE.to(torch.float64), info) if counts_LE is not None else None
+            comm_all = all_reduce_(torch.tensor([comm["a2a_bytes"], comm["dropped"], par.counters.get("expert_grad_bytes", 0)],
+                                                dtype=torch.float64), info)
             record = {
                 "kind": "train", "step": done, "loss": ce, "aux_loss": aux, "z_loss": z, "lr": lr,
                 "grad_norm": float(grad_norm), "tokens_per_s": tok_s, "step_s": dt,
                 "tokens": done * tokens_per_step, "elapsed_s": time.perf_counter() - t_start,
+                "a2a_bytes": int(comm_all[0]), "dropped_tokens": int(comm_all[1]), "expert_grad_bytes": int(comm_all[2]),
             }
             if counts_all is not None:
                 record.update(_load_stats(counts_all))
@@ -166,6 +182,9 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo) -> dict:
 
     wall = time.perf_counter() - t_start
     rss = all_gather_object(round(peak_rss_mib(), 1), info)
+    routing = recorder.stats(all_reduce=True)
+    if info.is_main:
+        np.savez(run_dir / "routing_stats.npz", **routing.to_npz_dict())
     steady = sorted(step_times[1:] or step_times)
     summary = {
         "val_bpb": val_loss / LN2,
@@ -183,12 +202,17 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo) -> dict:
         "backend": info.backend,
         "device": str(info.device),
         "params": counts,
+        "ep_size": cfg.parallel.ep_size,
+        "plan": plan.to_dict() if plan is not None else None,
         "peak_rss_mib_per_rank": rss,
         "run_dir": str(run_dir),
         "config": asdict(cfg),
     }
     if cfg.logging.dump_rank_params:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, run_dir / f"params-rank{info.rank}.pt")
+        if par.expert_parallel:
+            local = {i: m.layer_plan.local_experts for i, m in enumerate(model.moe_layers())}
+            torch.save(local, run_dir / f"local-experts-rank{info.rank}.pt")
     logger.message(
         f"done: {cfg.steps} steps in {wall:.1f}s, {summary['tokens_per_s']:,.0f} tokens/s; "
         f"val {summary['val_bpb']:.4f} {unit} vs unigram {unigram:.4f} "
@@ -196,11 +220,6 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo) -> dict:
     )
     logger.close(summary)
     return summary
-
-
-def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
-    grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
 
 
 class _null:

@@ -1,0 +1,120 @@
+"""Tier 2: expert parallelism against the single-process reference, on 2 and 4 gloo ranks."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import child_env, free_port, read_metrics, torchrun
+from moesaic.parallel.expert_parallel import _source_to_expert_major, capacity_keep
+
+WORKERS = Path(__file__).resolve().parent / "workers"
+
+
+def _torchrun_script(nproc, script, args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--rdzv_backend", "c10d",
+           "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--nnodes", "1", *script, *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env())
+
+
+def test_regroup_source_major_to_expert_major():
+    cnt = torch.tensor([[2, 0, 1], [1, 3, 0]])  # rows from source 0: e0 e0 e2; source 1: e0 e1 e1 e1
+    perm = _source_to_expert_major(cnt)
+    # received order: [s0e0, s0e0, s0e2, s1e0, s1e1, s1e1, s1e1] -> expert-major: e0(s0,s0,s1) e1(s1 x3) e2(s0)
+    assert perm.tolist() == [0, 1, 3, 4, 5, 6, 2]
+
+
+def test_capacity_keeps_the_first_slots_by_position():
+    ids = torch.tensor([0, 1, 0, 1, 0, 2, 0, 3])  # 4 tokens, top-2; expert 0 gets 4 slots
+    keep = capacity_keep(ids, num_experts=4, capacity_factor=1.0, num_tokens=4)  # capacity ceil(4*2/4) = 2
+    assert keep.tolist() == [True, True, True, True, False, True, False, True]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_doctor_full_suite_matches_reference(nproc):
+    proc = _torchrun_script(nproc, ["-m", "moesaic.parallel.doctor"], ["--suite", "full", "--json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["ok"] and report["world"] == nproc
+    names = [r["check"] for r in report["results"]]
+    assert "ep/capacity-1.0" in names and "ep/zero-token-rank" in names and "all_to_all_single (uneven)" in names
+    for r in report["results"]:
+        if "max_rel_diff" in r:
+            assert r["max_rel_diff"] < 1e-5 and r["dropped"] == r["dropped_ref"], r
+    assert any(r.get("dropped", 0) > 0 for r in report["results"])  # capacity mode really dropped tokens
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_doctor_detects_a_wrong_result():
+    proc = _torchrun_script(2, ["-m", "moesaic.parallel.doctor"], ["--inject-fault"])
+    assert proc.returncode != 0
+    assert "FAIL  ep/contiguous" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("nproc,args", [
+    (2, ["--ep", 2, "--plan", "random"]),
+    (4, ["--ep", 4, "--plan", "random"]),
+    (4, ["--ep", 2, "--plan", "replicated"]),  # expert data parallelism (edp 2) and replicas
+    (4, ["--ep", 4, "--plan", "replicated", "--router", "sigmoid"]),  # aux-loss-free bias updates
+])
+def test_adamw_steps_match_single_process(tmp_path, nproc, args):
+    out = tmp_path / "report.json"
+    proc = _torchrun_script(nproc, [str(WORKERS / "ep_train.py")], [*args, "--out", out])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert len(report["steps"]) == 3
+    for s in report["steps"]:
+        assert abs(s["loss"] - s["ref_loss"]) < 1e-5, s
+        assert abs(s["norm"] - s["ref_norm"]) < 1e-5 * max(1, s["ref_norm"]), s
+        assert s["max_param_diff"] < 1e-5, s
+    assert report["recorder_P_diff"] == 0 and report["recorder_W_diff"] == 0
+    assert report["recorder_tokens"][0] == report["recorder_tokens"][1] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_trainer_with_ep4_learns(tmp_path):
+    torchrun(4, ["parallel.ep_size=4", "steps=40", "eval_every=0", "eval_batches=2", "logging=quiet",
+                 f"logging.out_dir={tmp_path}", "logging.run_name=ep4", "logging.log_every=10"])
+    run = tmp_path / "ep4"
+    train = [r for r in read_metrics(run) if r["kind"] == "train"]
+    assert train[-1]["loss"] < train[0]["loss"] - 0.3, [r["loss"] for r in train]
+    assert all(r["a2a_bytes"] > 0 for r in train)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["ep_size"] == 4 and summary["plan"]["num_gpus"] == 4
+    assert (run / "routing_stats.npz").is_file()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["parallel.ep_size=3"], "parallel.ep_size (3) must divide the world size (2)"),
+    (["parallel.ep_size=2", "placement.plan=/no/plan.json"], "placement.plan ('/no/plan.json') is neither"),
+])
+def test_bad_ep_config_is_refused_before_training(tmp_path, args, message):
+    proc = _torchrun_script(2, ["-m", "moesaic.trainer"], ["experiment=smoke", f"logging.out_dir={tmp_path}", *args], timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not any(tmp_path.iterdir())  # no run directory: nothing started
+
+
+def test_plan_file_that_does_not_fit_is_named(tmp_path):
+    from moesaic.placement.plan import Placement
+    from moesaic.trainer.config import TrainConfig
+    from moesaic.trainer.parallelize import resolve_plan
+
+    plan = Placement(4, 4, [[(e % 4,) for e in range(4)]] * 2)  # 4 experts; the model has 8
+    path = tmp_path / "p.json"
+    plan.save(path)
+    from moesaic.parallel.config import ParallelConfig
+    from moesaic.placement.config import PlacementConfig
+
+    cfg = TrainConfig(parallel=ParallelConfig(ep_size=4), placement=PlacementConfig(plan=str(path)))
+    with pytest.raises(ValueError, match=r"does not fit: plan has 2 layers, but the model has 4 MoE layers"):
+        resolve_plan(cfg, 4)

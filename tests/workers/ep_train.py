@@ -1,0 +1,129 @@
+"""torchrun worker: a few optimizer steps of a tiny model under expert parallelism against the
+single-process reference with the same seed and weights.
+
+The reference's loss is the mean over the ranks' micro-batches of each micro-batch's loss (what DDP
+optimises). AdamW runs with eps=1e-6: at eps=1e-8 a gradient within rounding of zero can flip a whole
+lr-sized first step (see shared/DESIGN.md); the tolerance itself is not widened.
+Writes a JSON report (rank 0) to the path given by --out.
+"""
+
+import argparse
+import copy
+import json
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moesaic.parallel.doctor import make_plan
+from moesaic.parallel.moe import MoEConfig
+from moesaic.parallel.recorder import RoutingRecorder
+from moesaic.parallel.router import RouterConfig
+from moesaic.placement.stats import RoutingStats
+from moesaic.trainer.dist import DistInfo
+from moesaic.trainer.model import ModelConfig, Transformer
+from moesaic.trainer.parallelize import parallelize
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ep", type=int, required=True)
+    ap.add_argument("--plan", default="random")
+    ap.add_argument("--router", default="softmax")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    dist.init_process_group("gloo")
+    W, rank = dist.get_world_size(), dist.get_rank()
+    router = RouterConfig(score_func=a.router, bias_update_rate=0.01 if a.router == "sigmoid" else 0.0)
+    mcfg = ModelConfig(dim=32, num_layers=3, num_heads=2, max_seq_len=32, num_dense_layers=1,
+                       moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=16, num_shared_experts=1, router=router))
+    torch.manual_seed(0)
+    model = Transformer(mcfg)
+    ref = copy.deepcopy(model)
+    plan = make_plan(a.plan, 8, a.ep, seed=3, num_layers=mcfg.num_moe_layers)
+
+    class _Cfg:  # the fields parallelize reads
+        class parallel:
+            ep_size = a.ep
+
+        class model:
+            class moe:
+                capacity_factor = 0.0
+
+    par = parallelize(model, _Cfg, DistInfo(rank, W, rank, torch.device("cpu"), "gloo"), plan)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-6, weight_decay=0.1)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, eps=1e-6, weight_decay=0.1)
+    recorder = RoutingRecorder(mcfg.num_moe_layers, 8, 2)
+    ref_ids = []
+
+    def batch(r, step):
+        g = torch.Generator().manual_seed(1000 * step + r)
+        x = torch.randint(0, 256, (2, 16), generator=g)
+        return x, torch.randint(0, 256, (2, 16), generator=g)
+
+    report = {"steps": []}
+    for step in range(a.steps):
+        x, y = batch(rank, step)
+        out = par.train_model(x, y)
+        out.loss.backward()
+        recorder.observe_model(model)
+        par.reduce_grads()
+        norm = par.clip_grad_norm(0.5)
+        opt.step()
+        opt.zero_grad()
+        counts = out.tokens_per_expert_LE.double()
+        dist.all_reduce(counts)
+        for m, c in zip(model.moe_layers(), counts):
+            m.router.update_bias(c)
+        loss = torch.tensor([out.loss.item()], dtype=torch.float64)
+        dist.all_reduce(loss)
+        # assemble this step's parameters on rank 0: dense from rank 0, each expert from its first holder
+        dense = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." not in n}
+        experts = {}
+        for li, (m, rm) in enumerate(zip(model.moe_layers(), ref.moe_layers())):
+            for n in ("w1_EFD", "w2_EDF", "w3_EFD"):
+                full = torch.zeros_like(getattr(rm.experts, n))
+                for i, e in enumerate(m.layer_plan.local_experts):
+                    if m.layer_plan.holders[e][0] == dist.get_rank() % a.ep and dist.get_rank() < a.ep:
+                        full[e] = getattr(m.experts, n)[i].detach()
+                dist.all_reduce(full)
+                experts[(li, n)] = full
+        if rank == 0:
+            total, outs = 0.0, []
+            for r in range(W):
+                xr, yr = batch(r, step)
+                o = ref(xr, yr)
+                total = total + o.loss / W
+                outs.append(o)
+                ref_ids.append([mm.last_route.expert_ids_TK.clone() for mm in ref.moe_layers()])
+            total.backward()
+            ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+            ref_opt.step()
+            ref_opt.zero_grad()
+            all_counts = sum(o.tokens_per_expert_LE.double() for o in outs)
+            for m, c in zip(ref.moe_layers(), all_counts):
+                m.router.update_bias(c)
+            diffs = {n: float((dense[n] - p.detach()).abs().max()) for n, p in ref.named_parameters() if ".experts." not in n}
+            for (li, n), full in experts.items():
+                diffs[f"moe{li}.{n}"] = float((full - getattr(ref.moe_layers()[li].experts, n).detach()).abs().max())
+            report["steps"].append({"loss": float(loss) / W, "ref_loss": float(total), "norm": float(norm),
+                                    "ref_norm": float(ref_norm), "max_param_diff": max(diffs.values()),
+                                    "worst": max(diffs, key=diffs.get)})
+    stats = recorder.stats(all_reduce=True)
+    if rank == 0:
+        ids = [torch.stack([torch.cat([step_ids[l] for step_ids in ref_ids[s * W:(s + 1) * W]]) for l in range(mcfg.num_moe_layers)], 1)
+               for s in range(a.steps)]
+        full = RoutingStats.from_experts(torch.cat(ids).numpy(), 8)
+        report["recorder_P_diff"] = float(np.abs(stats.P - full.P).max())
+        report["recorder_W_diff"] = float(np.abs(stats.W - full.W).max())
+        report["recorder_tokens"] = [stats.num_tokens, full.num_tokens]
+        report["expert_params_local"] = [len(m.layer_plan.local_experts) for m in model.moe_layers()]
+        with open(a.out, "w") as f:
+            json.dump(report, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
