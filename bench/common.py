@@ -61,3 +61,32 @@ def table(rows: list[dict], cols: list[str] | None = None) -> str:
 def write_json(path: str | Path | None, payload: dict) -> None:
     if path:
         Path(path).write_text(json.dumps(payload, indent=1, default=str) + "\n")
+
+
+def ensure_importable() -> None:
+    """Make `moesaic.*` importable from this checkout without installing it (the GPU machine has
+    torch but not our dependencies): map moesaic.parallel -> parallel/, and so on."""
+    import importlib.util
+    import sys
+    import types
+
+    try:
+        import moesaic.parallel  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    pkg = sys.modules.setdefault("moesaic", types.ModuleType("moesaic"))
+    pkg.__path__ = []
+    for name in ("placement", "parallel", "trainer"):
+        spec = importlib.util.spec_from_file_location(
+            f"moesaic.{name}", REPO / name / "__init__.py", submodule_search_locations=[str(REPO / name)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[f"moesaic.{name}"] = mod
+        setattr(pkg, name, mod)
+    for name in ("placement", "parallel"):  # trainer needs hydra; load it only when asked for
+        spec = sys.modules[f"moesaic.{name}"].__spec__
+        try:
+            spec.loader.exec_module(sys.modules[f"moesaic.{name}"])
+        except ImportError:
+            pass

@@ -14,9 +14,16 @@ class ParallelConfig:
     device: str = "auto"
     """`auto` (cuda:LOCAL_RANK when available, else cpu), `cpu` or `cuda`."""
     ep_size: int = 1
-    """Ranks that share one copy of the experts (1: every rank holds every expert, plain DDP)."""
+    """Ranks of one expert-parallel domain, which share one copy of the experts (1: every rank holds
+    every expert, plain DDP; 0: the whole world)."""
     expert_sharding: str = "resident"
-    """`resident` (each rank keeps the experts it computes) or `fssdp` (Hecate)."""
+    """`resident` (each rank keeps the full weights of the experts it computes) or `fssdp` (Hecate:
+    each expert has one owner; the computing ranks gather it every step)."""
+    reshard_after_forward: bool = True
+    """FSSDP re-materialization: free gathered expert weights after a layer's forward pass and gather
+    them again for its backward pass."""
+    prefetch: bool = True
+    """FSSDP: gather the next layer's experts asynchronously while this one computes."""
     engine: str = "torch"
     """Optimizer engine for the dense parameters: `torch` (DDP) or `deepspeed` (ZeRO)."""
     timeout_s: float = 300.0
@@ -27,8 +34,8 @@ class ParallelConfig:
             raise ValueError(f"parallel.backend ({self.backend!r}) must be one of 'auto', 'gloo', 'nccl'")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"parallel.device ({self.device!r}) must be one of 'auto', 'cpu', 'cuda'")
-        if self.ep_size < 1:
-            raise ValueError(f"parallel.ep_size ({self.ep_size}) must be >= 1")
+        if self.ep_size < 0:
+            raise ValueError(f"parallel.ep_size ({self.ep_size}) must be >= 1, or 0 for the whole world")
         if self.expert_sharding not in ("resident", "fssdp"):
             raise ValueError(
                 f"parallel.expert_sharding ({self.expert_sharding!r}) must be one of 'resident', 'fssdp'"

@@ -129,10 +129,6 @@ class TrainConfig:
         if self.optim.warmup_steps > self.steps:
             raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be <= steps ({self.steps})")
         # Modes whose issues have not landed yet are refused by name rather than silently ignored.
-        if self.parallel.expert_sharding != "resident":
-            raise ValueError(
-                f"parallel.expert_sharding ({self.parallel.expert_sharding!r}) is not implemented yet; use 'resident'"
-            )
         if self.parallel.engine != "torch":
             raise ValueError(f"parallel.engine ({self.parallel.engine!r}) is not implemented yet; use 'torch'")
         if self.placement.every_n_steps:

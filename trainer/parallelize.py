@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moesaic.parallel.expert_parallel import apply_expert_parallel, expert_grad_sq_norm, reduce_expert_grads
+from moesaic.parallel.fssdp import apply_fssdp, fssdp_grad_sq_norm, fssdp_reduce_scatter
 from moesaic.placement.baselines import static_plan
 from moesaic.placement.plan import Placement, PlanError, check_fits
 from moesaic.trainer.config import TrainConfig
@@ -29,10 +30,10 @@ log = logging.getLogger(__name__)
 def resolve_plan(cfg: TrainConfig, world_size: int) -> Placement | None:
     """The plan the EP layer starts from (None without expert parallelism). Raises ValueError naming
     the field when the plan or the EP size does not fit the model or the world."""
-    ep = cfg.parallel.ep_size
+    ep = cfg.parallel.ep_size or world_size
     if world_size % ep:
         raise ValueError(f"parallel.ep_size ({ep}) must divide the world size ({world_size})")
-    if ep == 1:
+    if ep == 1 and cfg.parallel.expert_sharding == "resident":
         return None
     E = cfg.model.moe.num_experts
     L = cfg.model.num_moe_layers
@@ -66,18 +67,25 @@ class Parallel:
     info: DistInfo
     mesh: object = None
     plan: Placement | None = None
+    sharding: str = "resident"
     counters: dict = field(default_factory=dict)
 
     @property
     def expert_parallel(self) -> bool:
         return self.plan is not None
 
+    @property
+    def fssdp(self) -> bool:
+        return self.plan is not None and self.sharding == "fssdp"
+
     def no_sync(self):
         return self.train_model.no_sync() if isinstance(self.train_model, DDP) else _Null()
 
     def reduce_grads(self) -> None:
         """After backward (DDP has averaged the dense gradients): reduce the expert gradients."""
-        if self.expert_parallel:
+        if self.fssdp:
+            self.counters["expert_grad_bytes"] = fssdp_reduce_scatter(self.model, self.mesh, self.info.world_size)
+        elif self.expert_parallel:
             self.counters["expert_grad_bytes"] = reduce_expert_grads(self.model, self.mesh, self.info.world_size)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
@@ -89,7 +97,7 @@ class Parallel:
             return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else torch.zeros(())
         dense = [p for n, p in self.model.named_parameters() if p.grad is not None and ".experts." not in n]
         dense_sq = sum((p.grad.double() ** 2).sum() for p in dense) if dense else torch.zeros((), dtype=torch.float64)
-        expert_sq = expert_grad_sq_norm(self.model, self.mesh)
+        expert_sq = (fssdp_grad_sq_norm if self.fssdp else expert_grad_sq_norm)(self.model, self.mesh)
         dist.all_reduce(expert_sq)
         norm = torch.sqrt(dense_sq + expert_sq)
         if max_norm > 0:
@@ -101,20 +109,26 @@ class Parallel:
 
 
 def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: Placement | None) -> Parallel:
-    """Apply expert parallelism (when ep_size > 1) and DDP; the model must hold every expert."""
+    """Apply expert parallelism or FSSDP (per the plan) and DDP; the model must hold every expert."""
     if info.backend is None:
         return Parallel(model, model, info)
     mesh = None
     ignored: list[str] = []
+    pc = cfg.parallel
     if plan is not None:
         from torch.distributed.device_mesh import init_device_mesh
 
-        ep = cfg.parallel.ep_size
+        ep = pc.ep_size or info.world_size
         mesh = init_device_mesh(info.device.type, (info.world_size // ep, ep), mesh_dim_names=("edp", "ep"))
-        ignored = apply_expert_parallel(model, mesh, plan, capacity_factor=cfg.model.moe.capacity_factor)
+        cf = cfg.model.moe.capacity_factor
+        if pc.expert_sharding == "fssdp":
+            ignored = apply_fssdp(model, mesh, plan, reshard_after_forward=pc.reshard_after_forward,
+                                  prefetch=pc.prefetch, capacity_factor=cf)
+        else:
+            ignored = apply_expert_parallel(model, mesh, plan, capacity_factor=cf)
         DDP._set_params_and_buffers_to_ignore_for_model(model, ignored)
     ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    return Parallel(model, ddp, info, mesh, plan)
+    return Parallel(model, ddp, info, mesh, plan, pc.expert_sharding)
 
 
 class _Null:

@@ -25,12 +25,29 @@ from moesaic.trainer.model import ModelConfig, Transformer
 from moesaic.trainer.parallelize import parallelize
 
 
+def _expected_gather_bytes(plan, mcfg, num_domains, remat):
+    """What one step's gathers must move for `plan`, from the plan alone: every (expert, computing
+    rank other than its owner) pair sends one expert (fp32 w1, w2, w3), twice with re-materialization."""
+    from moesaic.parallel.fssdp import even_owners
+
+    owners = even_owners(mcfg.moe.num_experts, plan.num_gpus)
+    pairs = sum(1 for layer in plan.placement for e, gpus in enumerate(layer) for g in gpus if g != owners[e])
+    return pairs * 3 * mcfg.dim * mcfg.moe.ffn_dim * 4 * num_domains * (2 if remat else 1)
+
+
+def _bytes(model, kind):
+    return sum(getattr(m.experts, "bytes", {}).get(kind, 0) for m in model.moe_layers())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ep", type=int, required=True)
     ap.add_argument("--plan", default="random")
     ap.add_argument("--router", default="softmax")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--sharding", default="resident", choices=["resident", "fssdp"])
+    ap.add_argument("--no-remat", action="store_true")
+    ap.add_argument("--change-plan-after", type=int, default=0, help="adopt a new (random) plan after this step")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     dist.init_process_group("gloo")
@@ -46,6 +63,9 @@ def main():
     class _Cfg:  # the fields parallelize reads
         class parallel:
             ep_size = a.ep
+            expert_sharding = a.sharding
+            reshard_after_forward = not a.no_remat
+            prefetch = True
 
         class model:
             class moe:
@@ -64,6 +84,13 @@ def main():
 
     report = {"steps": []}
     for step in range(a.steps):
+        if a.change_plan_after and step == a.change_plan_after:
+            from moesaic.parallel.fssdp import set_fssdp_plan
+
+            new_plan = make_plan("replicated", 8, a.ep, seed=11, num_layers=mcfg.num_moe_layers)
+            set_fssdp_plan(model, new_plan)
+            report["expected_gather_bytes_new_plan"] = _expected_gather_bytes(new_plan, mcfg, W // a.ep, not a.no_remat)
+        gather_before = _bytes(model, "gather")
         x, y = batch(rank, step)
         out = par.train_model(x, y)
         out.loss.backward()
@@ -78,15 +105,22 @@ def main():
             m.router.update_bias(c)
         loss = torch.tensor([out.loss.item()], dtype=torch.float64)
         dist.all_reduce(loss)
+        gbytes = torch.tensor([_bytes(model, "gather") - gather_before], dtype=torch.float64)
+        dist.all_reduce(gbytes)
         # assemble this step's parameters on rank 0: dense from rank 0, each expert from its first holder
         dense = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." not in n}
         experts = {}
         for li, (m, rm) in enumerate(zip(model.moe_layers(), ref.moe_layers())):
             for n in ("w1_EFD", "w2_EDF", "w3_EFD"):
                 full = torch.zeros_like(getattr(rm.experts, n))
-                for i, e in enumerate(m.layer_plan.local_experts):
-                    if m.layer_plan.holders[e][0] == dist.get_rank() % a.ep and dist.get_rank() < a.ep:
-                        full[e] = getattr(m.experts, n)[i].detach()
+                if a.sharding == "fssdp":  # each expert from its owner (in the first expert domain)
+                    if dist.get_rank() < a.ep:
+                        for i, e in enumerate(m.experts.owned_ids):
+                            full[e] = getattr(m.experts, n)[i].detach()
+                else:
+                    for i, e in enumerate(m.layer_plan.local_experts):
+                        if m.layer_plan.holders[e][0] == dist.get_rank() % a.ep and dist.get_rank() < a.ep:
+                            full[e] = getattr(m.experts, n)[i].detach()
                 dist.all_reduce(full)
                 experts[(li, n)] = full
         if rank == 0:
@@ -109,6 +143,7 @@ def main():
                 diffs[f"moe{li}.{n}"] = float((full - getattr(ref.moe_layers()[li].experts, n).detach()).abs().max())
             report["steps"].append({"loss": float(loss) / W, "ref_loss": float(total), "norm": float(norm),
                                     "ref_norm": float(ref_norm), "max_param_diff": max(diffs.values()),
+                                    "gather_bytes": float(gbytes),
                                     "worst": max(diffs, key=diffs.get)})
     stats = recorder.stats(all_reduce=True)
     if rank == 0:
@@ -119,6 +154,7 @@ def main():
         report["recorder_W_diff"] = float(np.abs(stats.W - full.W).max())
         report["recorder_tokens"] = [stats.num_tokens, full.num_tokens]
         report["expert_params_local"] = [len(m.layer_plan.local_experts) for m in model.moe_layers()]
+        report["owned_expert_tensors"] = [sum(p.numel() for p in m.experts.parameters()) for m in model.moe_layers()]
         with open(a.out, "w") as f:
             json.dump(report, f)
     dist.barrier()

@@ -1,0 +1,117 @@
+"""One-GPU forward+backward of moesaic's expert computation (router top-k, gather, grouped GEMM
+SwiGLU via torch._grouped_mm, weighted scatter) in bf16, against the dense bf16 matmul rate measured
+in the same run and a per-expert loop.
+
+    python bench/gpu_moe_layer.py [--tokens 8192] [--json out.json]
+    python bench/gpu_moe_layer.py --device cpu --tiny      # the CPU smoke test
+
+Useful TFLOP/s counts only the routed tokens' FLOPs: forward = 2*T*k*d*f*3, fwd+bwd = 3x forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ensure_importable, machine, table, write_json  # noqa: E402
+
+ensure_importable()
+import torch  # noqa: E402
+
+from moesaic.parallel.experts import GroupedExperts, looped_swiglu  # noqa: E402
+from moesaic.parallel.moe import LocalDispatcher  # noqa: E402
+from moesaic.parallel.router import RouterConfig, TopKRouter  # noqa: E402
+
+SHAPES = {
+    "mixtral": dict(dim=4096, ffn=14336, experts=8, top_k=2),
+    "deepseekmoe-16b": dict(dim=2048, ffn=1408, experts=64, top_k=6),
+    "olmoe": dict(dim=2048, ffn=1024, experts=64, top_k=8),
+}
+TINY = {"tiny": dict(dim=64, ffn=96, experts=8, top_k=2)}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device, iters: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def dense_rate(device, dtype, n: int) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    t = timeit(lambda: a @ b, device, 10)
+    return 2 * n ** 3 / t / 1e12
+
+
+def run_shape(name, s, tokens, device, dtype, iters):
+    torch.manual_seed(0)
+    router = TopKRouter(s["dim"], s["experts"], s["top_k"], RouterConfig()).to(device)
+    experts = GroupedExperts(s["experts"], s["dim"], s["ffn"]).to(device=device, dtype=dtype)
+    dispatch = LocalDispatcher()
+    x = torch.randn(tokens, s["dim"], device=device, dtype=dtype, requires_grad=True)
+    with torch.no_grad():
+        route = router(x.float())
+    route.weights_TK = route.weights_TK.to(dtype)
+    fwd_flops = 2 * tokens * s["top_k"] * s["dim"] * s["ffn"] * 3
+
+    def fwd():
+        with torch.no_grad():
+            dispatch(x, route, experts)
+
+    def fwd_bwd():
+        dispatch(x, route, experts).sum().backward()
+
+    def loop_fwd_bwd():
+        order = torch.argsort(route.expert_ids_TK.flatten(), stable=True)
+        tok = order // s["top_k"]
+        y = looped_swiglu(x[tok], route.tokens_per_expert_E, experts.w1_EFD, experts.w2_EDF, experts.w3_EFD)
+        w = route.weights_TK.flatten()[order].unsqueeze(-1)
+        x.new_zeros(x.shape).index_add(0, tok, y * w).sum().backward()
+
+    t_f = timeit(fwd, device, iters)
+    t_fb = timeit(fwd_bwd, device, iters)
+    t_loop = timeit(loop_fwd_bwd, device, max(3, iters // 2))
+    return {"shape": name, **s, "tokens": tokens, "fwd_tflops": fwd_flops / t_f / 1e12,
+            "fwd_bwd_tflops": 3 * fwd_flops / t_fb / 1e12, "loop_fwd_bwd_tflops": 3 * fwd_flops / t_loop / 1e12,
+            "fwd_ms": t_f * 1e3, "fwd_bwd_ms": t_fb * 1e3}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--tiny", action="store_true", help="a small CPU-sized shape (smoke test)")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes = TINY if a.tiny else SHAPES
+    tokens = 256 if a.tiny else a.tokens
+    dense = dense_rate(device, dtype, 256 if a.tiny else 8192)
+    rows = [run_shape(n, s, tokens, device, dtype, 3 if a.tiny else a.iters) for n, s in shapes.items()]
+    for r in rows:
+        r["dense_tflops"] = dense
+        r["fwd_bwd_pct_of_dense"] = 100 * r["fwd_bwd_tflops"] / dense
+    info = machine()
+    print(f"machine: {info}\ndevice {device}, dtype {dtype}, dense matmul {dense:.1f} TFLOP/s")
+    print(table(rows, ["shape", "tokens", "fwd_tflops", "fwd_bwd_tflops", "fwd_bwd_pct_of_dense", "loop_fwd_bwd_tflops", "fwd_bwd_ms"]))
+    write_json(a.json, {"machine": info, "dense_tflops": dense, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""FSSDP (Hecate, arXiv 2502.02581): Fully Sharded Sparse Data Parallelism for the experts.
+
+Every expert has one owner rank in the expert domain (the "ep" mesh axis), which holds its parameters,
+gradients and AdamW state: one global copy. Each step the placement plan says which ranks compute
+which experts (replicas included), and
+- `sparse_all_gather` brings each expert's parameters from its owner to exactly those ranks (one
+  uneven all_to_all_single per layer), before the layer runs; the next layer's gather is prefetched
+  asynchronously while this one computes;
+- with re-materialization on, the gathered weights are freed after the layer's forward pass and
+  gathered again at the start of its backward pass (the previous layer's re-gather is prefetched);
+- `sparse_reduce_scatter` returns each materialized expert's gradient to its owner, summed over every
+  rank that computed it, after backward;
+- a new plan only changes what the next gather fetches: nothing migrates.
+Across "edp" (other expert domains) owners' gradients are all-reduced. Gradients are scaled to the
+gradient of the global mean loss. Legend: E experts, P domain ranks, S = 3*F*D flat expert size.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moesaic.parallel.experts import grouped_swiglu
+from moesaic.parallel.expert_parallel import ExpertParallelDispatcher, LayerPlan
+from moesaic.placement.plan import Placement, check_fits
+
+log = logging.getLogger(__name__)
+
+
+def even_owners(num_experts: int, num_ranks: int) -> np.ndarray:
+    """(E,) owner of each expert: contiguous, as even as possible (Hecate's default sharding)."""
+    return (np.arange(num_experts) * num_ranks) // num_experts
+
+
+@dataclass(frozen=True)
+class GatherSchedule:
+    """Who sends which expert to whom, for one layer and one plan, as seen from one rank."""
+
+    send_rows: tuple[int, ...]  # owned-row index of each row sent, ordered by (dest, expert)
+    in_splits: tuple[int, ...]  # rows sent to each rank
+    out_splits: tuple[int, ...]  # rows received from each rank
+    recv_to_local: tuple[int, ...]  # received row -> position among this rank's compute experts
+
+    @classmethod
+    def build(cls, holders: tuple[tuple[int, ...], ...], owners: np.ndarray, rank: int, P: int) -> "GatherSchedule":
+        owned = [e for e in range(len(holders)) if owners[e] == rank]
+        row_of = {e: i for i, e in enumerate(owned)}
+        sends = sorted((d, e) for e in owned for d in holders[e])
+        compute = [e for e, h in enumerate(holders) if rank in h]
+        pos = {e: i for i, e in enumerate(compute)}
+        recvs = sorted((int(owners[e]), e) for e in compute)
+        return cls(tuple(row_of[e] for _, e in sends), tuple(sum(1 for d, _ in sends if d == r) for r in range(P)),
+                   tuple(sum(1 for s, _ in recvs if s == r) for r in range(P)), tuple(pos[e] for _, e in recvs))
+
+    def bytes_sent(self, row_bytes: int, rank: int) -> int:
+        return row_bytes * sum(n for r, n in enumerate(self.in_splits) if r != rank)
+
+
+class FSSDPExperts(nn.Module):
+    """The owned shard of one MoE layer's experts, and the materialized weights of the experts this
+    rank computes under the current plan."""
+
+    def __init__(self, owned_w1, owned_w2, owned_w3, owned_ids: list[int], layer_plan: LayerPlan,
+                 owners: np.ndarray, group, *, reshard_after_forward: bool):
+        super().__init__()
+        self.w1_EFD = nn.Parameter(owned_w1.detach().clone())
+        self.w2_EDF = nn.Parameter(owned_w2.detach().clone())
+        self.w3_EFD = nn.Parameter(owned_w3.detach().clone())
+        self.owned_ids = owned_ids
+        self.owners = owners
+        self.group = group
+        self.reshard_after_forward = reshard_after_forward
+        self.F, self.D = owned_w1.shape[1], owned_w1.shape[2]
+        self.row_size = 3 * self.F * self.D
+        # neighbours for prefetch, kept out of the module tree (they are other layers' modules)
+        self.__dict__["next"] = None  # the following MoE layer (forward prefetch)
+        self.__dict__["prev"] = None  # the preceding MoE layer (backward prefetch)
+        self.prefetch = True
+        self._mat: torch.Tensor | None = None  # (n_compute, S) materialized leaf
+        self._pending = None  # (work, recv buffer) of an issued gather
+        self.bytes = {"gather": 0, "reduce_scatter": 0}
+        self.peak_materialized_bytes = 0
+        self.set_plan(layer_plan)
+
+    # -- plan -----------------------------------------------------------------------------------
+    def set_plan(self, layer_plan: LayerPlan) -> None:
+        """Adopt a new plan: only the next gather changes; the owned shard stays where it is."""
+        self.layer_plan = layer_plan
+        self.rank, self.P = layer_plan.ep_rank, layer_plan.ep_size
+        self.schedule = GatherSchedule.build(layer_plan.holders, self.owners, self.rank, self.P)
+        self.num_compute = len(layer_plan.local_experts)
+        self._pending = None
+
+    @property
+    def num_experts(self) -> int:  # what the dispatcher's grouped GEMM sees
+        return self.num_compute
+
+    # -- sparse_all_gather ----------------------------------------------------------------------
+    def _owned_flat(self) -> torch.Tensor:
+        n = len(self.owned_ids)
+        return torch.cat([self.w1_EFD.detach().reshape(n, -1), self.w2_EDF.detach().reshape(n, -1),
+                          self.w3_EFD.detach().reshape(n, -1)], 1)
+
+    def _issue_gather(self, async_op: bool):
+        # 1. rows of the owned shard, ordered by (destination, expert)
+        sch = self.schedule
+        send = self._owned_flat()[list(sch.send_rows)] if sch.send_rows else self._owned_flat()[:0]
+        recv = send.new_empty(sum(sch.out_splits), self.row_size)
+        # 2. one uneven all_to_all_single: owners -> exactly the ranks that compute each expert
+        work = dist.all_to_all_single(recv, send.contiguous(), list(sch.out_splits), list(sch.in_splits),
+                                      group=self.group, async_op=async_op)
+        self.bytes["gather"] += sch.bytes_sent(self.row_size * send.element_size(), self.rank)
+        return work, recv
+
+    def _finish_gather(self, work, recv) -> torch.Tensor:
+        if work is not None:
+            work.wait()
+        # 3. received rows (by source) -> this rank's compute experts in id order
+        out = torch.empty_like(recv)
+        if recv.numel():
+            out[list(self.schedule.recv_to_local)] = recv
+        return out
+
+    def sparse_all_gather(self) -> None:
+        """Materialize the weights of the experts this rank computes (collective)."""
+        if self._pending is not None:
+            flat = self._finish_gather(*self._pending)
+            self._pending = None
+        else:
+            flat = self._finish_gather(*self._issue_gather(async_op=False))
+        self._mat = flat.requires_grad_(True)
+        self.peak_materialized_bytes = max(self.peak_materialized_bytes, flat.numel() * flat.element_size())
+        if self.prefetch and self.next is not None and torch.is_grad_enabled():
+            self.next._pending = self.next._issue_gather(async_op=True)
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n, F, D = self.num_compute, self.F, self.D
+        w1, w2, w3 = self._mat.split([F * D, D * F, F * D], dim=1)
+        return w1.reshape(n, F, D), w2.reshape(n, D, F), w3.reshape(n, F, D)
+
+    def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        return grouped_swiglu(x_TD, counts_E, *self.weights())
+
+    # -- re-materialization -------------------------------------------------------------------------
+    def release(self) -> None:
+        """After the layer's forward: free the materialized storage (autograd keeps its views)."""
+        if self.reshard_after_forward and self._mat is not None and torch.is_grad_enabled():
+            self._mat.untyped_storage().resize_(0)
+
+    def regather(self, async_op: bool = False) -> None:
+        """Before the layer's backward: gather again into the freed storage (collective)."""
+        if not self.reshard_after_forward or self._mat is None:
+            return
+        if async_op:
+            self._pending = self._issue_gather(async_op=True)
+            return
+        pending, self._pending = self._pending, None
+        flat = self._finish_gather(*(pending or self._issue_gather(async_op=False)))
+        storage = self._mat.untyped_storage()
+        if storage.nbytes() == 0 and flat.numel():
+            storage.resize_(flat.numel() * flat.element_size())
+        with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(self._mat):
+            self._mat.copy_(flat)
+        if self.prefetch and self.prev is not None:
+            self.prev.regather(async_op=True)
+
+    # -- sparse_reduce_scatter ------------------------------------------------------------------
+    def sparse_reduce_scatter(self, scale: float, edp_group=None) -> None:
+        """Send each materialized expert's gradient to its owner, summed there over every rank that
+        computed it; then sum over the other expert domains and scale (collective)."""
+        sch = self.schedule
+        grad = self._mat.grad if (self._mat is not None and self._mat.grad is not None) else None
+        if grad is None:
+            grad = torch.zeros(self.num_compute, self.row_size, dtype=self.w1_EFD.dtype)
+        # 1. this rank's gradients in the order it received the weights (the gather's reverse)
+        send = grad[list(sch.recv_to_local)] if sch.recv_to_local else grad[:0]
+        recv = send.new_empty(sum(sch.in_splits), self.row_size)
+        # 2. the reverse all_to_all_single: computing ranks -> owners
+        dist.all_to_all_single(recv, send.contiguous(), list(sch.in_splits), list(sch.out_splits), group=self.group)
+        self.bytes["reduce_scatter"] += self.row_size * send.element_size() * sum(
+            n for r, n in enumerate(sch.out_splits) if r != self.rank)
+        # 3. sum every copy's gradient into the owned rows
+        n = len(self.owned_ids)
+        owned = torch.zeros(n, self.row_size, dtype=recv.dtype).index_add_(
+            0, torch.tensor(sch.send_rows, dtype=torch.int64), recv)
+        if edp_group is not None and dist.get_world_size(edp_group) > 1:
+            dist.all_reduce(owned, group=edp_group)
+        owned *= scale
+        F, D = self.F, self.D
+        g1, g2, g3 = owned.split([F * D, D * F, F * D], dim=1)
+        self.w1_EFD.grad = g1.reshape(n, F, D).contiguous()
+        self.w2_EDF.grad = g2.reshape(n, D, F).contiguous()
+        self.w3_EFD.grad = g3.reshape(n, F, D).contiguous()
+        self._mat = None  # the materialized weights are no longer needed
+
+    def extra_repr(self) -> str:
+        return f"owned={self.owned_ids}, compute={self.layer_plan.local_experts}"
+
+
+class _BackwardTrigger(torch.autograd.Function):
+    """Identity on the layer's output; its backward runs first in the layer's backward pass and
+    re-gathers the weights that the forward pass freed."""
+
+    @staticmethod
+    def forward(ctx, x, experts):
+        ctx.experts = experts
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.experts.regather()
+        return grad, None
+
+
+class FSSDPDispatcher(ExpertParallelDispatcher):
+    """The EP dispatcher, with the layer's weights materialized before and released after."""
+
+    def forward(self, x_TD, route, experts: FSSDPExperts):
+        experts.sparse_all_gather()
+        out = super().forward(x_TD, route, experts)
+        experts.release()
+        if torch.is_grad_enabled() and experts.reshard_after_forward:
+            out = _BackwardTrigger.apply(out, experts)
+        return out
+
+
+def apply_fssdp(model: nn.Module, mesh, plan: Placement, *, reshard_after_forward: bool = True, prefetch: bool = True,
+                capacity_factor: float = 0.0, owners: np.ndarray | None = None) -> list[str]:
+    """Shard every MoE layer's experts over the "ep" axis of `mesh` (one owner per expert) and compute
+    them where `plan` says. The model must hold every expert, as built (identical on every rank).
+    Returns the names of the parameters and buffers that differ across ranks (keep them out of DDP)."""
+    ep_group, rank = mesh.get_group("ep"), mesh.get_local_rank("ep")
+    P = mesh.size(-1)
+    moes = model.moe_layers()
+    E = moes[0].cfg.num_experts
+    check_fits(plan, num_layers=len(moes), num_experts=E, num_gpus=P)
+    owners = even_owners(E, P) if owners is None else np.asarray(owners)
+    owned = [e for e in range(E) if owners[e] == rank]
+    stores = []
+    for layer, moe in zip(plan.placement, moes):
+        lp = LayerPlan(tuple(layer), rank, P)
+        full = moe.experts
+        store = FSSDPExperts(full.w1_EFD[owned], full.w2_EDF[owned], full.w3_EFD[owned], owned, lp, owners, ep_group,
+                             reshard_after_forward=reshard_after_forward)
+        store.prefetch = prefetch
+        moe.experts = store
+        moe.dispatcher = FSSDPDispatcher(lp, ep_group, capacity_factor=capacity_factor)
+        moe.layer_plan = lp
+        stores.append(store)
+    for a, b in zip(stores, stores[1:]):
+        a.__dict__["next"], b.__dict__["prev"] = b, a
+    names = [n for n, _ in model.named_parameters() if ".experts." in n]
+    names += [n for n, _ in model.named_buffers() if ".dispatcher." in n]
+    owned_bytes = sum(p.numel() * p.element_size() for s in stores for p in s.parameters())
+    log.info("applied fssdp: %d experts per layer over %d ranks, this rank owns %s (%.2f MiB of parameters; "
+             "x4 with gradients and AdamW states), reshard_after_forward=%s, prefetch=%s",
+             E, P, owned, owned_bytes / 2**20, reshard_after_forward, prefetch)
+    return names
+
+
+def set_fssdp_plan(model: nn.Module, plan: Placement) -> None:
+    """Adopt a new plan at a step boundary: no parameter or optimizer state moves."""
+    for layer, moe in zip(plan.placement, model.moe_layers()):
+        lp = LayerPlan(tuple(layer), moe.layer_plan.ep_rank, moe.layer_plan.ep_size)
+        moe.experts.set_plan(lp)
+        moe.layer_plan = lp
+        old = moe.dispatcher
+        moe.dispatcher = FSSDPDispatcher(lp, old.group, capacity_factor=old.capacity_factor)
+
+
+def fssdp_reduce_scatter(model: nn.Module, mesh, world_size: int) -> int:
+    """After backward: every layer's sparse_reduce_scatter, in reverse layer order. Returns bytes sent."""
+    edp = mesh.get_group("edp") if mesh.ndim > 1 else None
+    before = sum(m.experts.bytes["reduce_scatter"] for m in model.moe_layers())
+    for moe in reversed(model.moe_layers()):
+        moe.experts.sparse_reduce_scatter(1.0 / world_size, edp)
+    return sum(m.experts.bytes["reduce_scatter"] for m in model.moe_layers()) - before
+
+
+def fssdp_grad_sq_norm(model: nn.Module, mesh) -> torch.Tensor:
+    """This rank's share of the squared norm of all expert gradients (each expert once over the world)."""
+    edp = mesh.size(0) if mesh.ndim > 1 else 1
+    total = torch.zeros((), dtype=torch.float64)
+    for moe in model.moe_layers():
+        for p in moe.experts.parameters():
+            if p.grad is not None:
+                total += (p.grad.double() ** 2).sum() / edp
+    return total
