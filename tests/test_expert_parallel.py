@@ -144,4 +144,5 @@ def test_fssdp_steps_match_single_process(tmp_path, nproc, args):
         # a plan change moves nothing: from the change on, each step gathers exactly the new plan's experts
         assert [s["gather_bytes"] for s in steps[2:]] == [report["expected_gather_bytes_new_plan"]] * 3
     # one global copy: the owned expert tensors over all ranks add up to every expert once per domain
+    assert report["expert_numel_all_ranks"] == report["expert_numel_one_copy"] * report["num_domains"]
     assert report["recorder_P_diff"] == 0 and report["recorder_W_diff"] == 0

@@ -146,6 +146,8 @@ def main():
                                     "gather_bytes": float(gbytes),
                                     "worst": max(diffs, key=diffs.get)})
     stats = recorder.stats(all_reduce=True)
+    owned = torch.tensor([sum(p.numel() for m in model.moe_layers() for p in m.experts.parameters())])
+    dist.all_reduce(owned)
     if rank == 0:
         ids = [torch.stack([torch.cat([step_ids[l] for step_ids in ref_ids[s * W:(s + 1) * W]]) for l in range(mcfg.num_moe_layers)], 1)
                for s in range(a.steps)]
@@ -154,7 +156,9 @@ def main():
         report["recorder_W_diff"] = float(np.abs(stats.W - full.W).max())
         report["recorder_tokens"] = [stats.num_tokens, full.num_tokens]
         report["expert_params_local"] = [len(m.layer_plan.local_experts) for m in model.moe_layers()]
-        report["owned_expert_tensors"] = [sum(p.numel() for p in m.experts.parameters()) for m in model.moe_layers()]
+        report["expert_numel_all_ranks"] = int(owned)
+        report["expert_numel_one_copy"] = mcfg.num_moe_layers * 8 * 3 * mcfg.dim * mcfg.moe.ffn_dim
+        report["num_domains"] = W // a.ep
         with open(a.out, "w") as f:
             json.dump(report, f)
     dist.barrier()
