@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moesaic.parallel.expert_parallel import apply_expert_parallel, reduce_expert_grads
+from moesaic.parallel.fssdp import apply_fssdp, fssdp_reduce_scatter
 from moesaic.parallel.moe import MoE, MoEConfig
 from moesaic.parallel.router import RouterConfig
 from moesaic.placement.plan import Placement
@@ -73,8 +74,10 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 
 def ep_layer_check(name: str, plan_kind: str, cfg: MoEConfig, *, dim: int = 32, tokens: int = 24, seed: int = 0,
-                   bias: str | None = None, tol: float = 1e-5, inject_fault: bool = False) -> dict:
-    """One EP layer against the reference: outputs, input gradients, expert and gate gradients."""
+                   bias: str | None = None, tol: float = 1e-5, inject_fault: bool = False,
+                   sharding: str = "resident", remat: bool = True) -> dict:
+    """One EP (or FSSDP) layer against the reference: outputs, input gradients, expert and gate
+    gradients. Under FSSDP the expert gradients are read at the owners after sparse_reduce_scatter."""
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(seed)
     moe = MoE(dim, cfg)
@@ -84,7 +87,10 @@ def ep_layer_check(name: str, plan_kind: str, cfg: MoEConfig, *, dim: int = 32, 
         moe.router.bias_E[-1] = -1e9
     ref = copy.deepcopy(moe)
     plan = make_plan(plan_kind, cfg.num_experts, world, seed)
-    apply_expert_parallel(_OneLayer(moe), _mesh(world), plan, capacity_factor=cfg.capacity_factor)
+    if sharding == "fssdp":
+        apply_fssdp(_OneLayer(moe), _mesh(world), plan, capacity_factor=cfg.capacity_factor, reshard_after_forward=remat)
+    else:
+        apply_expert_parallel(_OneLayer(moe), _mesh(world), plan, capacity_factor=cfg.capacity_factor)
 
     def data(r):
         g = torch.Generator().manual_seed(seed * 1000 + r)
@@ -94,7 +100,10 @@ def ep_layer_check(name: str, plan_kind: str, cfg: MoEConfig, *, dim: int = 32, 
     x.requires_grad_(True)
     out, _ = moe(x[None])
     (out[0] * up).sum().backward()
-    reduce_expert_grads(_OneLayer(moe), _mesh(world), world_size=1)  # the loss is a plain sum over ranks
+    if sharding == "fssdp":
+        fssdp_reduce_scatter(_OneLayer(moe), _mesh(world), world_size=1)  # the loss is a plain sum over ranks
+    else:
+        reduce_expert_grads(_OneLayer(moe), _mesh(world), world_size=1)
     outs = torch.empty(world * tokens, dim)
     mine = out[0].detach().contiguous()
     if inject_fault and rank == world - 1:  # proves the check can fail: perturb one rank's output
@@ -104,10 +113,15 @@ def ep_layer_check(name: str, plan_kind: str, cfg: MoEConfig, *, dim: int = 32, 
     dist.all_gather_into_tensor(xgrads, x.grad.contiguous())
     lp = moe.layer_plan
     full = {n: torch.zeros_like(getattr(ref.experts, n)) for n in ("w1_EFD", "w2_EDF", "w3_EFD")}
-    for i, e in enumerate(lp.local_experts):
-        if lp.holders[e][0] == rank:  # each expert contributed once, by its first holder
+    if sharding == "fssdp":  # each expert's gradient lives at its owner only
+        for i, e in enumerate(moe.experts.owned_ids):
             for n in full:
                 full[n][e] = getattr(moe.experts, n).grad[i]
+    else:
+        for i, e in enumerate(lp.local_experts):
+            if lp.holders[e][0] == rank:  # each expert contributed once, by its first holder
+                for n in full:
+                    full[n][e] = getattr(moe.experts, n).grad[i]
     for t in full.values():
         dist.all_reduce(t)
     gate = moe.router.gate.weight.grad.clone()
@@ -126,7 +140,7 @@ def ep_layer_check(name: str, plan_kind: str, cfg: MoEConfig, *, dim: int = 32, 
             diffs[f"{n}_grad"] = _diff(full[n], getattr(ref.experts, n).grad)
         worst = max(rel for _, rel in diffs.values())
         ref_dropped = ref.dispatcher.counters["dropped"]
-        result = {"check": name, "plan": plan_kind, "world": world, "max_abs_diff": {k: v[0] for k, v in diffs.items()},
+        result = {"check": name, "plan": plan_kind, "sharding": sharding, "world": world, "max_abs_diff": {k: v[0] for k, v in diffs.items()},
                   "max_rel_diff": worst, "dropped": int(dropped), "dropped_ref": ref_dropped,
                   "ok": bool(worst <= tol and int(dropped) == ref_dropped)}
     box = [result]
@@ -161,8 +175,10 @@ def collectives_check() -> list[dict]:
 
 
 def suite(kind: str) -> list[tuple]:
+    """(name, plan kind, MoE config, router bias, sharding, re-materialization)."""
     base = MoEConfig(num_experts=8, top_k=2, ffn_dim=16)
     checks = [(f"ep/{p}", p, base, None) for p in ("contiguous", "random", "replicated")]
+    checks += [(f"fssdp/{p}", p, base, None, "fssdp") for p in ("contiguous", "random", "replicated")]
     if kind == "full":
         sig = replace(base, router=RouterConfig(score_func="sigmoid"))
         checks += [
@@ -173,8 +189,11 @@ def suite(kind: str) -> list[tuple]:
             ("ep/capacity-1.0", "replicated", replace(base, capacity_factor=1.0), None),
             ("ep/capacity-0.5-top1", "random", replace(base, top_k=1, capacity_factor=0.5), None),
             ("ep/shared+fine-grained", "random", MoEConfig(num_experts=16, top_k=4, ffn_dim=8, num_shared_experts=1), None),
+            ("fssdp/no-remat", "replicated", base, None, "fssdp", False),
+            ("fssdp/zero-token-rank", "zero-rank", base, None, "fssdp"),
+            ("fssdp/capacity-1.0", "random", replace(base, capacity_factor=1.0), None, "fssdp"),
         ]
-    return checks
+    return [c + (None,) * (6 - len(c)) for c in checks]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group(a.backend, timeout=datetime.timedelta(seconds=120))
     try:
         results = collectives_check()
-        for name, plan_kind, cfg, bias in suite(a.suite):
-            results.append(ep_layer_check(name, plan_kind, cfg, bias=bias, tol=a.tol, inject_fault=a.inject_fault))
+        for name, plan_kind, cfg, bias, sharding, remat in suite(a.suite):
+            results.append(ep_layer_check(name, plan_kind, cfg, bias=bias, tol=a.tol, inject_fault=a.inject_fault,
+                                          sharding=sharding or "resident", remat=remat is not False))
         ok = all(r["ok"] for r in results)
         if dist.get_rank() == 0:
             if a.json:

@@ -31,6 +31,14 @@ from moesaic.placement.plan import Placement, check_fits
 
 log = logging.getLogger(__name__)
 
+# Bytes of materialized expert weights alive on this rank (gathered, prefetched), and the peak.
+WORKING_SET = {"live": 0, "peak": 0}
+
+
+def _track(delta: int) -> None:
+    WORKING_SET["live"] += delta
+    WORKING_SET["peak"] = max(WORKING_SET["peak"], WORKING_SET["live"])
+
 
 def even_owners(num_experts: int, num_ranks: int) -> np.ndarray:
     """(E,) owner of each expert: contiguous, as even as possible (Hecate's default sharding)."""
@@ -114,6 +122,7 @@ class FSSDPExperts(nn.Module):
         # 2. one uneven all_to_all_single: owners -> exactly the ranks that compute each expert
         work = dist.all_to_all_single(recv, send.contiguous(), list(sch.out_splits), list(sch.in_splits),
                                       group=self.group, async_op=async_op)
+        _track(recv.numel() * recv.element_size())
         self.bytes["gather"] += sch.bytes_sent(self.row_size * send.element_size(), self.rank)
         return work, recv
 
@@ -124,10 +133,13 @@ class FSSDPExperts(nn.Module):
         out = torch.empty_like(recv)
         if recv.numel():
             out[list(self.schedule.recv_to_local)] = recv
-        return out
+        return out  # replaces recv in the working set (same size)
 
     def sparse_all_gather(self) -> None:
         """Materialize the weights of the experts this rank computes (collective)."""
+        if self._mat is not None:  # a previous forward's weights (evaluation, no backward)
+            _track(-self._mat.untyped_storage().nbytes())
+            self._mat = None
         if self._pending is not None:
             flat = self._finish_gather(*self._pending)
             self._pending = None
@@ -150,6 +162,7 @@ class FSSDPExperts(nn.Module):
     def release(self) -> None:
         """After the layer's forward: free the materialized storage (autograd keeps its views)."""
         if self.reshard_after_forward and self._mat is not None and torch.is_grad_enabled():
+            _track(-self._mat.untyped_storage().nbytes())
             self._mat.untyped_storage().resize_(0)
 
     def regather(self, async_op: bool = False) -> None:
@@ -161,9 +174,11 @@ class FSSDPExperts(nn.Module):
             return
         pending, self._pending = self._pending, None
         flat = self._finish_gather(*(pending or self._issue_gather(async_op=False)))
+        _track(-flat.numel() * flat.element_size())  # counted again below, as the restored storage
         storage = self._mat.untyped_storage()
         if storage.nbytes() == 0 and flat.numel():
             storage.resize_(flat.numel() * flat.element_size())
+            _track(flat.numel() * flat.element_size())
         with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(self._mat):
             self._mat.copy_(flat)
         if self.prefetch and self.prev is not None:
@@ -196,6 +211,8 @@ class FSSDPExperts(nn.Module):
         self.w1_EFD.grad = g1.reshape(n, F, D).contiguous()
         self.w2_EDF.grad = g2.reshape(n, D, F).contiguous()
         self.w3_EFD.grad = g3.reshape(n, F, D).contiguous()
+        if self._mat is not None:
+            _track(-self._mat.untyped_storage().nbytes())
         self._mat = None  # the materialized weights are no longer needed
 
     def extra_repr(self) -> str:

@@ -43,7 +43,8 @@ def test_compose_every_option(group, option, tmp_path):
 def test_default_composes_to_the_demo():
     cfg = to_train_config(_compose())
     assert cfg.data.source == "stdlib" and cfg.model.vocab_size == 256
-    assert cfg.model.moe.num_experts == 8 and cfg.parallel.ep_size == 1
+    assert cfg.model.moe.num_experts == 8
+    assert cfg.parallel.expert_sharding == "fssdp" and cfg.parallel.ep_size == 0  # the whole world
 
 
 def test_override_changes_a_field():

@@ -43,6 +43,7 @@ def test_doctor_full_suite_matches_reference(nproc):
     assert report["ok"] and report["world"] == nproc
     names = [r["check"] for r in report["results"]]
     assert "ep/capacity-1.0" in names and "ep/zero-token-rank" in names and "all_to_all_single (uneven)" in names
+    assert "fssdp/replicated" in names and "fssdp/no-remat" in names
     for r in report["results"]:
         if "max_rel_diff" in r:
             assert r["max_rel_diff"] < 1e-5 and r["dropped"] == r["dropped_ref"], r
@@ -81,8 +82,9 @@ def test_adamw_steps_match_single_process(tmp_path, nproc, args):
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_trainer_with_ep4_learns(tmp_path):
-    torchrun(4, ["parallel.ep_size=4", "steps=40", "eval_every=0", "eval_batches=2", "logging=quiet",
+@pytest.mark.parametrize("parallel", ["ep", "fssdp"])
+def test_trainer_with_ep4_learns(tmp_path, parallel):
+    torchrun(4, [f"parallel={parallel}", "parallel.ep_size=4", "steps=40", "eval_every=0", "eval_batches=2", "logging=quiet",
                  f"logging.out_dir={tmp_path}", "logging.run_name=ep4", "logging.log_every=10"])
     run = tmp_path / "ep4"
     train = [r for r in read_metrics(run) if r["kind"] == "train"]

@@ -13,7 +13,8 @@ from conftest import child_env, read_metrics, torchrun
 @pytest.mark.slow
 @pytest.mark.dist
 def test_two_rank_training_learns_and_ranks_agree(tmp_path):
-    torchrun(2, ["experiment=smoke", f"logging.out_dir={tmp_path}", "logging.run_name=r2", "logging.dump_rank_params=true"])
+    torchrun(2, ["experiment=smoke", "parallel=ddp", f"logging.out_dir={tmp_path}", "logging.run_name=r2",
+                 "logging.dump_rank_params=true"])
     run = tmp_path / "r2"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["backend"] == "gloo" and summary["steps"] == 30
