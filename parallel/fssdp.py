@@ -91,7 +91,10 @@ class FSSDPExperts(nn.Module):
         self.prefetch = True
         self._mat: torch.Tensor | None = None  # (n_compute, S) materialized leaf
         self._pending = None  # (work, recv buffer) of an issued gather
+        self._grad_expected = False
         self.bytes = {"gather": 0, "reduce_scatter": 0}
+        self.grad_scale = 1.0  # 1 / world size: expert gradients of the global mean loss
+        self.edp_group = None  # other expert domains holding the same shard
         self.peak_materialized_bytes = 0
         self.set_plan(layer_plan)
 
@@ -146,6 +149,7 @@ class FSSDPExperts(nn.Module):
         else:
             flat = self._finish_gather(*self._issue_gather(async_op=False))
         self._mat = flat.requires_grad_(True)
+        self._grad_expected = torch.is_grad_enabled()
         self.peak_materialized_bytes = max(self.peak_materialized_bytes, flat.numel() * flat.element_size())
         if self.prefetch and self.next is not None and torch.is_grad_enabled():
             self.next._pending = self.next._issue_gather(async_op=True)
@@ -185,12 +189,14 @@ class FSSDPExperts(nn.Module):
             self.prev.regather(async_op=True)
 
     # -- sparse_reduce_scatter ------------------------------------------------------------------
-    def sparse_reduce_scatter(self, scale: float, edp_group=None) -> None:
+    def sparse_reduce_scatter(self) -> None:
         """Send each materialized expert's gradient to its owner, summed there over every rank that
         computed it; then sum over the other expert domains and scale (collective)."""
         sch = self.schedule
-        grad = self._mat.grad if (self._mat is not None and self._mat.grad is not None) else None
+        grad = self._mat.grad if self._mat is not None else None
         if grad is None:
+            if self._mat is not None and self.num_compute and self._mat.requires_grad and self._grad_expected:
+                raise RuntimeError("sparse_reduce_scatter ran before this layer's weight gradients were ready")
             grad = torch.zeros(self.num_compute, self.row_size, dtype=self.w1_EFD.dtype)
         # 1. this rank's gradients in the order it received the weights (the gather's reverse)
         send = grad[list(sch.recv_to_local)] if sch.recv_to_local else grad[:0]
@@ -203,9 +209,9 @@ class FSSDPExperts(nn.Module):
         n = len(self.owned_ids)
         owned = torch.zeros(n, self.row_size, dtype=recv.dtype).index_add_(
             0, torch.tensor(sch.send_rows, dtype=torch.int64), recv)
-        if edp_group is not None and dist.get_world_size(edp_group) > 1:
-            dist.all_reduce(owned, group=edp_group)
-        owned *= scale
+        if self.edp_group is not None and dist.get_world_size(self.edp_group) > 1:
+            dist.all_reduce(owned, group=self.edp_group)
+        owned *= self.grad_scale
         F, D = self.F, self.D
         g1, g2, g3 = owned.split([F * D, D * F, F * D], dim=1)
         self.w1_EFD.grad = g1.reshape(n, F, D).contiguous()
@@ -220,8 +226,10 @@ class FSSDPExperts(nn.Module):
 
 
 class _BackwardTrigger(torch.autograd.Function):
-    """Identity on the layer's output; its backward runs first in the layer's backward pass and
-    re-gathers the weights that the forward pass freed."""
+    """Identity on the layer's output; its backward runs first in the layer's backward pass, on every
+    rank. By then the following MoE layer's backward is complete, so its gradients go to their
+    owners here (and its gathered weights are freed); then this layer's freed weights are gathered
+    again. The first layer's reduce-scatter runs after backward (`fssdp_reduce_scatter`)."""
 
     @staticmethod
     def forward(ctx, x, experts):
@@ -230,6 +238,9 @@ class _BackwardTrigger(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        nxt = ctx.experts.next
+        if nxt is not None and nxt._mat is not None:
+            nxt.sparse_reduce_scatter()
         ctx.experts.regather()
         return grad, None
 
@@ -241,13 +252,13 @@ class FSSDPDispatcher(ExpertParallelDispatcher):
         experts.sparse_all_gather()
         out = super().forward(x_TD, route, experts)
         experts.release()
-        if torch.is_grad_enabled() and experts.reshard_after_forward:
+        if torch.is_grad_enabled():
             out = _BackwardTrigger.apply(out, experts)
         return out
 
 
 def apply_fssdp(model: nn.Module, mesh, plan: Placement, *, reshard_after_forward: bool = True, prefetch: bool = True,
-                capacity_factor: float = 0.0, owners: np.ndarray | None = None) -> list[str]:
+                capacity_factor: float = 0.0, owners: np.ndarray | None = None, grad_scale: float | None = None) -> list[str]:
     """Shard every MoE layer's experts over the "ep" axis of `mesh` (one owner per expert) and compute
     them where `plan` says. The model must hold every expert, as built (identical on every rank).
     Returns the names of the parameters and buffers that differ across ranks (keep them out of DDP)."""
@@ -265,6 +276,8 @@ def apply_fssdp(model: nn.Module, mesh, plan: Placement, *, reshard_after_forwar
         store = FSSDPExperts(full.w1_EFD[owned], full.w2_EDF[owned], full.w3_EFD[owned], owned, lp, owners, ep_group,
                              reshard_after_forward=reshard_after_forward)
         store.prefetch = prefetch
+        store.grad_scale = 1.0 / dist.get_world_size() if grad_scale is None else grad_scale
+        store.edp_group = mesh.get_group("edp") if mesh.ndim > 1 else None
         moe.experts = store
         moe.dispatcher = FSSDPDispatcher(lp, ep_group, capacity_factor=capacity_factor)
         moe.layer_plan = lp
@@ -290,13 +303,21 @@ def set_fssdp_plan(model: nn.Module, plan: Placement) -> None:
         moe.dispatcher = FSSDPDispatcher(lp, old.group, capacity_factor=old.capacity_factor)
 
 
-def fssdp_reduce_scatter(model: nn.Module, mesh, world_size: int) -> int:
-    """After backward: every layer's sparse_reduce_scatter, in reverse layer order. Returns bytes sent."""
-    edp = mesh.get_group("edp") if mesh.ndim > 1 else None
-    before = sum(m.experts.bytes["reduce_scatter"] for m in model.moe_layers())
+def fssdp_reduce_scatter(model: nn.Module) -> None:
+    """After backward: the sparse_reduce_scatter of the layers that backward has not sent yet (the
+    first MoE layer; every layer when a layer ran without autograd's trigger), in reverse order."""
     for moe in reversed(model.moe_layers()):
-        moe.experts.sparse_reduce_scatter(1.0 / world_size, edp)
-    return sum(m.experts.bytes["reduce_scatter"] for m in model.moe_layers()) - before
+        if moe.experts._mat is not None:
+            moe.experts.sparse_reduce_scatter()
+
+
+def fssdp_bytes(model: nn.Module) -> dict:
+    """Bytes this rank has sent so far, per FSSDP collective."""
+    out = {"gather": 0, "reduce_scatter": 0}
+    for moe in model.moe_layers():
+        for k in out:
+            out[k] += moe.experts.bytes[k]
+    return out
 
 
 def fssdp_grad_sq_norm(model: nn.Module, mesh) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moesaic.parallel.expert_parallel import apply_expert_parallel, expert_grad_sq_norm, reduce_expert_grads
-from moesaic.parallel.fssdp import apply_fssdp, fssdp_grad_sq_norm, fssdp_reduce_scatter
+from moesaic.parallel.fssdp import apply_fssdp, fssdp_bytes, fssdp_grad_sq_norm, fssdp_reduce_scatter
 from moesaic.placement.baselines import static_plan
 from moesaic.placement.plan import Placement, PlanError, check_fits
 from moesaic.trainer.config import TrainConfig
@@ -84,7 +84,12 @@ class Parallel:
     def reduce_grads(self) -> None:
         """After backward (DDP has averaged the dense gradients): reduce the expert gradients."""
         if self.fssdp:
-            self.counters["expert_grad_bytes"] = fssdp_reduce_scatter(self.model, self.mesh, self.info.world_size)
+            fssdp_reduce_scatter(self.model)
+            total = fssdp_bytes(self.model)  # since the start; the difference is this step's
+            prev = self.counters.get("_fssdp_total", {"gather": 0, "reduce_scatter": 0})
+            self.counters["expert_grad_bytes"] = total["reduce_scatter"] - prev["reduce_scatter"]
+            self.counters["expert_gather_bytes"] = total["gather"] - prev["gather"]
+            self.counters["_fssdp_total"] = total
         elif self.expert_parallel:
             self.counters["expert_grad_bytes"] = reduce_expert_grads(self.model, self.mesh, self.info.world_size)
 

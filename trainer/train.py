@@ -162,13 +162,14 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan) -> dict:
         done = step + 1
         if done % cfg.logging.log_every == 0 or done == cfg.steps:
             counts_all = all_reduce_(counts_LE.to(torch.float64), info) if counts_LE is not None else None
-            comm_all = all_reduce_(torch.tensor([comm["a2a_bytes"], comm["dropped"], par.counters.get("expert_grad_bytes", 0)],
-                                                dtype=torch.float64), info)
+            comm_all = all_reduce_(torch.tensor([comm["a2a_bytes"], comm["dropped"], par.counters.get("expert_grad_bytes", 0),
+                                                 par.counters.get("expert_gather_bytes", 0)], dtype=torch.float64), info)
             record = {
                 "kind": "train", "step": done, "loss": ce, "aux_loss": aux, "z_loss": z, "lr": lr,
                 "grad_norm": float(grad_norm), "tokens_per_s": tok_s, "step_s": dt,
                 "tokens": done * tokens_per_step, "elapsed_s": time.perf_counter() - t_start,
                 "a2a_bytes": int(comm_all[0]), "dropped_tokens": int(comm_all[1]), "expert_grad_bytes": int(comm_all[2]),
+                "expert_gather_bytes": int(comm_all[3]),
             }
             if counts_all is not None:
                 record.update(_load_stats(counts_all))
