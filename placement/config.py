@@ -4,16 +4,44 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+_METHODS = ("affinity", "moetuner", "eplb", "contiguous", "round_robin")
+
 
 @dataclass(kw_only=True)
 class PlacementConfig:
-    """Which plan the expert-parallel layer follows, and when to re-plan."""
+    """Which plan the expert-parallel layer follows, and when and how to re-plan."""
 
     plan: str = "contiguous"
-    """`contiguous`, `round_robin`, or a path to a `moesaic.placement/v1` plan file."""
+    """The starting plan: `contiguous`, `round_robin`, or a path to a `moesaic.placement/v1` file."""
     every_n_steps: int = 0
     """Re-plan from live routing statistics every N steps (0: never)."""
+    method: str = "eplb"
+    """Solver for re-placement: eplb (balance), affinity, moetuner, contiguous or round_robin."""
+    epsilon: float = 0.05
+    """Load tolerance above the best balance (affinity)."""
+    time_limit: float = 30.0
+    """Seconds the solver may take."""
+    solver: str = "highs"
+    """MILP solver: highs or cbc."""
+    ema_decay: float = 0.5
+    """Older statistics fade by this factor at every re-plan (0: only the last window counts)."""
+    adopt_after_steps: int = 1
+    """Steps between the start of a solve (in the background) and the boundary where the plan is adopted."""
+    inter_node_cost: float = 2.0
+    """Hop cost across nodes relative to 1 within a node."""
 
     def __post_init__(self) -> None:
         if self.every_n_steps < 0:
             raise ValueError(f"placement.every_n_steps ({self.every_n_steps}) must be >= 0")
+        if self.method not in _METHODS:
+            raise ValueError(f"placement.method ({self.method!r}) must be one of {', '.join(_METHODS)}")
+        if self.solver not in ("highs", "cbc"):
+            raise ValueError(f"placement.solver ({self.solver!r}) must be 'highs' or 'cbc'")
+        if not 0 <= self.ema_decay <= 1:
+            raise ValueError(f"placement.ema_decay ({self.ema_decay}) must be in [0, 1]")
+        if self.adopt_after_steps < 0:
+            raise ValueError(f"placement.adopt_after_steps ({self.adopt_after_steps}) must be >= 0")
+        if self.time_limit <= 0:
+            raise ValueError(f"placement.time_limit ({self.time_limit}) must be > 0")
+        if self.epsilon < 0:
+            raise ValueError(f"placement.epsilon ({self.epsilon}) must be >= 0")

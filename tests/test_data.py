@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from moesaic.trainer.data import DataConfig, check_vocab, load_corpus, sample_batch
 
@@ -70,3 +71,7 @@ def test_batches_are_a_function_of_the_stream():
     x3, _ = sample_batch(tokens, 4, 16, seed=1, stream=(0, 1, 5))
     assert x1.equal(x2) and not x1.equal(x3)
     assert x1.shape == (4, 16) and y1[:, :-1].equal(x1[:, 1:])
+    # the global batch is the same however it is split over ranks
+    whole, _ = sample_batch(tokens, 8, 16, seed=1, stream=(0, 5), rank=0, world_size=1)
+    halves = [sample_batch(tokens, 4, 16, seed=1, stream=(0, 5), rank=r, world_size=2)[0] for r in range(2)]
+    assert torch.equal(whole, torch.cat(halves))

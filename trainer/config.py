@@ -66,6 +66,8 @@ class LoggingConfig:
     """wandb tags."""
     dump_rank_params: bool = False
     """At the end, every rank writes its parameters to params-rank<r>.pt (a cross-rank divergence check)."""
+    peak_tflops: float = 0.0
+    """Dense peak of one device (TFLOP/s) for the MFU estimate; 0 leaves MFU out."""
 
     def __post_init__(self) -> None:
         if self.log_every < 1:
@@ -74,6 +76,26 @@ class LoggingConfig:
             raise ValueError(
                 f"logging.wandb_mode ({self.wandb_mode!r}) must be one of 'offline', 'online', 'disabled'"
             )
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """When to write checkpoints and where to resume from."""
+
+    dir: str | None = None
+    """Checkpoint folder (default: <run dir>/checkpoints)."""
+    every_n_steps: int = 0
+    """Write a checkpoint every N steps and at the end of the run (0: never)."""
+    keep_last: int = 3
+    """Keep the newest K checkpoints."""
+    resume: str = "none"
+    """`none`, `auto` (the newest checkpoint that verifies), or a checkpoint folder."""
+
+    def __post_init__(self) -> None:
+        if self.every_n_steps < 0:
+            raise ValueError(f"checkpoint.every_n_steps ({self.every_n_steps}) must be >= 0")
+        if self.keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last ({self.keep_last}) must be >= 1")
 
 
 @dataclass(kw_only=True)
@@ -104,6 +126,10 @@ class TrainConfig:
     """Evaluate on the validation split every N steps, and at the end (0: only at the end)."""
     eval_batches: int = 8
     """Validation batches per rank per evaluation."""
+    stop_at_step: int = 0
+    """End this run after this step (writing a checkpoint), as a time-limited job would; 0: run to `steps`."""
+    on_nan: str = "stop"
+    """A non-finite loss: `stop` (the last checkpoint is kept) or `skip` (drop the step, count it)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -111,6 +137,7 @@ class TrainConfig:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum_steps", "eval_batches"):
@@ -131,10 +158,18 @@ class TrainConfig:
         # Modes whose issues have not landed yet are refused by name rather than silently ignored.
         if self.parallel.engine != "torch":
             raise ValueError(f"parallel.engine ({self.parallel.engine!r}) is not implemented yet; use 'torch'")
-        if self.placement.every_n_steps:
+        if self.placement.every_n_steps and self.parallel.ep_size == 1 and self.parallel.expert_sharding == "resident":
             raise ValueError(
-                f"placement.every_n_steps ({self.placement.every_n_steps}): re-placement during training "
-                "is not implemented yet; use 0"
+                f"placement.every_n_steps ({self.placement.every_n_steps}) needs expert parallelism: "
+                "set parallel.ep_size != 1 or parallel.expert_sharding=fssdp"
+            )
+        if self.on_nan not in ("stop", "skip"):
+            raise ValueError(f"on_nan ({self.on_nan!r}) must be 'stop' or 'skip'")
+        if self.stop_at_step < 0 or self.stop_at_step > self.steps:
+            raise ValueError(f"stop_at_step ({self.stop_at_step}) must be in [0, steps ({self.steps})]")
+        if self.checkpoint.resume == "auto" and not (self.checkpoint.dir or self.logging.run_name):
+            raise ValueError(
+                "checkpoint.resume (auto) needs a fixed place to look: set logging.run_name or checkpoint.dir"
             )
 
 

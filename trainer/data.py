@@ -150,11 +150,15 @@ def check_vocab(corpus: Corpus, vocab_size: int) -> None:
 
 
 def sample_batch(
-    tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: int, stream: tuple[int, ...]
+    tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: int, stream: tuple[int, ...],
+    rank: int = 0, world_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`batch_size` windows at offsets drawn from SeedSequence([seed, *stream]); returns (x, y) int64."""
+    """This rank's `batch_size` windows of the global batch (batch_size * world_size windows at offsets
+    drawn from SeedSequence([seed, *stream])). The global batch does not depend on how it is split:
+    4 ranks x 4 sequences and 2 ranks x 8 see the same data. Returns (x, y) int64."""
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *stream])))
-    starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
+    starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size * world_size)
+    starts = starts[rank * batch_size : (rank + 1) * batch_size]
     windows = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts])
     t = torch.from_numpy(windows)
     return t[:, :-1], t[:, 1:]

@@ -24,6 +24,9 @@ def main(cfg: DictConfig) -> None:
     except ValueError as e:  # bad input: one line naming the field, no traceback
         print(f"moesaic-train: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except FloatingPointError as e:  # a diverged run: say so plainly; the last checkpoint is kept
+        print(f"moesaic-train: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,184 @@
+"""Tier 4: checkpoints (exact resume, resharding resume, corruption, config mismatch), divergence
+handling, re-placement during training, and recovery from a killed rank."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import child_env, free_port, read_metrics, torchrun
+
+SMOKE = ["experiment=smoke", "logging.log_every=1", "eval_every=0"]
+
+
+def _losses(run_dir, kind="train"):
+    out = {}
+    for r in read_metrics(run_dir):
+        if r["kind"] == kind:
+            out[r["step"]] = r["loss"]  # a resumed run's later lines win
+    return out
+
+
+def _flat(ckpt_dir):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = ckpt_dir.parent / (ckpt_dir.name + ".pt")
+    dcp_to_torch_save(str(ckpt_dir), str(out))
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_exact_resume_is_bit_identical(tmp_path):
+    base = [*SMOKE, "steps=20", f"logging.out_dir={tmp_path}", "checkpoint.every_n_steps=10"]
+    torchrun(2, [*base, "logging.run_name=straight"])
+    torchrun(2, [*base, "logging.run_name=split", "stop_at_step=10"])
+    assert (tmp_path / "split/checkpoints/step-00000010/manifest.json").is_file()
+    torchrun(2, [*base, "logging.run_name=split", "checkpoint.resume=auto"])
+    a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    assert [a[s] for s in range(1, 21)] == [b[s] for s in range(1, 21)]  # bit-identical
+    assert json.loads((tmp_path / "split/summary.json").read_text())["start_step"] == 10
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_reshard_resume_across_world_and_ep_sizes(tmp_path):
+    ck = tmp_path / "ck"
+    common = [*SMOKE, "steps=20", f"logging.out_dir={tmp_path}", "checkpoint.every_n_steps=10"]
+    # 4 ranks, FSSDP over 4, batch 4 per rank: the reference run, straight to step 12
+    torchrun(4, [*common, "logging.run_name=ref4", "stop_at_step=12", "parallel=fssdp", "batch_size=4",
+                 "checkpoint.every_n_steps=0"])
+    ref = _losses(tmp_path / "ref4")
+    # the same run, checkpointed at step 10
+    torchrun(4, [*common, "logging.run_name=w4", "stop_at_step=10", "parallel=fssdp", "batch_size=4",
+                 f"checkpoint.dir={ck}"])
+    src = ck / "step-00000010"
+    for name, nproc, par in [("w2ep2", 2, ["parallel=ep", "parallel.ep_size=2"]),
+                             ("w2fssdp", 2, ["parallel=fssdp"]),
+                             ("w4ep2", 4, ["parallel=ep", "parallel.ep_size=2"])]:
+        batch = 8 if nproc == 2 else 4  # the same global batch of 16 sequences
+        out = tmp_path / f"ck-{name}"
+        # re-write the checkpoint in the new layout (resume and stop at once)...
+        torchrun(nproc, [*common, f"logging.run_name={name}-conv", *par, f"batch_size={batch}",
+                         f"checkpoint.resume={src}", "stop_at_step=10", f"checkpoint.dir={out}"])
+        # ...which must hold every expert, parameter and AdamW moment once, unchanged
+        before, after = _flat(src), _flat(out / "step-00000010")
+        assert before.keys() == after.keys()
+        assert sum(k.startswith("optim.experts.") for k in before) == 2 * 4 * 3 * 2  # layers x experts x w x moments
+        for k in before:
+            assert torch.equal(before[k], after[k]), (name, k)
+        # and training continues where the 4-rank run was
+        torchrun(nproc, [*common, f"logging.run_name={name}", *par, f"batch_size={batch}",
+                         f"checkpoint.resume={src}", "stop_at_step=12", "checkpoint.every_n_steps=0"])
+        got = _losses(tmp_path / name)
+        for s in (11, 12):
+            assert abs(got[s] - ref[s]) < 1e-5, (name, s, got[s], ref[s])
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_corrupt_checkpoint_is_named_and_skipped(tmp_path):
+    base = [*SMOKE, "steps=12", f"logging.out_dir={tmp_path}", "logging.run_name=c", "checkpoint.every_n_steps=5"]
+    torchrun(2, [*base, "stop_at_step=10"])
+    newest = tmp_path / "c/checkpoints/step-00000010"
+    victim = next(p for p in sorted(newest.iterdir()) if p.suffix == ".distcp")
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # truncate
+    proc = torchrun(2, [*base, "checkpoint.resume=auto"])
+    assert "skipping checkpoint" in proc.stdout and "does not match its checksum" in proc.stdout
+    assert json.loads((tmp_path / "c/summary.json").read_text())["start_step"] == 5
+
+
+def _single(args, cwd, timeout=120):
+    return subprocess.run([sys.executable, "-m", "moesaic.trainer", *args], capture_output=True, text=True,
+                          timeout=timeout, env=child_env(), cwd=cwd)
+
+
+def test_checkpoint_of_another_model_is_refused_by_field(tmp_path):
+    base = [*SMOKE, "steps=4", "optim.warmup_steps=1", f"logging.out_dir={tmp_path}", "logging.run_name=m",
+            "checkpoint.every_n_steps=2"]
+    assert _single(base, tmp_path).returncode == 0
+    proc = _single([*base, "checkpoint.resume=auto", "model.dim=64", "model.moe.num_experts=8"], tmp_path)
+    assert proc.returncode == 2
+    assert "was written for another model config" in proc.stderr
+    assert "model.dim (checkpoint 32, config 64)" in proc.stderr and "model.moe.num_experts (checkpoint 4, config 8)" in proc.stderr
+
+
+def test_divergence_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path):
+    base = [*SMOKE, "steps=20", f"logging.out_dir={tmp_path}", "logging.run_name=n", "checkpoint.every_n_steps=1",
+            "optim.grad_clip=0", "optim.warmup_steps=0"]
+    proc = _single([*base, "optim.lr=1e9"], tmp_path)
+    assert proc.returncode == 3 and "non-finite loss" in proc.stderr and "Traceback" not in proc.stderr
+    from moesaic.trainer.checkpoint import list_checkpoints, verify
+
+    ckpts = list_checkpoints(tmp_path / "n/checkpoints")  # step 1 was saved; the diverged step 2 was not
+    assert [verify(c)["step"] for c in ckpts] == [1]
+    proc = _single([*base, "optim.lr=1e9", "on_nan=skip", "logging.run_name=s", "checkpoint.every_n_steps=0"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "s/summary.json").read_text())["skipped_steps"] > 0
+
+
+def test_consolidated_export(tmp_path):
+    from moesaic.trainer.checkpoint import export_consolidated
+    from moesaic.trainer.model import ModelConfig, Transformer
+
+    base = [*SMOKE, "steps=2", "optim.warmup_steps=1", f"logging.out_dir={tmp_path}", "logging.run_name=e",
+            "checkpoint.every_n_steps=2"]
+    assert _single(base, tmp_path).returncode == 0
+    out = export_consolidated(tmp_path / "e/checkpoints/step-00000002", tmp_path / "model.pt")
+    blob = torch.load(out, weights_only=True)
+    cfg = ModelConfig(**blob["model_config"])
+    model = Transformer(cfg)
+    model.load_state_dict(blob["model"], strict=False)
+    missing = set(model.state_dict()) - set(blob["model"])
+    assert missing <= {"head.weight"}  # tied to the embedding
+    assert blob["model"]["layers.0.moe.experts.w1_EFD"].shape == (4, 32, 32)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("parallel", ["fssdp", "ep"])
+def test_replacement_changes_no_math(tmp_path, parallel):
+    base = [*SMOKE, "steps=16", f"logging.out_dir={tmp_path}", f"parallel={parallel}", "parallel.ep_size=2"]
+    torchrun(2, [*base, "logging.run_name=off"])
+    torchrun(2, [*base, "logging.run_name=on", "placement=replan", "placement.every_n_steps=4", "placement.method=eplb"])
+    off, on = _losses(tmp_path / "off"), _losses(tmp_path / "on")
+    assert max(abs(off[s] - on[s]) for s in off) < 1e-5
+    plans = sorted((tmp_path / "on/plans").glob("plan-*.json"))
+    assert len(plans) == 3  # solved at 4, 8, 12; adopted a step later
+    records = [r for r in read_metrics(tmp_path / "on") if r["kind"] == "placement"]
+    assert [r["step"] for r in records] == [5, 9, 13] and all(r["solve_s"] >= 0 for r in records)
+    summary = json.loads((tmp_path / "on/summary.json").read_text())
+    assert len(summary["placement_history"]) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_killed_rank_restarts_and_finishes_like_an_uninterrupted_run(tmp_path):
+    import psutil
+
+    base = [*SMOKE, "steps=30", f"logging.out_dir={tmp_path}", "checkpoint.every_n_steps=5", "checkpoint.resume=auto"]
+    torchrun(2, [*base, "logging.run_name=clean"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--nnodes", "1",
+           "-m", "moesaic.trainer", *base, "logging.run_name=killed"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    metrics = tmp_path / "killed/metrics.jsonl"
+    deadline, killed = time.time() + 120, None
+    while time.time() < deadline and killed is None:
+        if metrics.exists() and any(json.loads(line).get("step", 0) >= 12 for line in metrics.read_text().splitlines()):
+            workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "moesaic.trainer" in " ".join(p.cmdline())]
+            killed = workers[-1]
+            killed.send_signal(signal.SIGKILL)
+        time.sleep(0.05)
+    assert killed is not None, "the run never reached step 12"
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    clean, resumed = _losses(tmp_path / "clean"), _losses(tmp_path / "killed")
+    assert resumed[30] == clean[30]
+    summary = json.loads((tmp_path / "killed/summary.json").read_text())
+    assert 0 < summary["start_step"] <= 15  # restarted from a checkpoint, not from scratch

@@ -1,0 +1,300 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP): atomic, checked, resumable at another world
+or EP size.
+
+Layout of one checkpoint, `<dir>/step-00000010/`:
+    .metadata, __*_*.distcp    the DCP tensors
+    plan.json                  the placement plan in force (if any)
+    routing_stats.npz          the accumulated routing statistics
+    manifest.json              written last: step, tokens, world and EP sizes, the model config and
+                               its hash, the scheduler state, and the sha256 of every file above
+It is written under `step-00000010.tmp/` and renamed when complete, so a crash leaves no half
+checkpoint under a final name. Experts are saved per global expert id (`experts.<layer>.<expert>.w1`
+and their AdamW moments), each exactly once whatever the sharding, so that a checkpoint loads at any
+world size, EP size or sharding: every rank reads only the experts it holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+log = logging.getLogger(__name__)
+FORMAT = "moesaic.checkpoint/v1"
+_W = ("w1_EFD", "w2_EDF", "w3_EFD")
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names it and says why."""
+
+
+def model_hash(model_cfg) -> str:
+    return hashlib.sha256(json.dumps(asdict(model_cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _expert_ids(moe) -> tuple[list[int], list[bool]]:
+    """Global ids of the experts in this rank's tensors, and whether this rank saves each one."""
+    store = moe.experts
+    if hasattr(store, "owned_ids"):  # FSSDP: the owner saves (first expert domain only)
+        first_domain = store.edp_group is None or dist.get_rank(store.edp_group) == 0
+        return list(store.owned_ids), [first_domain] * len(store.owned_ids)
+    lp = getattr(moe, "layer_plan", None)
+    if lp is None:  # every rank holds every expert: identical keys, DCP keeps one copy
+        return list(range(store.num_experts)), [True] * store.num_experts
+    edp0 = not dist.is_initialized() or dist.get_rank() < lp.ep_size
+    return lp.local_experts, [edp0 and lp.holders[e][0] == lp.ep_rank for e in lp.local_experts]
+
+
+def state_dict(model, optimizer, *, for_save: bool) -> dict[str, torch.Tensor]:
+    """Flat tensors keyed by global names. With for_save, experts this rank does not save are left out
+    (replicas); otherwise every expert this rank holds is listed (to be filled by a load)."""
+    sd: dict[str, torch.Tensor] = {}
+    expert_params = set()
+    for li, moe in enumerate(model.moe_layers()):
+        ids, saves = _expert_ids(moe)
+        for n in _W:
+            p = getattr(moe.experts, n)
+            expert_params.add(id(p))
+            state = optimizer.state.get(p, {})
+            for i, (e, mine) in enumerate(zip(ids, saves)):
+                if for_save and not mine:
+                    continue
+                sd[f"experts.{li}.{e}.{n}"] = p.data[i]
+                for m in _MOMENTS:
+                    if m in state:
+                        sd[f"optim.experts.{li}.{e}.{n}.{m}"] = state[m][i]
+    for name, p in model.named_parameters():
+        if id(p) in expert_params:
+            continue
+        sd[f"model.{name}"] = p.data
+        for m in _MOMENTS:
+            if m in optimizer.state.get(p, {}):
+                sd[f"optim.model.{name}.{m}"] = optimizer.state[p][m]
+    for name, b in model.named_buffers():
+        if ".dispatcher." not in name and name not in ("rope_cos", "rope_sin"):
+            sd[f"buffer.{name}"] = b
+    steps = [s["step"] for s in optimizer.state.values() if "step" in s]
+    sd["optim.step"] = steps[0].clone() if steps else torch.zeros(())
+    return sd
+
+
+def init_optimizer_state(optimizer) -> None:
+    """Create AdamW's state tensors (zeros) so that a load can fill them in place."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state[p]
+            if "step" not in st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save(ckpt_root: Path, step: int, *, model, optimizer, scheduler, cfg, info, plan=None, routing=None,
+         tokens: int = 0, keep_last: int = 3, extra_arrays: dict | None = None) -> Path:
+    """Collective: every rank writes its tensors; rank 0 writes the rest and renames atomically."""
+    final = ckpt_root / f"step-{step:08d}"
+    tmp = ckpt_root / f"step-{step:08d}.tmp"
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+    _barrier(info)
+    sd = state_dict(model, optimizer, for_save=True)
+    dcp.save(sd, checkpoint_id=str(tmp), no_dist=info.backend is None)
+    _barrier(info)
+    if info.is_main:
+        if plan is not None:
+            plan.save(tmp / "plan.json")
+        if routing is not None:
+            import numpy as np
+
+            np.savez(tmp / "routing_stats.npz", **routing.to_npz_dict())
+        if extra_arrays:
+            import numpy as np
+
+            np.savez(tmp / "replan_state.npz", **extra_arrays)
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest = {
+            "format": FORMAT, "step": step, "tokens": tokens, "time": time.time(),
+            "world_size": info.world_size, "ep_size": (cfg.parallel.ep_size or info.world_size),
+            "expert_sharding": cfg.parallel.expert_sharding, "model_hash": model_hash(cfg.model),
+            "model_config": asdict(cfg.model), "scheduler": scheduler.state_dict(), "files": files,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(ckpt_root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(info)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete-looking checkpoint folders, oldest first (temporary folders are ignored)."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp"))
+
+
+def verify(path: Path) -> dict:
+    """The manifest of a checkpoint whose files are all present and intact; CheckpointError otherwise."""
+    mf = path / "manifest.json"
+    if not mf.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} has no manifest.json (incomplete write?)")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {str(path)!r}: manifest.json is corrupt ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {str(path)!r}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    for name, digest in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {str(path)!r}: file {name} is missing")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"checkpoint {str(path)!r}: file {name} does not match its checksum (truncated or corrupt)")
+    return manifest
+
+
+def find_resume(ckpt_root: Path, resume: str, model_cfg, report=print) -> tuple[Path, dict] | None:
+    """`auto`: the newest checkpoint that verifies (corrupt ones are reported by name and skipped);
+    a path: that checkpoint, or an error. Also refuses a checkpoint of another model config."""
+    if resume == "none":
+        return None
+    candidates = [Path(resume).expanduser()] if resume != "auto" else list(reversed(list_checkpoints(ckpt_root)))
+    for path in candidates:
+        try:
+            manifest = verify(path)
+        except CheckpointError as e:
+            if resume != "auto":
+                raise
+            report(f"skipping {e}")
+            continue
+        _check_model(path, manifest, model_cfg)
+        return path, manifest
+    return None
+
+
+def _check_model(path: Path, manifest: dict, model_cfg) -> None:
+    if manifest["model_hash"] == model_hash(model_cfg):
+        return
+    diffs = []
+
+    def walk(prefix, old, new):
+        for k in sorted(set(old) | set(new)):
+            a, b = old.get(k), new.get(k)
+            if isinstance(a, dict) and isinstance(b, dict):
+                walk(f"{prefix}{k}.", a, b)
+            elif a != b:
+                diffs.append(f"model.{prefix}{k} (checkpoint {a!r}, config {b!r})")
+
+    walk("", manifest["model_config"], asdict(model_cfg))
+    raise CheckpointError(f"checkpoint {str(path)!r} was written for another model config: {', '.join(diffs)}")
+
+
+def load(path: Path, manifest: dict, *, model, optimizer, scheduler, info) -> None:
+    """Fill the model, the expert shards this rank holds and the optimizer from `path` (collective)."""
+    init_optimizer_state(optimizer)
+    sd = state_dict(model, optimizer, for_save=False)
+    dcp.load(sd, checkpoint_id=str(path), no_dist=info.backend is None)
+    for st in optimizer.state.values():
+        st["step"].copy_(sd["optim.step"])
+    scheduler.load_state_dict(manifest["scheduler"])
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr  # loading a scheduler's state does not touch the optimizer's rates
+
+
+def export_consolidated(path: Path, out: Path) -> Path:
+    """One file with the whole model in the layout of an unsharded `Transformer` (for inference)."""
+    import os
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    manifest = verify(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        flat_path = os.path.join(tmp, "flat.pt")
+        dcp_to_torch_save(str(path), flat_path)
+        flat = torch.load(flat_path, weights_only=True)
+    model_sd: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
+    for k, v in flat.items():
+        if k.startswith("model."):
+            model_sd[k[len("model."):]] = v
+        elif k.startswith("buffer."):
+            model_sd[k[len("buffer."):]] = v
+        elif k.startswith("experts."):
+            _, li, e, n = k.split(".")
+            experts.setdefault((int(li), n), {})[int(e)] = v
+    E = manifest["model_config"]["moe"]["num_experts"]
+    moe_layers = [i for i in range(manifest["model_config"]["num_layers"]) if i >= manifest["model_config"]["num_dense_layers"]]
+    for (li, n), per in experts.items():
+        missing = sorted(set(range(E)) - set(per))
+        if missing:
+            raise CheckpointError(f"checkpoint {str(path)!r}: layer {li} lacks experts {missing}")
+        model_sd[f"layers.{moe_layers[li]}.moe.experts.{n}"] = torch.stack([per[e] for e in range(E)])
+    torch.save({"model": model_sd, "model_config": manifest["model_config"], "step": manifest["step"]}, out)
+    return out
+
+
+def _barrier(info) -> None:
+    if info.backend is not None:
+        dist.barrier()
+
+
+def replan_arrays(replanner) -> dict | None:
+    """The re-placement state (EMA, snapshot, a pending adoption), so that a resume re-plans exactly
+    as an uninterrupted run would."""
+    if not replanner.enabled:
+        return None
+    import numpy as np
+
+    arrays = {}
+    for name in ("ema", "snapshot"):
+        s = getattr(replanner, name)
+        if s is not None:
+            arrays.update({f"{name}_P": s.P, f"{name}_W": s.W, f"{name}_n": np.float64(s.num_tokens)})
+    arrays["adopt_at"] = np.int64(replanner.adopt_at if replanner.adopt_at is not None else -1)
+    return arrays
+
+
+def restore_extras(path: Path, *, recorder, replanner, info) -> None:
+    """Routing statistics (on rank 0, which all-reduces add to) and the re-placement state."""
+    import numpy as np
+
+    from moesaic.placement.stats import RoutingStats
+
+    rs = path / "routing_stats.npz"
+    if rs.is_file() and info.is_main:
+        z = np.load(rs)
+        recorder.P += torch.from_numpy(z["P"])
+        recorder.W += torch.from_numpy(z["W"])
+        recorder.num_tokens += float(z["num_tokens"])
+    st = path / "replan_state.npz"
+    if st.is_file() and replanner.enabled:
+        z = np.load(st)
+        for name in ("ema", "snapshot"):
+            if f"{name}_P" in z:
+                setattr(replanner, name, RoutingStats(z[f"{name}_P"], z[f"{name}_W"], float(z[f"{name}_n"]), recorder.K))
+        adopt_at = int(z["adopt_at"])
+        if adopt_at >= 0:  # a solve was running when the checkpoint was written: run it again
+            replanner.adopt_at = adopt_at
+            if info.is_main:
+                replanner._start_solve(replanner.ema, adopt_at - replanner.cfg.adopt_after_steps)

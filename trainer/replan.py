@@ -1,0 +1,116 @@
+"""Re-placement from live routing statistics during training.
+
+Every `placement.every_n_steps`: the statistics recorded since the last solve are all-reduced and
+folded into an EMA (`placement.ema_decay`); rank 0 starts the solver (method, time limit, epsilon and
+the launcher's GPUs per node) in a background thread, so that training goes on; after
+`placement.adopt_after_steps` more steps every rank adopts the broadcast plan at the same step
+boundary. Under FSSDP adoption moves nothing; under resident EP the experts and their AdamW moments
+move with one all-to-all per layer. Each plan is written to <run dir>/plans/plan-<step>.json.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+from moesaic.parallel.expert_parallel import migrate_resident
+from moesaic.parallel.fssdp import set_fssdp_plan
+from moesaic.placement.plan import Placement
+from moesaic.placement.solve import solve
+from moesaic.placement.stats import RoutingStats
+from moesaic.placement.topology import Topology
+from moesaic.trainer.dist import broadcast_object
+
+
+def launcher_gpus_per_node(num_gpus: int) -> int:
+    """GPUs per node of the EP domain, from torchrun's or SLURM's environment (1 node if unknown)."""
+    for var in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_GPUS_ON_NODE"):
+        try:
+            n = int(os.environ.get(var, "0").split("(")[0])
+        except ValueError:
+            continue
+        if 0 < n < num_gpus and num_gpus % n == 0:
+            return n
+    return num_gpus
+
+
+class Replanner:
+    def __init__(self, pcfg, par, recorder, optimizer, run_dir: Path, info, logger):
+        self.cfg, self.par, self.recorder, self.optimizer = pcfg, par, recorder, optimizer
+        self.run_dir, self.info, self.logger = run_dir, info, logger
+        self.ema: RoutingStats | None = None
+        self.snapshot: RoutingStats | None = None
+        self.thread: threading.Thread | None = None
+        self.result: dict = {}
+        self.adopt_at: int | None = None
+        self.history: list[dict] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg.every_n_steps > 0 and self.par.plan is not None
+
+    def after_step(self, done: int) -> None:
+        if not self.enabled:
+            return
+        if done % self.cfg.every_n_steps == 0 and self.adopt_at is None:
+            total = self.recorder.stats(all_reduce=True)
+            window = total if self.snapshot is None else _minus(total, self.snapshot)
+            self.snapshot = total
+            self.ema = window if self.ema is None else self.ema.ema(window, self.cfg.ema_decay)
+            self.adopt_at = done + self.cfg.adopt_after_steps
+            if self.info.is_main:
+                self._start_solve(self.ema, done)
+        if self.adopt_at is not None and done == self.adopt_at:
+            self._adopt(done)
+
+    def _start_solve(self, stats: RoutingStats, step: int) -> None:
+        P = self.par.plan.num_gpus
+        topo = Topology(num_gpus=P, gpus_per_node=launcher_gpus_per_node(P), inter_node_cost=self.cfg.inter_node_cost)
+
+        def run():
+            t0 = time.perf_counter()
+            try:
+                plan = solve(self.cfg.method, stats, topo, epsilon=self.cfg.epsilon, time_limit=self.cfg.time_limit,
+                             solver=self.cfg.solver, seed=step)
+                self.result = {"plan": plan.to_dict(), "seconds": time.perf_counter() - t0, "solved_at": step}
+            except Exception as e:  # reported at adoption; training keeps the current plan
+                self.result = {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - t0}
+
+        self.result = {}
+        self.thread = threading.Thread(target=run, name="moesaic-replan", daemon=True)
+        self.thread.start()
+
+    def _adopt(self, done: int) -> None:
+        wait0 = time.perf_counter()
+        if self.info.is_main and self.thread is not None:
+            self.thread.join()
+        waited = time.perf_counter() - wait0
+        result = broadcast_object(self.result if self.info.is_main else None, self.info)
+        self.adopt_at = None
+        record = {"kind": "placement", "step": done, "solve_s": result.get("seconds"), "adopt_wait_s": waited}
+        if "error" in result:
+            record["error"] = result["error"]
+            self.logger.log(record)
+            self.logger.message(f"step {done}: re-placement failed, keeping the current plan ({result['error']})")
+            return
+        plan = Placement.from_dict(result["plan"])
+        moved = 0
+        if self.par.fssdp:
+            set_fssdp_plan(self.par.model, plan)
+        else:
+            moved = migrate_resident(self.par.model, self.optimizer, plan)
+        self.par.plan = plan
+        meta = plan.meta
+        record.update({"method": meta.get("method"), "status": meta.get("status"), "objective": meta.get("objective"),
+                       "migrated_bytes_rank0": moved, "solved_at": result.get("solved_at")})
+        if self.info.is_main:
+            (self.run_dir / "plans").mkdir(exist_ok=True)
+            plan.save(self.run_dir / "plans" / f"plan-{done:08d}.json")
+        self.history.append(record)
+        self.logger.log(record)
+
+
+def _minus(a: RoutingStats, b: RoutingStats) -> RoutingStats:
+    return RoutingStats(a.P - b.P, a.W - b.W, a.num_tokens - b.num_tokens, a.top_k)

@@ -1,0 +1,107 @@
+"""One training step (micro-batches, gradient reduction, clipping, the non-finite check, the update)
+and the evaluation pass. `train.py` drives them."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from moesaic.trainer.config import TrainConfig
+from moesaic.trainer.data import TRAIN_STREAM, VAL_STREAM, sample_batch
+from moesaic.trainer.dist import DistInfo, all_reduce_
+
+
+@dataclass
+class StepResult:
+    ce: float
+    aux: float
+    z: float
+    grad_norm: float
+    lr: float
+    skipped: bool
+    counts_LE: torch.Tensor | None  # this rank's token-slots per expert
+    comm: dict = field(default_factory=dict)  # this rank's bytes and dropped tokens
+    phase_s: dict = field(default_factory=dict)
+
+
+def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer, scheduler, info: DistInfo) -> StepResult:
+    model = par.model
+    t0 = time.perf_counter()
+    stats = torch.zeros(3, dtype=torch.float64)  # ce, aux, z summed over micro-steps
+    counts_LE, comm = None, {"a2a_bytes": 0, "dropped": 0}
+    for micro in range(cfg.grad_accum_steps):
+        x, y = sample_batch(corpus.train, cfg.batch_size, cfg.data.seq_len, seed=cfg.seed,
+                            stream=(TRAIN_STREAM, step, micro), rank=info.rank, world_size=info.world_size)
+        last = micro == cfg.grad_accum_steps - 1
+        with par.no_sync() if not last else nullcontext():
+            out = par.train_model(x.to(info.device), y.to(info.device))
+            (out.loss / cfg.grad_accum_steps).backward()
+        stats += torch.tensor([out.ce_loss.item(), out.aux_loss.item(), out.z_loss.item()], dtype=torch.float64)
+        c = out.tokens_per_expert_LE
+        if c is not None:
+            counts_LE = c.cpu() if counts_LE is None else counts_LE + c.cpu()
+        recorder.observe_model(model)
+        for moe in model.moe_layers():
+            comm["a2a_bytes"] += moe.dispatcher.counters.get("a2a_bytes", 0)
+            comm["dropped"] += moe.dispatcher.counters.get("dropped", 0)
+    t1 = time.perf_counter()
+    par.reduce_grads()
+    grad_norm = float(par.clip_grad_norm(cfg.optim.grad_clip))
+    stats /= cfg.grad_accum_steps
+    all_reduce_(stats, info)
+    stats /= info.world_size
+    ce, aux, z = stats.tolist()
+    lr = scheduler.get_last_lr()[0]
+    skipped = not (math.isfinite(ce) and math.isfinite(grad_norm))
+    if skipped and cfg.on_nan == "stop":
+        raise FloatingPointError(
+            f"non-finite loss ({ce}) or gradient norm ({grad_norm}) at step {step + 1} (lr {lr:.3g}); stopping. "
+            "The last checkpoint is kept; on_nan=skip drops such steps instead"
+        )
+    t2 = time.perf_counter()
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    if counts_LE is not None and any(m.router.cfg.bias_update_rate > 0 for m in model.moe_layers()):
+        global_LE = all_reduce_(counts_LE.to(torch.float64), info)
+        for moe, c in zip(model.moe_layers(), global_LE):
+            moe.router.update_bias(c)
+    comm["expert_grad_bytes"] = par.counters.get("expert_grad_bytes", 0)
+    comm["expert_gather_bytes"] = par.counters.get("expert_gather_bytes", 0)
+    t3 = time.perf_counter()
+    return StepResult(ce, aux, z, grad_norm, lr, skipped, counts_LE, comm,
+                      {"forward_backward_s": t1 - t0, "reduce_clip_s": t2 - t1, "update_s": t3 - t2})
+
+
+@torch.no_grad()
+def evaluate(model, corpus, cfg: TrainConfig, info: DistInfo) -> float:
+    """Mean next-token cross-entropy (nats) over the fixed validation batches of all ranks."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for i in range(cfg.eval_batches):
+        x, y = sample_batch(corpus.val, cfg.batch_size, cfg.data.seq_len, seed=cfg.seed, stream=(VAL_STREAM, i),
+                            rank=info.rank, world_size=info.world_size)
+        out = model(x.to(info.device), y.to(info.device))
+        total += torch.tensor([out.ce_loss.item() * y.numel(), y.numel()], dtype=torch.float64)
+    model.train()
+    all_reduce_(total, info)
+    return float(total[0] / total[1])
+
+
+def flops_per_token(cfg: TrainConfig, active_params: int) -> float:
+    """Training FLOPs per token: 6 x active parameters (forward 2, backward 4), plus causal attention,
+    12 * layers * dim * seq_len / 2 (QK^T and AV, forward and backward, half the square masked)."""
+    m = cfg.model
+    return 6.0 * active_params + 12.0 * m.num_layers * m.dim * cfg.data.seq_len / 2
+
+
+def load_stats(counts_LE: torch.Tensor) -> list[float]:
+    """Per-layer max/mean of token-slots per expert (1.0 is perfect balance)."""
+    c = counts_LE.double()
+    ratio = c.max(dim=1).values / c.mean(dim=1).clamp_min(1e-9)
+    return [round(float(r), 4) for r in ratio]
