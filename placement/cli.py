@@ -5,6 +5,7 @@
     moesaic-place compare --fit a.json b.json --eval c.json --gpus 4 [--json]
     moesaic-place synth --preset deepseek-v3 --tokens 100000 --seed 0 --out trace.npz
     moesaic-place plot --plan plan.json --trace c.json --out figs/
+    moesaic-place plot --run outputs/<run> --out figs/
 """
 
 from __future__ import annotations
@@ -108,9 +109,25 @@ def cmd_synth(a) -> int:
 
 def cmd_plot(a) -> int:
     from moesaic.placement.plot import plot_all
+    from moesaic.placement.stats import RoutingStats
 
-    stats = stats_from_traces(a.trace)
-    plans = {Path(p).stem: Placement.load(p) for p in a.plan}
+    plans = {Path(p).stem: Placement.load(p) for p in (a.plan or [])}
+    if a.run:  # a training run directory: its recorded statistics and the plans it adopted
+        run = Path(a.run)
+        if not (run / "routing_stats.npz").is_file():
+            raise ValueError(f"--run {str(run)!r} has no routing_stats.npz (not a finished moesaic run directory?)")
+        stats = RoutingStats.load_npz(run / "routing_stats.npz")
+        for p in sorted((run / "plans").glob("plan-*.json")):
+            plans[p.stem] = Placement.load(p)
+        summary = run / "summary.json"
+        if summary.is_file() and json.loads(summary.read_text()).get("plan"):
+            plans.setdefault("final", Placement.from_dict(json.loads(summary.read_text())["plan"]))
+    else:
+        if not a.trace:
+            raise ValueError("plot needs --trace (with --plan) or --run")
+        stats = stats_from_traces(a.trace)
+    if not plans:
+        raise ValueError("no plan to plot: give --plan, or a --run that used expert parallelism")
     for path in plot_all(plans, stats, Path(a.out), layer=a.layer):
         print(path)
     return 0
@@ -148,9 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--affinity", type=float, default=None, help="strength of the planted inter-layer affinity")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_synth)
-    p = sub.add_parser("plot", help="PNG figures of plans on traces")
-    p.add_argument("--plan", nargs="+", required=True, action="extend")
-    p.add_argument("--trace", nargs="+", required=True)
+    p = sub.add_parser("plot", help="PNG figures of plans on traces, or of a training run directory")
+    p.add_argument("--plan", nargs="+", action="extend")
+    p.add_argument("--trace", nargs="+")
+    p.add_argument("--run", help="a moesaic run directory: its routing_stats.npz and plans/")
     p.add_argument("--layer", type=int, default=0, help="layer pair (l, l+1) of the affinity heatmap")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_plot)

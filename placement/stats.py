@@ -75,6 +75,12 @@ class RoutingStats:
         rows = self.W.sum(axis=2, keepdims=True)
         return np.divide(self.W, rows, out=np.zeros_like(self.W), where=rows > 0)
 
+    @classmethod
+    def load_npz(cls, path) -> "RoutingStats":
+        """Statistics written by the trainer (`routing_stats.npz`: P, W, num_tokens, top_k)."""
+        z = np.load(path)
+        return cls(z["P"], z["W"], float(z["num_tokens"]), int(z["top_k"]), [str(path)])
+
     def to_npz_dict(self) -> dict:
         return {"P": self.P, "W": self.W, "num_tokens": np.float64(self.num_tokens), "top_k": np.int64(self.top_k)}
 

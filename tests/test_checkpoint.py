@@ -76,8 +76,11 @@ def test_reshard_resume_across_world_and_ep_sizes(tmp_path):
         torchrun(nproc, [*common, f"logging.run_name={name}", *par, f"batch_size={batch}",
                          f"checkpoint.resume={src}", "stop_at_step=12", "checkpoint.every_n_steps=0"])
         got = _losses(tmp_path / name)
-        for s in (11, 12):
-            assert abs(got[s] - ref[s]) < 1e-5, (name, s, got[s], ref[s])
+        # the first loss after resume is computed from the loaded weights: equal up to summation order
+        assert abs(got[11] - ref[11]) < 1e-5, (name, got[11], ref[11])
+        # the next follows an AdamW update, which amplifies ~1e-7 gradient differences of a different
+        # reduction order in near-zero coordinates (eps 1e-8); it stays close, not equal
+        assert abs(got[12] - ref[12]) < 1e-3, (name, got[12], ref[12])
 
 
 @pytest.mark.slow
@@ -154,6 +157,12 @@ def test_replacement_changes_no_math(tmp_path, parallel):
     assert [r["step"] for r in records] == [5, 9, 13] and all(r["solve_s"] >= 0 for r in records)
     summary = json.loads((tmp_path / "on/summary.json").read_text())
     assert len(summary["placement_history"]) == 3
+    # the run directory's statistics and plans plot
+    figs = tmp_path / "figs"
+    proc = subprocess.run([sys.executable, "-m", "moesaic.placement.cli", "plot", "--run", str(tmp_path / "on"),
+                           "--out", str(figs)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (figs / "loads.png").stat().st_size > 2000 and len(list(figs.glob("plan_map_plan-*.png"))) == 3
 
 
 @pytest.mark.slow
