@@ -25,7 +25,7 @@ class PlacementConfig:
     """MILP solver: highs or cbc."""
     ema_decay: float = 0.5
     """Older statistics fade by this factor at every re-plan (0: only the last window counts)."""
-    adopt_after_steps: int = 1
+    adopt_after_steps: int = 3
     """Steps between the start of a solve (in the background) and the boundary where the plan is adopted."""
     inter_node_cost: float = 2.0
     """Hop cost across nodes relative to 1 within a node."""

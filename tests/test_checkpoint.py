@@ -148,7 +148,8 @@ def test_consolidated_export(tmp_path):
 def test_replacement_changes_no_math(tmp_path, parallel):
     base = [*SMOKE, "steps=16", f"logging.out_dir={tmp_path}", f"parallel={parallel}", "parallel.ep_size=2"]
     torchrun(2, [*base, "logging.run_name=off"])
-    torchrun(2, [*base, "logging.run_name=on", "placement=replan", "placement.every_n_steps=4", "placement.method=eplb"])
+    torchrun(2, [*base, "logging.run_name=on", "placement=replan", "placement.every_n_steps=4", "placement.method=eplb",
+                 "placement.adopt_after_steps=1"])
     off, on = _losses(tmp_path / "off"), _losses(tmp_path / "on")
     assert max(abs(off[s] - on[s]) for s in off) < 1e-5
     plans = sorted((tmp_path / "on/plans").glob("plan-*.json"))

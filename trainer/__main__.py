@@ -1,3 +1,4 @@
-from moesaic.trainer.main import main
+from moesaic.trainer.main import main_cli
 
-main()
+if __name__ == "__main__":
+    main_cli()

@@ -54,8 +54,42 @@ def pick_device(pcfg: ParallelConfig, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def adopt_launcher_env() -> None:
+    """Fill RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from the launcher that started
+    us when torchrun did not: SLURM's srun (one task per rank) or the DeepSpeed launcher
+    (`--local_rank`, already moved to LOCAL_RANK by the entry point). Idempotent."""
+    env = os.environ
+    if "RANK" in env or "SLURM_PROCID" not in env or _env_int("SLURM_NTASKS", 1) <= 1:
+        return
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if "LOCAL_WORLD_SIZE" not in env and "SLURM_NTASKS_PER_NODE" in env:
+        env["LOCAL_WORLD_SIZE"] = env["SLURM_NTASKS_PER_NODE"].split("(")[0]
+    if not env.get("MASTER_ADDR"):
+        env["MASTER_ADDR"] = _first_slurm_host(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", ""))
+    if not env.get("MASTER_PORT"):
+        env["MASTER_PORT"] = str(20000 + _env_int("SLURM_JOB_ID", 0) % 20000)
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    import subprocess
+
+    if not nodelist:
+        raise ValueError("SLURM_JOB_NODELIST is not set: cannot find the first node for MASTER_ADDR")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ValueError(f"cannot expand SLURM_JOB_NODELIST ({nodelist!r}) with scontrol: {e}; export MASTER_ADDR") from None
+    hosts = out.stdout.split()
+    if out.returncode or not hosts:
+        raise ValueError(f"scontrol show hostnames {nodelist!r} failed ({out.stderr.strip()}); export MASTER_ADDR")
+    return hosts[0]
+
+
 def init_distributed(pcfg: ParallelConfig) -> DistInfo:
     """Read RANK/WORLD_SIZE/LOCAL_RANK, pick the device and backend, and join the process group."""
+    adopt_launcher_env()
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -77,13 +111,22 @@ def init_distributed(pcfg: ParallelConfig) -> DistInfo:
         raise ValueError("parallel.backend ('nccl') needs a GPU per rank; use gloo on CPU")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(
-        backend=backend,
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=pcfg.timeout_s),
-        device_id=device if device.type == "cuda" else None,
-    )
+    try:
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=pcfg.timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    except (RuntimeError, dist.DistError) as e:
+        if "timeout" in str(e).lower() or "timed out" in str(e).lower():
+            raise TimeoutError(
+                f"rendezvous at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} timed out after "
+                f"parallel.timeout_s ({pcfg.timeout_s:g}) s as rank {rank} of WORLD_SIZE {world_size}: check that "
+                "every rank was started and can reach that address"
+            ) from None
+        raise
     return DistInfo(rank, world_size, local_rank, device, backend)
 
 

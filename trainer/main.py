@@ -5,6 +5,7 @@ Under torchrun: `torchrun --standalone --nproc_per_node 4 -m moesaic.trainer mod
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
@@ -27,7 +28,31 @@ def main(cfg: DictConfig) -> None:
     except FloatingPointError as e:  # a diverged run: say so plainly; the last checkpoint is kept
         print(f"moesaic-train: error: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
+    except TimeoutError as e:  # a rendezvous that never completed
+        print(f"moesaic-train: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(4)
+
+
+def _take_local_rank_arg() -> None:
+    """The DeepSpeed launcher passes `--local_rank=N`, which Hydra would read as an override."""
+    argv, out, i = sys.argv, [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--local_rank=") or a.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            i += 1
+        else:
+            out.append(a)
+        i += 1
+    sys.argv[:] = out
+
+
+def main_cli() -> None:
+    _take_local_rank_arg()
+    main()
 
 
 if __name__ == "__main__":
-    main()
+    main_cli()

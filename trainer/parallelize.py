@@ -52,6 +52,9 @@ def resolve_plan(cfg: TrainConfig, world_size: int) -> Placement | None:
 
 
 def world_size_from_env() -> int:
+    from moesaic.trainer.dist import adopt_launcher_env
+
+    adopt_launcher_env()
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:

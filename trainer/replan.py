@@ -10,6 +10,7 @@ move with one all-to-all per layer. Each plan is written to <run dir>/plans/plan
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import threading
 import time
@@ -69,12 +70,16 @@ class Replanner:
         P = self.par.plan.num_gpus
         topo = Topology(num_gpus=P, gpus_per_node=launcher_gpus_per_node(P), inter_node_cost=self.cfg.inter_node_cost)
 
+        args = (self.cfg.method, stats, topo, self.cfg.epsilon, self.cfg.time_limit, self.cfg.solver, step)
+
         def run():
+            # the solver runs in a fresh process: MILP solvers' native thread pools stay out of the
+            # trainer, and the GIL is not shared with the training loop
             t0 = time.perf_counter()
             try:
-                plan = solve(self.cfg.method, stats, topo, epsilon=self.cfg.epsilon, time_limit=self.cfg.time_limit,
-                             solver=self.cfg.solver, seed=step)
-                self.result = {"plan": plan.to_dict(), "seconds": time.perf_counter() - t0, "solved_at": step}
+                with mp.get_context("spawn").Pool(1) as pool:
+                    plan_dict = pool.apply(_solve_to_dict, args)
+                self.result = {"plan": plan_dict, "seconds": time.perf_counter() - t0, "solved_at": step}
             except Exception as e:  # reported at adoption; training keeps the current plan
                 self.result = {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - t0}
 
@@ -110,6 +115,13 @@ class Replanner:
             plan.save(self.run_dir / "plans" / f"plan-{done:08d}.json")
         self.history.append(record)
         self.logger.log(record)
+
+
+def _solve_to_dict(method, stats, topo, epsilon, time_limit, solver, seed) -> dict:
+    t0 = time.perf_counter()
+    plan = solve(method, stats, topo, epsilon=epsilon, time_limit=time_limit, solver=solver, seed=seed)
+    plan.meta["solver_process_seconds"] = time.perf_counter() - t0
+    return plan.to_dict()
 
 
 def _minus(a: RoutingStats, b: RoutingStats) -> RoutingStats:

@@ -1,0 +1,149 @@
+"""Tier 4: launch paths. torchrun across two "nodes" on loopback, a real local SLURM cluster (sbatch
+with torchrun per node, srun with one task per rank, a Hydra sweep through hydra-submitit-launcher),
+and named errors for misconfigured launches."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, child_env, free_port, read_metrics
+
+CLUSTER = REPO / "launch" / "slurm" / "local_cluster.sh"
+SMOKE = ["experiment=smoke", "logging.log_every=5"]
+
+
+def _slurm_ok(env) -> bool:
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, timeout=20, env=env)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and out.stdout.count("idle") >= 2
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """The SLURM cluster that .ci/run started (SLURM_CONF), or one this fixture starts and stops."""
+    env = child_env()
+    if env.get("SLURM_CONF") and _slurm_ok(env):
+        yield env
+        return
+    if shutil.which("bash") is None:
+        pytest.skip("no bash to start the local SLURM cluster")
+    up = subprocess.run(["bash", str(CLUSTER), "up"], capture_output=True, text=True, timeout=300)
+    if up.returncode != 0:
+        reason = f"could not start a local SLURM cluster: {up.stderr.strip()[-500:]}"
+        print(reason)
+        pytest.skip(reason)
+    env["SLURM_CONF"] = up.stdout.strip().splitlines()[-1]
+    try:
+        yield env
+    finally:
+        subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True, timeout=60)
+
+
+def _wait(job_id: str, env, timeout=400) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, env=env)
+        if not out.stdout.strip():
+            return
+        time.sleep(1)
+    subprocess.run(["scancel", job_id], env=env)
+    raise AssertionError(f"SLURM job {job_id} did not finish in {timeout} s")
+
+
+def _sbatch(script: str, sbatch_args: list[str], overrides: list[str], env, cwd: Path) -> str:
+    env = dict(env, PYTHON=sys.executable)
+    out = subprocess.run(["sbatch", "--parsable", f"--chdir={cwd}", *sbatch_args, str(REPO / "launch" / "slurm" / script),
+                          *overrides], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split(";")[0]
+
+
+def _dense_equal_across(run: Path, ranks: int) -> None:
+    dumps = [torch.load(run / f"params-rank{r}.pt", weights_only=True) for r in range(ranks)]
+    dense = [k for k in dumps[0] if ".experts." not in k and ".dispatcher." not in k]
+    assert len(dense) > 10
+    for k in dense:
+        for d in dumps[1:]:
+            assert torch.equal(dumps[0][k], d[k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_two_node_torchrun_on_loopback(tmp_path):
+    port = free_port()
+    args = [*SMOKE, "steps=10", f"logging.out_dir={tmp_path}", "logging.run_name=mn", "logging.dump_rank_params=true"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "mn", "-m", "moesaic.trainer", *args]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env()) for _ in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    summary = json.loads((tmp_path / "mn/summary.json").read_text())
+    assert summary["world_size"] == 4 and summary["expert_sharding"] == "fssdp"
+    _dense_equal_across(tmp_path / "mn", 4)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_sbatch_two_nodes_torchrun_per_node(slurm, tmp_path):
+    job = _sbatch("train.sbatch", ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2"],
+                  [*SMOKE, f"logging.out_dir={tmp_path}", "logging.run_name=sb"], dict(slurm, NPROC_PER_NODE="2"), tmp_path)
+    _wait(job, slurm)
+    log = (tmp_path / f"moesaic-{job}.out").read_text()
+    assert "2 nodes x 2 ranks" in log, log[-3000:]
+    summary = json.loads((tmp_path / "sb/summary.json").read_text())
+    assert summary["world_size"] == 4 and summary["config"]["launcher"]["name"] == "slurm"
+    train = [r for r in read_metrics(tmp_path / "sb") if r["kind"] == "train"]
+    assert train[-1]["loss"] < train[0]["loss"] - 0.3
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_srun_one_task_per_rank(slurm, tmp_path):
+    job = _sbatch("train_srun.sbatch", ["--nodes=2", "--ntasks-per-node=2"],
+                  [*SMOKE, f"logging.out_dir={tmp_path}", "logging.run_name=sr", "logging.dump_rank_params=true"], slurm, tmp_path)
+    _wait(job, slurm)
+    summary_path = tmp_path / "sr/summary.json"
+    assert summary_path.is_file(), (tmp_path / f"moesaic-{job}.out").read_text()[-3000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["world_size"] == 4
+    _dense_equal_across(tmp_path / "sr", 4)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_hydra_sweep_through_submitit_on_slurm(slurm, tmp_path):
+    cmd = [sys.executable, "-m", "moesaic.trainer", "-m", "launcher=submitit_slurm", *SMOKE,
+           "model.moe.num_experts=4,8", f"logging.out_dir={tmp_path / 'runs'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=slurm, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/summary.json")]
+    assert len(summaries) == 2
+    assert sorted(s["config"]["model"]["moe"]["num_experts"] for s in summaries) == [4, 8]
+    assert all(s["world_size"] == 2 and s["config"]["launcher"]["name"] == "submitit" for s in summaries)
+
+
+def test_missing_master_addr_is_named(tmp_path):
+    env = child_env(WORLD_SIZE="2", RANK="0")
+    for var in ("MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, "-m", "moesaic.trainer", *SMOKE, f"logging.out_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 2 and "MASTER_ADDR is not set" in proc.stderr
+
+
+def test_rendezvous_times_out_with_a_message(tmp_path):
+    env = child_env(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, "-m", "moesaic.trainer", *SMOKE, "parallel.timeout_s=5",
+                           f"logging.out_dir={tmp_path}"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert "timed out after parallel.timeout_s (5) s as rank 0 of WORLD_SIZE 2" in proc.stderr
