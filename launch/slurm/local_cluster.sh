@@ -77,9 +77,10 @@ up() {
   write_conf
   resolve_nodes
   mkdir -p /run/munge && chown munge:munge /run/munge
-  if ! pgrep -x munged >/dev/null; then
+  if ! { pgrep -x munged >/dev/null && [ -S /run/munge/munge.socket.2 ]; }; then
     setpriv --reuid=munge --regid=munge --clear-groups munged -F >"$DIR/log/munged.log" 2>&1 &
     echo $! > "$DIR/run/munged.pid.started"
+    for _ in $(seq 1 50); do [ -S /run/munge/munge.socket.2 ] && break; sleep 0.1; done
   fi
   rm -rf "$DIR/state"/* "$DIR/spool"/*
   slurmctld -D -i -f "$CONF" >"$DIR/log/slurmctld.out" 2>&1 &
@@ -105,13 +106,19 @@ up() {
 }
 
 down() {
-  local quiet=${1:-}
+  local quiet=${1:-} pids=""
   for f in "$DIR"/run/slurmd-*.pid.started "$DIR"/run/slurmctld.pid.started "$DIR"/run/munged.pid.started; do
     [ -f "$f" ] || continue
+    pids="$pids $(cat "$f")"
     kill "$(cat "$f")" 2>/dev/null || true
     rm -f "$f"
   done
-  sleep 0.3
+  for _ in $(seq 1 50); do  # wait until every daemon we started has exited
+    local alive=""
+    for p in $pids; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ -z "$alive" ] && break
+    sleep 0.1
+  done
   [ -n "$quiet" ] || log "down"
 }
 
