@@ -25,7 +25,10 @@ class ParallelConfig:
     prefetch: bool = True
     """FSSDP: gather the next layer's experts asynchronously while this one computes."""
     engine: str = "torch"
-    """Optimizer engine for the dense parameters: `torch` (DDP) or `deepspeed` (ZeRO)."""
+    """Engine for the dense parameters: `torch` (DDP) or `deepspeed` (ZeRO; the experts stay on
+    moesaic's path, and DeepSpeed clips the dense gradients, moesaic the expert ones)."""
+    zero_stage: int = 2
+    """ZeRO stage for engine=deepspeed: 1 (optimizer states) or 2 (and gradients) partitioned."""
     timeout_s: float = 300.0
     """Rendezvous and collective timeout, seconds."""
 
@@ -42,5 +45,7 @@ class ParallelConfig:
             )
         if self.engine not in ("torch", "deepspeed"):
             raise ValueError(f"parallel.engine ({self.engine!r}) must be one of 'torch', 'deepspeed'")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"parallel.zero_stage ({self.zero_stage}) must be 0, 1 or 2 (ZeRO-3 would partition the experts)")
         if self.timeout_s <= 0:
             raise ValueError(f"parallel.timeout_s ({self.timeout_s}) must be > 0")

@@ -24,6 +24,7 @@ def free_port() -> int:
 def child_env(**extra: str) -> dict:
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"})
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))  # DeepSpeed's JIT ops
     env.update(extra)
     return env
 

@@ -156,8 +156,12 @@ class TrainConfig:
         if self.optim.warmup_steps > self.steps:
             raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be <= steps ({self.steps})")
         # Modes whose issues have not landed yet are refused by name rather than silently ignored.
-        if self.parallel.engine != "torch":
-            raise ValueError(f"parallel.engine ({self.parallel.engine!r}) is not implemented yet; use 'torch'")
+        if self.parallel.engine == "deepspeed" and (self.checkpoint.every_n_steps or self.checkpoint.resume != "none"
+                                                    or self.stop_at_step):
+            raise ValueError(
+                "checkpoint.every_n_steps / checkpoint.resume / stop_at_step with parallel.engine (deepspeed): "
+                "checkpoints of DeepSpeed's ZeRO-partitioned dense state are not supported yet; use parallel.engine=torch"
+            )
         if self.placement.every_n_steps and self.parallel.ep_size == 1 and self.parallel.expert_sharding == "resident":
             raise ValueError(
                 f"placement.every_n_steps ({self.placement.every_n_steps}) needs expert parallelism: "

@@ -72,6 +72,39 @@ class Parallel:
     plan: Placement | None = None
     sharding: str = "resident"
     counters: dict = field(default_factory=dict)
+    expert_names: list = field(default_factory=list)  # parameters and buffers that differ across ranks
+    ds_engine: object = None  # the DeepSpeed engine over the dense parameters (engine=deepspeed)
+
+    def build_optimizer(self, cfg: TrainConfig):
+        """(optimizer, scheduler) that the loop steps. Under engine=deepspeed they cover the experts
+        only; the dense AdamW and its schedule live inside the DeepSpeed engine."""
+        from moesaic.trainer.optim import build_optimizer, lr_lambda
+
+        if cfg.parallel.engine != "deepspeed" or self.info.backend is None:
+            opt = build_optimizer(self.model, cfg.optim)
+            return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim, cfg.steps))
+        from moesaic.parallel.deepspeed_engine import apply_deepspeed
+
+        names = set(self.expert_names)
+        experts = [p for n, p in self.model.named_parameters() if n in names]
+        dense = [p for n, p in self.model.named_parameters() if n not in names]
+        o = cfg.optim
+
+        def adamw(params):
+            decay = [p for p in params if p.ndim >= 2]
+            rest = [p for p in params if p.ndim < 2]
+            groups = [g for g in ({"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0})
+                      if g["params"]]
+            return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+        dense_opt = adamw(dense)
+        dense_sched = torch.optim.lr_scheduler.LambdaLR(dense_opt, lr_lambda(o, cfg.steps))
+        self.ds_engine = apply_deepspeed(self.model, self.expert_names, dense_opt, dense_sched,
+                                         zero_stage=cfg.parallel.zero_stage, micro_batch=cfg.batch_size,
+                                         grad_accum=cfg.grad_accum_steps, grad_clip=o.grad_clip)
+        self.train_model = self.ds_engine
+        expert_opt = adamw(experts) if experts else torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=o.lr)
+        return expert_opt, torch.optim.lr_scheduler.LambdaLR(expert_opt, lr_lambda(o, cfg.steps))
 
     @property
     def expert_parallel(self) -> bool:
@@ -83,6 +116,12 @@ class Parallel:
 
     def no_sync(self):
         return self.train_model.no_sync() if isinstance(self.train_model, DDP) else _Null()
+
+    def backward(self, loss: torch.Tensor, grad_accum_steps: int) -> None:
+        if self.ds_engine is not None:
+            self.ds_engine.backward(loss)  # DeepSpeed divides by its gradient_accumulation_steps
+        else:
+            (loss / grad_accum_steps).backward()
 
     def reduce_grads(self) -> None:
         """After backward (DDP has averaged the dense gradients): reduce the expert gradients."""
@@ -99,6 +138,18 @@ class Parallel:
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """The global gradient norm (each expert counted once), clipped to max_norm if > 0."""
         params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.ds_engine is not None:  # DeepSpeed clips the dense gradients; moesaic the experts'
+            names = set(self.expert_names)
+            params = [p for n, p in self.model.named_parameters() if n in names and p.grad is not None]
+            if not self.expert_parallel:
+                return torch.zeros(())
+            sq = (fssdp_grad_sq_norm if self.fssdp else expert_grad_sq_norm)(self.model, self.mesh)
+            dist.all_reduce(sq)
+            norm = torch.sqrt(sq)
+            if max_norm > 0 and float(norm) > max_norm:
+                for p in params:
+                    p.grad.mul_(max_norm / (float(norm) + 1e-6))
+            return norm.float()
         if not self.expert_parallel:
             if max_norm > 0:
                 return torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -135,8 +186,10 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
         else:
             ignored = apply_expert_parallel(model, mesh, plan, capacity_factor=cf)
         DDP._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    if pc.engine == "deepspeed":  # the engine is built with the optimizer (build_optimizer)
+        return Parallel(model, model, info, mesh, plan, pc.expert_sharding, expert_names=ignored)
     ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    return Parallel(model, ddp, info, mesh, plan, pc.expert_sharding)
+    return Parallel(model, ddp, info, mesh, plan, pc.expert_sharding, expert_names=ignored)
 
 
 class _Null:

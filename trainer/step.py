@@ -39,7 +39,9 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
         last = micro == cfg.grad_accum_steps - 1
         with par.no_sync() if not last else nullcontext():
             out = par.train_model(x.to(info.device), y.to(info.device))
-            (out.loss / cfg.grad_accum_steps).backward()
+            par.backward(out.loss, cfg.grad_accum_steps)
+        if par.ds_engine is not None and not last:
+            par.ds_engine.step()  # not an accumulation boundary: DeepSpeed only counts the micro-step
         stats += torch.tensor([out.ce_loss.item(), out.aux_loss.item(), out.z_loss.item()], dtype=torch.float64)
         c = out.tokens_per_expert_LE
         if c is not None:
@@ -63,6 +65,11 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
             "The last checkpoint is kept; on_nan=skip drops such steps instead"
         )
     t2 = time.perf_counter()
+    if par.ds_engine is not None:
+        par.ds_engine.step()  # the dense update (ZeRO) and its learning-rate schedule
+        dense_norm = par.ds_engine.get_global_grad_norm()
+        if dense_norm is not None:
+            grad_norm = math.sqrt(float(dense_norm) ** 2 + grad_norm ** 2)
     if not skipped:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)

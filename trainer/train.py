@@ -25,7 +25,6 @@ from moesaic.trainer.data import check_vocab, load_corpus
 from moesaic.trainer.dist import DistInfo, all_gather_object, all_reduce_, init_distributed, shutdown
 from moesaic.trainer.metrics import RunLogger, make_run_dir, peak_rss_mib
 from moesaic.trainer.model import Transformer
-from moesaic.trainer.optim import build_optimizer, lr_lambda
 from moesaic.trainer.parallelize import parallelize, resolve_plan, world_size_from_env
 from moesaic.trainer.replan import Replanner
 from moesaic.trainer.step import evaluate, flops_per_token, load_stats, train_step
@@ -87,8 +86,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume) -> dict:
     par = parallelize(model, cfg, info, plan)
     mc = cfg.model.moe
     recorder = RoutingRecorder(cfg.model.num_moe_layers, mc.num_experts, mc.top_k)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.steps))
+    optimizer, scheduler = par.build_optimizer(cfg)
     logger = RunLogger(run_dir, cfg, info, total_steps=cfg.steps)
     replanner = Replanner(cfg.placement, par, recorder, optimizer, run_dir, info, logger)
     start, tokens_done = 0, 0
