@@ -29,6 +29,11 @@ class PlacementConfig:
     """Steps between the start of a solve (in the background) and the boundary where the plan is adopted."""
     inter_node_cost: float = 2.0
     """Hop cost across nodes relative to 1 within a node."""
+    dynamic_replicas: int = 0
+    """FSSDP only: each step, add up to this many replicas per layer of the experts predicted hot
+    (Hecate's Algorithm 1) on top of the current plan; 0 turns it off."""
+    predictor_window: int = 5
+    """Steps of routing history whose mean predicts the next step's loads (dynamic replicas)."""
 
     def __post_init__(self) -> None:
         if self.every_n_steps < 0:
@@ -43,5 +48,9 @@ class PlacementConfig:
             raise ValueError(f"placement.adopt_after_steps ({self.adopt_after_steps}) must be >= 0")
         if self.time_limit <= 0:
             raise ValueError(f"placement.time_limit ({self.time_limit}) must be > 0")
+        if self.dynamic_replicas < 0:
+            raise ValueError(f"placement.dynamic_replicas ({self.dynamic_replicas}) must be >= 0")
+        if self.predictor_window < 1:
+            raise ValueError(f"placement.predictor_window ({self.predictor_window}) must be >= 1")
         if self.epsilon < 0:
             raise ValueError(f"placement.epsilon ({self.epsilon}) must be >= 0")

@@ -191,3 +191,22 @@ def test_solve_dispatch_and_named_errors():
 def test_real_traces_load(shared_dir):
     s = stats_from_traces([shared_dir / "data/traces/mixtral-8x7b/coding.json"])
     assert s.num_layers == 32 and s.num_experts == 8 and s.top_k == 2 and s.num_tokens > 10_000
+
+
+def test_dynamic_replicas_lower_the_predicted_peak():
+    from moesaic.placement.dynamic import add_replicas, affinity_prediction, window_prediction
+
+    base = Placement.from_gpu_of_expert([[0, 0, 1, 1]], 2)
+    loads = np.array([[10.0, 1.0, 1.0, 1.0]])  # expert 0 is hot: GPU 0 carries 11 of 13
+    plan = add_replicas(base, loads, budget=2)
+    assert plan.placement[0][0] == (0, 1)  # the hot expert gains a replica on the idle GPU
+    ratio_before = evaluate(base, RoutingStats(loads, np.zeros((0, 4, 4))))["load_max"]
+    ratio_after = evaluate(plan, RoutingStats(loads, np.zeros((0, 4, 4))))["load_max"]
+    assert ratio_after < ratio_before
+    assert add_replicas(base, np.ones((1, 4)), budget=3) == base  # balanced: nothing to add
+    hist = np.arange(24, dtype=float).reshape(6, 1, 4)
+    np.testing.assert_allclose(window_prediction(hist, 5), hist[1:].mean(0))
+    # affinity: layer 1 is predicted from layer 0's loads through the row-normalised flows
+    W = np.zeros((1, 2, 2))
+    W[0] = [[3.0, 1.0], [0.0, 2.0]]
+    np.testing.assert_allclose(affinity_prediction(np.array([[4.0, 2.0], [0, 0]]), W), [[3.0, 3.0]])

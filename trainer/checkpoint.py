@@ -259,12 +259,17 @@ def _barrier(info) -> None:
         dist.barrier()
 
 
-def replan_arrays(replanner) -> dict | None:
-    """The re-placement state (EMA, snapshot, a pending adoption), so that a resume re-plans exactly
-    as an uninterrupted run would."""
-    if not replanner.enabled:
-        return None
+def replan_arrays(replanner, dynamic=None) -> dict | None:
+    """The re-placement state (EMA, snapshot, a pending adoption) and the dynamic-replica load
+    history, so that a resume places work exactly as an uninterrupted run would."""
     import numpy as np
+
+    if dynamic is not None and dynamic.enabled and dynamic.history:
+        extra = {"dyn_history": np.stack(dynamic.history)}
+    else:
+        extra = {}
+    if not replanner.enabled:
+        return extra or None
 
     arrays = {}
     for name in ("ema", "snapshot"):
@@ -272,10 +277,10 @@ def replan_arrays(replanner) -> dict | None:
         if s is not None:
             arrays.update({f"{name}_P": s.P, f"{name}_W": s.W, f"{name}_n": np.float64(s.num_tokens)})
     arrays["adopt_at"] = np.int64(replanner.adopt_at if replanner.adopt_at is not None else -1)
-    return arrays
+    return {**arrays, **extra}
 
 
-def restore_extras(path: Path, *, recorder, replanner, info) -> None:
+def restore_extras(path: Path, *, recorder, replanner, info, dynamic=None) -> None:
     """Routing statistics (on rank 0, which all-reduces add to) and the re-placement state."""
     import numpy as np
 
@@ -288,7 +293,11 @@ def restore_extras(path: Path, *, recorder, replanner, info) -> None:
         recorder.W += torch.from_numpy(z["W"])
         recorder.num_tokens += float(z["num_tokens"])
     st = path / "replan_state.npz"
-    if st.is_file() and replanner.enabled:
+    if st.is_file() and dynamic is not None and dynamic.enabled:
+        z = np.load(st)
+        if "dyn_history" in z:
+            dynamic.history.extend(list(z["dyn_history"]))
+    if st.is_file() and replanner.enabled and "adopt_at" in np.load(st):
         z = np.load(st)
         for name in ("ema", "snapshot"):
             if f"{name}_P" in z:

@@ -167,6 +167,11 @@ class TrainConfig:
                 f"placement.every_n_steps ({self.placement.every_n_steps}) needs expert parallelism: "
                 "set parallel.ep_size != 1 or parallel.expert_sharding=fssdp"
             )
+        if self.placement.dynamic_replicas and self.parallel.expert_sharding != "fssdp":
+            raise ValueError(
+                f"placement.dynamic_replicas ({self.placement.dynamic_replicas}) needs parallel.expert_sharding=fssdp: "
+                "only there does a per-step plan change move nothing"
+            )
         if self.on_nan not in ("stop", "skip"):
             raise ValueError(f"on_nan ({self.on_nan!r}) must be 'stop' or 'skip'")
         if self.stop_at_step < 0 or self.stop_at_step > self.steps:

@@ -14,15 +14,20 @@ import multiprocessing as mp
 import os
 import threading
 import time
+from collections import deque
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from moesaic.parallel.expert_parallel import migrate_resident
 from moesaic.parallel.fssdp import set_fssdp_plan
+from moesaic.placement.dynamic import add_replicas, window_prediction
 from moesaic.placement.plan import Placement
 from moesaic.placement.solve import solve
 from moesaic.placement.stats import RoutingStats
 from moesaic.placement.topology import Topology
-from moesaic.trainer.dist import broadcast_object
+from moesaic.trainer.dist import all_reduce_, broadcast_object
 
 
 def launcher_gpus_per_node(num_gpus: int) -> int:
@@ -126,3 +131,34 @@ def _solve_to_dict(method, stats, topo, epsilon, time_limit, solver, seed) -> di
 
 def _minus(a: RoutingStats, b: RoutingStats) -> RoutingStats:
     return RoutingStats(a.P - b.P, a.W - b.W, a.num_tokens - b.num_tokens, a.top_k)
+
+
+class DynamicReplicas:
+    """Hecate's dynamic replicas under FSSDP: before each step, the plan in force is the current base
+    plan plus replicas of the experts that the last `predictor_window` steps' loads predict hot."""
+
+    def __init__(self, pcfg, par, info):
+        self.cfg, self.par, self.info = pcfg, par, info
+        self.history: deque = deque(maxlen=pcfg.predictor_window)
+        self.in_force: Placement | None = None
+        self.replicas_added: list[int] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg.dynamic_replicas > 0 and self.par.fssdp
+
+    def before_step(self) -> None:
+        if not self.enabled or not self.history:
+            return
+        loads = window_prediction(np.stack(self.history), self.cfg.predictor_window)
+        plan = add_replicas(self.par.plan, loads, self.cfg.dynamic_replicas)
+        if self.in_force is None or plan != self.in_force:
+            set_fssdp_plan(self.par.model, plan)
+            self.in_force = plan
+        base = sum(len(g) for layer in self.par.plan.placement for g in layer)
+        self.replicas_added.append(sum(len(g) for layer in plan.placement for g in layer) - base)
+
+    def after_step(self, counts_LE) -> None:
+        if not self.enabled or counts_LE is None:
+            return
+        self.history.append(all_reduce_(counts_LE.to(torch.float64), self.info).numpy())

@@ -26,7 +26,7 @@ from moesaic.trainer.dist import DistInfo, all_gather_object, all_reduce_, init_
 from moesaic.trainer.metrics import RunLogger, make_run_dir, peak_rss_mib
 from moesaic.trainer.model import Transformer
 from moesaic.trainer.parallelize import parallelize, resolve_plan, world_size_from_env
-from moesaic.trainer.replan import Replanner
+from moesaic.trainer.replan import DynamicReplicas, Replanner
 from moesaic.trainer.step import evaluate, flops_per_token, load_stats, train_step
 
 log = logging.getLogger(__name__)
@@ -89,12 +89,13 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume) -> dict:
     optimizer, scheduler = par.build_optimizer(cfg)
     logger = RunLogger(run_dir, cfg, info, total_steps=cfg.steps)
     replanner = Replanner(cfg.placement, par, recorder, optimizer, run_dir, info, logger)
+    dynamic = DynamicReplicas(cfg.placement, par, info)
     start, tokens_done = 0, 0
     if resume is not None:
         path, manifest = resume
         ckpt.load(path, manifest, model=model, optimizer=optimizer, scheduler=scheduler, info=info)
         start, tokens_done = manifest["step"], manifest["tokens"]
-        ckpt.restore_extras(path, recorder=recorder, replanner=replanner, info=info)
+        ckpt.restore_extras(path, recorder=recorder, replanner=replanner, info=info, dynamic=dynamic)
         logger.progress(start)
         logger.message(f"resumed from {path} at step {start} (written at world size {manifest['world_size']}, "
                        f"ep_size {manifest['ep_size']}, {manifest['expert_sharding']})")
@@ -124,15 +125,17 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume) -> dict:
         routing = recorder.stats(all_reduce=True)
         path = ckpt.save(ckpt_root, step, model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg, info=info,
                          plan=par.plan, routing=routing, tokens=tokens_done, keep_last=cfg.checkpoint.keep_last,
-                         extra_arrays=ckpt.replan_arrays(replanner))
+                         extra_arrays=ckpt.replan_arrays(replanner, dynamic))
         logger.log({"kind": "checkpoint", "step": step, "path": str(path), "seconds": time.perf_counter() - t0})
 
     if resume is not None and end == start:  # nothing to run: rewrite the checkpoint in this layout
         save(start)
     for step in range(start, end):
         t0 = time.perf_counter()
+        dynamic.before_step()
         r = train_step(step, cfg=cfg, corpus=corpus, par=par, recorder=recorder, optimizer=optimizer,
                        scheduler=scheduler, info=info)
+        dynamic.after_step(r.counts_LE)
         done = step + 1
         tokens_done += tokens_per_step
         skipped += int(r.skipped)
@@ -172,6 +175,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume) -> dict:
         "ep_size": ep if plan else 1, "expert_sharding": cfg.parallel.expert_sharding if plan else "replicated",
         "plan": par.plan.to_dict() if par.plan is not None else None,
         "placement_history": replanner.history, "peak_rss_mib_per_rank": rss,
+        "dynamic_replicas_added_mean": float(np.mean(dynamic.replicas_added)) if dynamic.replicas_added else 0.0,
         "run_dir": str(run_dir), "config": asdict(cfg),
     }
     if cfg.logging.dump_rank_params:
