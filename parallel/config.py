@@ -24,6 +24,9 @@ class ParallelConfig:
     them again for its backward pass."""
     prefetch: bool = True
     """FSSDP: gather the next layer's experts asynchronously while this one computes."""
+    reshard_every_n_steps: int = 0
+    """FSSDP heterogeneous sharding (Hecate's Algorithm 2): every N steps, re-assign expert owners
+    from the loads since the last re-shard, equal expert counts per rank (0: keep the even owners)."""
     engine: str = "torch"
     """Engine for the dense parameters: `torch` (DDP) or `deepspeed` (ZeRO; the experts stay on
     moesaic's path, and DeepSpeed clips the dense gradients, moesaic the expert ones)."""
@@ -45,6 +48,8 @@ class ParallelConfig:
             )
         if self.engine not in ("torch", "deepspeed"):
             raise ValueError(f"parallel.engine ({self.engine!r}) must be one of 'torch', 'deepspeed'")
+        if self.reshard_every_n_steps < 0:
+            raise ValueError(f"parallel.reshard_every_n_steps ({self.reshard_every_n_steps}) must be >= 0")
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"parallel.zero_stage ({self.zero_stage}) must be 0, 1 or 2 (ZeRO-3 would partition the experts)")
         if self.timeout_s <= 0:

@@ -62,3 +62,27 @@ def affinity_prediction(loads_LE: np.ndarray, W: np.ndarray) -> np.ndarray:
     rows = W.sum(axis=2, keepdims=True)
     A = np.divide(W, rows, out=np.full_like(W, 1.0 / W.shape[2]), where=rows > 0)
     return np.einsum("le,lej->lj", np.asarray(loads_LE[:-1], dtype=np.float64), A)
+
+
+def hecate_owners(load_E: np.ndarray, num_gpus: int, gpus_per_node: int | None = None) -> np.ndarray:
+    """Heterogeneous sharding (Hecate, Algorithm 2): (E,) owner of each expert. Experts are taken from
+    the least loaded up; each goes to the least loaded node, then to its least loaded device, that
+    still has room, where room is an equal share of experts per device (so every device holds the
+    same parameter and optimizer memory)."""
+    E = len(load_E)
+    k = gpus_per_node or num_gpus
+    nodes = num_gpus // k
+    per_gpu = -(-E // num_gpus)
+    per_node = per_gpu * k
+    node_load, gpu_load = np.zeros(nodes), np.zeros(num_gpus)
+    node_n, gpu_n = np.zeros(nodes, dtype=int), np.zeros(num_gpus, dtype=int)
+    owners = np.empty(E, dtype=np.int64)
+    for e in np.argsort(np.asarray(load_E, dtype=np.float64), kind="stable"):
+        n = min((i for i in range(nodes) if node_n[i] < per_node), key=lambda i: (node_load[i], i))
+        g = min((j for j in range(n * k, (n + 1) * k) if gpu_n[j] < per_gpu), key=lambda j: (gpu_load[j], j))
+        owners[e] = g
+        node_load[n] += load_E[e]
+        gpu_load[g] += load_E[e]
+        node_n[n] += 1
+        gpu_n[g] += 1
+    return owners

@@ -196,13 +196,15 @@ def test_killed_rank_restarts_and_finishes_like_an_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_dynamic_replicas_change_no_math(tmp_path):
+def test_dynamic_replicas_and_resharding_change_no_math(tmp_path):
     base = [*SMOKE, "steps=16", f"logging.out_dir={tmp_path}", "parallel=fssdp"]
     torchrun(4, [*base, "logging.run_name=off"])
-    torchrun(4, [*base, "logging.run_name=dyn", "placement.dynamic_replicas=2"])
+    torchrun(4, [*base, "logging.run_name=dyn", "placement.dynamic_replicas=2", "parallel.reshard_every_n_steps=4"])
     off, dyn = _losses(tmp_path / "off"), _losses(tmp_path / "dyn")
     assert max(abs(off[s] - dyn[s]) for s in off) < 1e-5
     summary = json.loads((tmp_path / "dyn/summary.json").read_text())
     assert summary["dynamic_replicas_added_mean"] > 0
     gathered = [r["expert_gather_bytes"] for r in read_metrics(tmp_path / "dyn") if r["kind"] == "train"]
     assert sum(gathered) > 0  # replicas were really gathered from their owners
+    reshards = [r for r in read_metrics(tmp_path / "dyn") if r["kind"] == "reshard"]
+    assert [r["step"] for r in reshards] == [4, 8, 12, 16]  # owners followed the loads (Hecate Alg. 2)

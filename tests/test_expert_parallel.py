@@ -130,6 +130,7 @@ def test_plan_file_that_does_not_fit_is_named(tmp_path):
     (4, ["--ep", 4, "--plan", "random", "--no-remat", "--change-plan-after", 2]),
     (4, ["--ep", 4, "--plan", "replicated", "--change-plan-after", 2]),
     (4, ["--ep", 2, "--plan", "replicated", "--router", "sigmoid", "--change-plan-after", 2]),  # two expert domains
+    (4, ["--ep", 4, "--plan", "replicated", "--reshard-after", 2]),  # owners move (Hecate Alg. 2)
 ])
 def test_fssdp_steps_match_single_process(tmp_path, nproc, args):
     out = tmp_path / "report.json"

@@ -210,3 +210,18 @@ def test_dynamic_replicas_lower_the_predicted_peak():
     W = np.zeros((1, 2, 2))
     W[0] = [[3.0, 1.0], [0.0, 2.0]]
     np.testing.assert_allclose(affinity_prediction(np.array([[4.0, 2.0], [0, 0]]), W), [[3.0, 3.0]])
+
+
+def test_hecate_owners_equal_memory_and_balanced_loads():
+    from moesaic.placement.dynamic import hecate_owners
+
+    loads = np.array([9.0, 1.0, 8.0, 2.0, 7.0, 3.0, 6.0, 4.0])
+    owners = hecate_owners(loads, 4)
+    assert np.bincount(owners, minlength=4).tolist() == [2, 2, 2, 2]  # equal memory per device
+    # by hand: experts from the least loaded up (1, 2, 3, 4 -> GPUs 0..3, then 6 -> GPU 0 (load 1),
+    # 7 -> GPU 1, 8 -> GPU 2, 9 -> GPU 3), each to the least loaded GPU with room
+    assert owners.tolist() == [3, 0, 2, 1, 1, 2, 0, 3]
+    two_nodes = hecate_owners(loads, 4, gpus_per_node=2)
+    assert np.bincount(two_nodes, minlength=4).tolist() == [2, 2, 2, 2]
+    node = np.bincount(two_nodes // 2, weights=loads, minlength=2)
+    assert abs(node[0] - node[1]) <= 4.0  # nodes first: the node totals stay close

@@ -172,6 +172,10 @@ class TrainConfig:
                 f"placement.dynamic_replicas ({self.placement.dynamic_replicas}) needs parallel.expert_sharding=fssdp: "
                 "only there does a per-step plan change move nothing"
             )
+        if self.parallel.reshard_every_n_steps and self.parallel.expert_sharding != "fssdp":
+            raise ValueError(
+                f"parallel.reshard_every_n_steps ({self.parallel.reshard_every_n_steps}) needs parallel.expert_sharding=fssdp"
+            )
         if self.on_nan not in ("stop", "skip"):
             raise ValueError(f"on_nan ({self.on_nan!r}) must be 'stop' or 'skip'")
         if self.stop_at_step < 0 or self.stop_at_step > self.steps:

@@ -162,3 +162,36 @@ class DynamicReplicas:
         if not self.enabled or counts_LE is None:
             return
         self.history.append(all_reduce_(counts_LE.to(torch.float64), self.info).numpy())
+
+
+class Resharder:
+    """FSSDP heterogeneous sharding (Hecate's Algorithm 2) every `parallel.reshard_every_n_steps`:
+    owners follow the loads recorded since the last re-shard (every rank computes the same owners from
+    the all-reduced counts), and owned parameters and AdamW moments move to their new owners."""
+
+    def __init__(self, pcfg, par, recorder, optimizer, logger):
+        self.every, self.par, self.recorder, self.optimizer, self.logger = pcfg.reshard_every_n_steps, par, recorder, optimizer, logger
+        self.snapshot: RoutingStats | None = None
+        self.history: list[dict] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0 and self.par.fssdp
+
+    def after_step(self, done: int) -> None:
+        if not self.enabled or done % self.every:
+            return
+        from moesaic.parallel.fssdp import reshard_owners
+        from moesaic.placement.dynamic import hecate_owners
+
+        total = self.recorder.stats(all_reduce=True)
+        window = total if self.snapshot is None else _minus(total, self.snapshot)
+        self.snapshot = total
+        P = self.par.plan.num_gpus
+        gpn = launcher_gpus_per_node(P)
+        owners = [hecate_owners(window.P[l], P, gpn) for l in range(window.num_layers)]
+        t0 = time.perf_counter()
+        moved = reshard_owners(self.par.model, self.optimizer, owners)
+        record = {"kind": "reshard", "step": done, "moved_bytes_rank": moved, "seconds": time.perf_counter() - t0}
+        self.history.append(record)
+        self.logger.log(record)

@@ -26,7 +26,7 @@ from moesaic.trainer.dist import DistInfo, all_gather_object, all_reduce_, init_
 from moesaic.trainer.metrics import RunLogger, make_run_dir, peak_rss_mib
 from moesaic.trainer.model import Transformer
 from moesaic.trainer.parallelize import parallelize, resolve_plan, world_size_from_env
-from moesaic.trainer.replan import DynamicReplicas, Replanner
+from moesaic.trainer.replan import DynamicReplicas, Replanner, Resharder
 from moesaic.trainer.step import evaluate, flops_per_token, load_stats, train_step
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume) -> dict:
     logger = RunLogger(run_dir, cfg, info, total_steps=cfg.steps)
     replanner = Replanner(cfg.placement, par, recorder, optimizer, run_dir, info, logger)
     dynamic = DynamicReplicas(cfg.placement, par, info)
+    resharder = Resharder(cfg.parallel, par, recorder, optimizer, logger)
     start, tokens_done = 0, 0
     if resume is not None:
         path, manifest = resume
@@ -153,6 +154,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume) -> dict:
             logger.log({"kind": "eval", "step": done, "val_loss": val_loss, "val_bpb": val_loss / LN2})
             logger.message(f"step {done}: val {val_loss / LN2:.4f} {unit} (unigram {unigram:.4f})")
         replanner.after_step(done)
+        resharder.after_step(done)
         every = cfg.checkpoint.every_n_steps
         if (every and done % every == 0) or (done == end and (every or cfg.stop_at_step)):
             save(done)
@@ -174,7 +176,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume) -> dict:
         "world_size": info.world_size, "backend": info.backend, "device": str(info.device), "params": counts,
         "ep_size": ep if plan else 1, "expert_sharding": cfg.parallel.expert_sharding if plan else "replicated",
         "plan": par.plan.to_dict() if par.plan is not None else None,
-        "placement_history": replanner.history, "peak_rss_mib_per_rank": rss,
+        "placement_history": replanner.history, "reshard_history": resharder.history, "peak_rss_mib_per_rank": rss,
         "dynamic_replicas_added_mean": float(np.mean(dynamic.replicas_added)) if dynamic.replicas_added else 0.0,
         "run_dir": str(run_dir), "config": asdict(cfg),
     }

@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--sharding", default="resident", choices=["resident", "fssdp"])
     ap.add_argument("--no-remat", action="store_true")
     ap.add_argument("--change-plan-after", type=int, default=0, help="adopt a new (random) plan after this step")
+    ap.add_argument("--reshard-after", type=int, default=0, help="move expert owners (Hecate Alg. 2) after this step")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     dist.init_process_group("gloo")
@@ -66,6 +67,7 @@ def main():
             expert_sharding = a.sharding
             reshard_after_forward = not a.no_remat
             prefetch = True
+            engine = "torch"
 
         class model:
             class moe:
@@ -90,6 +92,12 @@ def main():
             new_plan = make_plan("replicated", 8, a.ep, seed=11, num_layers=mcfg.num_moe_layers)
             set_fssdp_plan(model, new_plan)
             report["expected_gather_bytes_new_plan"] = _expected_gather_bytes(new_plan, mcfg, W // a.ep, not a.no_remat)
+        if a.reshard_after and step == a.reshard_after:
+            from moesaic.parallel.fssdp import reshard_owners
+            from moesaic.placement.dynamic import hecate_owners
+
+            loads = np.random.default_rng(5).random((mcfg.num_moe_layers, 8))
+            report["reshard_bytes"] = reshard_owners(model, opt, [hecate_owners(lo, a.ep, 2) for lo in loads])
         gather_before = _bytes(model, "gather")
         x, y = batch(rank, step)
         out = par.train_model(x, y)
