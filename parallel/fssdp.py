@@ -92,6 +92,7 @@ class FSSDPExperts(nn.Module):
         self._mat: torch.Tensor | None = None  # (n_compute, S) materialized leaf
         self._pending = None  # (work, recv buffer) of an issued gather
         self._grad_expected = False
+        self._rs_pending = None  # an issued sparse_reduce_scatter (work, recv, send)
         self.bytes = {"gather": 0, "reduce_scatter": 0}
         self.grad_scale = 1.0  # 1 / world size: expert gradients of the global mean loss
         self.edp_group = None  # other expert domains holding the same shard
@@ -189,9 +190,11 @@ class FSSDPExperts(nn.Module):
             self.prev.regather(async_op=True)
 
     # -- sparse_reduce_scatter ------------------------------------------------------------------
-    def sparse_reduce_scatter(self) -> None:
+    def sparse_reduce_scatter(self, async_op: bool = False) -> None:
         """Send each materialized expert's gradient to its owner, summed there over every rank that
-        computed it; then sum over the other expert domains and scale (collective)."""
+        computed it; then sum over the other expert domains and scale (collective). With async_op the
+        exchange is only issued (it overlaps the next layer's backward); `finish_reduce_scatter`
+        completes it."""
         sch = self.schedule
         grad = self._mat.grad if self._mat is not None else None
         if grad is None:
@@ -202,9 +205,25 @@ class FSSDPExperts(nn.Module):
         send = grad[list(sch.recv_to_local)] if sch.recv_to_local else grad[:0]
         recv = send.new_empty(sum(sch.in_splits), self.row_size)
         # 2. the reverse all_to_all_single: computing ranks -> owners
-        dist.all_to_all_single(recv, send.contiguous(), list(sch.in_splits), list(sch.out_splits), group=self.group)
+        work = dist.all_to_all_single(recv, send.contiguous(), list(sch.in_splits), list(sch.out_splits),
+                                      group=self.group, async_op=async_op)
         self.bytes["reduce_scatter"] += self.row_size * send.element_size() * sum(
             n for r, n in enumerate(sch.out_splits) if r != self.rank)
+        if self._mat is not None:
+            _track(-self._mat.untyped_storage().nbytes())
+        self._mat = None  # the materialized weights are no longer needed
+        self._rs_pending = (work, recv, send)
+        if not async_op:
+            self.finish_reduce_scatter()
+
+    def finish_reduce_scatter(self) -> None:
+        if self._rs_pending is None:
+            return
+        work, recv, _ = self._rs_pending
+        self._rs_pending = None
+        if work is not None:
+            work.wait()
+        sch = self.schedule
         # 3. sum every copy's gradient into the owned rows
         n = len(self.owned_ids)
         owned = torch.zeros(n, self.row_size, dtype=recv.dtype).index_add_(
@@ -217,9 +236,6 @@ class FSSDPExperts(nn.Module):
         self.w1_EFD.grad = g1.reshape(n, F, D).contiguous()
         self.w2_EDF.grad = g2.reshape(n, D, F).contiguous()
         self.w3_EFD.grad = g3.reshape(n, F, D).contiguous()
-        if self._mat is not None:
-            _track(-self._mat.untyped_storage().nbytes())
-        self._mat = None  # the materialized weights are no longer needed
 
     def extra_repr(self) -> str:
         return f"owned={self.owned_ids}, compute={self.layer_plan.local_experts}"
@@ -239,8 +255,11 @@ class _BackwardTrigger(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         nxt = ctx.experts.next
-        if nxt is not None and nxt._mat is not None:
-            nxt.sparse_reduce_scatter()
+        if nxt is not None:
+            if nxt.next is not None:
+                nxt.next.finish_reduce_scatter()  # issued one layer ago, overlapped with that backward
+            if nxt._mat is not None:
+                nxt.sparse_reduce_scatter(async_op=True)
         ctx.experts.regather()
         return grad, None
 
@@ -309,6 +328,8 @@ def fssdp_reduce_scatter(model: nn.Module) -> None:
     for moe in reversed(model.moe_layers()):
         if moe.experts._mat is not None:
             moe.experts.sparse_reduce_scatter()
+    for moe in model.moe_layers():  # the asynchronous ones still in flight
+        moe.experts.finish_reduce_scatter()
 
 
 def fssdp_bytes(model: nn.Module) -> dict:
