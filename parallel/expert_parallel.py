@@ -251,61 +251,36 @@ def migrate_resident(model: nn.Module, optimizer: torch.optim.Optimizer, plan: P
     """Adopt a new plan under resident EP: each rank receives the experts it newly computes, with their
     AdamW moments, from their first old holder, in one all_to_all_single per layer (collective).
     The optimizer's entries are swapped in place. Returns the bytes this rank sent."""
+    from moesaic.parallel import expert_state
+
     sent = 0
     for layer, moe in zip(plan.placement, model.moe_layers()):
         old: LayerPlan = moe.layer_plan
         new = LayerPlan(tuple(layer), old.ep_rank, old.ep_size)
         store: GroupedExperts = moe.experts
-        ws = [store.w1_EFD, store.w2_EDF, store.w3_EFD]
-        states = [optimizer.state.get(w, {}) for w in ws]
-        n_old = len(old.local_experts)
-
-        def rows(t_list):  # (n_old, 3*F*D) from three per-expert tensors
-            return torch.cat([t.reshape(n_old, -1) for t in t_list], 1)
-
-        have_moments = all("exp_avg" in s for s in states)
-        parts = [rows([w.data for w in ws])]
-        if have_moments:
-            parts += [rows([s[m] for s in states]) for m in ("exp_avg", "exp_avg_sq")]
-        flat = torch.cat(parts, 1)
+        flat, moments = expert_state.pack(store, optimizer, len(old.local_experts))
         row_of = {e: i for i, e in enumerate(old.local_experts)}
         P, me = old.ep_size, old.ep_rank
         wanted = {d: [e for e, h in enumerate(new.holders) if d in h] for d in range(P)}
         held = {d: [e for e, h in enumerate(old.holders) if d in h] for d in range(P)}
         source = {e: old.holders[e][0] for e in range(old.num_experts)}
+        # 1. rows to send: experts a rank newly computes, from their first old holder, by (dest, expert)
         sends = [(d, e) for d in range(P) if d != me for e in wanted[d] if e not in held[d] and source[e] == me]
-        recvs = [(source[e], e) for e in wanted[me] if e not in held[me]]
-        recvs.sort()
+        recvs = sorted((source[e], e) for e in wanted[me] if e not in held[me])
         send = flat[[row_of[e] for _, e in sends]] if sends else flat[:0]
         recv = flat.new_empty(len(recvs), flat.shape[1])
+        # 2. one uneven all_to_all_single within the EP group
         dist.all_to_all_single(recv, send.contiguous(), [sum(1 for s, _ in recvs if s == r) for r in range(P)],
                                [sum(1 for d, _ in sends if d == r) for r in range(P)], group=moe.dispatcher.group)
         sent += send.numel() * send.element_size()
+        # 3. the new shard, the optimizer pointed at it, and a dispatcher for the new plan
         got = {e: recv[i] for i, (_, e) in enumerate(recvs)}
-        new_rows = torch.stack([flat[row_of[e]] if e in row_of else got[e] for e in new.local_experts]) \
+        rows = torch.stack([flat[row_of[e]] if e in row_of else got[e] for e in new.local_experts]) \
             if new.local_experts else flat[:0]
-        F, D = store.ffn_dim, store.dim
-        sizes = [F * D, D * F, F * D]
-        shapes = [(F, D), (D, F), (F, D)]
-        sub = GroupedExperts(len(new.local_experts), D, F)
-        chunks = new_rows.split([sum(sizes)] * (3 if have_moments else 1), dim=1)
-        n = len(new.local_experts)
-        with torch.no_grad():
-            for k, name in enumerate(("w1_EFD", "w2_EDF", "w3_EFD")):
-                getattr(sub, name).copy_(chunks[0].split(sizes, 1)[k].reshape(n, *shapes[k]))
-        for k, (w_old, name) in enumerate(zip(ws, ("w1_EFD", "w2_EDF", "w3_EFD"))):
-            w_new = getattr(sub, name)
-            for group in optimizer.param_groups:
-                for i, p in enumerate(group["params"]):
-                    if p is w_old:
-                        group["params"][i] = w_new
-            st = optimizer.state.pop(w_old, None)
-            if st is not None and have_moments:
-                optimizer.state[w_new] = {
-                    "step": st["step"].clone(),
-                    "exp_avg": chunks[1].split(sizes, 1)[k].reshape(n, *shapes[k]).clone(),
-                    "exp_avg_sq": chunks[2].split(sizes, 1)[k].reshape(n, *shapes[k]).clone(),
-                }
+        sub = GroupedExperts(len(new.local_experts), store.dim, store.ffn_dim)
+        for name in ("w1_EFD", "w2_EDF", "w3_EFD"):  # the optimizer's entries are keyed by the old tensors
+            setattr(sub, name, getattr(store, name))
+        expert_state.install(sub, optimizer, rows, moments, store.ffn_dim, store.dim)
         sub.expert_ids = new.local_experts
         moe.experts = sub
         old_dispatcher = moe.dispatcher

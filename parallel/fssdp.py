@@ -356,20 +356,15 @@ def reshard_owners(model: nn.Module, optimizer: torch.optim.Optimizer, owners_LE
     """Move each expert's owned state (parameters and AdamW moments) to a new owner, layer by layer,
     with one all_to_all_single per layer (collective). The optimizer's entries are swapped in place.
     Returns the bytes this rank sent."""
+    from moesaic.parallel import expert_state
+
     sent = 0
     for moe, owners in zip(model.moe_layers(), owners_LE):
         st: FSSDPExperts = moe.experts
         owners = np.asarray(owners, dtype=np.int64)
         old_ids, rank, P = list(st.owned_ids), st.rank, st.P
         new_ids = [e for e in range(len(owners)) if owners[e] == rank]
-        ws = [st.w1_EFD, st.w2_EDF, st.w3_EFD]
-        states = [optimizer.state.get(w, {}) for w in ws]
-        moments = all("exp_avg" in s for s in states)
-        n = len(old_ids)
-        parts = [torch.cat([w.data.reshape(n, -1) for w in ws], 1)]
-        if moments:
-            parts += [torch.cat([s[m].reshape(n, -1) for s in states], 1) for m in ("exp_avg", "exp_avg_sq")]
-        flat = torch.cat(parts, 1)
+        flat, moments = expert_state.pack(st, optimizer, len(old_ids))
         # 1. rows to send: every owned expert whose new owner is another rank, by (destination, expert)
         sends = sorted((int(owners[e]), e) for e in old_ids if owners[e] != rank)
         recvs = sorted((int(st.owners[e]), e) for e in new_ids if st.owners[e] != rank)
@@ -380,27 +375,10 @@ def reshard_owners(model: nn.Module, optimizer: torch.optim.Optimizer, owners_LE
         dist.all_to_all_single(recv, send.contiguous(), [sum(1 for s, _ in recvs if s == r) for r in range(P)],
                                [sum(1 for d, _ in sends if d == r) for r in range(P)], group=st.group)
         sent += send.numel() * send.element_size()
+        # 3. the new shard's tensors, and the optimizer pointed at them
         got = {e: recv[i] for i, (_, e) in enumerate(recvs)}
         rows = torch.stack([flat[row[e]] if e in row else got[e] for e in new_ids]) if new_ids else flat[:0]
-        # 3. the new shard's tensors, and the optimizer pointed at them
-        F, D = st.F, st.D
-        sizes, shapes = [F * D, D * F, F * D], [(F, D), (D, F), (F, D)]
-        chunks = rows.split([sum(sizes)] * (3 if moments else 1), dim=1)
-        m = len(new_ids)
-        for i, (w_old, name) in enumerate(zip(ws, ("w1_EFD", "w2_EDF", "w3_EFD"))):
-            w_new = nn.Parameter(chunks[0].split(sizes, 1)[i].reshape(m, *shapes[i]).clone())
-            setattr(st, name, w_new)
-            for group in optimizer.param_groups:
-                for j, p in enumerate(group["params"]):
-                    if p is w_old:
-                        group["params"][j] = w_new
-            old_state = optimizer.state.pop(w_old, None)
-            if old_state is not None and moments:
-                optimizer.state[w_new] = {
-                    "step": old_state["step"].clone(),
-                    "exp_avg": chunks[1].split(sizes, 1)[i].reshape(m, *shapes[i]).clone(),
-                    "exp_avg_sq": chunks[2].split(sizes, 1)[i].reshape(m, *shapes[i]).clone(),
-                }
+        expert_state.install(st, optimizer, rows, moments, st.F, st.D)
         st.owned_ids, st.owners = new_ids, owners
         st.set_plan(st.layer_plan)  # the gather schedule follows the new owners
     return sent

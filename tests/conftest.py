@@ -33,7 +33,7 @@ def torchrun(nproc: int, args: list[str], *, timeout: float = 300, module: str =
     """Run `torchrun --standalone --nproc_per_node N -m module args` and return the CompletedProcess."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--nnodes", "1",
+        "--standalone",
         "-m", module, *args,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(), cwd=cwd)

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import child_env, free_port, read_metrics, torchrun
+from conftest import child_env, read_metrics, torchrun
 
 SMOKE = ["experiment=smoke", "logging.log_every=1", "eval_every=0"]
 
@@ -174,7 +174,7 @@ def test_killed_rank_restarts_and_finishes_like_an_uninterrupted_run(tmp_path):
     base = [*SMOKE, "steps=30", f"logging.out_dir={tmp_path}", "checkpoint.every_n_steps=5", "checkpoint.resume=auto"]
     torchrun(2, [*base, "logging.run_name=clean"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
-           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--nnodes", "1",
+           "--standalone",
            "-m", "moesaic.trainer", *base, "logging.run_name=killed"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
     metrics = tmp_path / "killed/metrics.jsonl"

@@ -34,8 +34,7 @@ def test_deepspeed_engine_matches_torch_engine(tmp_path, stage):
 @pytest.mark.dist
 @pytest.mark.parametrize("stage", [1, 2])
 def test_deepspeed_never_holds_an_expert(stage):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
-           "--rdzv_endpoint", f"127.0.0.1:{free_port()}", str(WORKERS / "ds_engine.py"), str(stage)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(WORKERS / "ds_engine.py"), str(stage)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=child_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])

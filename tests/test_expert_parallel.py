@@ -8,15 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import child_env, free_port, read_metrics, torchrun
+from conftest import child_env, read_metrics, torchrun
 from moesaic.parallel.expert_parallel import _source_to_expert_major, capacity_keep
 
 WORKERS = Path(__file__).resolve().parent / "workers"
 
 
 def _torchrun_script(nproc, script, args, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--rdzv_backend", "c10d",
-           "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--nnodes", "1", *script, *map(str, args)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone", *script, *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env())
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import child_env, free_port
+from conftest import child_env
 from moesaic.placement.plan import Placement
 from moesaic.placement.simulate import CLUSTERS, Shape, coherent_inference, destinations, gather_bytes, simulate, token_bytes
 
@@ -44,8 +44,7 @@ def test_simulated_bytes_equal_the_trainers_counters(tmp_path):
     from moesaic.parallel.fssdp import even_owners
 
     out = tmp_path / "r.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--rdzv_backend", "c10d",
-           "--rdzv_endpoint", f"127.0.0.1:{free_port()}", str(WORKERS / "sim_calibrate.py"), str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--standalone", str(WORKERS / "sim_calibrate.py"), str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
