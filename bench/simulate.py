@@ -37,20 +37,35 @@ def main() -> None:
     ap.add_argument("--cluster", default="h100-nvlink-ib400")
     ap.add_argument("--replicas", type=float, default=0.25, help="dynamic replicas per layer, as a share of the GPUs")
     ap.add_argument("--time-limit", type=float, default=60.0)
+    ap.add_argument("--traces", default=None, help="a folder of real traces (e.g. ../shared/data/traces/mixtral-8x7b): "
+                    "fit on all but --held-out, evaluate on it")
+    ap.add_argument("--held-out", default="coding")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     print("machine:", machine())
     p = PRESETS[a.preset]
-    preset = Preset(min(a.layers, p.num_layers), p.num_experts, p.top_k, p.skew, p.affinity)
+    preset = Preset(p.num_layers if a.traces else min(a.layers, p.num_layers), p.num_experts, p.top_k, p.skew, p.affinity)
     cluster, shape = CLUSTERS[a.cluster], SHAPES[a.preset]
     print(f"{a.preset}: {preset.num_layers} layers x {preset.num_experts} experts, top-{preset.top_k}; "
           f"{a.tokens_per_gpu} tokens per GPU; cluster {a.cluster} {cluster}\n")
     rows, infer = [], []
+    real = None
+    if a.traces:
+        from moesaic.placement.traces import load_trace
+
+        files = sorted(Path(a.traces).glob("*.json"))
+        held = [f for f in files if f.stem == a.held_out]
+        real = (RoutingStats.from_experts(np.concatenate([load_trace(f) for f in files if f not in held]), preset.num_experts),
+                load_trace(held[0]).astype(np.int64))
+        print(f"real traces: fit on {[f.stem for f in files if f not in held]}, evaluate on {a.held_out} "
+              f"({real[1].shape[0]} tokens, all layers)\n")
     for G in a.gpus:
         T = a.tokens_per_gpu * G
-        fit_trace = synth(preset, T, 0, sample_seed=1)
-        ev = synth(preset, T, 0, sample_seed=2)
-        fit = RoutingStats.from_experts(fit_trace, preset.num_experts)
+        if real is not None:
+            fit, ev = real
+        else:
+            fit = RoutingStats.from_experts(synth(preset, T, 0, sample_seed=1), preset.num_experts)
+            ev = synth(preset, T, 0, sample_seed=2)
         ev_loads = RoutingStats.from_experts(ev, preset.num_experts).P
         topo = Topology(num_gpus=G, gpus_per_node=min(cluster.gpus_per_node, G))
         t0 = time.perf_counter()
