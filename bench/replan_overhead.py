@@ -71,11 +71,9 @@ def main() -> None:
     for case in a.cases:
         sel = [r for r in results if r["case"] == case]
         rows.append({"case": case, **{k: statistics.median([r[k] for r in sel]) for k in sel[0] if k not in ("case", "repeat")}})
-    base = {"fssdp": rows[0]["median_step_s"]} if rows else {}
     for r in rows:
         ref = next((x for x in rows if x["case"].split(",")[0] == r["case"].split(",")[0] and "fixed" in x["case"]), None)
         r["step_time_vs_fixed"] = r["median_step_s"] / ref["median_step_s"] if ref else float("nan")
-    del base
     print(table(rows))
     write_json(a.json, {"machine": machine(), "args": vars(a), "runs": results, "rows": rows})
 
