@@ -147,3 +147,17 @@ def test_rendezvous_times_out_with_a_message(tmp_path):
                            f"logging.out_dir={tmp_path}"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert proc.returncode == 4, proc.stderr[-2000:]
     assert "timed out after parallel.timeout_s (5) s as rank 0 of WORLD_SIZE 2" in proc.stderr
+
+
+def test_torchrun_wrapper_single_node_and_named_multinode_error(tmp_path):
+    wrapper = str(REPO / "launch" / "torchrun.sh")
+    env = child_env(PYTHON=sys.executable, NPROC_PER_NODE="2")
+    proc = subprocess.run(["bash", wrapper, "experiment=smoke", "steps=5", "optim.warmup_steps=1",
+                           f"logging.out_dir={tmp_path}", "logging.run_name=w"], capture_output=True, text=True,
+                          timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "w/summary.json").read_text())["world_size"] == 2
+    env = child_env(PYTHON=sys.executable, NNODES="2")
+    env.pop("MASTER_ADDR", None)
+    proc = subprocess.run(["bash", wrapper], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode != 0 and "MASTER_ADDR must be set for a multi-node launch" in proc.stderr
