@@ -18,7 +18,6 @@ from collections import deque
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from moesaic.parallel.expert_parallel import migrate_resident
 from moesaic.parallel.fssdp import set_fssdp_plan
@@ -27,7 +26,7 @@ from moesaic.placement.plan import Placement
 from moesaic.placement.solve import solve
 from moesaic.placement.stats import RoutingStats
 from moesaic.placement.topology import Topology
-from moesaic.trainer.dist import all_reduce_, broadcast_object
+from moesaic.trainer.dist import broadcast_object
 
 
 def launcher_gpus_per_node(num_gpus: int) -> int:
@@ -158,10 +157,11 @@ class DynamicReplicas:
         base = sum(len(g) for layer in self.par.plan.placement for g in layer)
         self.replicas_added.append(sum(len(g) for layer in plan.placement for g in layer) - base)
 
-    def after_step(self, counts_LE) -> None:
-        if not self.enabled or counts_LE is None:
+    def after_step(self, global_counts_LE) -> None:
+        """Record the step's loads, summed over all ranks."""
+        if not self.enabled or global_counts_LE is None:
             return
-        self.history.append(all_reduce_(counts_LE.to(torch.float64), self.info).numpy())
+        self.history.append(global_counts_LE.numpy())
 
 
 class Resharder:

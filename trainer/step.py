@@ -26,6 +26,14 @@ class StepResult:
     counts_LE: torch.Tensor | None  # this rank's token-slots per expert
     comm: dict = field(default_factory=dict)  # this rank's bytes and dropped tokens
     phase_s: dict = field(default_factory=dict)
+    _global_LE: torch.Tensor | None = None
+
+    def global_counts(self, info: DistInfo) -> torch.Tensor | None:
+        """Token-slots per expert summed over all ranks: one all-reduce per step, however many
+        consumers (bias updates, dynamic replicas, logging) ask. Every rank must ask alike."""
+        if self._global_LE is None and self.counts_LE is not None:
+            self._global_LE = all_reduce_(self.counts_LE.to(torch.float64), info)
+        return self._global_LE
 
 
 def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer, scheduler, info: DistInfo) -> StepResult:
@@ -74,15 +82,15 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    if counts_LE is not None and any(m.router.cfg.bias_update_rate > 0 for m in model.moe_layers()):
-        global_LE = all_reduce_(counts_LE.to(torch.float64), info)
-        for moe, c in zip(model.moe_layers(), global_LE):
-            moe.router.update_bias(c)
     comm["expert_grad_bytes"] = par.counters.get("expert_grad_bytes", 0)
     comm["expert_gather_bytes"] = par.counters.get("expert_gather_bytes", 0)
+    result = StepResult(ce, aux, z, grad_norm, lr, skipped, counts_LE, comm)
+    if counts_LE is not None and any(m.router.cfg.bias_update_rate > 0 for m in model.moe_layers()):
+        for moe, c in zip(model.moe_layers(), result.global_counts(info)):
+            moe.router.update_bias(c)
     t3 = time.perf_counter()
-    return StepResult(ce, aux, z, grad_norm, lr, skipped, counts_LE, comm,
-                      {"forward_backward_s": t1 - t0, "reduce_clip_s": t2 - t1, "update_s": t3 - t2})
+    result.phase_s = {"forward_backward_s": t1 - t0, "reduce_clip_s": t2 - t1, "update_s": t3 - t2}
+    return result
 
 
 @torch.no_grad()

@@ -136,7 +136,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume) -> dict:
         dynamic.before_step()
         r = train_step(step, cfg=cfg, corpus=corpus, par=par, recorder=recorder, optimizer=optimizer,
                        scheduler=scheduler, info=info)
-        dynamic.after_step(r.counts_LE)
+        dynamic.after_step(r.global_counts(info) if dynamic.enabled else None)
         done = step + 1
         tokens_done += tokens_per_step
         skipped += int(r.skipped)
@@ -208,5 +208,5 @@ def _train_record(r, done, dt, tokens_done, tok_s, fpt, cfg, info, par, t_start,
     if cfg.logging.peak_tflops > 0:
         record["mfu"] = fpt * tok_s / info.world_size / (cfg.logging.peak_tflops * 1e12)
     if r.counts_LE is not None:
-        record["load_max_over_mean"] = load_stats(all_reduce_(r.counts_LE.to(torch.float64), info))
+        record["load_max_over_mean"] = load_stats(r.global_counts(info))
     return record
