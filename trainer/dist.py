@@ -112,11 +112,17 @@ def init_distributed(pcfg: ParallelConfig) -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
+        timeout = datetime.timedelta(seconds=pcfg.timeout_s)
+        store, rank, world_size = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+        # A restarted job (torchrun --max-restarts) reuses the agent's store: keys of the killed
+        # attempt (the old ranks' addresses) would still be there. Each attempt gets its own prefix.
+        store = dist.PrefixStore(f"moesaic/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         dist.init_process_group(
             backend=backend,
+            store=store,
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(seconds=pcfg.timeout_s),
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
     except (RuntimeError, dist.DistError) as e:
