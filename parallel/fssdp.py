@@ -31,13 +31,16 @@ from moesaic.placement.plan import Placement, check_fits
 
 log = logging.getLogger(__name__)
 
-# Bytes of materialized expert weights alive on this rank (gathered, prefetched), and the peak.
-WORKING_SET = {"live": 0, "peak": 0}
+# Bytes of materialized expert weights alive on this rank (gathered, prefetched), and the peak;
+# `grads`: their gradients, alive from a layer's backward until its sparse_reduce_scatter, and
+# `peak_total`, the peak of weights and gradients together.
+WORKING_SET = {"live": 0, "peak": 0, "grads": 0, "peak_total": 0}
 
 
-def _track(delta: int) -> None:
-    WORKING_SET["live"] += delta
+def _track(delta: int, grads: bool = False) -> None:
+    WORKING_SET["grads" if grads else "live"] += delta
     WORKING_SET["peak"] = max(WORKING_SET["peak"], WORKING_SET["live"])
+    WORKING_SET["peak_total"] = max(WORKING_SET["peak_total"], WORKING_SET["live"] + WORKING_SET["grads"])
 
 
 def even_owners(num_experts: int, num_ranks: int) -> np.ndarray:
@@ -97,6 +100,7 @@ class FSSDPExperts(nn.Module):
         self.grad_scale = 1.0  # 1 / world size: expert gradients of the global mean loss
         self.edp_group = None  # other expert domains holding the same shard
         self.peak_materialized_bytes = 0
+        self._grad_bytes = 0
         self.set_plan(layer_plan)
 
     # -- plan -----------------------------------------------------------------------------------
@@ -107,6 +111,9 @@ class FSSDPExperts(nn.Module):
         self.schedule = GatherSchedule.build(layer_plan.holders, self.owners, self.rank, self.P)
         self.num_compute = len(layer_plan.local_experts)
         self._pending = None
+        # every expert computed by its owner alone, on every rank (the plan and owners are global):
+        # the layer computes with the owned shard in place, and nothing is gathered or scattered
+        self.direct = all(tuple(h) == (int(self.owners[e]),) for e, h in enumerate(layer_plan.holders))
 
     @property
     def num_experts(self) -> int:  # what the dispatcher's grouped GEMM sees
@@ -141,6 +148,15 @@ class FSSDPExperts(nn.Module):
 
     def sparse_all_gather(self) -> None:
         """Materialize the weights of the experts this rank computes (collective)."""
+        if self.direct:
+            self._grad_expected = torch.is_grad_enabled()
+            self._prefetch_next()
+            return
+        # gradient accumulation: what the previous micro-batch's backward left unsent goes first
+        if self._rs_pending is not None:
+            self.finish_reduce_scatter()
+        if self._mat is not None and self._mat.grad is not None:
+            self.sparse_reduce_scatter()
         if self._mat is not None:  # a previous forward's weights (evaluation, no backward)
             _track(-self._mat.untyped_storage().nbytes())
             self._mat = None
@@ -151,11 +167,24 @@ class FSSDPExperts(nn.Module):
             flat = self._finish_gather(*self._issue_gather(async_op=False))
         self._mat = flat.requires_grad_(True)
         self._grad_expected = torch.is_grad_enabled()
+        if self._grad_expected:
+            self._mat.register_post_accumulate_grad_hook(self._grad_ready)
         self.peak_materialized_bytes = max(self.peak_materialized_bytes, flat.numel() * flat.element_size())
-        if self.prefetch and self.next is not None and torch.is_grad_enabled():
-            self.next._pending = self.next._issue_gather(async_op=True)
+        self._prefetch_next()
+
+    def _prefetch_next(self) -> None:
+        nxt = self.next
+        if self.prefetch and nxt is not None and not nxt.direct and torch.is_grad_enabled():
+            nxt._pending = nxt._issue_gather(async_op=True)
+
+    def _grad_ready(self, mat: torch.Tensor) -> None:
+        if not self._grad_bytes:  # counted once per materialization, however many micro-batches add to it
+            self._grad_bytes = mat.grad.numel() * mat.grad.element_size()
+            _track(self._grad_bytes, grads=True)
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.direct:  # compute experts == owned experts, both in id order
+            return self.w1_EFD, self.w2_EDF, self.w3_EFD
         n, F, D = self.num_compute, self.F, self.D
         w1, w2, w3 = self._mat.split([F * D, D * F, F * D], dim=1)
         return w1.reshape(n, F, D), w2.reshape(n, D, F), w3.reshape(n, F, D)
@@ -211,7 +240,9 @@ class FSSDPExperts(nn.Module):
             n for r, n in enumerate(sch.out_splits) if r != self.rank)
         if self._mat is not None:
             _track(-self._mat.untyped_storage().nbytes())
-        self._mat = None  # the materialized weights are no longer needed
+        _track(-self._grad_bytes, grads=True)
+        self._grad_bytes = 0
+        self._mat = None  # the materialized weights and their gradients are no longer needed
         self._rs_pending = (work, recv, send)
         if not async_op:
             self.finish_reduce_scatter()
@@ -228,14 +259,28 @@ class FSSDPExperts(nn.Module):
         n = len(self.owned_ids)
         owned = torch.zeros(n, self.row_size, dtype=recv.dtype).index_add_(
             0, torch.tensor(sch.send_rows, dtype=torch.int64), recv)
+        self._install_grads(owned, accumulate=True)  # micro-batches of one step add up
+
+    def direct_grads(self) -> None:
+        """A direct layer's gradients are already on the owned shard: sum them over the expert domains
+        and scale, as the reduce-scatter's last step does (collective over edp)."""
+        if not (self.direct and self._grad_expected):
+            return
+        self._grad_expected = False
+        n = len(self.owned_ids)
+        ws = (self.w1_EFD, self.w2_EDF, self.w3_EFD)
+        owned = torch.cat([(w.grad if w.grad is not None else torch.zeros_like(w)).reshape(n, -1) for w in ws], 1)
+        self._install_grads(owned, accumulate=False)  # autograd has added up the micro-batches
+
+    def _install_grads(self, owned: torch.Tensor, *, accumulate: bool) -> None:
+        n = len(self.owned_ids)
         if self.edp_group is not None and dist.get_world_size(self.edp_group) > 1:
             dist.all_reduce(owned, group=self.edp_group)
         owned *= self.grad_scale
         F, D = self.F, self.D
         g1, g2, g3 = owned.split([F * D, D * F, F * D], dim=1)
-        self.w1_EFD.grad = g1.reshape(n, F, D).contiguous()
-        self.w2_EDF.grad = g2.reshape(n, D, F).contiguous()
-        self.w3_EFD.grad = g3.reshape(n, F, D).contiguous()
+        for w, g in ((self.w1_EFD, g1.reshape(n, F, D)), (self.w2_EDF, g2.reshape(n, D, F)), (self.w3_EFD, g3.reshape(n, F, D))):
+            w.grad = g.contiguous() if not accumulate or w.grad is None else w.grad + g
 
     def extra_repr(self) -> str:
         return f"owned={self.owned_ids}, compute={self.layer_plan.local_experts}"
@@ -326,7 +371,9 @@ def fssdp_reduce_scatter(model: nn.Module) -> None:
     """After backward: the sparse_reduce_scatter of the layers that backward has not sent yet (the
     first MoE layer; every layer when a layer ran without autograd's trigger), in reverse order."""
     for moe in reversed(model.moe_layers()):
-        if moe.experts._mat is not None:
+        if moe.experts.direct:
+            moe.experts.direct_grads()
+        elif moe.experts._mat is not None:
             moe.experts.sparse_reduce_scatter()
     for moe in model.moe_layers():  # the asynchronous ones still in flight
         moe.experts.finish_reduce_scatter()

@@ -27,6 +27,9 @@ class PlacementConfig:
     """Older statistics fade by this factor at every re-plan (0: only the last window counts)."""
     adopt_after_steps: int = 3
     """Steps between the start of a solve (in the background) and the boundary where the plan is adopted."""
+    slots_per_gpu: int = 0
+    """Experts each GPU computes per layer in re-placed plans (0: the fewest that fit, ceil(E / GPUs));
+    more slots hold replicas of hot experts (under FSSDP they cost gather bytes, not resident memory)."""
     inter_node_cost: float = 2.0
     """Hop cost across nodes relative to 1 within a node."""
     dynamic_replicas: int = 0
@@ -48,6 +51,8 @@ class PlacementConfig:
             raise ValueError(f"placement.adopt_after_steps ({self.adopt_after_steps}) must be >= 0")
         if self.time_limit <= 0:
             raise ValueError(f"placement.time_limit ({self.time_limit}) must be > 0")
+        if self.slots_per_gpu < 0:
+            raise ValueError(f"placement.slots_per_gpu ({self.slots_per_gpu}) must be >= 0 (0: ceil(experts / GPUs))")
         if self.dynamic_replicas < 0:
             raise ValueError(f"placement.dynamic_replicas ({self.dynamic_replicas}) must be >= 0")
         if self.predictor_window < 1:

@@ -36,3 +36,73 @@ def test_placement_quality_one_domain(tmp_path):
     out = run("placement_quality.py", "--domains", "coding", "--epsilons", 0.05, 1.0, "--time-limit", 20,
               "--json", tmp_path / "q.json", "--plot", tmp_path / "t.png")
     assert "## 8 GPUs, 2 slots per GPU" in out and (tmp_path / "t.png").stat().st_size > 2000
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_compare_tiny(tmp_path):
+    out = run("compare.py", "--model", "tiny", "--warm-steps", 4, "--warmup", 1, "--steps", 3, "--rounds", 1,
+              "--extra", "batch_size=2", "data.seq_len=32", "data.max_bytes=2000000", "eval_batches=1",
+              "--cache", tmp_path / "c", "--json", tmp_path / "r.json", timeout=900)
+    assert "## (a) DeepSpeed-MoE ep_size = 4" in out and "## (b) DeepSpeed-MoE ep_size = 2" in out
+    r = json.loads((tmp_path / "r.json").read_text())["settings"]
+    unit = 2 * 3 * 32 * 32 * 4 / 2**20  # MiB of one expert (tiny: d 32, ffn 32, fp32) in each of 2 layers
+    # expert state from the tensors, against what each layout must hold per rank (E = 4 experts):
+    # DeepSpeed ZeRO-2 keeps its local experts, an fp32 master partition and two Adam moments, and at
+    # the end of backward the local experts' full gradients (ep 4: 1 expert each; ep 2: 2, partitions of 1)
+    assert r["a"]["contenders"]["deepspeed-moe"]["expert_state_MiB"] == pytest.approx((1 + 1 + 1 + 2) * unit)
+    assert r["b"]["contenders"]["deepspeed-moe"]["expert_state_MiB"] == pytest.approx((2 + 2 + 1 + 2) * unit)
+    assert r["a"]["contenders"]["moesaic-ep"]["expert_state_MiB"] == pytest.approx(4 * unit)
+    assert r["b"]["contenders"]["moesaic-ep"]["expert_state_MiB"] == pytest.approx(8 * unit)
+    for s in ("a", "b"):
+        c = r[s]["contenders"]
+        fssdp = c["moesaic-fssdp"]
+        assert fssdp["working_set_MiB"] > 0 and fssdp["expert_state_MiB"] == pytest.approx(4 * unit + fssdp["working_set_MiB"])
+        # DeepSpeed-MoE pads every expert's buffer to the largest load: never fewer token bytes than dropless EP
+        assert c["deepspeed-moe"]["bytes_MiB_per_step"]["tokens"] >= c["moesaic-ep"]["bytes_MiB_per_step"]["tokens"] > 0
+        assert "dense_grads" in c["moesaic-ep"]["bytes_MiB_per_step"] and "zero_grads" in c["deepspeed-moe"]["bytes_MiB_per_step"]
+        assert all(x["median_step_s"] > 0 and x["final_train_loss"] < 6 for x in c.values())
+    assert r["b"]["contenders"]["moesaic-fssdp"]["bytes_MiB_per_step"]["expert_params"] > 0  # replicas are gathered
+
+
+def test_gpu_train_tiny_on_cpu(tmp_path):
+    out = run("gpu_train.py", "--device", "cpu", "--tiny", "--batch", 2, "--warmup", 1, "--steps", 2,
+              "--json", tmp_path / "g.json")
+    assert "whole training steps" in out
+    row = json.loads((tmp_path / "g.json").read_text())["rows"][0]
+    assert row["mfu"] > 0 and row["tokens_per_s"] > 0 and row["last_loss"] < 6
+
+
+def test_master_adamw_equals_torch_adamw():
+    """gpu_train's fp32-master AdamW, on fp32 weights, is torch's AdamW with clipping (chunked or not)."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    from gpu_train import MasterAdamW
+
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    mine = MasterAdamW(a, lr=1e-2, weight_decay=0.1, chunk_elems=10)
+    ref = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))
+    assert len(mine.chunks) == 2
+    for step in range(3):
+        g = [torch.randn_like(p) * (10 if step == 1 else 1) for p in a]
+        for p, q, gi in zip(a, b, g):
+            p.grad, q.grad = gi.clone(), gi.clone()
+        mine.step(1.0)
+        torch.nn.utils.clip_grad_norm_(b, 1.0)
+        ref.step()
+    for p, q in zip(a, b):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_simulate_calibrate_tiny(tmp_path):
+    out = run("simulate_calibrate.py", "--tokens", 128, "--dim", 32, "--ffn", 32, "--layers", 2, "--reps", 2,
+              "--json", tmp_path / "c.json")
+    assert "Simulator time calibration" in out
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert len(rows) == 4 and all(r["measured (ms)"] > 0 and r["simulated (ms)"] > 0 for r in rows)
+    assert rows[0]["sim a2a (ms)"] == 0 and rows[1]["sim a2a (ms)"] > 0

@@ -61,3 +61,58 @@ def test_deepspeed_with_checkpoints_is_refused_by_name():
 
     with pytest.raises(ValueError, match=r"with parallel.engine \(deepspeed\): checkpoints of DeepSpeed"):
         TrainConfig(parallel=ParallelConfig(engine="deepspeed"), checkpoint=CheckpointConfig(every_n_steps=5))
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("world,ep", [(2, 2), (4, 4), (4, 2)])
+def test_deepspeed_moe_block_matches_reference(world, ep):
+    """model.moe_impl=deepspeed: DeepSpeed-MoE's layer with the weights moesaic copied into it computes
+    the one-process reference (renormalised top-k), and its expert gradients sum over its EP group."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--standalone",
+           str(WORKERS / "ds_moe.py"), str(ep)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=child_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert r["ids_equal"] and r["counts_equal"], r
+    assert r["out_diff"] < 1e-5 and r["gate_grad_diff"] < 1e-5 and r["expert_grad_diff"] < 1e-5, r
+    assert r["expert_grad_norm"] > 1e-3 and r["a2a_bytes"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_trainer_runs_deepspeed_moe(tmp_path):
+    torchrun(2, ["experiment=smoke", "logging.log_every=1", "steps=12", "optim.warmup_steps=2",
+                 "parallel=deepspeed_moe", "model.moe_impl=deepspeed", f"logging.out_dir={tmp_path}",
+                 "logging.run_name=dsm"], timeout=600)
+    summary = json.loads((tmp_path / "dsm/summary.json").read_text())
+    assert summary["expert_sharding"] == "deepspeed-moe" and summary["ep_size"] == 2
+    losses = _losses(tmp_path / "dsm")
+    assert len(losses) == 12 and losses[-1] < losses[0] - 0.3, losses
+    rec = [r for r in read_metrics(tmp_path / "dsm") if r["kind"] == "train"][-1]
+    assert rec["a2a_bytes"] > 0 and len(rec["load_max_over_mean"]) == 2
+
+
+@pytest.mark.parametrize("override,field", [
+    ({"parallel": {"engine": "torch"}}, r"parallel.engine \('torch'\) must be 'deepspeed'"),
+    ({"parallel": {"engine": "deepspeed", "expert_sharding": "fssdp"}}, r"parallel.expert_sharding \('fssdp'\)"),
+    ({"parallel": {"engine": "deepspeed"}, "capacity": 1.25}, r"model.moe.capacity_factor \(1.25\) must be 0"),
+    ({"parallel": {"engine": "deepspeed"}, "plan": "round_robin"}, r"placement.plan \('round_robin'\)"),
+])
+def test_deepspeed_moe_refuses_what_it_cannot_do(override, field):
+    from moesaic.parallel.config import ParallelConfig
+    from moesaic.placement.config import PlacementConfig
+    from moesaic.trainer.config import TrainConfig
+    from moesaic.trainer.model import ModelConfig
+
+    model = ModelConfig(moe_impl="deepspeed", moe={"capacity_factor": override.get("capacity", 0.0)})
+    with pytest.raises(ValueError, match=field + r".* with model.moe_impl \(deepspeed\)"):
+        TrainConfig(model=model, parallel=ParallelConfig(**override["parallel"]),
+                    placement=PlacementConfig(plan=override.get("plan", "contiguous")))
+
+
+def test_unknown_moe_impl_is_refused():
+    from moesaic.trainer.model import ModelConfig
+
+    with pytest.raises(ValueError, match=r"model.moe_impl \('tutel'\) must be one of 'moesaic', 'deepspeed'"):
+        ModelConfig(moe_impl="tutel")

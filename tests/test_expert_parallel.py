@@ -64,6 +64,7 @@ def test_doctor_detects_a_wrong_result():
     (4, ["--ep", 4, "--plan", "random"]),
     (4, ["--ep", 2, "--plan", "replicated"]),  # expert data parallelism (edp 2) and replicas
     (4, ["--ep", 4, "--plan", "replicated", "--router", "sigmoid"]),  # aux-loss-free bias updates
+    (4, ["--ep", 2, "--plan", "replicated", "--micro", 2]),  # gradient accumulation
 ])
 def test_adamw_steps_match_single_process(tmp_path, nproc, args):
     out = tmp_path / "report.json"
@@ -130,6 +131,8 @@ def test_plan_file_that_does_not_fit_is_named(tmp_path):
     (4, ["--ep", 4, "--plan", "replicated", "--change-plan-after", 2]),
     (4, ["--ep", 2, "--plan", "replicated", "--router", "sigmoid", "--change-plan-after", 2]),  # two expert domains
     (4, ["--ep", 4, "--plan", "replicated", "--reshard-after", 2]),  # owners move (Hecate Alg. 2)
+    (4, ["--ep", 4, "--plan", "replicated", "--micro", 2]),  # gradient accumulation: nothing left unsent
+    (4, ["--ep", 2, "--plan", "contiguous", "--micro", 2]),  # every expert at its owner: computed in place
 ])
 def test_fssdp_steps_match_single_process(tmp_path, nproc, args):
     out = tmp_path / "report.json"

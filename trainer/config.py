@@ -162,6 +162,8 @@ class TrainConfig:
                 "checkpoint.every_n_steps / checkpoint.resume / stop_at_step with parallel.engine (deepspeed): "
                 "checkpoints of DeepSpeed's ZeRO-partitioned dense state are not supported yet; use parallel.engine=torch"
             )
+        if self.model.moe_impl == "deepspeed":
+            _check_deepspeed_moe(self)
         if self.placement.every_n_steps and self.parallel.ep_size == 1 and self.parallel.expert_sharding == "resident":
             raise ValueError(
                 f"placement.every_n_steps ({self.placement.every_n_steps}) needs expert parallelism: "
@@ -184,6 +186,25 @@ class TrainConfig:
             raise ValueError(
                 "checkpoint.resume (auto) needs a fixed place to look: set logging.run_name or checkpoint.dir"
             )
+
+
+def _check_deepspeed_moe(cfg: "TrainConfig") -> None:
+    """model.moe_impl=deepspeed runs DeepSpeed-MoE's layer as it is: refuse what it cannot do."""
+    m, p = cfg.model.moe, cfg.parallel
+    rules = [
+        (p.engine == "deepspeed", f"parallel.engine ({p.engine!r}) must be 'deepspeed'"),
+        (p.expert_sharding == "resident", f"parallel.expert_sharding ({p.expert_sharding!r}) must be 'resident'"),
+        (m.capacity_factor == 0, f"model.moe.capacity_factor ({m.capacity_factor}) must be 0 (dropless)"),
+        (m.router.score_func == "softmax", f"model.moe.router.score_func ({m.router.score_func!r}) must be 'softmax'"),
+        (m.router.bias_update_rate == 0, f"model.moe.router.bias_update_rate ({m.router.bias_update_rate}) must be 0"),
+        (cfg.placement.plan == "contiguous", f"placement.plan ({cfg.placement.plan!r}) must be 'contiguous'"),
+        (not cfg.placement.every_n_steps, f"placement.every_n_steps ({cfg.placement.every_n_steps}) must be 0"),
+        (not cfg.placement.dynamic_replicas, f"placement.dynamic_replicas ({cfg.placement.dynamic_replicas}) must be 0"),
+    ]
+    for ok, rule in rules:
+        if not ok:
+            raise ValueError(f"{rule} with model.moe_impl (deepspeed): DeepSpeed-MoE places experts contiguously, "
+                             "without drops or re-placement")
 
 
 def register_configs() -> None:

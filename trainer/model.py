@@ -44,10 +44,15 @@ class ModelConfig:
     """Share the input embedding with the output head."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """The MoE feed-forward block."""
+    moe_impl: str = "moesaic"
+    """`moesaic`, or `deepspeed`: DeepSpeed-MoE's layer (`deepspeed.moe.layer.MoE`) in its place, the
+    baseline that bench/compare.py measures against; it needs parallel.engine=deepspeed."""
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig(**self.moe)
+        if self.moe_impl not in ("moesaic", "deepspeed"):
+            raise ValueError(f"model.moe_impl ({self.moe_impl!r}) must be one of 'moesaic', 'deepspeed'")
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "max_seq_len", "dense_ffn_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} ({getattr(self, name)}) must be >= 1")

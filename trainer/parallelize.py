@@ -33,9 +33,18 @@ def resolve_plan(cfg: TrainConfig, world_size: int) -> Placement | None:
     ep = cfg.parallel.ep_size or world_size
     if world_size % ep:
         raise ValueError(f"parallel.ep_size ({ep}) must divide the world size ({world_size})")
+    E = cfg.model.moe.num_experts
+    if cfg.model.moe_impl == "deepspeed":  # DeepSpeed-MoE's own contiguous layout, no moesaic plan
+        if E % ep:
+            raise ValueError(f"model.moe.num_experts ({E}) must be divisible by the expert-parallel size ({ep}) "
+                             "with model.moe_impl (deepspeed)")
+        return None
     if ep == 1 and cfg.parallel.expert_sharding == "resident":
         return None
-    E = cfg.model.moe.num_experts
+    slots = cfg.placement.slots_per_gpu
+    if slots and not E <= slots * ep <= E * ep:
+        raise ValueError(f"placement.slots_per_gpu ({slots}) must be between ceil(experts / GPUs) "
+                         f"({-(-E // ep)}) and experts ({E}) for {E} experts on {ep} GPUs")
     L = cfg.model.num_moe_layers
     source = cfg.placement.plan
     if source in ("contiguous", "round_robin"):
@@ -74,6 +83,7 @@ class Parallel:
     counters: dict = field(default_factory=dict)
     expert_names: list = field(default_factory=list)  # parameters and buffers that differ across ranks
     ds_engine: object = None  # the DeepSpeed engine over the dense parameters (engine=deepspeed)
+    deepspeed_moe_ep: int = 0  # model.moe_impl=deepspeed: DeepSpeed-MoE's ep_size (its engine owns everything)
 
     def build_optimizer(self, cfg: TrainConfig):
         """(optimizer, scheduler) that the loop steps. Under engine=deepspeed they cover the experts
@@ -83,6 +93,8 @@ class Parallel:
         if cfg.parallel.engine != "deepspeed" or self.info.backend is None:
             opt = build_optimizer(self.model, cfg.optim)
             return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim, cfg.steps))
+        if self.deepspeed_moe_ep:
+            return self._build_deepspeed_moe(cfg)
         from moesaic.parallel.deepspeed_engine import apply_deepspeed
 
         names = set(self.expert_names)
@@ -105,6 +117,21 @@ class Parallel:
         self.train_model = self.ds_engine
         expert_opt = adamw(experts) if experts else torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=o.lr)
         return expert_opt, torch.optim.lr_scheduler.LambdaLR(expert_opt, lr_lambda(o, cfg.steps))
+
+    def _build_deepspeed_moe(self, cfg: TrainConfig):
+        """DeepSpeed's engine trains the whole model, experts included; the loop's own optimizer is empty."""
+        from moesaic.parallel.deepspeed_moe import check_expert_groups, deepspeed_moe_optimizer, initialize_deepspeed_moe
+        from moesaic.trainer.optim import lr_lambda
+
+        opt = deepspeed_moe_optimizer(self.model, cfg.optim)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim, cfg.steps))
+        self.ds_engine = initialize_deepspeed_moe(self.model, opt, sched, zero_stage=cfg.parallel.zero_stage,
+                                                  micro_batch=cfg.batch_size, grad_accum=cfg.grad_accum_steps,
+                                                  grad_clip=cfg.optim.grad_clip)
+        check_expert_groups(self.model, self.deepspeed_moe_ep, self.info.rank)
+        self.train_model = self.ds_engine
+        empty = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=cfg.optim.lr)
+        return empty, torch.optim.lr_scheduler.LambdaLR(empty, lambda _: 1.0)
 
     @property
     def expert_parallel(self) -> bool:
@@ -174,6 +201,12 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
     mesh = None
     ignored: list[str] = []
     pc = cfg.parallel
+    if cfg.model.moe_impl == "deepspeed":
+        from moesaic.parallel.deepspeed_moe import apply_deepspeed_moe
+
+        ep = pc.ep_size or info.world_size
+        names = apply_deepspeed_moe(model, ep, info.rank)
+        return Parallel(model, model, info, expert_names=names, deepspeed_moe_ep=ep)
     if plan is not None:
         from torch.distributed.device_mesh import init_device_mesh
 

@@ -74,7 +74,8 @@ class Replanner:
         P = self.par.plan.num_gpus
         topo = Topology(num_gpus=P, gpus_per_node=launcher_gpus_per_node(P), inter_node_cost=self.cfg.inter_node_cost)
 
-        args = (self.cfg.method, stats, topo, self.cfg.epsilon, self.cfg.time_limit, self.cfg.solver, step)
+        args = (self.cfg.method, stats, topo, self.cfg.epsilon, self.cfg.time_limit, self.cfg.solver, step,
+                self.cfg.slots_per_gpu or None)
 
         def run():
             # the solver runs in a fresh process: MILP solvers' native thread pools stay out of the
@@ -121,9 +122,10 @@ class Replanner:
         self.logger.log(record)
 
 
-def _solve_to_dict(method, stats, topo, epsilon, time_limit, solver, seed) -> dict:
+def _solve_to_dict(method, stats, topo, epsilon, time_limit, solver, seed, slots_per_gpu=None) -> dict:
     t0 = time.perf_counter()
-    plan = solve(method, stats, topo, epsilon=epsilon, time_limit=time_limit, solver=solver, seed=seed)
+    plan = solve(method, stats, topo, slots_per_gpu=slots_per_gpu, epsilon=epsilon, time_limit=time_limit,
+                 solver=solver, seed=seed)
     plan.meta["solver_process_seconds"] = time.perf_counter() - t0
     return plan.to_dict()
 

@@ -110,6 +110,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume) -> dict:
         f"data {corpus.name}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens; "
         f"val unigram entropy {unigram:.3f} {unit}; "
         + (f"experts: {cfg.parallel.expert_sharding} over ep_size {ep}, plan {cfg.placement.plan}; " if plan
+           else f"experts: deepspeed-moe over ep_size {ep}; " if par.deepspeed_moe_ep
            else "experts: every rank holds every expert; ")
         + f"run dir {run_dir}"
     )
@@ -174,7 +175,8 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume) -> dict:
         "skipped_steps": skipped, "tokens": tokens_done, "wall_s": wall,
         "tokens_per_s": ran * tokens_per_step / wall, "median_step_s": steady[len(steady) // 2],
         "world_size": info.world_size, "backend": info.backend, "device": str(info.device), "params": counts,
-        "ep_size": ep if plan else 1, "expert_sharding": cfg.parallel.expert_sharding if plan else "replicated",
+        "ep_size": ep if plan or par.deepspeed_moe_ep else 1,
+        "expert_sharding": cfg.parallel.expert_sharding if plan else "deepspeed-moe" if par.deepspeed_moe_ep else "replicated",
         "plan": par.plan.to_dict() if par.plan is not None else None,
         "placement_history": replanner.history, "reshard_history": resharder.history, "peak_rss_mib_per_rank": rss,
         "dynamic_replicas_added_mean": float(np.mean(dynamic.replicas_added)) if dynamic.replicas_added else 0.0,

@@ -8,6 +8,7 @@ Writes a JSON report (rank 0) to the path given by --out.
 """
 
 import argparse
+import contextlib
 import copy
 import json
 
@@ -49,6 +50,7 @@ def main():
     ap.add_argument("--no-remat", action="store_true")
     ap.add_argument("--change-plan-after", type=int, default=0, help="adopt a new (random) plan after this step")
     ap.add_argument("--reshard-after", type=int, default=0, help="move expert owners (Hecate Alg. 2) after this step")
+    ap.add_argument("--micro", type=int, default=1, help="gradient accumulation: micro-batches per step")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     dist.init_process_group("gloo")
@@ -70,6 +72,8 @@ def main():
             engine = "torch"
 
         class model:
+            moe_impl = "moesaic"
+
             class moe:
                 capacity_factor = 0.0
 
@@ -100,18 +104,22 @@ def main():
             report["reshard_bytes"] = reshard_owners(model, opt, [hecate_owners(lo, a.ep, 2) for lo in loads])
         gather_before = _bytes(model, "gather")
         x, y = batch(rank, step)
-        out = par.train_model(x, y)
-        out.loss.backward()
-        recorder.observe_model(model)
+        losses, counts = [], 0
+        for i in range(a.micro):  # the rank's batch in micro-batches; their mean loss is the batch's
+            with par.no_sync() if i < a.micro - 1 else contextlib.nullcontext():
+                out = par.train_model(x.chunk(a.micro)[i], y.chunk(a.micro)[i])
+                (out.loss / a.micro).backward()
+            recorder.observe_model(model)
+            losses.append(out.loss.item())
+            counts = counts + out.tokens_per_expert_LE.double()
         par.reduce_grads()
         norm = par.clip_grad_norm(0.5)
         opt.step()
         opt.zero_grad()
-        counts = out.tokens_per_expert_LE.double()
         dist.all_reduce(counts)
         for m, c in zip(model.moe_layers(), counts):
             m.router.update_bias(c)
-        loss = torch.tensor([out.loss.item()], dtype=torch.float64)
+        loss = torch.tensor([sum(losses) / a.micro], dtype=torch.float64)
         dist.all_reduce(loss)
         gbytes = torch.tensor([_bytes(model, "gather") - gather_before], dtype=torch.float64)
         dist.all_reduce(gbytes)
@@ -135,10 +143,13 @@ def main():
             total, outs = 0.0, []
             for r in range(W):
                 xr, yr = batch(r, step)
-                o = ref(xr, yr)
-                total = total + o.loss / W
-                outs.append(o)
-                ref_ids.append([mm.last_route.expert_ids_TK.clone() for mm in ref.moe_layers()])
+                ids_r = []
+                for i in range(a.micro):  # the same micro-batches (the aux loss is per micro-batch)
+                    o = ref(xr.chunk(a.micro)[i], yr.chunk(a.micro)[i])
+                    total = total + o.loss / (W * a.micro)
+                    outs.append(o)
+                    ids_r.append([mm.last_route.expert_ids_TK.clone() for mm in ref.moe_layers()])
+                ref_ids.append([torch.cat([ids[l] for ids in ids_r]) for l in range(mcfg.num_moe_layers)])
             total.backward()
             ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
             ref_opt.step()

@@ -32,6 +32,8 @@ def main():
                 engine = "torch"
 
             class model:
+                moe_impl = "moesaic"
+
                 class moe:
                     capacity_factor = 0.0
 

@@ -1,0 +1,191 @@
+"""One GPU, whole training steps of moesaic's own model and MoE layer: tokens/s and MFU.
+
+    python bench/gpu_train.py [--batch 8 4] [--steps 10] [--compile] [--json out.json]
+    python bench/gpu_train.py --device cpu --tiny          # the CPU smoke test
+
+The model (the issue's, about 2.62B parameters, 0.96B active): d 2048, 16 layers, 16 heads, 16
+experts of ffn 1408 (SwiGLU, grouped GEMM), top-4, 1 shared expert, seq 2048, byte vocabulary.
+
+Mixed precision, as Megatron does it: the model's weights, activations and gradients are bf16; the
+optimizer keeps fp32 master weights and fp32 AdamW moments, steps them (fused AdamW on CUDA, in
+chunks so that the fp32 copies of the gradients never all exist at once) and writes the bf16
+weights back. The global gradient norm is clipped to 1.0. Constant learning rate.
+
+FLOPs per token (as `moesaic.trainer.step.flops_per_token`): 6 x active parameters, plus causal
+attention 12 * layers * d * seq / 2. MFU = FLOPs per token x tokens/s / the dense bf16 matmul rate
+measured in the same run (8192^3). Needs torch alone (no hydra, wandb or pulp): the GPU image has
+none of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ensure_importable, machine, table, write_json  # noqa: E402
+
+ensure_importable()
+import torch  # noqa: E402
+
+from moesaic.trainer.model import ModelConfig, Transformer  # noqa: E402
+
+MODEL = dict(vocab_size=256, dim=2048, num_layers=16, num_heads=16, max_seq_len=2048,
+             moe=dict(num_experts=16, top_k=4, ffn_dim=1408, num_shared_experts=1))
+TINY = dict(vocab_size=256, dim=64, num_layers=2, num_heads=4, max_seq_len=64,
+            moe=dict(num_experts=4, top_k=2, ffn_dim=32, num_shared_experts=1))
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def dense_rate(device, n: int, reps: int) -> float:
+    """bf16 matmul TFLOP/s at n x n x n (the MFU denominator)."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+class MasterAdamW:
+    """fp32 master weights and AdamW moments for bf16 parameters, stepped in chunks."""
+
+    def __init__(self, params, *, lr: float, weight_decay: float, chunk_elems: int = 1 << 28):
+        self.params = [p for p in params if p.requires_grad]
+        fused = self.params[0].is_cuda
+        self.chunks, cur, size = [], [], 0
+        for p in self.params:
+            cur.append(p)
+            size += p.numel()
+            if size >= chunk_elems:
+                self.chunks.append(cur)
+                cur, size = [], 0
+        if cur:
+            self.chunks.append(cur)
+        self.masters = [[p.detach().to(torch.float32, copy=True) for p in c] for c in self.chunks]
+        self.opts = [torch.optim.AdamW(m, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=fused)
+                     for m in self.masters]
+
+    @torch.no_grad()
+    def step(self, max_norm: float) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        for chunk, masters, opt in zip(self.chunks, self.masters, self.opts):
+            for p, m in zip(chunk, masters):
+                m.grad = p.grad.float() if p.grad is not None else None
+            opt.step()
+            for p, m in zip(chunk, masters):
+                p.copy_(m)
+                m.grad = None
+        for p in self.params:
+            p.grad = None
+        return float(norm)
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ms, o in zip(self.masters, self.opts) for m in ms
+                   for t in [m, *(v for v in o.state.get(m, {}).values() if torch.is_tensor(v))])
+
+
+def corpus_bytes(limit: int) -> torch.Tensor:
+    """The embedded default corpus: the Python standard library's own .py files, as bytes."""
+    import sysconfig
+
+    out, n = [], 0
+    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+        if "site-packages" in f.parts:
+            continue
+        b = f.read_bytes()
+        out.append(b)
+        n += len(b)
+        if n >= limit:
+            break
+    return torch.frombuffer(bytearray(b"".join(out)), dtype=torch.uint8)
+
+
+def run(cfg: ModelConfig, batch: int, a, device, data: torch.Tensor, rate: float) -> dict:
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(device=device, dtype=torch.bfloat16)
+    model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    counts = model.num_params()
+    opt = MasterAdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+    step_fn = model
+    if a.compile:
+        step_fn = torch.compile(model)
+    seq = cfg.max_seq_len
+    g = torch.Generator().manual_seed(0)
+
+    def batch_xy():
+        starts = torch.randint(0, data.numel() - seq - 1, (batch,), generator=g)
+        w = torch.stack([data[s:s + seq + 1] for s in starts.tolist()]).long()
+        return w[:, :-1].to(device, non_blocking=True), w[:, 1:].to(device, non_blocking=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for i in range(a.warmup + a.steps):
+        x, y = batch_xy()
+        sync(device)
+        t0 = time.perf_counter()
+        out = step_fn(x, y)
+        out.loss.backward()
+        opt.step(1.0)
+        sync(device)
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t0)
+            losses.append(float(out.ce_loss))
+    med = sorted(times)[len(times) // 2]
+    tokens = batch * seq
+    flops_tok = 6.0 * counts["active"] + 12.0 * cfg.num_layers * cfg.dim * seq / 2
+    tok_s = tokens / med
+    row = {"run": f"{'compile' if a.compile else 'eager'}, batch {batch}", "params_B": counts["total"] / 1e9,
+           "active_B": counts["active"] / 1e9, "median_step_s": med, "tokens_per_s": round(tok_s),
+           "tflops": flops_tok * tok_s / 1e12, "mfu": flops_tok * tok_s / (rate * 1e12),
+           "first_loss": losses[0], "last_loss": losses[-1], "optimizer_state_GiB": opt.state_bytes() / 2**30}
+    if device.type == "cuda":
+        row["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    del model, opt, step_fn
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="a small model (the CPU smoke test)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[8, 4], help="batch sizes to try, each one a run")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    device = torch.device(a.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    cfg = ModelConfig(**(TINY if a.tiny else MODEL))
+    rate = dense_rate(device, 256 if a.tiny else 8192, 3 if a.tiny else 50)
+    data = corpus_bytes(4 << 20 if a.tiny else 64 << 20)
+    rows = []
+    for b in a.batch:
+        try:
+            rows.append(run(cfg, b, a, device, data, rate))
+        except torch.OutOfMemoryError as e:
+            rows.append({"run": f"batch {b}", "error": f"out of memory: {str(e)[:120]}"})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    m = machine()
+    print(f"# moesaic, one {m.get('gpu', device.type)}: whole training steps\n")
+    print(f"torch {m['torch']}, {m['date']}; dense bf16 matmul {rate:.1f} TFLOP/s (measured in this run)\n")
+    print(table(rows) + "\n")
+    write_json(a.json, {"machine": m, "dense_tflops": rate, "model": MODEL if not a.tiny else TINY, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
