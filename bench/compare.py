@@ -8,8 +8,12 @@ Contenders (each one `torchrun` of bench/compare_worker.py, which runs the train
   setting's ep_size) trained by `deepspeed.initialize` with ZeRO-2 and DeepSpeed's MoE param groups;
 - moesaic resident EP at the same ep_size, contiguous plan, DDP for the dense parameters;
 - moesaic FSSDP sharded over all 4 ranks, with re-placement on, balance first (EPLB every 10
-  steps, starting from the EPLB plan of the warm-start statistics). It computes as many experts per
-  rank as DeepSpeed-MoE does in the setting (2 in (a), 4 in (b): replicas of the hot experts).
+  steps, starting from the EPLB plan of the warm-start statistics), each rank computing E / 4 experts
+  (`--fssdp-slots ds`: as many as DeepSpeed-MoE's layout, i.e. replicas in (b)). Owners follow the
+  plan (`placement.align_owners`, the default): experts move once per re-plan, and an expert
+  without replicas is computed in place;
+- the same with fixed owners (`placement.align_owners=false`): a new plan moves nothing, and every
+  step gathers the experts whose plan GPU is not their owner.
 
 Routing skew is real: every contender starts from the demo model after `--warm-steps` steps of
 training (DDP, 4 ranks), and keeps training. Rounds interleave the contenders, rotating their order;
@@ -31,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, machine, table, write_json  # noqa: E402
 
 SETTINGS = {"a": 4, "b": 2}  # DeepSpeed-MoE's ep_size at world size 4
-CONTENDERS = ("deepspeed-moe", "moesaic-ep", "moesaic-fssdp")
+CONTENDERS = ("deepspeed-moe", "moesaic-ep", "moesaic-fssdp", "moesaic-fssdp-fixed-owners")
 KINDS = ("tokens", "expert_params", "expert_grads", "dense_grads", "zero_expert_grads", "zero_grads",
          "zero_expert_params", "zero_params", "other")
 
@@ -75,7 +79,8 @@ def overrides(contender: str, ep: int, a, plans: dict) -> list[str]:
         return ["parallel=ep", f"parallel.ep_size={ep}"]
     path, slots = plans[ep]
     return ["parallel=fssdp", "placement=replan", f"placement.plan={path}", "placement.method=eplb",
-            f"placement.every_n_steps={a.replan_every}", f"placement.slots_per_gpu={slots}"]
+            f"placement.every_n_steps={a.replan_every}", f"placement.slots_per_gpu={slots}",
+            f"placement.align_owners={'false' if contender.endswith('fixed-owners') else 'true'}"]
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -109,6 +114,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="measured steps per run")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--replan-every", type=int, default=10)
+    ap.add_argument("--fssdp-slots", default="min", choices=["min", "ds"],
+                    help="experts each rank computes under FSSDP: ceil(E / ranks), or DeepSpeed-MoE's E / ep_size "
+                         "(replicas of the hot experts)")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--extra", nargs="*", default=[], help="more overrides for every run (e.g. batch_size=4)")
     ap.add_argument("--cache", default=str(REPO / ".cache" / "compare"))
@@ -122,12 +130,14 @@ def main() -> None:
     E = json.loads((weights.parent / "summary.json").read_text())["config"]["model"]["moe"]["num_experts"]
     plans = {}
     for s in a.settings:
-        slots = E // SETTINGS[s]  # the experts each rank computes in DeepSpeed-MoE's layout
+        # the experts each rank computes: the fewest that fit, or as many as DeepSpeed-MoE's layout has
+        slots = -(-E // a.nproc) if a.fssdp_slots == "min" else E // SETTINGS[s]
         plans[SETTINGS[s]] = (fssdp_plan(stats, slots, a.nproc, cache / f"plan-eplb-{a.model}-{slots}slots.json"), slots)
     runs: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for rnd in range(a.rounds):
-            order = CONTENDERS[rnd % 3:] + CONTENDERS[:rnd % 3]
+            k = rnd % len(CONTENDERS)
+            order = CONTENDERS[k:] + CONTENDERS[:k]
             for s in a.settings:
                 ep = SETTINGS[s]
                 for c in order:

@@ -323,21 +323,23 @@ class FSSDPDispatcher(ExpertParallelDispatcher):
 
 def apply_fssdp(model: nn.Module, mesh, plan: Placement, *, reshard_after_forward: bool = True, prefetch: bool = True,
                 capacity_factor: float = 0.0, owners: np.ndarray | None = None, grad_scale: float | None = None) -> list[str]:
-    """Shard every MoE layer's experts over the "ep" axis of `mesh` (one owner per expert) and compute
-    them where `plan` says. The model must hold every expert, as built (identical on every rank).
+    """Shard every MoE layer's experts over the "ep" axis of `mesh` (one owner per expert: `owners`,
+    (E,) for every layer or (L, E); default even contiguous shards) and compute them where `plan` says.
+    The model must hold every expert, as built (identical on every rank).
     Returns the names of the parameters and buffers that differ across ranks (keep them out of DDP)."""
     ep_group, rank = mesh.get_group("ep"), mesh.get_local_rank("ep")
     P = mesh.size(-1)
     moes = model.moe_layers()
     E = moes[0].cfg.num_experts
     check_fits(plan, num_layers=len(moes), num_experts=E, num_gpus=P)
-    owners = even_owners(E, P) if owners is None else np.asarray(owners)
-    owned = [e for e in range(E) if owners[e] == rank]
+    owners = even_owners(E, P) if owners is None else np.asarray(owners, dtype=np.int64)
+    owners_LE = np.tile(owners, (len(moes), 1)) if owners.ndim == 1 else owners  # (E,) or per layer (L, E)
     stores = []
-    for layer, moe in zip(plan.placement, moes):
+    for layer, moe, own in zip(plan.placement, moes, owners_LE):
         lp = LayerPlan(tuple(layer), rank, P)
         full = moe.experts
-        store = FSSDPExperts(full.w1_EFD[owned], full.w2_EDF[owned], full.w3_EFD[owned], owned, lp, owners, ep_group,
+        owned = [e for e in range(E) if own[e] == rank]
+        store = FSSDPExperts(full.w1_EFD[owned], full.w2_EDF[owned], full.w3_EFD[owned], owned, lp, own, ep_group,
                              reshard_after_forward=reshard_after_forward)
         store.prefetch = prefetch
         store.grad_scale = 1.0 / dist.get_world_size() if grad_scale is None else grad_scale
@@ -353,7 +355,8 @@ def apply_fssdp(model: nn.Module, mesh, plan: Placement, *, reshard_after_forwar
     owned_bytes = sum(p.numel() * p.element_size() for s in stores for p in s.parameters())
     log.info("applied fssdp: %d experts per layer over %d ranks, this rank owns %s (%.2f MiB of parameters; "
              "x4 with gradients and AdamW states), reshard_after_forward=%s, prefetch=%s",
-             E, P, owned, owned_bytes / 2**20, reshard_after_forward, prefetch)
+             E, P, stores[0].owned_ids if all(s.owned_ids == stores[0].owned_ids for s in stores)
+             else [s.owned_ids for s in stores], owned_bytes / 2**20, reshard_after_forward, prefetch)
     return names
 
 

@@ -27,6 +27,12 @@ class PlacementConfig:
     """Older statistics fade by this factor at every re-plan (0: only the last window counts)."""
     adopt_after_steps: int = 3
     """Steps between the start of a solve (in the background) and the boundary where the plan is adopted."""
+    align_owners: bool = True
+    """FSSDP: each expert's owner is a GPU that the plan has compute it (an assignment that keeps
+    every GPU's owned count), at start and at every re-plan, where the owned parameters and AdamW
+    moments move once; then experts without replicas are computed in place, not gathered every
+    step. False keeps the owners fixed: a new plan moves nothing, and every step gathers instead.
+    Off while parallel.reshard_every_n_steps (Hecate's owners by load) is on."""
     slots_per_gpu: int = 0
     """Experts each GPU computes per layer in re-placed plans (0: the fewest that fit, ceil(E / GPUs));
     more slots hold replicas of hot experts (under FSSDP they cost gather bytes, not resident memory)."""

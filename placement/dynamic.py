@@ -86,3 +86,26 @@ def hecate_owners(load_E: np.ndarray, num_gpus: int, gpus_per_node: int | None =
         node_n[n] += 1
         gpu_n[g] += 1
     return owners
+
+
+def aligned_owners(plan: Placement, current_LE: np.ndarray) -> np.ndarray:
+    """(L, E) FSSDP owners that compute their own experts: each expert's owner becomes one of the GPUs
+    that `plan` has compute it, every GPU keeps the number of experts it owns (its parameter and
+    optimizer memory), and as many experts as possible keep their current owner (fewest moves). An
+    expert whose plan leaves no such GPU free keeps an owner that does not compute it, preferably its
+    current one, and is gathered as before. One assignment problem per layer (deterministic)."""
+    from scipy.optimize import linear_sum_assignment
+
+    current_LE = np.asarray(current_LE, dtype=np.int64)
+    G = plan.num_gpus
+    out = np.empty((plan.num_layers, plan.num_experts()), dtype=np.int64)
+    for l, layer in enumerate(plan.placement):
+        cur = current_LE[l]
+        cols = np.repeat(np.arange(G), np.bincount(cur, minlength=G))  # one column per owned slot
+        # lexicographic: first the fewest experts gathered every step, then the fewest moved once
+        cost = np.zeros((len(layer), len(cols)))
+        for e, gpus in enumerate(layer):
+            cost[e] = 10.0 * ~np.isin(cols, gpus) + (cols != cur[e])
+        rows, picked = linear_sum_assignment(cost)
+        out[l, rows] = cols[picked]
+    return out

@@ -144,12 +144,12 @@ def test_consolidated_export(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("parallel", ["fssdp", "ep"])
-def test_replacement_changes_no_math(tmp_path, parallel):
+@pytest.mark.parametrize("parallel,align", [("fssdp", "true"), ("fssdp", "false"), ("ep", "true")])
+def test_replacement_changes_no_math(tmp_path, parallel, align):
     base = [*SMOKE, "steps=16", f"logging.out_dir={tmp_path}", f"parallel={parallel}", "parallel.ep_size=2"]
     torchrun(2, [*base, "logging.run_name=off"])
     torchrun(2, [*base, "logging.run_name=on", "placement=replan", "placement.every_n_steps=4", "placement.method=eplb",
-                 "placement.adopt_after_steps=1"])
+                 "placement.adopt_after_steps=1", f"placement.align_owners={align}"])
     off, on = _losses(tmp_path / "off"), _losses(tmp_path / "on")
     assert max(abs(off[s] - on[s]) for s in off) < 1e-5
     plans = sorted((tmp_path / "on/plans").glob("plan-*.json"))

@@ -133,6 +133,8 @@ def test_plan_file_that_does_not_fit_is_named(tmp_path):
     (4, ["--ep", 4, "--plan", "replicated", "--reshard-after", 2]),  # owners move (Hecate Alg. 2)
     (4, ["--ep", 4, "--plan", "replicated", "--micro", 2]),  # gradient accumulation: nothing left unsent
     (4, ["--ep", 2, "--plan", "contiguous", "--micro", 2]),  # every expert at its owner: computed in place
+    (4, ["--ep", 4, "--plan", "replicated", "--align", "--change-plan-after", 2]),  # owners follow the plan
+    (2, ["--ep", 2, "--plan", "random", "--align", "--micro", 2]),
 ])
 def test_fssdp_steps_match_single_process(tmp_path, nproc, args):
     out = tmp_path / "report.json"
@@ -145,6 +147,9 @@ def test_fssdp_steps_match_single_process(tmp_path, nproc, args):
         assert abs(s["loss"] - s["ref_loss"]) < 1e-5, s
         assert abs(s["norm"] - s["ref_norm"]) < 1e-5 * max(1, s["ref_norm"]), s
         assert s["max_param_diff"] < 1e-5, s
+    if "expected_gather_bytes_start" in report:  # owners aligned: only the replicas are gathered
+        assert steps[0]["gather_bytes"] == report["expected_gather_bytes_start"]
+        assert report["start_owner_computes"] or "random" in args
     if "expected_gather_bytes_new_plan" in report:
         # a plan change moves nothing: from the change on, each step gathers exactly the new plan's experts
         assert [s["gather_bytes"] for s in steps[2:]] == [report["expected_gather_bytes_new_plan"]] * 3

@@ -225,3 +225,26 @@ def test_hecate_owners_equal_memory_and_balanced_loads():
     assert np.bincount(two_nodes, minlength=4).tolist() == [2, 2, 2, 2]
     node = np.bincount(two_nodes // 2, weights=loads, minlength=2)
     assert abs(node[0] - node[1]) <= 4.0  # nodes first: the node totals stay close
+
+
+def test_aligned_owners_compute_their_experts_and_keep_memory():
+    from moesaic.placement.dynamic import aligned_owners
+
+    even = np.array([[0, 0, 1, 1, 2, 2, 3, 3]] * 2)
+    # layer 0: a permutation (each GPU computes 2 experts): every owner can be a computing GPU
+    # layer 1: experts 0 and 1 replicated; GPU 3 computes experts 6, 7 only
+    plan = Placement(4, 4, [[(1,), (3,), (0,), (2,), (0,), (1,), (2,), (3,)],
+                            [(0, 1), (0, 2), (1,), (1,), (2,), (2,), (3,), (3,)]])
+    owners = aligned_owners(plan, even)
+    for l in range(2):
+        assert np.bincount(owners[l], minlength=4).tolist() == [2, 2, 2, 2]  # equal memory, as before
+        assert all(int(owners[l, e]) in plan.placement[l][e] for e in range(8))
+    assert owners[0].tolist() == [1, 3, 0, 2, 0, 1, 2, 3]
+    # layer 1: experts 2..7 have one holder each; 0 and 1 share GPUs 0, 1, 2 with room only on GPU 0
+    assert owners[1].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # nothing moves: the current owners compute
+    # infeasible: GPU 0 computes four experts but owns two; two of them keep owners that gather them
+    crowded = Placement(4, 4, [[(0,), (0,), (0,), (0,), (1,), (2,), (3,), (3,)]])
+    o = aligned_owners(crowded, even[:1])[0]
+    assert np.bincount(o, minlength=4).tolist() == [2, 2, 2, 2]
+    assert sum(int(o[e]) in crowded.placement[0][e] for e in range(8)) == 6
+    assert o[0] == 0 and o[1] == 0  # the current owners that compute stay

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -60,6 +61,12 @@ def resolve_plan(cfg: TrainConfig, world_size: int) -> Placement | None:
     return plan
 
 
+def align_owners(cfg) -> bool:
+    """FSSDP owners follow the plan (placement.align_owners), unless Hecate's re-sharding owns them."""
+    placement = getattr(cfg, "placement", None)
+    return bool(getattr(placement, "align_owners", False)) and not getattr(cfg.parallel, "reshard_every_n_steps", 0)
+
+
 def world_size_from_env() -> int:
     from moesaic.trainer.dist import adopt_launcher_env
 
@@ -84,6 +91,7 @@ class Parallel:
     expert_names: list = field(default_factory=list)  # parameters and buffers that differ across ranks
     ds_engine: object = None  # the DeepSpeed engine over the dense parameters (engine=deepspeed)
     deepspeed_moe_ep: int = 0  # model.moe_impl=deepspeed: DeepSpeed-MoE's ep_size (its engine owns everything)
+    align_owners: bool = False  # FSSDP: owners follow each new plan (placement.align_owners)
 
     def build_optimizer(self, cfg: TrainConfig):
         """(optimizer, scheduler) that the loop steps. Under engine=deepspeed they cover the experts
@@ -214,15 +222,23 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
         mesh = init_device_mesh(info.device.type, (info.world_size // ep, ep), mesh_dim_names=("edp", "ep"))
         cf = cfg.model.moe.capacity_factor
         if pc.expert_sharding == "fssdp":
+            owners = None
+            if align_owners(cfg):
+                from moesaic.parallel.fssdp import even_owners
+                from moesaic.placement.dynamic import aligned_owners
+
+                even = np.tile(even_owners(plan.num_experts(), ep), (plan.num_layers, 1))
+                owners = aligned_owners(plan, even)  # a fresh model holds every expert: this moves nothing
             ignored = apply_fssdp(model, mesh, plan, reshard_after_forward=pc.reshard_after_forward,
-                                  prefetch=pc.prefetch, capacity_factor=cf)
+                                  prefetch=pc.prefetch, capacity_factor=cf, owners=owners)
         else:
             ignored = apply_expert_parallel(model, mesh, plan, capacity_factor=cf)
         DDP._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    align = plan is not None and pc.expert_sharding == "fssdp" and align_owners(cfg)
     if pc.engine == "deepspeed":  # the engine is built with the optimizer (build_optimizer)
-        return Parallel(model, model, info, mesh, plan, pc.expert_sharding, expert_names=ignored)
+        return Parallel(model, model, info, mesh, plan, pc.expert_sharding, expert_names=ignored, align_owners=align)
     ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    return Parallel(model, ddp, info, mesh, plan, pc.expert_sharding, expert_names=ignored)
+    return Parallel(model, ddp, info, mesh, plan, pc.expert_sharding, expert_names=ignored, align_owners=align)
 
 
 class _Null:

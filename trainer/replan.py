@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from moesaic.parallel.expert_parallel import migrate_resident
-from moesaic.parallel.fssdp import set_fssdp_plan
-from moesaic.placement.dynamic import add_replicas, window_prediction
+from moesaic.parallel.fssdp import reshard_owners, set_fssdp_plan
+from moesaic.placement.dynamic import add_replicas, aligned_owners, window_prediction
 from moesaic.placement.plan import Placement
 from moesaic.placement.solve import solve
 from moesaic.placement.stats import RoutingStats
@@ -108,6 +108,9 @@ class Replanner:
         plan = Placement.from_dict(result["plan"])
         moved = 0
         if self.par.fssdp:
+            if self.par.align_owners:  # owners move once, to GPUs that compute their experts
+                current = [m.experts.owners for m in self.par.model.moe_layers()]
+                moved = reshard_owners(self.par.model, self.optimizer, aligned_owners(plan, np.stack(current)))
             set_fssdp_plan(self.par.model, plan)
         else:
             moved = migrate_resident(self.par.model, self.optimizer, plan)

@@ -26,13 +26,16 @@ from moesaic.trainer.model import ModelConfig, Transformer
 from moesaic.trainer.parallelize import parallelize
 
 
-def _expected_gather_bytes(plan, mcfg, num_domains, remat):
-    """What one step's gathers must move for `plan`, from the plan alone: every (expert, computing
-    rank other than its owner) pair sends one expert (fp32 w1, w2, w3), twice with re-materialization."""
+def _expected_gather_bytes(plan, mcfg, num_domains, remat, owners_LE=None):
+    """What one step's gathers must move for `plan`, from the plan and owners alone: every (expert,
+    computing rank other than its owner) pair sends one expert (fp32 w1, w2, w3), twice with
+    re-materialization. Owners: even contiguous shards unless given."""
     from moesaic.parallel.fssdp import even_owners
 
-    owners = even_owners(mcfg.moe.num_experts, plan.num_gpus)
-    pairs = sum(1 for layer in plan.placement for e, gpus in enumerate(layer) for g in gpus if g != owners[e])
+    if owners_LE is None:
+        owners_LE = [even_owners(mcfg.moe.num_experts, plan.num_gpus)] * plan.num_layers
+    pairs = sum(1 for layer, owners in zip(plan.placement, owners_LE) for e, gpus in enumerate(layer)
+                for g in gpus if g != owners[e])
     return pairs * 3 * mcfg.dim * mcfg.moe.ffn_dim * 4 * num_domains * (2 if remat else 1)
 
 
@@ -50,6 +53,7 @@ def main():
     ap.add_argument("--no-remat", action="store_true")
     ap.add_argument("--change-plan-after", type=int, default=0, help="adopt a new (random) plan after this step")
     ap.add_argument("--reshard-after", type=int, default=0, help="move expert owners (Hecate Alg. 2) after this step")
+    ap.add_argument("--align", action="store_true", help="FSSDP owners follow the plan (placement.align_owners)")
     ap.add_argument("--micro", type=int, default=1, help="gradient accumulation: micro-batches per step")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -70,6 +74,9 @@ def main():
             reshard_after_forward = not a.no_remat
             prefetch = True
             engine = "torch"
+
+        class placement:
+            align_owners = a.align
 
         class model:
             moe_impl = "moesaic"
@@ -94,8 +101,22 @@ def main():
             from moesaic.parallel.fssdp import set_fssdp_plan
 
             new_plan = make_plan("replicated", 8, a.ep, seed=11, num_layers=mcfg.num_moe_layers)
+            owners = None
+            if a.align:  # as the re-planner does: owners move to GPUs that compute their experts
+                from moesaic.parallel.fssdp import reshard_owners
+                from moesaic.placement.dynamic import aligned_owners
+
+                owners = aligned_owners(new_plan, np.stack([m.experts.owners for m in model.moe_layers()]))
+                report["align_bytes"] = reshard_owners(model, opt, owners)
             set_fssdp_plan(model, new_plan)
-            report["expected_gather_bytes_new_plan"] = _expected_gather_bytes(new_plan, mcfg, W // a.ep, not a.no_remat)
+            report["expected_gather_bytes_new_plan"] = a.micro * _expected_gather_bytes(
+                new_plan, mcfg, W // a.ep, not a.no_remat, owners)  # every micro-batch gathers
+        if step == 0 and a.align:
+            owners = np.stack([m.experts.owners for m in model.moe_layers()])
+            report["expected_gather_bytes_start"] = a.micro * _expected_gather_bytes(plan, mcfg, W // a.ep,
+                                                                                     not a.no_remat, owners)
+            report["start_owner_computes"] = all(int(own[e]) in gs for layer, own in zip(plan.placement, owners)
+                                                 for e, gs in enumerate(layer))
         if a.reshard_after and step == a.reshard_after:
             from moesaic.parallel.fssdp import reshard_owners
             from moesaic.placement.dynamic import hecate_owners
