@@ -36,8 +36,8 @@ from common import REPO, machine, table, write_json  # noqa: E402
 
 SETTINGS = {"a": 4, "b": 2}  # DeepSpeed-MoE's ep_size at world size 4
 CONTENDERS = ("deepspeed-moe", "moesaic-ep", "moesaic-fssdp", "moesaic-fssdp-fixed-owners")
-KINDS = ("tokens", "expert_params", "expert_grads", "dense_grads", "zero_expert_grads", "zero_grads",
-         "zero_expert_params", "zero_params", "other")
+KINDS = ("tokens", "expert_params", "expert_grads", "expert_migration", "dense_grads", "zero_expert_grads",
+         "zero_grads", "zero_expert_params", "zero_params", "other")
 
 
 def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:

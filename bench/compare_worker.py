@@ -58,6 +58,8 @@ def _kind(frame) -> str:
             return "expert_grads"
         if fn == "allreduce_hook":
             return "dense_grads"
+        if fn in ("reshard_owners", "migrate_resident"):  # a re-plan moving experts and their moments
+            return "expert_migration"
         files.append((name, fn))
         frame = frame.f_back
     for name, fn in files:

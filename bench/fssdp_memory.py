@@ -4,7 +4,9 @@ resident EP, and plain DDP (every expert everywhere), on the demo model, measure
     python bench/fssdp_memory.py [--nproc 4] [--steps 5] [--json out.json]
 
 Per rank: expert parameters + gradients + AdamW states held between steps, and FSSDP's peak of
-materialized (gathered) expert weights. Per step: the bytes each collective sends to other ranks.
+materialized (gathered) expert weights, alone and with their gradients. Per step: the bytes each
+collective sends to other ranks. FSSDP's owners follow the plan (placement.align_owners, the
+default) except in `fssdp-fixed-owners`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ MODES = {
     "resident-ep2": dict(ep=2, sharding="resident", remat=True),
     "fssdp": dict(ep=4, sharding="fssdp", remat=True),
     "fssdp-no-remat": dict(ep=4, sharding="fssdp", remat=False),
+    "fssdp-fixed-owners": dict(ep=4, sharding="fssdp", remat=True, align=False),
 }
 
 
@@ -36,6 +39,7 @@ def worker(a) -> None:
     from moesaic.parallel import fssdp as fs
     from moesaic.parallel.config import ParallelConfig
     from moesaic.parallel.doctor import make_plan
+    from moesaic.placement.config import PlacementConfig
     from moesaic.trainer.config import TrainConfig
     from moesaic.trainer.data import DataConfig, load_corpus, sample_batch
     from moesaic.trainer.dist import DistInfo
@@ -46,7 +50,8 @@ def worker(a) -> None:
     W, rank = dist.get_world_size(), dist.get_rank()
     m = MODES[a.mode]
     cfg = TrainConfig(parallel=ParallelConfig(ep_size=m["ep"], expert_sharding=m["sharding"],
-                                              reshard_after_forward=m["remat"]), data=DataConfig(max_bytes=3_000_000))
+                                              reshard_after_forward=m["remat"]), data=DataConfig(max_bytes=3_000_000),
+                      placement=PlacementConfig(align_owners=m.get("align", True)))
     corpus = load_corpus(cfg.data)
     plan = resolve_plan(cfg, W)
     if plan is not None and a.plan != "contiguous":
@@ -55,7 +60,7 @@ def worker(a) -> None:
     model = Transformer(cfg.model)
     par = parallelize(model, cfg, DistInfo(rank, W, rank, torch.device("cpu"), "gloo"), plan)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    fs.WORKING_SET.update(live=0, peak=0)
+    fs.WORKING_SET.update(live=0, peak=0, grads=0, peak_total=0)
     per_step = []
     for step in range(a.steps):
         gather0 = sum(getattr(mm.experts, "bytes", {}).get("gather", 0) for mm in model.moe_layers())
@@ -79,6 +84,7 @@ def worker(a) -> None:
     row = {"mode": a.mode, "rank": rank, "expert_params_MiB": params_b / 2**20, "expert_grads_MiB": grads_b / 2**20,
            "adamw_states_MiB": states_b / 2**20, "resident_MiB": (params_b + grads_b + states_b) / 2**20,
            "working_set_peak_MiB": fs.WORKING_SET["peak"] / 2**20,
+           "working_set_peak_with_grads_MiB": fs.WORKING_SET["peak_total"] / 2**20,
            "token_a2a_MiB": last["token_a2a"] / 2**20, "expert_gather_MiB": last["expert_gather"] / 2**20,
            "expert_grad_MiB": last["expert_grad"] / 2**20, "dense_allreduce_MiB": dense_grad / 2**20,
            "ddp_expert_allreduce_MiB": params_b / 2**20 if a.mode == "ddp" else 0.0}
@@ -102,7 +108,10 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if a.worker:
-        return worker(a)
+        worker(a)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # as moesaic-train does: no interpreter teardown for a finished rank
     print("machine:", machine())
     rows = []
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -127,7 +136,7 @@ def main() -> None:
                 r["dense_fsdp_gather_MiB (computed)"] = 2 * (total - owned)
     print(f"\n## per rank, plan {a.plan}, {a.nproc} ranks, demo model\n")
     print(table(rows, ["mode", "rank", "expert_params_MiB", "expert_grads_MiB", "adamw_states_MiB", "resident_MiB",
-                       "working_set_peak_MiB"]))
+                       "working_set_peak_MiB", "working_set_peak_with_grads_MiB"]))
     print("\n## bytes each rank sends per step (last measured step)\n")
     print(table(rows, ["mode", "rank", "token_a2a_MiB", "expert_gather_MiB", "expert_grad_MiB", "ddp_expert_allreduce_MiB",
                        "dense_allreduce_MiB"] + (["dense_fsdp_gather_MiB (computed)"] if fs_rows else [])))

@@ -113,7 +113,8 @@ def corpus_bytes(limit: int) -> torch.Tensor:
 
 def run(cfg: ModelConfig, batch: int, a, device, data: torch.Tensor, rate: float) -> dict:
     torch.manual_seed(0)
-    model = Transformer(cfg).to(device=device, dtype=torch.bfloat16)
+    with device:  # allocate and initialise on the GPU (2.62B parameters would take a while on the host)
+        model = Transformer(cfg).to(dtype=torch.bfloat16)
     model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
     counts = model.num_params()
     opt = MasterAdamW(model.parameters(), lr=3e-4, weight_decay=0.1)

@@ -229,5 +229,14 @@ def main(argv: list[str] | None = None) -> int:
         dist.destroy_process_group()
 
 
+def main_cli() -> None:
+    """The `moesaic-doctor` entry point: as moesaic-train does, a finished rank skips the
+    interpreter's teardown (a native thread once aborted it after a clean run)."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main_cli()

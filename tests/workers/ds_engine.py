@@ -4,6 +4,7 @@ moesaic (equal on every rank that computes the same expert), and that the dense 
 identical across ranks. Prints one JSON line on rank 0."""
 
 import json
+import os
 import sys
 
 import torch
@@ -59,3 +60,6 @@ def main():
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as moesaic-train: no interpreter teardown (a native thread once aborted it after a clean run)

@@ -11,6 +11,8 @@ import argparse
 import contextlib
 import copy
 import json
+import os
+import sys
 
 import numpy as np
 import torch
@@ -207,3 +209,6 @@ def main():
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as moesaic-train: no interpreter teardown (a native thread once aborted it after a clean run)
