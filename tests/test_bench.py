@@ -110,3 +110,38 @@ def test_simulate_calibrate_tiny(tmp_path):
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
     assert len(rows) == 4 and all(r["measured (ms)"] > 0 and r["simulated (ms)"] > 0 for r in rows)
     assert rows[0]["sim a2a (ms)"] == 0 and rows[1]["sim a2a (ms)"] > 0
+
+
+def test_simulate_small(tmp_path):
+    out = run("simulate.py", "--preset", "mixtral", "--gpus", 4, 8, "--layers", 2, "--tokens-per-gpu", 64,
+              "--time-limit", 5, "--json", tmp_path / "s.json")
+    assert "## training step, MoE part" in out and "coherent inference" in out
+    rows = json.loads((tmp_path / "s.json").read_text())["train"]
+    assert {r["gpus"] for r in rows} == {4, 8} and len(rows) == 10
+    assert all(r["step_ms"] > 0 for r in rows)
+    assert all(r["speedup_vs_contiguous"] == 1.0 for r in rows if r["strategy"] == "EP contiguous")
+
+
+def test_load_predictors_few_steps(tmp_path):
+    out = run("load_predictors.py", "--steps", 20, "--batch", 4, "--warmup", 2, "--window", 2, "--json", tmp_path / "p.json")
+    assert "window" in out and "affinity" in out
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_fssdp_memory_one_step(tmp_path):
+    out = run("fssdp_memory.py", "--modes", "resident-ep4", "fssdp", "--steps", 1, "--plan", "replicated",
+              "--json", tmp_path / "m.json", timeout=600)
+    assert "| fssdp" in out
+    rows = json.loads((tmp_path / "m.json").read_text())["rows"]
+    fs = [r for r in rows if r["mode"] == "fssdp"]
+    assert len(fs) == 4 and all(r["resident_MiB"] == 12.0 for r in fs)  # one copy of the 12 MiB of experts, over 4
+    assert sum(r["expert_gather_MiB"] for r in fs) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_replan_overhead_short(tmp_path):
+    out = run("replan_overhead.py", "--steps", 8, "--every", 4, "--repeats", 1, "--cases", "fssdp, fixed plan",
+              "fssdp, re-plan eplb", "--json", tmp_path / "o.json", timeout=600)
+    assert "re-plan eplb" in out
