@@ -5,7 +5,9 @@ Legend: n experts in the shard, F ffn dim, D model dim; a row is [w1 | w2 | w3] 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 NAMES = ("w1_EFD", "w2_EDF", "w3_EFD")
@@ -41,3 +43,33 @@ def install(store, optimizer: torch.optim.Optimizer, rows: torch.Tensor, moments
         if old is not None and moments:
             optimizer.state[w_new] = {"step": old["step"].clone(), **{
                 k: chunks[1 + a].split(sizes, 1)[i].reshape(m, *shapes[i]).clone() for a, k in enumerate(MOMENTS)}}
+
+
+def reshard_owners(model: nn.Module, optimizer: torch.optim.Optimizer, owners_LE) -> int:
+    """Move each expert's owned state (parameters and AdamW moments) to a new owner, layer by layer,
+    with one all_to_all_single per layer (collective). The optimizer's entries are swapped in place.
+    Returns the bytes this rank sent."""
+    sent = 0
+    for moe, owners in zip(model.moe_layers(), owners_LE):
+        st = moe.experts  # an FSSDPExperts
+        owners = np.asarray(owners, dtype=np.int64)
+        old_ids, rank, P = list(st.owned_ids), st.rank, st.P
+        new_ids = [e for e in range(len(owners)) if owners[e] == rank]
+        flat, moments = pack(st, optimizer, len(old_ids))
+        # 1. rows to send: every owned expert whose new owner is another rank, by (destination, expert)
+        sends = sorted((int(owners[e]), e) for e in old_ids if owners[e] != rank)
+        recvs = sorted((int(st.owners[e]), e) for e in new_ids if st.owners[e] != rank)
+        row = {e: i for i, e in enumerate(old_ids)}
+        send = flat[[row[e] for _, e in sends]] if sends else flat[:0]
+        recv = flat.new_empty(len(recvs), flat.shape[1])
+        # 2. one uneven all_to_all_single: old owners -> new owners
+        dist.all_to_all_single(recv, send.contiguous(), [sum(1 for s, _ in recvs if s == r) for r in range(P)],
+                               [sum(1 for d, _ in sends if d == r) for r in range(P)], group=st.group)
+        sent += send.numel() * send.element_size()
+        # 3. the new shard's tensors, and the optimizer pointed at them
+        got = {e: recv[i] for i, (_, e) in enumerate(recvs)}
+        rows = torch.stack([flat[row[e]] if e in row else got[e] for e in new_ids]) if new_ids else flat[:0]
+        install(st, optimizer, rows, moments, st.F, st.D)
+        st.owned_ids, st.owners = new_ids, owners
+        st.set_plan(st.layer_plan)  # the gather schedule follows the new owners
+    return sent

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moesaic.parallel.expert_state import reshard_owners  # noqa: F401  (re-exported: FSSDP's owner moves)
 from moesaic.parallel.experts import grouped_swiglu
 from moesaic.parallel.expert_parallel import ExpertParallelDispatcher, LayerPlan
 from moesaic.placement.plan import Placement, check_fits
@@ -149,6 +150,9 @@ class FSSDPExperts(nn.Module):
     def sparse_all_gather(self) -> None:
         """Materialize the weights of the experts this rank computes (collective)."""
         if self.direct:
+            if self._mat is not None:  # an evaluation's weights, materialized under the previous plan
+                _track(-self._mat.untyped_storage().nbytes())
+                self._mat = None
             self._grad_expected = torch.is_grad_enabled()
             self._prefetch_next()
             return
@@ -400,35 +404,3 @@ def fssdp_grad_sq_norm(model: nn.Module, mesh) -> torch.Tensor:
             if p.grad is not None:
                 total += (p.grad.double() ** 2).sum() / edp
     return total
-
-
-def reshard_owners(model: nn.Module, optimizer: torch.optim.Optimizer, owners_LE) -> int:
-    """Move each expert's owned state (parameters and AdamW moments) to a new owner, layer by layer,
-    with one all_to_all_single per layer (collective). The optimizer's entries are swapped in place.
-    Returns the bytes this rank sent."""
-    from moesaic.parallel import expert_state
-
-    sent = 0
-    for moe, owners in zip(model.moe_layers(), owners_LE):
-        st: FSSDPExperts = moe.experts
-        owners = np.asarray(owners, dtype=np.int64)
-        old_ids, rank, P = list(st.owned_ids), st.rank, st.P
-        new_ids = [e for e in range(len(owners)) if owners[e] == rank]
-        flat, moments = expert_state.pack(st, optimizer, len(old_ids))
-        # 1. rows to send: every owned expert whose new owner is another rank, by (destination, expert)
-        sends = sorted((int(owners[e]), e) for e in old_ids if owners[e] != rank)
-        recvs = sorted((int(st.owners[e]), e) for e in new_ids if st.owners[e] != rank)
-        row = {e: i for i, e in enumerate(old_ids)}
-        send = flat[[row[e] for _, e in sends]] if sends else flat[:0]
-        recv = flat.new_empty(len(recvs), flat.shape[1])
-        # 2. one uneven all_to_all_single: old owners -> new owners
-        dist.all_to_all_single(recv, send.contiguous(), [sum(1 for s, _ in recvs if s == r) for r in range(P)],
-                               [sum(1 for d, _ in sends if d == r) for r in range(P)], group=st.group)
-        sent += send.numel() * send.element_size()
-        # 3. the new shard's tensors, and the optimizer pointed at them
-        got = {e: recv[i] for i, (_, e) in enumerate(recvs)}
-        rows = torch.stack([flat[row[e]] if e in row else got[e] for e in new_ids]) if new_ids else flat[:0]
-        expert_state.install(st, optimizer, rows, moments, st.F, st.D)
-        st.owned_ids, st.owners = new_ids, owners
-        st.set_plan(st.layer_plan)  # the gather schedule follows the new owners
-    return sent
