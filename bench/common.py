@@ -58,6 +58,37 @@ def table(rows: list[dict], cols: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device, iters: int, warmup: int = 3) -> float:
+    """Median seconds of fn() over `iters` runs after `warmup`, synchronizing a GPU around each."""
+    import time
+
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def dense_rate(device, dtype, n: int, iters: int = 10) -> float:
+    """Dense matmul TFLOP/s at n x n x n: the denominator of the MFU and of "% of dense"."""
+    import torch
+
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / timeit(lambda: a @ b, device, iters) / 1e12
+
+
 def write_json(path: str | Path | None, payload: dict) -> None:
     if path:
         Path(path).write_text(json.dumps(payload, indent=1, default=str) + "\n")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
 import resource
 import sys
 import tempfile
@@ -207,8 +206,7 @@ def main() -> None:
 
         def measure(key):
             if measuring["on"]:
-                f = deepspeed_expert_state if par.deepspeed_moe_ep else None
-                b = f(par.ds_engine) if f else moesaic_expert_state(par, optimizer)
+                b = deepspeed_expert_state(par.ds_engine) if par.deepspeed_moe_ep else moesaic_expert_state(par, optimizer)
                 memory[key] = max(memory[key], b)
 
         stepper = par.ds_engine if par.deepspeed_moe_ep else optimizer
@@ -278,9 +276,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from moesaic.parallel.process import exit_rank
+
     main()
-    # as moesaic-train does: skip the interpreter's teardown, where a native thread was once
-    # destroyed while joinable ("terminate called without an active exception") after a clean run
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_rank(0)  # as moesaic-train: no interpreter teardown

@@ -108,10 +108,10 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if a.worker:
+        from moesaic.parallel.process import exit_rank
+
         worker(a)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)  # as moesaic-train does: no interpreter teardown for a finished rank
+        exit_rank(0)  # as moesaic-train: no interpreter teardown
     print("machine:", machine())
     rows = []
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ensure_importable, machine, table, write_json  # noqa: E402
+from common import dense_rate, ensure_importable, machine, table, timeit, write_json  # noqa: E402
 
 ensure_importable()
 import torch  # noqa: E402
@@ -31,30 +30,6 @@ SHAPES = {
     "olmoe": dict(dim=2048, ffn=1024, experts=64, top_k=8),
 }
 TINY = {"tiny": dict(dim=64, ffn=96, experts=8, top_k=2)}
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timeit(fn, device, iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
-def dense_rate(device, dtype, n: int) -> float:
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    t = timeit(lambda: a @ b, device, 10)
-    return 2 * n ** 3 / t / 1e12
 
 
 def run_shape(name, s, tokens, device, dtype, iters):

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ensure_importable, machine, table, write_json  # noqa: E402
+from common import dense_rate, ensure_importable, machine, sync, table, write_json  # noqa: E402
 
 ensure_importable()
 import torch  # noqa: E402
@@ -36,25 +36,6 @@ MODEL = dict(vocab_size=256, dim=2048, num_layers=16, num_heads=16, max_seq_len=
              moe=dict(num_experts=16, top_k=4, ffn_dim=1408, num_shared_experts=1))
 TINY = dict(vocab_size=256, dim=64, num_layers=2, num_heads=4, max_seq_len=64,
             moe=dict(num_experts=4, top_k=2, ffn_dim=32, num_shared_experts=1))
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def dense_rate(device, n: int, reps: int) -> float:
-    """bf16 matmul TFLOP/s at n x n x n (the MFU denominator)."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
 class MasterAdamW:
@@ -171,7 +152,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     cfg = ModelConfig(**(TINY if a.tiny else MODEL))
-    rate = dense_rate(device, 256 if a.tiny else 8192, 3 if a.tiny else 50)
+    rate = dense_rate(device, torch.bfloat16, 256 if a.tiny else 8192, 3 if a.tiny else 50)
     data = corpus_bytes(4 << 20 if a.tiny else 64 << 20)
     rows = []
     for b in a.batch:

@@ -173,10 +173,10 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     if a.worker:
+        from moesaic.parallel.process import exit_rank
+
         worker(a)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)  # as moesaic-train does: no interpreter teardown for a finished rank
+        exit_rank(0)  # as moesaic-train: no interpreter teardown
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
         args = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("worker", "json", "nproc")]

@@ -36,15 +36,9 @@ class DenseView(nn.Module):
         return super().train(mode)
 
 
-def apply_deepspeed(model: nn.Module, expert_names: list[str], dense_optimizer: torch.optim.Optimizer, dense_scheduler, *,
-                    zero_stage: int, micro_batch: int, grad_accum: int, grad_clip: float):
-    """Returns the DeepSpeed engine over the dense parameters."""
-    import deepspeed
-
-    ignored = set(expert_names)
-    dense = [n for n, _ in model.named_parameters() if n not in ignored]
-    view = DenseView(model, dense)
-    config = {
+def deepspeed_config(*, zero_stage: int, micro_batch: int, grad_accum: int, grad_clip: float) -> dict:
+    """The DeepSpeed config moesaic passes to `deepspeed.initialize` (its own loop logs and times)."""
+    return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "zero_optimization": {"stage": zero_stage},
@@ -53,6 +47,17 @@ def apply_deepspeed(model: nn.Module, expert_names: list[str], dense_optimizer: 
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+
+
+def apply_deepspeed(model: nn.Module, expert_names: list[str], dense_optimizer: torch.optim.Optimizer, dense_scheduler, *,
+                    zero_stage: int, micro_batch: int, grad_accum: int, grad_clip: float):
+    """Returns the DeepSpeed engine over the dense parameters."""
+    import deepspeed
+
+    ignored = set(expert_names)
+    dense = [n for n, _ in model.named_parameters() if n not in ignored]
+    view = DenseView(model, dense)
+    config = deepspeed_config(zero_stage=zero_stage, micro_batch=micro_batch, grad_accum=grad_accum, grad_clip=grad_clip)
     engine, _, _, _ = deepspeed.initialize(model=view, optimizer=dense_optimizer, lr_scheduler=dense_scheduler,
                                            config=config, dist_init_required=False)
     log.info("applied deepspeed: ZeRO stage %d over %d dense parameter tensors", zero_stage, len(dense))

@@ -36,9 +36,6 @@ class _RouterInfo:
     def __init__(self, cfg):
         self.cfg = cfg
 
-    def update_bias(self, global_counts_E):  # DeepSpeed's gate has no selection bias
-        return None
-
 
 class _Counters:
     def __init__(self):
@@ -110,12 +107,11 @@ def apply_deepspeed_moe(model: nn.Module, ep_size: int, rank: int) -> list[str]:
         if getattr(block, "is_moe", False):
             block.moe = DeepSpeedMoEBlock(block.moe, ep_size, ep_rank)
     names = [n for n, p in model.named_parameters() if getattr(p, "allreduce", True) is False]
-    log.info("applied deepspeed-moe: ep_size %d, %d local experts per layer, %d expert tensors",
-             ep_size, model.layers[-1].moe.num_local if hasattr(model.layers[-1], "moe") else 0, len(names))
+    log.info("applied deepspeed-moe: ep_size %d, %d expert tensors", ep_size, len(names))
     return names
 
 
-def check_expert_groups(model: nn.Module, ep_size: int, rank: int) -> None:
+def check_expert_groups(ep_size: int, rank: int) -> None:
     """After `deepspeed.initialize`: DeepSpeed's expert-parallel rank must be the one the weights were
     copied for. Raises RuntimeError otherwise (a DeepSpeed layout change would show here)."""
     from deepspeed.utils import groups
@@ -144,15 +140,9 @@ def initialize_deepspeed_moe(model: nn.Module, optimizer, scheduler, *, zero_sta
     """`deepspeed.initialize` over the whole model (dense and DeepSpeed-MoE experts)."""
     import deepspeed
 
-    config = {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": grad_accum,
-        "zero_optimization": {"stage": zero_stage},
-        "gradient_clipping": grad_clip,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-        "zero_allow_untested_optimizer": True,
-    }
+    from moesaic.parallel.deepspeed_engine import deepspeed_config
+
+    config = deepspeed_config(zero_stage=zero_stage, micro_batch=micro_batch, grad_accum=grad_accum, grad_clip=grad_clip)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
                                            dist_init_required=False)
     return engine

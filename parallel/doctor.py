@@ -230,12 +230,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def main_cli() -> None:
-    """The `moesaic-doctor` entry point: as moesaic-train does, a finished rank skips the
-    interpreter's teardown (a native thread once aborted it after a clean run)."""
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code or 0)
+    """The `moesaic-doctor` entry point: a finished rank skips the interpreter's teardown."""
+    from moesaic.parallel.process import exit_rank
+
+    exit_rank(main() or 0)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from moesaic.parallel.process import exit_rank
 from moesaic.trainer.config import register_configs, to_train_config
 from moesaic.trainer.train import train
 
@@ -52,12 +53,7 @@ def _take_local_rank_arg() -> None:
 def main_cli() -> None:
     _take_local_rank_arg()
     main()
-    # Everything is written and the process group is destroyed. Skip the interpreter's teardown:
-    # on the 2-core CI machine a worker aborted there once in roughly 30 runs ("terminate called
-    # without an active exception", a native thread destroyed while joinable), after a clean run.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_rank(0)  # everything is written: skip the interpreter's teardown (see moesaic.parallel.process)
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ class Parallel:
         self.ds_engine = initialize_deepspeed_moe(self.model, opt, sched, zero_stage=cfg.parallel.zero_stage,
                                                   micro_batch=cfg.batch_size, grad_accum=cfg.grad_accum_steps,
                                                   grad_clip=cfg.optim.grad_clip)
-        check_expert_groups(self.model, self.deepspeed_moe_ep, self.info.rank)
+        check_expert_groups(self.deepspeed_moe_ep, self.info.rank)
         self.train_model = self.ds_engine
         empty = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=cfg.optim.lr)
         return empty, torch.optim.lr_scheduler.LambdaLR(empty, lambda _: 1.0)

@@ -4,12 +4,12 @@ moesaic (equal on every rank that computes the same expert), and that the dense 
 identical across ranks. Prints one JSON line on rank 0."""
 
 import json
-import os
 import sys
 
 import torch
 import torch.distributed as dist
 
+from moesaic.parallel.process import exit_rank
 from moesaic.parallel.config import ParallelConfig
 from moesaic.trainer.config import OptimConfig, TrainConfig
 from moesaic.trainer.data import DataConfig
@@ -60,6 +60,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as moesaic-train: no interpreter teardown (a native thread once aborted it after a clean run)
+    exit_rank(0)  # as moesaic-train: no interpreter teardown

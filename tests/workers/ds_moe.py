@@ -12,13 +12,13 @@ over the ranks of this rank's expert-parallel group. Prints one JSON line on ran
 
 import copy
 import json
-import os
 import sys
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from moesaic.parallel.process import exit_rank
 from moesaic.parallel.deepspeed_moe import apply_deepspeed_moe
 from moesaic.trainer.model import ModelConfig, Transformer
 
@@ -100,6 +100,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as moesaic-train: no interpreter teardown (a native thread once aborted it after a clean run)
+    exit_rank(0)  # as moesaic-train: no interpreter teardown

@@ -11,13 +11,12 @@ import argparse
 import contextlib
 import copy
 import json
-import os
-import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from moesaic.parallel.process import exit_rank
 from moesaic.parallel.doctor import make_plan
 from moesaic.parallel.moe import MoEConfig
 from moesaic.parallel.recorder import RoutingRecorder
@@ -209,6 +208,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as moesaic-train: no interpreter teardown (a native thread once aborted it after a clean run)
+    exit_rank(0)  # as moesaic-train: no interpreter teardown

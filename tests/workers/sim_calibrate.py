@@ -2,12 +2,12 @@
 reporting the routing of every rank and the byte counters of every rank (rank 0 writes JSON)."""
 
 import json
-import os
 import sys
 
 import torch
 import torch.distributed as dist
 
+from moesaic.parallel.process import exit_rank
 from moesaic.parallel.doctor import make_plan
 from moesaic.parallel.fssdp import fssdp_reduce_scatter
 from moesaic.parallel.moe import MoEConfig
@@ -61,6 +61,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as moesaic-train: no interpreter teardown (a native thread once aborted it after a clean run)
+    exit_rank(0)  # as moesaic-train: no interpreter teardown
