@@ -1,6 +1,7 @@
 """One-GPU forward+backward of moesaic's expert computation (router top-k, gather, grouped GEMM
 SwiGLU via torch._grouped_mm, weighted scatter) in bf16, against the dense bf16 matmul rate measured
-in the same run and a per-expert loop.
+in the same run, beside the same grouped GEMM with plain indexing (x[token] in, atomic index_add
+out) and a per-expert loop.
 
     python bench/gpu_moe_layer.py [--tokens 8192] [--json out.json]
     python bench/gpu_moe_layer.py --device cpu --tiny      # the CPU smoke test
@@ -20,7 +21,7 @@ from common import dense_rate, ensure_importable, machine, table, timeit, write_
 ensure_importable()
 import torch  # noqa: E402
 
-from moesaic.parallel.experts import GroupedExperts, looped_swiglu  # noqa: E402
+from moesaic.parallel.experts import GroupedExperts, grouped_swiglu, looped_swiglu  # noqa: E402
 from moesaic.parallel.moe import LocalDispatcher  # noqa: E402
 from moesaic.parallel.router import RouterConfig, TopKRouter  # noqa: E402
 
@@ -28,6 +29,7 @@ SHAPES = {
     "mixtral": dict(dim=4096, ffn=14336, experts=8, top_k=2),
     "deepseekmoe-16b": dict(dim=2048, ffn=1408, experts=64, top_k=6),
     "olmoe": dict(dim=2048, ffn=1024, experts=64, top_k=8),
+    "gpu_train-model": dict(dim=2048, ffn=1408, experts=16, top_k=4),  # the experts of bench/gpu_train.py
 }
 TINY = {"tiny": dict(dim=64, ffn=96, experts=8, top_k=2)}
 
@@ -50,19 +52,26 @@ def run_shape(name, s, tokens, device, dtype, iters):
     def fwd_bwd():
         dispatch(x, route, experts).sum().backward()
 
-    def loop_fwd_bwd():
+    def indexed(swiglu):  # the plain-indexing permutation: x[token] in, atomic index_add out
         order = torch.argsort(route.expert_ids_TK.flatten(), stable=True)
         tok = order // s["top_k"]
-        y = looped_swiglu(x[tok], route.tokens_per_expert_E, experts.w1_EFD, experts.w2_EDF, experts.w3_EFD)
+        y = swiglu(x[tok], route.tokens_per_expert_E, experts.w1_EFD, experts.w2_EDF, experts.w3_EFD)
         w = route.weights_TK.flatten()[order].unsqueeze(-1)
-        x.new_zeros(x.shape).index_add(0, tok, y * w).sum().backward()
+        return x.new_zeros(x.shape).index_add(0, tok, y * w)
 
+    # the layer against the per-expert loop: same output (bf16 rounding apart)
+    with torch.no_grad():
+        y, y_ref = dispatch(x, route, experts).float(), indexed(looped_swiglu).float()
+    rel_err = float((y - y_ref).abs().max() / y_ref.abs().max())
     t_f = timeit(fwd, device, iters)
     t_fb = timeit(fwd_bwd, device, iters)
-    t_loop = timeit(loop_fwd_bwd, device, max(3, iters // 2))
+    t_idx = timeit(lambda: indexed(grouped_swiglu).sum().backward(), device, iters)
+    t_loop = timeit(lambda: indexed(looped_swiglu).sum().backward(), device, max(3, iters // 2))
     return {"shape": name, **s, "tokens": tokens, "fwd_tflops": fwd_flops / t_f / 1e12,
-            "fwd_bwd_tflops": 3 * fwd_flops / t_fb / 1e12, "loop_fwd_bwd_tflops": 3 * fwd_flops / t_loop / 1e12,
-            "fwd_ms": t_f * 1e3, "fwd_bwd_ms": t_fb * 1e3}
+            "fwd_bwd_tflops": 3 * fwd_flops / t_fb / 1e12,
+            "index_add_fwd_bwd_tflops": 3 * fwd_flops / t_idx / 1e12,
+            "loop_fwd_bwd_tflops": 3 * fwd_flops / t_loop / 1e12,
+            "fwd_ms": t_f * 1e3, "fwd_bwd_ms": t_fb * 1e3, "max_rel_err_vs_loop": rel_err}
 
 
 def main() -> None:
@@ -84,7 +93,8 @@ def main() -> None:
         r["fwd_bwd_pct_of_dense"] = 100 * r["fwd_bwd_tflops"] / dense
     info = machine()
     print(f"machine: {info}\ndevice {device}, dtype {dtype}, dense matmul {dense:.1f} TFLOP/s")
-    print(table(rows, ["shape", "tokens", "fwd_tflops", "fwd_bwd_tflops", "fwd_bwd_pct_of_dense", "loop_fwd_bwd_tflops", "fwd_bwd_ms"]))
+    print(table(rows, ["shape", "tokens", "fwd_tflops", "fwd_bwd_tflops", "fwd_bwd_pct_of_dense",
+                       "index_add_fwd_bwd_tflops", "loop_fwd_bwd_tflops", "fwd_bwd_ms", "max_rel_err_vs_loop"]))
     write_json(a.json, {"machine": info, "dense_tflops": dense, "rows": rows})
 
 

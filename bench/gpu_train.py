@@ -92,6 +92,35 @@ def corpus_bytes(limit: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(b"".join(out)), dtype=torch.uint8)
 
 
+class _Mark:
+    """A point in the step: a CUDA event (no sync), or the host clock on a CPU."""
+
+    def __init__(self, device):
+        self.event = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
+        if self.event is not None:
+            self.event.record()
+        self.t = time.perf_counter()
+
+    def seconds_since(self, earlier: "_Mark") -> float:
+        if self.event is not None:
+            return earlier.event.elapsed_time(self.event) / 1e3
+        return self.t - earlier.t
+
+
+def _profile(step, device, path: str, steps: int = 2) -> None:
+    """Where a step's time goes: the kernels (or CPU ops) with the most self time over `steps` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    text = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+    Path(path).write_text(f"# {steps} steps, sorted by {key}\n{text}\n")
+    print(text)
+
+
 def run(cfg: ModelConfig, batch: int, a, device, data: torch.Tensor, rate: float) -> dict:
     torch.manual_seed(0)
     with device:  # allocate and initialise on the GPU (2.62B parameters would take a while on the host)
@@ -110,27 +139,40 @@ def run(cfg: ModelConfig, batch: int, a, device, data: torch.Tensor, rate: float
         w = torch.stack([data[s:s + seq + 1] for s in starts.tolist()]).long()
         return w[:, :-1].to(device, non_blocking=True), w[:, 1:].to(device, non_blocking=True)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for i in range(a.warmup + a.steps):
+    def step():
         x, y = batch_xy()
         sync(device)
-        t0 = time.perf_counter()
+        marks = [_Mark(device)]
         out = step_fn(x, y)
+        marks.append(_Mark(device))
         out.loss.backward()
+        marks.append(_Mark(device))
         opt.step(1.0)
+        marks.append(_Mark(device))
         sync(device)
+        return float(out.ce_loss.detach()), [b.seconds_since(a_) for a_, b in zip(marks, marks[1:])]
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, phases, losses = [], [], []
+    for i in range(a.warmup + a.steps):
+        t0 = time.perf_counter()
+        loss, phase = step()
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
-            losses.append(float(out.ce_loss))
+            phases.append(phase)
+            losses.append(loss)
     med = sorted(times)[len(times) // 2]
+    fwd_ms, bwd_ms, opt_ms = (1e3 * sorted(p[j] for p in phases)[len(phases) // 2] for j in range(3))
+    if a.profile and batch == a.batch[0]:
+        _profile(step, device, a.profile)
     tokens = batch * seq
     flops_tok = 6.0 * counts["active"] + 12.0 * cfg.num_layers * cfg.dim * seq / 2
     tok_s = tokens / med
     row = {"run": f"{'compile' if a.compile else 'eager'}, batch {batch}", "params_B": counts["total"] / 1e9,
            "active_B": counts["active"] / 1e9, "median_step_s": med, "tokens_per_s": round(tok_s),
            "tflops": flops_tok * tok_s / 1e12, "mfu": flops_tok * tok_s / (rate * 1e12),
+           "forward_ms": fwd_ms, "backward_ms": bwd_ms, "optimizer_ms": opt_ms,
            "first_loss": losses[0], "last_loss": losses[-1], "optimizer_state_GiB": opt.state_bytes() / 2**30}
     if device.type == "cuda":
         row["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
@@ -146,27 +188,29 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--profile", default=None, help="write a kernel profile of the first batch size here")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     device = torch.device(a.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
     cfg = ModelConfig(**(TINY if a.tiny else MODEL))
     rate = dense_rate(device, torch.bfloat16, 256 if a.tiny else 8192, 3 if a.tiny else 50)
     data = corpus_bytes(4 << 20 if a.tiny else 64 << 20)
-    rows = []
+    rows, m = [], machine()
     for b in a.batch:
+        if a.compile:
+            torch._dynamo.reset()  # each batch size its own compile, not a dynamic-shape recompile
         try:
             rows.append(run(cfg, b, a, device, data, rate))
-        except torch.OutOfMemoryError as e:
-            rows.append({"run": f"batch {b}", "error": f"out of memory: {str(e)[:120]}"})
+        except Exception as e:  # noqa: BLE001 - one failed run (out of memory, a compile error) keeps the others
+            rows.append({"run": f"{'compile' if a.compile else 'eager'}, batch {b}",
+                         "error": f"{type(e).__name__}: {str(e)[:200]}"})
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    m = machine()
-    print(f"# moesaic, one {m.get('gpu', device.type)}: whole training steps\n")
+        print(table(rows[-1:]), flush=True)  # each run as it ends: a time limit keeps the finished ones
+        write_json(a.json, {"machine": m, "dense_tflops": rate, "model": MODEL if not a.tiny else TINY, "rows": rows})
+    print(f"\n# moesaic, one {m.get('gpu', device.type)}: whole training steps\n")
     print(f"torch {m['torch']}, {m['date']}; dense bf16 matmul {rate:.1f} TFLOP/s (measured in this run)\n")
     print(table(rows) + "\n")
-    write_json(a.json, {"machine": m, "dense_tflops": rate, "model": MODEL if not a.tiny else TINY, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moesaic.parallel.all_to_all import all_to_all, exchange_counts
-from moesaic.parallel.experts import GroupedExperts
+from moesaic.parallel.experts import GroupedExperts, combine_slots, gather_slots
 from moesaic.parallel.router import RouterOutput
 from moesaic.placement.plan import Placement, check_fits
 
@@ -109,7 +109,7 @@ class ExpertParallelDispatcher(nn.Module):
         # 3. permute the kept slots by (destination, expert): the receiver's local experts are id-sorted
         kept = torch.nonzero(keep_N).flatten()
         order = kept[torch.argsort(dest_N[kept] * E + ids_N[kept], stable=True)]
-        x_send = x_TD[order // K]
+        x_send = gather_slots(x_TD, order, K)
         # 4. exchange the (destination, expert) counts
         send_PE = torch.zeros(P, E, dtype=torch.int64)
         send_PE.index_put_((dest_N[order], ids_N[order]), torch.ones_like(order), accumulate=True)
@@ -127,8 +127,7 @@ class ExpertParallelDispatcher(nn.Module):
             y_recv = x_recv
         # 7. results back to the tokens' ranks, then the weighted combine
         y_back = all_to_all(y_recv, in_splits, out_splits, self.group)
-        w = route.weights_TK.flatten()[order].unsqueeze(-1).to(y_back.dtype)
-        out_TD = x_TD.new_zeros(T, x_TD.shape[-1]).index_add(0, order // K, y_back * w)
+        out_TD = combine_slots(y_back, order, route.weights_TK)
         row_bytes = x_TD.shape[-1] * x_TD.element_size()
         self.counters = {
             "tokens_sent": sum(c for d, c in enumerate(in_splits) if d != me),

@@ -29,6 +29,47 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+class _SlotGather(torch.autograd.Function):
+    """rows_N = x_TD[order_N // K]: the token of each kept token-slot, in `order_N`.
+
+    Autograd's own backward of that indexing accumulates into x with atomic adds (bf16 atomics on a
+    GPU). The slots in `order_N` are distinct, so here each slot's gradient is copied to its own row
+    and a token's K rows are summed: no atomics, deterministic.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, order_N, top_k):
+        ctx.save_for_backward(order_N)
+        ctx.num_tokens, ctx.top_k = x_TD.shape[0], top_k
+        return x_TD.index_select(0, order_N // top_k)
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        (order_N,) = ctx.saved_tensors
+        T, K = ctx.num_tokens, ctx.top_k
+        g_ND = grad_ND.new_empty(T * K, grad_ND.shape[-1]) if order_N.numel() == T * K else \
+            grad_ND.new_zeros(T * K, grad_ND.shape[-1])
+        return g_ND.index_copy_(0, order_N, grad_ND).view(T, K, grad_ND.shape[-1]).sum(1), None, None
+
+
+def gather_slots(x_TD: torch.Tensor, order_N: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The rows `x_TD[order_N // top_k]` that token-slots `order_N` (distinct, < T*top_k) send to experts."""
+    return _SlotGather.apply(x_TD, order_N, top_k)
+
+
+def combine_slots(y_ND: torch.Tensor, order_N: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """out_t = sum_k weights[t, k] * y(slot t*K+k), where row i of `y_ND` is slot `order_N[i]`.
+
+    Slots missing from `order_N` (dropped over capacity) add nothing. Written as a copy to slot order
+    and a sum over K, so that neither direction needs atomic adds.
+    """
+    T, K = weights_TK.shape
+    full = y_ND.new_empty if order_N.numel() == T * K else y_ND.new_zeros
+    D = y_ND.shape[-1]
+    y_TKD = full(T * K, D).index_copy_(0, order_N, y_ND).view(T, K, D)
+    return (y_TKD * weights_TK.to(y_ND.dtype).unsqueeze(-1)).sum(1)
+
+
 def _offsets(counts_E: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts_E, dim=0).to(torch.int32)
 
@@ -102,4 +143,4 @@ def swiglu_flops(num_tokens: int, dim: int, ffn_dim: int) -> int:
     return 2 * num_tokens * dim * ffn_dim * 3
 
 
-__all__ = ["GroupedExperts", "grouped_swiglu", "looped_swiglu", "swiglu_flops"]
+__all__ = ["GroupedExperts", "combine_slots", "gather_slots", "grouped_swiglu", "looped_swiglu", "swiglu_flops"]

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moesaic.parallel.experts import GroupedExperts
-from moesaic.parallel.router import RouterConfig, RouterOutput, TopKRouter
+from moesaic.parallel.experts import GroupedExperts, combine_slots, gather_slots
+from moesaic.parallel.router import RouterConfig, RouterOutput, TopKRouter, expert_counts
 
 
 @dataclass(kw_only=True)
@@ -85,18 +85,15 @@ class LocalDispatcher(nn.Module):
             keep = capacity_keep(ids, experts.num_experts, self.capacity_factor, num_tokens)
             kept = torch.nonzero(keep).flatten()
             order = kept[torch.argsort(ids[kept], stable=True)]
-            counts = torch.bincount(ids[kept], minlength=experts.num_experts)
+            counts = expert_counts(ids[kept], experts.num_experts)
         else:
             order = torch.argsort(ids, stable=True)
             counts = route.tokens_per_expert_E
         self.counters = {"dropped": num_tokens * top_k - order.numel()}
-        token_of_slot = order // top_k
         # 2. grouped GEMM over the sorted rows
-        y_sorted = experts(x_TD[token_of_slot], counts)
+        y_sorted = experts(gather_slots(x_TD, order, top_k), counts)
         # 3. un-permute and combine with the router weights
-        w_sorted = route.weights_TK.flatten()[order].unsqueeze(-1)
-        out_TD = x_TD.new_zeros(num_tokens, x_TD.shape[-1])
-        return out_TD.index_add(0, token_of_slot, y_sorted * w_sorted)
+        return combine_slots(y_sorted, order, route.weights_TK)
 
 
 class MoE(nn.Module):

@@ -50,6 +50,11 @@ class RouterOutput:
     tokens_per_expert_E: torch.Tensor  # int64, token-slots routed to each expert
 
 
+def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Token-slots per expert (int64). Unlike `torch.bincount`, no host sync on a GPU."""
+    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+
+
 class TopKRouter(nn.Module):
     """A linear gate over the model dim, followed by top-k selection."""
 
@@ -70,7 +75,7 @@ class TopKRouter(nn.Module):
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
         num_tokens = x_TD.shape[0]
-        counts_E = torch.bincount(ids_TK.flatten(), minlength=self.num_experts)
+        counts_E = expert_counts(ids_TK.flatten(), self.num_experts)
         if num_tokens > 0:
             # Switch aux loss: E * sum_e (fraction of slots routed to e) * (mean probability of e).
             probs_TE = scores_TE if self.cfg.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moesaic.parallel.experts import GroupedExperts, grouped_swiglu, looped_swiglu
+from moesaic.parallel.experts import GroupedExperts, combine_slots, gather_slots, grouped_swiglu, looped_swiglu
 from moesaic.parallel.moe import MoE, MoEConfig
 from moesaic.parallel.router import RouterConfig
 from moesaic.trainer.model import ModelConfig, Transformer
@@ -66,6 +66,25 @@ def test_grouped_swiglu_equals_loop(counts):
     for e, k in enumerate(counts):
         if k == 0:  # an expert with no tokens gets an exact zero gradient
             assert grads[1][e].abs().max() == 0
+
+
+@pytest.mark.parametrize("T,K,drop", [(7, 2, 0), (7, 2, 5), (5, 1, 2), (6, 3, 0), (0, 2, 0)])
+def test_slot_gather_and_combine_equal_indexing_and_pass_gradcheck(T, K, drop):
+    torch.manual_seed(3)
+    D = 4
+    order = torch.randperm(T * K)[: T * K - drop]  # any distinct slots: a permutation, or some dropped
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(order.numel(), D, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(T, K, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(gather_slots(x, order, K), x[order // K], rtol=0, atol=0)
+    ref = torch.zeros(T, D, dtype=torch.float64).index_add(0, order // K, y * w.flatten()[order].unsqueeze(-1))
+    torch.testing.assert_close(combine_slots(y, order, w), ref)
+    if T:
+        assert torch.autograd.gradcheck(lambda a: gather_slots(a, order, K), (x,))
+        assert torch.autograd.gradcheck(lambda a, b: combine_slots(a, order, b), (y, w))
+    else:
+        gather_slots(x, order, K).sum().backward()
+        assert x.grad.shape == x.shape
 
 
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
