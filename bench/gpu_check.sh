@@ -12,7 +12,10 @@ LOG="$OUT/gpu_check.log"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 } 2>&1 | tee "$LOG"
-timeout 120 python3 bench/gpu_moe_layer.py --json "$OUT/gpu_moe_layer.json" 2>&1 | tee -a "$LOG"
-timeout 170 python3 bench/gpu_train.py --batch 8 16 4 --profile "$OUT/gpu_train_profile.txt" \
+timeout 100 python3 bench/gpu_moe_layer.py --json "$OUT/gpu_moe_layer.json" 2>&1 | tee -a "$LOG"
+timeout 120 python3 bench/gpu_train.py --batch 8 16 --profile "$OUT/gpu_train_profile.txt" \
   --json "$OUT/gpu_train.json" 2>&1 | tee -a "$LOG"
-timeout 270 python3 bench/gpu_train.py --compile --batch 8 16 --json "$OUT/gpu_train_compile.json" 2>&1 | tee -a "$LOG"
+timeout 200 python3 bench/gpu_train.py --compile --batch 8 16 --profile "$OUT/gpu_train_compile_profile.txt" \
+  --json "$OUT/gpu_train_compile.json" 2>&1 | tee -a "$LOG"
+timeout 100 python3 bench/gpu_train.py --compile --batch 8 --accum 4 --steps 6 \
+  --json "$OUT/gpu_train_compile_accum.json" 2>&1 | tee -a "$LOG"

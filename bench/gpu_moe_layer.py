@@ -74,6 +74,21 @@ def run_shape(name, s, tokens, device, dtype, iters):
             "fwd_ms": t_f * 1e3, "fwd_bwd_ms": t_fb * 1e3, "max_rel_err_vs_loop": rel_err}
 
 
+def row_moves(device, dtype, rows: int, dim: int, iters: int) -> list[dict]:
+    """The permutation's row moves, in GB/s (bytes read + written): plain bf16 elements against the
+    same rows viewed as 8-byte words, which `moesaic.parallel.experts.take_rows/put_rows` use."""
+    x = torch.randn(rows, dim, device=device, dtype=dtype)
+    idx = torch.randperm(rows, device=device)
+    out = torch.empty_like(x)
+    words, out_words = x.view(torch.int64), out.view(torch.int64)
+    cases = {"x[idx]": lambda: x[idx], "index_select": lambda: x.index_select(0, idx),
+             "index_select, 8-byte words": lambda: words.index_select(0, idx),
+             "index_copy_": lambda: out.index_copy_(0, idx, x),
+             "index_copy_, 8-byte words": lambda: out_words.index_copy_(0, idx, words)}
+    nbytes = 2 * x.numel() * x.element_size()
+    return [{"op": k, "rows": rows, "dim": dim, "GB_per_s": nbytes / timeit(f, device, iters) / 1e9} for k, f in cases.items()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -88,6 +103,7 @@ def main() -> None:
     tokens = 256 if a.tiny else a.tokens
     dense = dense_rate(device, dtype, 256 if a.tiny else 8192)
     rows = [run_shape(n, s, tokens, device, dtype, 3 if a.tiny else a.iters) for n, s in shapes.items()]
+    moves = row_moves(device, dtype, 512 if a.tiny else 65536, 64 if a.tiny else 2048, 3 if a.tiny else a.iters)
     for r in rows:
         r["dense_tflops"] = dense
         r["fwd_bwd_pct_of_dense"] = 100 * r["fwd_bwd_tflops"] / dense
@@ -95,7 +111,8 @@ def main() -> None:
     print(f"machine: {info}\ndevice {device}, dtype {dtype}, dense matmul {dense:.1f} TFLOP/s")
     print(table(rows, ["shape", "tokens", "fwd_tflops", "fwd_bwd_tflops", "fwd_bwd_pct_of_dense",
                        "index_add_fwd_bwd_tflops", "loop_fwd_bwd_tflops", "fwd_bwd_ms", "max_rel_err_vs_loop"]))
-    write_json(a.json, {"machine": info, "dense_tflops": dense, "rows": rows})
+    print(table(moves))
+    write_json(a.json, {"machine": info, "dense_tflops": dense, "rows": rows, "row_moves": moves})
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@
 The model (the issue's, about 2.62B parameters, 0.96B active): d 2048, 16 layers, 16 heads, 16
 experts of ffn 1408 (SwiGLU, grouped GEMM), top-4, 1 shared expert, seq 2048, byte vocabulary.
 
-Mixed precision, as Megatron does it: the model's weights, activations and gradients are bf16; the
-optimizer keeps fp32 master weights and fp32 AdamW moments, steps them (fused AdamW on CUDA, in
-chunks so that the fp32 copies of the gradients never all exist at once) and writes the bf16
-weights back. The global gradient norm is clipped to 1.0. Constant learning rate.
+Mixed precision, as Megatron does it (bench/master_adamw.py): the model's weights, activations and
+gradients are bf16; the optimizer keeps fp32 master weights and fp32 AdamW moments, clips the global
+gradient norm to 1.0, steps the masters and writes the bf16 weights back (one Triton kernel on a
+GPU, checked against torch's AdamW at start). With `--accum N`, N micro-batches' gradients are
+summed in fp32 before each step. Constant learning rate.
 
 FLOPs per token (as `moesaic.trainer.step.flops_per_token`): 6 x active parameters, plus causal
 attention 12 * layers * d * seq / 2. MFU = FLOPs per token x tokens/s / the dense bf16 matmul rate
@@ -26,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import dense_rate, ensure_importable, machine, sync, table, write_json  # noqa: E402
+from master_adamw import MasterAdamW, check_triton  # noqa: E402
 
 ensure_importable()
 import torch  # noqa: E402
@@ -36,44 +38,6 @@ MODEL = dict(vocab_size=256, dim=2048, num_layers=16, num_heads=16, max_seq_len=
              moe=dict(num_experts=16, top_k=4, ffn_dim=1408, num_shared_experts=1))
 TINY = dict(vocab_size=256, dim=64, num_layers=2, num_heads=4, max_seq_len=64,
             moe=dict(num_experts=4, top_k=2, ffn_dim=32, num_shared_experts=1))
-
-
-class MasterAdamW:
-    """fp32 master weights and AdamW moments for bf16 parameters, stepped in chunks."""
-
-    def __init__(self, params, *, lr: float, weight_decay: float, chunk_elems: int = 1 << 28):
-        self.params = [p for p in params if p.requires_grad]
-        fused = self.params[0].is_cuda
-        self.chunks, cur, size = [], [], 0
-        for p in self.params:
-            cur.append(p)
-            size += p.numel()
-            if size >= chunk_elems:
-                self.chunks.append(cur)
-                cur, size = [], 0
-        if cur:
-            self.chunks.append(cur)
-        self.masters = [[p.detach().to(torch.float32, copy=True) for p in c] for c in self.chunks]
-        self.opts = [torch.optim.AdamW(m, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=fused)
-                     for m in self.masters]
-
-    @torch.no_grad()
-    def step(self, max_norm: float) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
-        for chunk, masters, opt in zip(self.chunks, self.masters, self.opts):
-            for p, m in zip(chunk, masters):
-                m.grad = p.grad.float() if p.grad is not None else None
-            opt.step()
-            for p, m in zip(chunk, masters):
-                p.copy_(m)
-                m.grad = None
-        for p in self.params:
-            p.grad = None
-        return float(norm)
-
-    def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ms, o in zip(self.masters, self.opts) for m in ms
-                   for t in [m, *(v for v in o.state.get(m, {}).values() if torch.is_tensor(v))])
 
 
 def corpus_bytes(limit: int) -> torch.Tensor:
@@ -127,7 +91,7 @@ def run(cfg: ModelConfig, batch: int, a, device, data: torch.Tensor, rate: float
         model = Transformer(cfg).to(dtype=torch.bfloat16)
     model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
     counts = model.num_params()
-    opt = MasterAdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+    opt = MasterAdamW(model.parameters(), lr=3e-4, weight_decay=0.1, impl=a.optimizer)
     step_fn = model
     if a.compile:
         step_fn = torch.compile(model)
@@ -140,17 +104,23 @@ def run(cfg: ModelConfig, batch: int, a, device, data: torch.Tensor, rate: float
         return w[:, :-1].to(device, non_blocking=True), w[:, 1:].to(device, non_blocking=True)
 
     def step():
-        x, y = batch_xy()
+        """One optimizer step over `a.accum` micro-batches; (mean loss, [forward, backward, optimizer] s)."""
+        xys = [batch_xy() for _ in range(a.accum)]
         sync(device)
-        marks = [_Mark(device)]
-        out = step_fn(x, y)
-        marks.append(_Mark(device))
-        out.loss.backward()
-        marks.append(_Mark(device))
+        marks, losses = [_Mark(device)], []
+        for x, y in xys:
+            out = step_fn(x, y)
+            marks.append(_Mark(device))
+            (out.loss / a.accum).backward()
+            if a.accum > 1:
+                opt.accumulate()
+            marks.append(_Mark(device))
+            losses.append(out.ce_loss.detach())
         opt.step(1.0)
         marks.append(_Mark(device))
         sync(device)
-        return float(out.ce_loss.detach()), [b.seconds_since(a_) for a_, b in zip(marks, marks[1:])]
+        gaps = [b.seconds_since(a_) for a_, b in zip(marks, marks[1:])]
+        return float(torch.stack(losses).mean()), [sum(gaps[0:-1:2]), sum(gaps[1:-1:2]), gaps[-1]]
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -166,10 +136,10 @@ def run(cfg: ModelConfig, batch: int, a, device, data: torch.Tensor, rate: float
     fwd_ms, bwd_ms, opt_ms = (1e3 * sorted(p[j] for p in phases)[len(phases) // 2] for j in range(3))
     if a.profile and batch == a.batch[0]:
         _profile(step, device, a.profile)
-    tokens = batch * seq
+    tokens = batch * seq * a.accum
     flops_tok = 6.0 * counts["active"] + 12.0 * cfg.num_layers * cfg.dim * seq / 2
     tok_s = tokens / med
-    row = {"run": f"{'compile' if a.compile else 'eager'}, batch {batch}", "params_B": counts["total"] / 1e9,
+    row = {"run": _label(a, batch, opt.impl), "params_B": counts["total"] / 1e9,
            "active_B": counts["active"] / 1e9, "median_step_s": med, "tokens_per_s": round(tok_s),
            "tflops": flops_tok * tok_s / 1e12, "mfu": flops_tok * tok_s / (rate * 1e12),
            "forward_ms": fwd_ms, "backward_ms": bwd_ms, "optimizer_ms": opt_ms,
@@ -180,6 +150,11 @@ def run(cfg: ModelConfig, batch: int, a, device, data: torch.Tensor, rate: float
     return row
 
 
+def _label(a, batch: int, impl: str) -> str:
+    accum = f" x {a.accum} micro-batches" if a.accum > 1 else ""
+    return f"{'compile' if a.compile else 'eager'}, batch {batch}{accum}, {impl} AdamW"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
@@ -188,6 +163,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (fp32 accumulation)")
+    ap.add_argument("--optimizer", default="auto", choices=["auto", "torch", "triton"],
+                    help="MasterAdamW's implementation (auto: triton on CUDA where it is installed)")
     ap.add_argument("--profile", default=None, help="write a kernel profile of the first batch size here")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -196,13 +174,24 @@ def main() -> None:
     rate = dense_rate(device, torch.bfloat16, 256 if a.tiny else 8192, 3 if a.tiny else 50)
     data = corpus_bytes(4 << 20 if a.tiny else 64 << 20)
     rows, m = [], machine()
+    if a.optimizer != "torch" and device.type == "cuda":
+        try:
+            m["triton_adamw_rel_diff"] = diff = check_triton(device)
+            print(f"triton AdamW against torch's, 3 steps: max |master diff| / max |update| = {diff:.2e}")
+            if diff > 1e-3:
+                raise RuntimeError("the triton AdamW differs from torch's")
+            a.optimizer = "triton"
+        except Exception as e:  # noqa: BLE001 - fall back to the torch implementation, and say so
+            print(f"triton AdamW not used: {type(e).__name__}: {e}")
+            m["triton_adamw_error"] = str(e)[:200]
+            a.optimizer = "torch"
     for b in a.batch:
         if a.compile:
             torch._dynamo.reset()  # each batch size its own compile, not a dynamic-shape recompile
         try:
             rows.append(run(cfg, b, a, device, data, rate))
         except Exception as e:  # noqa: BLE001 - one failed run (out of memory, a compile error) keeps the others
-            rows.append({"run": f"{'compile' if a.compile else 'eager'}, batch {b}",
+            rows.append({"run": _label(a, b, a.optimizer),
                          "error": f"{type(e).__name__}: {str(e)[:200]}"})
         if device.type == "cuda":
             torch.cuda.empty_cache()

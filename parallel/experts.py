@@ -29,27 +29,74 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _words(x: torch.Tensor) -> torch.Tensor:
+    """x's rows as 8-byte words where the layout allows: the same bytes, a quarter of the elements
+    (bf16) for the GPU's element-wise index kernels to move. Under torch.compile, x itself."""
+    if (torch.compiler.is_compiling() or not x.is_contiguous() or x.dim() != 2
+            or (x.shape[-1] * x.element_size()) % 8 or x.data_ptr() % 8):
+        return x
+    return x.view(torch.int64)
+
+
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index] along dim 0 (no autograd; the callers define the backward)."""
+    return _words(x).index_select(0, index).view(x.dtype)
+
+
+def put_rows(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """out[index] = rows along dim 0, in place (distinct indices); returns out."""
+    rows = rows.contiguous()
+    w, w_rows = _words(out), _words(rows)
+    if w.dtype != w_rows.dtype:  # one of them cannot be viewed as words
+        w, w_rows = out, rows
+    w.index_copy_(0, index, w_rows)
+    return out
+
+
+def _inverse(order_N: torch.Tensor) -> torch.Tensor:
+    """The inverse of a permutation: inv[order[i]] = i."""
+    return torch.empty_like(order_N).scatter_(0, order_N, torch.arange(order_N.numel(), device=order_N.device))
+
+
 class _SlotGather(torch.autograd.Function):
     """rows_N = x_TD[order_N // K]: the token of each kept token-slot, in `order_N`.
 
     Autograd's own backward of that indexing accumulates into x with atomic adds (bf16 atomics on a
-    GPU). The slots in `order_N` are distinct, so here each slot's gradient is copied to its own row
-    and a token's K rows are summed: no atomics, deterministic.
+    GPU). The slots in `order_N` are distinct, so here each slot's gradient is moved to its own row
+    (a gather by the inverse permutation; a copy where slots were dropped) and a token's K rows are
+    summed: no atomics, deterministic.
     """
 
     @staticmethod
     def forward(ctx, x_TD, order_N, top_k):
         ctx.save_for_backward(order_N)
         ctx.num_tokens, ctx.top_k = x_TD.shape[0], top_k
-        return x_TD.index_select(0, order_N // top_k)
+        return take_rows(x_TD, order_N // top_k)
 
     @staticmethod
     def backward(ctx, grad_ND):
         (order_N,) = ctx.saved_tensors
-        T, K = ctx.num_tokens, ctx.top_k
-        g_ND = grad_ND.new_empty(T * K, grad_ND.shape[-1]) if order_N.numel() == T * K else \
-            grad_ND.new_zeros(T * K, grad_ND.shape[-1])
-        return g_ND.index_copy_(0, order_N, grad_ND).view(T, K, grad_ND.shape[-1]).sum(1), None, None
+        T, K, D = ctx.num_tokens, ctx.top_k, grad_ND.shape[-1]
+        grad_ND = grad_ND.contiguous()
+        if order_N.numel() == T * K:
+            g = take_rows(grad_ND, _inverse(order_N))
+        else:
+            g = put_rows(grad_ND.new_zeros(T * K, D), order_N, grad_ND)
+        return g.view(T, K, D).sum(1), None, None
+
+
+class _Unpermute(torch.autograd.Function):
+    """y_slot = y_sorted[inv]: rows back to slot order, for a full permutation (dropless)."""
+
+    @staticmethod
+    def forward(ctx, y_ND, order_N):
+        ctx.save_for_backward(order_N)
+        return take_rows(y_ND, _inverse(order_N))
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        (order_N,) = ctx.saved_tensors
+        return take_rows(grad_ND.contiguous(), order_N), None
 
 
 def gather_slots(x_TD: torch.Tensor, order_N: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -60,13 +107,15 @@ def gather_slots(x_TD: torch.Tensor, order_N: torch.Tensor, top_k: int) -> torch
 def combine_slots(y_ND: torch.Tensor, order_N: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
     """out_t = sum_k weights[t, k] * y(slot t*K+k), where row i of `y_ND` is slot `order_N[i]`.
 
-    Slots missing from `order_N` (dropped over capacity) add nothing. Written as a copy to slot order
-    and a sum over K, so that neither direction needs atomic adds.
+    Slots missing from `order_N` (dropped over capacity) add nothing. Written as row moves to slot
+    order and a sum over K, so that neither direction needs atomic adds.
     """
     T, K = weights_TK.shape
-    full = y_ND.new_empty if order_N.numel() == T * K else y_ND.new_zeros
     D = y_ND.shape[-1]
-    y_TKD = full(T * K, D).index_copy_(0, order_N, y_ND).view(T, K, D)
+    if order_N.numel() == T * K:
+        y_TKD = _Unpermute.apply(y_ND, order_N).view(T, K, D)
+    else:
+        y_TKD = y_ND.new_zeros(T * K, D).index_copy_(0, order_N, y_ND).view(T, K, D)
     return (y_TKD * weights_TK.to(y_ND.dtype).unsqueeze(-1)).sum(1)
 
 

@@ -82,7 +82,7 @@ def test_master_adamw_equals_torch_adamw():
     import torch
 
     sys.path.insert(0, str(BENCH))
-    from gpu_train import MasterAdamW
+    from master_adamw import MasterAdamW
 
     torch.manual_seed(0)
     a = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
@@ -145,3 +145,30 @@ def test_replan_overhead_short(tmp_path):
     out = run("replan_overhead.py", "--steps", 8, "--every", 4, "--repeats", 1, "--cases", "fssdp, fixed plan",
               "fssdp, re-plan eplb", "--json", tmp_path / "o.json", timeout=600)
     assert "re-plan eplb" in out
+
+
+def test_master_adamw_accumulates_micro_batches_in_fp32():
+    """Two bf16 micro-batch gradients summed in fp32 accumulators: the step equals torch's AdamW on
+    the fp32 sum, which a bf16 sum would round away."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    from master_adamw import MasterAdamW
+
+    torch.manual_seed(1)
+    w = torch.randn(64)
+    p = torch.nn.Parameter(w.to(torch.bfloat16))
+    q = torch.nn.Parameter(p.detach().float().clone())
+    mine = MasterAdamW([p], lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW([q], lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))
+    g1, g2 = torch.full((64,), 1.0).to(torch.bfloat16), torch.full((64,), 1e-3).to(torch.bfloat16)
+    for g in (g1, g2):
+        p.grad = g.clone()
+        mine.accumulate()
+        assert p.grad is None
+    assert torch.equal(mine.masters[0].grad, g1.float() + g2.float())  # 1.001 is not a bf16 number
+    q.grad = g1.float() + g2.float()
+    mine.step(100.0)
+    ref.step()
+    assert torch.allclose(mine.masters[0], q, atol=1e-7) and mine.masters[0].grad is None
+    assert torch.equal(p.detach(), q.detach().to(torch.bfloat16))

@@ -87,6 +87,25 @@ def test_slot_gather_and_combine_equal_indexing_and_pass_gradcheck(T, K, drop):
         assert x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 6), (torch.float32, 3), (torch.bfloat16, 8), (torch.bfloat16, 6)])
+@pytest.mark.parametrize("drop", [0, 3])
+def test_slot_helpers_move_rows_as_words_or_not_exactly(dtype, D, drop):
+    """Rows whose bytes divide into 8-byte words move as words; others as they are: the same values."""
+    torch.manual_seed(4)
+    T, K = 9, 2
+    order = torch.randperm(T * K)[: T * K - drop]
+    x = torch.randn(T, D, dtype=dtype, requires_grad=True)
+    g = torch.randn(order.numel(), D, dtype=dtype)
+    gather_slots(x, order, K).backward(g)
+    x_ref = x.detach().clone().requires_grad_()
+    x_ref[order // K].backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=0)
+    y = torch.randn(order.numel(), D, dtype=dtype)
+    w = torch.rand(T, K, dtype=dtype)
+    ref = torch.zeros(T * K, D, dtype=dtype).index_copy(0, order, y).view(T, K, D)
+    torch.testing.assert_close(combine_slots(y, order, w), (ref * w.unsqueeze(-1)).sum(1), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 def test_moe_block_equals_naive_per_token_reference(score_func):
     torch.manual_seed(2)
