@@ -178,7 +178,7 @@ def main() -> None:
         try:
             m["triton_adamw_rel_diff"] = diff = check_triton(device)
             print(f"triton AdamW against torch's, 3 steps: max |master diff| / max |update| = {diff:.2e}")
-            if diff > 1e-3:
+            if diff > 1e-4:  # fp32 rounding of the weights is ~2e-5 of an update of lr=1e-2
                 raise RuntimeError("the triton AdamW differs from torch's")
             a.optimizer = "triton"
         except Exception as e:  # noqa: BLE001 - fall back to the torch implementation, and say so
@@ -197,8 +197,14 @@ def main() -> None:
             torch.cuda.empty_cache()
         print(table(rows[-1:]), flush=True)  # each run as it ends: a time limit keeps the finished ones
         write_json(a.json, {"machine": m, "dense_tflops": rate, "model": MODEL if not a.tiny else TINY, "rows": rows})
+    # the MFU's denominator: the faster of the dense rates measured before and after the runs
+    rate = max(rate, dense_rate(device, torch.bfloat16, 256 if a.tiny else 8192, 3 if a.tiny else 50))
+    for r in rows:
+        if "tflops" in r:
+            r["mfu"] = r["tflops"] / rate
+    write_json(a.json, {"machine": m, "dense_tflops": rate, "model": MODEL if not a.tiny else TINY, "rows": rows})
     print(f"\n# moesaic, one {m.get('gpu', device.type)}: whole training steps\n")
-    print(f"torch {m['torch']}, {m['date']}; dense bf16 matmul {rate:.1f} TFLOP/s (measured in this run)\n")
+    print(f"torch {m['torch']}, {m['date']}; dense bf16 matmul {rate:.1f} TFLOP/s (the faster of two measurements in this run)\n")
     print(table(rows) + "\n")
 
 
