@@ -29,6 +29,17 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
 
 
+def all_reduce_anywhere(t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """`dist.all_reduce(t)` in place, for a tensor on any device: NCCL reduces CUDA tensors only, so
+    there a host tensor (statistics, counters) goes through this rank's GPU and back."""
+    if t.device.type == "cpu" and dist.get_backend(group) == "nccl":
+        on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=op, group=group)
+        return t.copy_(on_gpu)
+    dist.all_reduce(t, op=op, group=group)
+    return t
+
+
 def exchange_counts(send_counts: torch.Tensor, group=None) -> torch.Tensor:
     """send_counts (P, C) int64: row d is what this rank sends to rank d. Returns (P, C): row s is
     what rank s sends here. One equal-split all_to_all_single, no autograd."""

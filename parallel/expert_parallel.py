@@ -22,7 +22,7 @@ from torch import nn
 
 from moesaic.parallel.all_to_all import all_to_all, exchange_counts
 from moesaic.parallel.experts import GroupedExperts, combine_slots, gather_slots
-from moesaic.parallel.router import RouterOutput
+from moesaic.parallel.router import RouterOutput, expert_counts
 from moesaic.placement.plan import Placement, check_fits
 
 log = logging.getLogger(__name__)
@@ -58,11 +58,12 @@ def capacity_keep(ids_N: torch.Tensor, num_experts: int, capacity_factor: float,
     """(N,) bool: which token-slots fit in their expert's capacity. Capacity per expert is
     ceil(capacity_factor * tokens of the whole group * K / E); priority is position in the group's
     batch: rank order, then token order, then slot order (the same order a one-process reference sees)."""
-    counts_E = torch.bincount(ids_N, minlength=num_experts)
-    row = torch.cat([counts_E, torch.tensor([num_tokens])])
+    dev = ids_N.device
+    counts_E = expert_counts(ids_N, num_experts)
+    row = torch.cat([counts_E, torch.tensor([num_tokens], device=dev)])
     if group is not None and dist.get_world_size(group) > 1:
         P = dist.get_world_size(group)
-        rows = torch.empty(P * row.numel(), dtype=row.dtype)
+        rows = torch.empty(P * row.numel(), dtype=row.dtype, device=dev)
         dist.all_gather_into_tensor(rows, row, group=group)
         rows = rows.view(P, -1)
         me = dist.get_rank(group)
@@ -75,7 +76,7 @@ def capacity_keep(ids_N: torch.Tensor, num_experts: int, capacity_factor: float,
     # position of each slot among this rank's slots of the same expert
     order = torch.argsort(ids_N, stable=True)
     starts = torch.cumsum(counts_E, 0) - counts_E
-    pos_sorted = torch.arange(ids_N.numel()) - starts[ids_N[order]]
+    pos_sorted = torch.arange(ids_N.numel(), device=dev) - starts[ids_N[order]]
     pos = torch.empty_like(pos_sorted)
     pos[order] = pos_sorted
     return (before_E[ids_N] + pos) < capacity
@@ -92,14 +93,14 @@ class ExpertParallelDispatcher(nn.Module):
         self.register_buffer("holders_pad", pad, persistent=False)
         self.register_buffer("num_holders", n, persistent=False)
         self.register_buffer("is_local", local, persistent=False)
-        self.local_experts = torch.tensor(plan.local_experts, dtype=torch.int64)
+        self.local_experts = plan.local_experts
         self.counters: dict = {}
 
     def forward(self, x_TD: torch.Tensor, route: RouterOutput, experts: GroupedExperts) -> torch.Tensor:
         P, me, E = self.plan.ep_size, self.plan.ep_rank, self.plan.num_experts
         T, K = route.expert_ids_TK.shape
         ids_N = route.expert_ids_TK.flatten()
-        slot = torch.arange(T * K)
+        slot = torch.arange(T * K, device=ids_N.device)
         # 1. drop token-slots over capacity (capacity mode only)
         keep_N = (capacity_keep(ids_N, E, self.capacity_factor, T, self.group) if self.capacity_factor > 0
                   else torch.ones_like(ids_N, dtype=torch.bool))
@@ -111,7 +112,7 @@ class ExpertParallelDispatcher(nn.Module):
         order = kept[torch.argsort(dest_N[kept] * E + ids_N[kept], stable=True)]
         x_send = gather_slots(x_TD, order, K)
         # 4. exchange the (destination, expert) counts
-        send_PE = torch.zeros(P, E, dtype=torch.int64)
+        send_PE = torch.zeros(P, E, dtype=torch.int64, device=ids_N.device)
         send_PE.index_put_((dest_N[order], ids_N[order]), torch.ones_like(order), accumulate=True)
         recv_PE = exchange_counts(send_PE, self.group)
         in_splits, out_splits = send_PE.sum(1).tolist(), recv_PE.sum(1).tolist()
@@ -149,7 +150,8 @@ def _source_to_expert_major(cnt_PL: torch.Tensor) -> torch.Tensor:
     start_em = starts.t().flatten()
     total = int(flat.sum())
     seg_begin = torch.cumsum(cnt_em, 0) - cnt_em
-    return torch.repeat_interleave(start_em - seg_begin, cnt_em, output_size=total) + torch.arange(total)
+    return (torch.repeat_interleave(start_em - seg_begin, cnt_em, output_size=total)
+            + torch.arange(total, device=cnt_PL.device))
 
 
 def layer_plans(plan: Placement, ep_rank: int) -> list[LayerPlan]:
@@ -168,13 +170,13 @@ def apply_expert_parallel(model: nn.Module, mesh, plan: Placement, *, capacity_f
     for lp, moe in zip(layer_plans(plan, ep_rank), moes):
         full = moe.experts
         local = lp.local_experts
-        sub = GroupedExperts(len(local), full.dim, full.ffn_dim)
+        sub = GroupedExperts(len(local), full.dim, full.ffn_dim).to(full.w1_EFD.device, full.w1_EFD.dtype)
         with torch.no_grad():
             for name in ("w1_EFD", "w2_EDF", "w3_EFD"):
                 getattr(sub, name).copy_(getattr(full, name)[local])
         sub.expert_ids = local
         moe.experts = sub
-        moe.dispatcher = ExpertParallelDispatcher(lp, ep_group, capacity_factor=capacity_factor)
+        moe.dispatcher = ExpertParallelDispatcher(lp, ep_group, capacity_factor=capacity_factor).to(full.w1_EFD.device)
         moe.layer_plan = lp
     names += [n for n, _ in model.named_parameters() if ".experts." in n]
     names += [n for n, _ in model.named_buffers() if ".dispatcher." in n]  # per-rank plan tables
@@ -236,12 +238,12 @@ def reduce_expert_grads(model: nn.Module, mesh, world_size: int) -> int:
 def expert_grad_sq_norm(model: nn.Module, mesh) -> torch.Tensor:
     """This rank's share of the global squared norm of expert gradients: each expert counted once
     across its replicas and the edp ranks (all-reduce the result over the world)."""
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
     edp = mesh.size(0) if mesh.ndim > 1 else 1
     for moe in model.moe_layers():
         lp = moe.layer_plan
         flat = _flat_grads(moe.experts).double()
-        reps = torch.tensor([len(lp.holders[e]) for e in lp.local_experts], dtype=torch.float64)
+        reps = torch.tensor([len(lp.holders[e]) for e in lp.local_experts], dtype=torch.float64, device=flat.device)
         total += ((flat ** 2).sum(1) / (reps * edp)).sum()
     return total
 

@@ -233,7 +233,7 @@ class FSSDPExperts(nn.Module):
         if grad is None:
             if self._mat is not None and self.num_compute and self._mat.requires_grad and self._grad_expected:
                 raise RuntimeError("sparse_reduce_scatter ran before this layer's weight gradients were ready")
-            grad = torch.zeros(self.num_compute, self.row_size, dtype=self.w1_EFD.dtype)
+            grad = self.w1_EFD.new_zeros(self.num_compute, self.row_size)
         # 1. this rank's gradients in the order it received the weights (the gather's reverse)
         send = grad[list(sch.recv_to_local)] if sch.recv_to_local else grad[:0]
         recv = send.new_empty(sum(sch.in_splits), self.row_size)
@@ -261,8 +261,8 @@ class FSSDPExperts(nn.Module):
         sch = self.schedule
         # 3. sum every copy's gradient into the owned rows
         n = len(self.owned_ids)
-        owned = torch.zeros(n, self.row_size, dtype=recv.dtype).index_add_(
-            0, torch.tensor(sch.send_rows, dtype=torch.int64), recv)
+        owned = recv.new_zeros(n, self.row_size).index_add_(
+            0, torch.tensor(sch.send_rows, dtype=torch.int64, device=recv.device), recv)
         self._install_grads(owned, accumulate=True)  # micro-batches of one step add up
 
     def direct_grads(self) -> None:
@@ -398,7 +398,7 @@ def fssdp_bytes(model: nn.Module) -> dict:
 def fssdp_grad_sq_norm(model: nn.Module, mesh) -> torch.Tensor:
     """This rank's share of the squared norm of all expert gradients (each expert once over the world)."""
     edp = mesh.size(0) if mesh.ndim > 1 else 1
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
     for moe in model.moe_layers():
         for p in moe.experts.parameters():
             if p.grad is not None:

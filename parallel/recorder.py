@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moesaic.parallel.all_to_all import all_reduce_anywhere
 from moesaic.placement.stats import RoutingStats
 
 
@@ -49,7 +50,7 @@ class RoutingRecorder:
         n = torch.tensor([self.num_tokens], dtype=torch.float64)
         if all_reduce and dist.is_initialized():
             for t in (P, W, n):
-                dist.all_reduce(t, group=group)
+                all_reduce_anywhere(t, group)
         return RoutingStats(P.numpy(), W.numpy(), float(n[0]), self.K)
 
     def reset(self) -> None:

@@ -96,5 +96,5 @@ class TopKRouter(nn.Module):
     def update_bias(self, global_counts_E: torch.Tensor) -> None:
         """Aux-loss-free balancing step from the loads of all ranks (identical on every rank)."""
         if self.cfg.bias_update_rate > 0:
-            c = global_counts_E.to(self.bias_E.dtype)
+            c = global_counts_E.to(self.bias_E.device, self.bias_E.dtype)
             self.bias_E += self.cfg.bias_update_rate * torch.sign(c.mean() - c)

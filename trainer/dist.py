@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from moesaic.parallel.all_to_all import all_reduce_anywhere
 from moesaic.parallel.config import ParallelConfig
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ def broadcast_object(obj, info: DistInfo, src: int = 0):
 
 def all_reduce_(t: torch.Tensor, info: DistInfo, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if info.backend is not None:
-        dist.all_reduce(t, op=op)
+        all_reduce_anywhere(t, op=op)
     return t
 
 
