@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks of issues #4 and #8 as one prepared run for a lent H100/H200 (the device tool):
-#   bash bench/gpu_check.sh            # writes JSON and one log under $OUT (or bench/results)
-# Each part has its own time limit (all together under 7 minutes). Needs torch only (the
+#   bash bench/gpu_check.sh [all|baseline|variants]   # JSON and one log under $OUT (or bench/results)
+# baseline (about 4.5 minutes on an H200): the expert layer, and whole training steps eager at batch 8
+# and compiled at batch 8, 16 and 4 x 8 -- the figures in bench/RESULTS.md. variants (about 3
+# minutes): the same steps with the candidate speed-ups of bench/gpu_variants.py, for the A/B
+# against the baseline on the same machine. Each part has its own time limit. Needs torch only (the
 # device image has no pulp, hydra or wandb; the scripts import moesaic from this checkout). Each
-# script prints and writes every finished run as it goes, so a part cut off by its limit keeps those.
+# script prints and writes every finished run as it goes, so a part cut off keeps those.
 set -u
+PART=${1:-all}
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -12,8 +16,19 @@ LOG="$OUT/gpu_check.log"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 } 2>&1 | tee "$LOG"
-timeout 80 python3 bench/gpu_moe_layer.py --json "$OUT/gpu_moe_layer.json" 2>&1 | tee -a "$LOG"
-timeout 80 python3 bench/gpu_train.py --batch 8 --json "$OUT/gpu_train.json" 2>&1 | tee -a "$LOG"
-timeout 160 python3 bench/gpu_train.py --compile --batch 8 16 --json "$OUT/gpu_train_compile.json" 2>&1 | tee -a "$LOG"
-timeout 80 python3 bench/gpu_train.py --compile --batch 8 --accum 4 --steps 6 \
-  --json "$OUT/gpu_train_compile_accum.json" 2>&1 | tee -a "$LOG"
+train() {  # name, time limit, gpu_train.py arguments...
+  local name=$1 limit=$2
+  shift 2
+  timeout "$limit" python3 bench/gpu_train.py "$@" --json "$OUT/$name.json" 2>&1 | tee -a "$LOG"
+}
+if [ "$PART" != variants ]; then
+  timeout 80 python3 bench/gpu_moe_layer.py --json "$OUT/gpu_moe_layer.json" 2>&1 | tee -a "$LOG"
+  train gpu_train 80 --batch 8
+  train gpu_train_compile 160 --compile --batch 8 16
+  train gpu_train_compile_accum 80 --compile --batch 8 --accum 4 --steps 6
+fi
+if [ "$PART" != baseline ]; then
+  train gpu_train_complex_rotary 80 --batch 8 --variant complex-rotary
+  train gpu_train_w13 80 --batch 8 --variant w13
+  train gpu_train_compile_variants 120 --compile --batch 8 --variant w13 complex-rotary
+fi

@@ -21,6 +21,7 @@ from common import dense_rate, ensure_importable, machine, table, timeit, write_
 ensure_importable()
 import torch  # noqa: E402
 
+from gpu_variants import fused_w13_swiglu  # noqa: E402
 from moesaic.parallel.experts import GroupedExperts, grouped_swiglu, looped_swiglu  # noqa: E402
 from moesaic.parallel.moe import LocalDispatcher  # noqa: E402
 from moesaic.parallel.router import RouterConfig, TopKRouter  # noqa: E402
@@ -32,6 +33,16 @@ SHAPES = {
     "gpu_train-model": dict(dim=2048, ffn=1408, experts=16, top_k=4),  # the experts of bench/gpu_train.py
 }
 TINY = {"tiny": dict(dim=64, ffn=96, experts=8, top_k=2)}
+
+
+class _FusedW13:
+    """The same experts computed by the `w13` candidate (bench/gpu_variants.py)."""
+
+    def __init__(self, experts):
+        self.e, self.num_experts = experts, experts.num_experts
+
+    def __call__(self, x, counts):
+        return fused_w13_swiglu(x, counts, self.e.w1_EFD, self.e.w2_EDF, self.e.w3_EFD)
 
 
 def run_shape(name, s, tokens, device, dtype, iters):
@@ -69,10 +80,13 @@ def run_shape(name, s, tokens, device, dtype, iters):
     t_fb_nx = timeit(fwd_bwd, device, iters)
     x.requires_grad_(True)
     t_idx = timeit(lambda: indexed(grouped_swiglu).sum().backward(), device, iters)
+    w13 = _FusedW13(experts)
+    t_w13 = timeit(lambda: dispatch(x, route, w13).sum().backward(), device, iters)
     t_loop = timeit(lambda: indexed(looped_swiglu).sum().backward(), device, max(3, iters // 2))
     return {"shape": name, **s, "tokens": tokens, "fwd_tflops": fwd_flops / t_f / 1e12,
             "fwd_bwd_tflops": 3 * fwd_flops / t_fb / 1e12,
             "fwd_bwd_no_input_grad_tflops": 3 * fwd_flops / t_fb_nx / 1e12,
+            "w13_fwd_bwd_tflops": 3 * fwd_flops / t_w13 / 1e12,
             "index_add_fwd_bwd_tflops": 3 * fwd_flops / t_idx / 1e12,
             "loop_fwd_bwd_tflops": 3 * fwd_flops / t_loop / 1e12,
             "fwd_ms": t_f * 1e3, "fwd_bwd_ms": t_fb * 1e3, "max_rel_err_vs_loop": rel_err}
@@ -115,7 +129,7 @@ def main() -> None:
     info = machine()
     print(f"machine: {info}\ndevice {device}, dtype {dtype}, dense matmul {dense:.1f} TFLOP/s")
     print(table(rows, ["shape", "tokens", "fwd_tflops", "fwd_bwd_tflops", "fwd_bwd_pct_of_dense",
-                       "fwd_bwd_no_input_grad_tflops", "index_add_fwd_bwd_tflops", "loop_fwd_bwd_tflops", "fwd_bwd_ms", "max_rel_err_vs_loop"]))
+                       "fwd_bwd_no_input_grad_tflops", "w13_fwd_bwd_tflops", "index_add_fwd_bwd_tflops", "loop_fwd_bwd_tflops", "fwd_bwd_ms", "max_rel_err_vs_loop"]))
     print(table(moves))
     write_json(a.json, {"machine": info, "dense_tflops": dense, "rows": rows, "row_moves": moves})
 

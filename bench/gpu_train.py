@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import dense_rate, ensure_importable, machine, sync, table, write_json  # noqa: E402
+from gpu_variants import VARIANTS, use  # noqa: E402
 from master_adamw import MasterAdamW, check_triton  # noqa: E402
 
 ensure_importable()
@@ -152,7 +153,8 @@ def run(cfg: ModelConfig, batch: int, a, device, data: torch.Tensor, rate: float
 
 def _label(a, batch: int, impl: str) -> str:
     accum = f" x {a.accum} micro-batches" if a.accum > 1 else ""
-    return f"{'compile' if a.compile else 'eager'}, batch {batch}{accum}, {impl} AdamW"
+    variants = "".join(f", {v}" for v in a.variant)
+    return f"{'compile' if a.compile else 'eager'}, batch {batch}{accum}, {impl} AdamW{variants}"
 
 
 def main() -> None:
@@ -166,10 +168,13 @@ def main() -> None:
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (fp32 accumulation)")
     ap.add_argument("--optimizer", default="auto", choices=["auto", "torch", "triton"],
                     help="MasterAdamW's implementation (auto: triton on CUDA where it is installed)")
+    ap.add_argument("--variant", nargs="*", default=[], choices=VARIANTS,
+                    help="candidate speed-ups swapped into the model (bench/gpu_variants.py)")
     ap.add_argument("--profile", default=None, help="write a kernel profile of the first batch size here")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     device = torch.device(a.device)
+    use(a.variant)
     cfg = ModelConfig(**(TINY if a.tiny else MODEL))
     rate = dense_rate(device, torch.bfloat16, 256 if a.tiny else 8192, 3 if a.tiny else 50)
     data = corpus_bytes(4 << 20 if a.tiny else 64 << 20)

@@ -77,6 +77,46 @@ def test_gpu_train_tiny_on_cpu(tmp_path):
     assert row["mfu"] > 0 and row["tokens_per_s"] > 0 and row["last_loss"] < 6
 
 
+def test_gpu_train_variants_tiny_on_cpu(tmp_path):
+    run("gpu_train.py", "--device", "cpu", "--tiny", "--batch", 2, "--warmup", 1, "--steps", 2,
+        "--variant", "w13", "complex-rotary", "--json", tmp_path / "g.json")
+    row = json.loads((tmp_path / "g.json").read_text())["rows"][0]
+    assert row["run"].endswith("w13, complex-rotary") and row["last_loss"] < 6
+
+
+def test_gpu_variants_compute_what_they_replace():
+    """Each candidate speed-up equals the library code it would replace (outputs and gradients)."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    from gpu_variants import complex_rotary, fused_w13_swiglu
+
+    from moesaic.parallel.experts import grouped_swiglu
+    from moesaic.trainer.model import apply_rotary, rotary_tables
+
+    torch.manual_seed(0)
+    E, D, Fd = 3, 8, 12
+    ws = [torch.randn(E, Fd, D, requires_grad=True), torch.randn(E, D, Fd, requires_grad=True),
+          torch.randn(E, Fd, D, requires_grad=True)]
+    x = torch.randn(9, D, requires_grad=True)
+    counts = torch.tensor([4, 0, 5])
+    outs, grads = [], []
+    for fn in (grouped_swiglu, fused_w13_swiglu):
+        y = fn(x, counts, *ws)
+        y.square().sum().backward()
+        outs.append(y.detach())
+        grads.append([t.grad.clone() for t in (x, *ws)])
+        for t in (x, *ws):
+            t.grad = None
+    torch.testing.assert_close(outs[0], outs[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    cos, sin = rotary_tables(8, 16, 10000.0)
+    q = torch.randn(2, 3, 16, 8)
+    torch.testing.assert_close(complex_rotary(q, cos, sin), apply_rotary(q, cos, sin))
+    torch.testing.assert_close(complex_rotary(q[..., :10, :], cos, sin), apply_rotary(q[..., :10, :], cos[:10], sin[:10]))
+
+
 def test_master_adamw_equals_torch_adamw():
     """gpu_train's fp32-master AdamW, on fp32 weights, is torch's AdamW with clipping (chunked or not)."""
     import torch
