@@ -1,7 +1,9 @@
 """`moesaic-doctor`: checks a cluster's collectives and moesaic's expert-parallel layer against a
 one-process reference (the same seed and weights; rank 0 recomputes the whole batch).
 
-    torchrun --nproc_per_node N -m moesaic.parallel.doctor [--json] [--suite full]
+    torchrun --nproc_per_node N -m moesaic.parallel.doctor [--json] [--suite full] [--backend nccl]
+
+The backend defaults to NCCL where CUDA is available (one GPU per rank, by LOCAL_RANK), else gloo.
 
 Prints a table (or JSON with the max abs differences) and exits non-zero on any mismatch beyond the
 tolerance (fp32: 1e-5, relative to the largest reference value).
@@ -62,10 +64,19 @@ def make_plan(kind: str, num_experts: int, ep: int, seed: int = 0, num_layers: i
     return Placement(ep, ep, layers, {"method": f"test-{kind}"})
 
 
-def _mesh(world: int):
+def _mesh(world: int, device: torch.device):
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh("cpu", (1, world), mesh_dim_names=("edp", "ep"))
+    return init_device_mesh(device.type, (1, world), mesh_dim_names=("edp", "ep"))
+
+
+def _device(backend: str) -> torch.device:
+    """NCCL: this rank's GPU (LOCAL_RANK); gloo: the CPU."""
+    if backend != "nccl":
+        return torch.device("cpu")
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(dev)
+    return dev
 
 
 def _diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -75,7 +86,7 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 def ep_layer_check(name: str, plan_kind: str, cfg: MoEConfig, *, dim: int = 32, tokens: int = 24, seed: int = 0,
                    bias: str | None = None, tol: float = 1e-5, inject_fault: bool = False,
-                   sharding: str = "resident", remat: bool = True) -> dict:
+                   sharding: str = "resident", remat: bool = True, device: torch.device = torch.device("cpu")) -> dict:
     """One EP (or FSSDP) layer against the reference: outputs, input gradients, expert and gate
     gradients. Under FSSDP the expert gradients are read at the owners after sparse_reduce_scatter."""
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -85,17 +96,18 @@ def ep_layer_check(name: str, plan_kind: str, cfg: MoEConfig, *, dim: int = 32, 
         moe.router.bias_E.copy_(torch.randn(cfg.num_experts, generator=torch.Generator().manual_seed(seed)) * 0.1)
     elif bias == "starve-last":  # the last expert is never picked: it receives zero tokens
         moe.router.bias_E[-1] = -1e9
+    moe = moe.to(device)
     ref = copy.deepcopy(moe)
     plan = make_plan(plan_kind, cfg.num_experts, world, seed)
     if sharding == "fssdp":
-        apply_fssdp(_OneLayer(moe), _mesh(world), plan, capacity_factor=cfg.capacity_factor, reshard_after_forward=remat,
+        apply_fssdp(_OneLayer(moe), _mesh(world, device), plan, capacity_factor=cfg.capacity_factor, reshard_after_forward=remat,
                     grad_scale=1.0)  # the loss is a plain sum over ranks
     else:
-        apply_expert_parallel(_OneLayer(moe), _mesh(world), plan, capacity_factor=cfg.capacity_factor)
+        apply_expert_parallel(_OneLayer(moe), _mesh(world, device), plan, capacity_factor=cfg.capacity_factor)
 
     def data(r):
         g = torch.Generator().manual_seed(seed * 1000 + r)
-        return torch.randn(tokens, dim, generator=g), torch.randn(tokens, dim, generator=g)
+        return torch.randn(tokens, dim, generator=g).to(device), torch.randn(tokens, dim, generator=g).to(device)
 
     x, up = data(rank)
     x.requires_grad_(True)
@@ -104,13 +116,13 @@ def ep_layer_check(name: str, plan_kind: str, cfg: MoEConfig, *, dim: int = 32, 
     if sharding == "fssdp":
         fssdp_reduce_scatter(_OneLayer(moe))
     else:
-        reduce_expert_grads(_OneLayer(moe), _mesh(world), world_size=1)
-    outs = torch.empty(world * tokens, dim)
+        reduce_expert_grads(_OneLayer(moe), _mesh(world, device), world_size=1)
+    outs = torch.empty(world * tokens, dim, device=device)
     mine = out[0].detach().contiguous()
     if inject_fault and rank == world - 1:  # proves the check can fail: perturb one rank's output
         mine = mine + 1e-3
     dist.all_gather_into_tensor(outs, mine)
-    xgrads = torch.empty(world * tokens, dim)
+    xgrads = torch.empty(world * tokens, dim, device=device)
     dist.all_gather_into_tensor(xgrads, x.grad.contiguous())
     lp = moe.layer_plan
     full = {n: torch.zeros_like(getattr(ref.experts, n)) for n in ("w1_EFD", "w2_EDF", "w3_EFD")}
@@ -127,7 +139,7 @@ def ep_layer_check(name: str, plan_kind: str, cfg: MoEConfig, *, dim: int = 32, 
         dist.all_reduce(t)
     gate = moe.router.gate.weight.grad.clone()
     dist.all_reduce(gate)
-    dropped = torch.tensor([moe.dispatcher.counters["dropped"]])
+    dropped = torch.tensor([moe.dispatcher.counters["dropped"]], device=device)
     dist.all_reduce(dropped)
     result = None
     if rank == 0:
@@ -149,26 +161,26 @@ def ep_layer_check(name: str, plan_kind: str, cfg: MoEConfig, *, dim: int = 32, 
     return box[0]
 
 
-def collectives_check() -> list[dict]:
-    """The collectives moesaic uses, with known answers."""
+def collectives_check(device: torch.device = torch.device("cpu")) -> list[dict]:
+    """The collectives moesaic uses, with known answers, on the backend's device."""
     world, rank = dist.get_world_size(), dist.get_rank()
     out = []
-    t = torch.tensor([float(rank + 1)])
+    t = torch.tensor([float(rank + 1)], device=device)
     dist.all_reduce(t)
     out.append({"check": "all_reduce", "ok": float(t) == world * (world + 1) / 2})
-    g = torch.empty(world)
-    dist.all_gather_into_tensor(g, torch.tensor([float(rank)]))
+    g = torch.empty(world, device=device)
+    dist.all_gather_into_tensor(g, torch.tensor([float(rank)], device=device))
     out.append({"check": "all_gather_into_tensor", "ok": g.tolist() == [float(r) for r in range(world)]})
     # uneven all_to_all_single: rank r sends (d + 1) rows of value r to rank d
-    send = torch.cat([torch.full((d + 1, 3), float(rank)) for d in range(world)])
-    recv = torch.empty(world * (rank + 1), 3)
+    send = torch.cat([torch.full((d + 1, 3), float(rank), device=device) for d in range(world)])
+    recv = torch.empty(world * (rank + 1), 3, device=device)
     dist.all_to_all_single(recv, send, [rank + 1] * world, [d + 1 for d in range(world)])
-    expect = torch.cat([torch.full((rank + 1, 3), float(s)) for s in range(world)])
+    expect = torch.cat([torch.full((rank + 1, 3), float(s), device=device) for s in range(world)])
     out.append({"check": "all_to_all_single (uneven)", "ok": bool(torch.equal(recv, expect))})
     obj = [{"rank": rank}] if rank == 0 else [None]
     dist.broadcast_object_list(obj, src=0)
     out.append({"check": "broadcast_object_list", "ok": obj[0] == {"rank": 0}})
-    oks = torch.tensor([int(all(c["ok"] for c in out))])
+    oks = torch.tensor([int(all(c["ok"] for c in out))], device=device)
     dist.all_reduce(oks, op=dist.ReduceOp.MIN)
     for c in out:
         c["ok"] = c["ok"] and bool(oks)
@@ -202,24 +214,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print machine-readable results")
     ap.add_argument("--suite", choices=("default", "full"), default="default")
     ap.add_argument("--tol", type=float, default=1e-5)
-    ap.add_argument("--backend", default="gloo")
+    ap.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"),
+                    help="auto: nccl where CUDA is available (a GPU per rank), else gloo")
     ap.add_argument("--inject-fault", action="store_true", help="perturb the last rank's outputs: every EP check must FAIL")
     a = ap.parse_args(argv)
     if "RANK" not in os.environ:
         print("moesaic-doctor: error: start it with torchrun, e.g. torchrun --nproc_per_node 4 -m moesaic.parallel.doctor", file=sys.stderr)
         return 2
+    if a.backend == "auto":
+        a.backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if a.backend == "nccl" and not torch.cuda.is_available():
+        print("moesaic-doctor: error: --backend nccl needs CUDA, and torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    device = _device(a.backend)
     dist.init_process_group(a.backend, timeout=datetime.timedelta(seconds=120))
     try:
-        results = collectives_check()
+        results = collectives_check(device)
         for name, plan_kind, cfg, bias, sharding, remat in suite(a.suite):
             results.append(ep_layer_check(name, plan_kind, cfg, bias=bias, tol=a.tol, inject_fault=a.inject_fault,
-                                          sharding=sharding or "resident", remat=remat is not False))
+                                          sharding=sharding or "resident", remat=remat is not False, device=device))
         ok = all(r["ok"] for r in results)
         if dist.get_rank() == 0:
             if a.json:
-                print(json.dumps({"world": dist.get_world_size(), "backend": a.backend, "ok": ok, "results": results}))
+                print(json.dumps({"world": dist.get_world_size(), "backend": a.backend, "device": device.type, "ok": ok,
+                                  "results": results}))
             else:
-                print(f"moesaic-doctor: {dist.get_world_size()} ranks, backend {a.backend}")
+                print(f"moesaic-doctor: {dist.get_world_size()} ranks, backend {a.backend}, device {device.type}")
                 for r in results:
                     extra = f"  max rel diff {r['max_rel_diff']:.2e}" if "max_rel_diff" in r else ""
                     print(f"  {'ok  ' if r['ok'] else 'FAIL'}  {r['check']}{extra}")
