@@ -34,6 +34,10 @@ class ParallelConfig:
     """ZeRO stage for engine=deepspeed: 1 (optimizer states) or 2 (and gradients) partitioned."""
     timeout_s: float = 300.0
     """Rendezvous and collective timeout, seconds."""
+    mixed_precision: str = "none"
+    """`none` (fp32) or `bf16`: forward and backward run under torch.autocast in bfloat16 (matmuls,
+    attention, the experts' grouped GEMMs, and the tokens that the all-to-all moves), while the
+    parameters, gradients, their reductions and AdamW's state stay fp32 (the master weights)."""
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "gloo", "nccl"):
@@ -52,5 +56,12 @@ class ParallelConfig:
             raise ValueError(f"parallel.reshard_every_n_steps ({self.reshard_every_n_steps}) must be >= 0")
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"parallel.zero_stage ({self.zero_stage}) must be 0, 1 or 2 (ZeRO-3 would partition the experts)")
+        if self.mixed_precision not in ("none", "bf16"):
+            raise ValueError(f"parallel.mixed_precision ({self.mixed_precision!r}) must be one of 'none', 'bf16'")
+        if self.mixed_precision != "none" and self.engine == "deepspeed":
+            raise ValueError(
+                f"parallel.mixed_precision ({self.mixed_precision!r}) with parallel.engine (deepspeed): DeepSpeed's own "
+                "bf16 mode is not wired in; use parallel.engine=torch, or mixed_precision=none"
+            )
         if self.timeout_s <= 0:
             raise ValueError(f"parallel.timeout_s ({self.timeout_s}) must be > 0")

@@ -136,6 +136,9 @@ def grouped_swiglu(
     with zero rows is fine. Runs in fp32/bf16/fp16 on CPU and bf16 on Hopper.
     """
     offs = _offsets(counts_E)
+    if torch.is_autocast_enabled(x_TD.device.type):  # autocast does not cover _grouped_mm: cast here
+        dt = torch.get_autocast_dtype(x_TD.device.type)
+        x_TD, w1_EFD, w2_EDF, w3_EFD = (t.to(dt) for t in (x_TD, w1_EFD, w2_EDF, w3_EFD))
     x_TD = _ContiguousGrad.apply(x_TD)
     h1_TF = torch._grouped_mm(x_TD, w1_EFD.transpose(-2, -1), offs=offs)
     h3_TF = torch._grouped_mm(x_TD, w3_EFD.transpose(-2, -1), offs=offs)

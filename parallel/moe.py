@@ -112,6 +112,8 @@ class MoE(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        if torch.is_autocast_enabled(x_TD.device.type):  # tokens travel and meet the experts in bf16
+            x_TD = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
         route = self.router(x_TD)
         out_TD = self.dispatcher(x_TD, route, self.experts)
         if self.shared is not None:

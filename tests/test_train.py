@@ -65,12 +65,31 @@ def test_single_process_run_writes_the_run_directory(tmp_path):
     assert kinds.count("eval") == 1 and kinds.count("train") == 2
 
 
+def test_bf16_mixed_precision_trains_like_fp32(tmp_path):
+    """parallel.mixed_precision=bf16: the same run's losses within bf16's reach of fp32's, and the
+    parameters (the master weights) still fp32."""
+    losses = {}
+    for mp in ("none", "bf16"):
+        proc = _run_single(["experiment=smoke", "steps=20", f"parallel.mixed_precision={mp}", f"logging.run_name={mp}",
+                            f"logging.out_dir={tmp_path}", "logging.dump_rank_params=true"], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        losses[mp] = [r["loss"] for r in read_metrics(tmp_path / mp) if r["kind"] == "train"]
+    assert len(losses["bf16"]) == 4 and losses["bf16"][-1] < losses["bf16"][0] - 0.3, losses
+    assert max(abs(a - b) for a, b in zip(losses["none"], losses["bf16"])) < 0.01, losses  # observed 0.002
+    assert losses["none"] != losses["bf16"]  # bf16 did run: its rounding shows
+    params = torch.load(tmp_path / "bf16" / "params-rank0.pt", weights_only=True)
+    assert {v.dtype for v in params.values()} == {torch.float32}
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
         (["model.moe.top_k=9"], "model.moe.top_k (9) must be <= model.moe.num_experts (4)"),
         (["logging.out_dir=/proc/no-such"], "logging.out_dir ('/proc/no-such') is not writable"),
         (["data=text", "data.path=/nowhere"], "data.path ('/nowhere') does not exist"),
+        (["parallel.mixed_precision=fp16"], "parallel.mixed_precision ('fp16') must be one of 'none', 'bf16'"),
+        (["parallel.engine=deepspeed", "parallel.mixed_precision=bf16"],
+         "parallel.mixed_precision ('bf16') with parallel.engine (deepspeed)"),
     ],
 )
 def test_bad_input_exits_with_one_named_line(args, message, tmp_path):

@@ -36,6 +36,13 @@ class StepResult:
         return self._global_LE
 
 
+def precision(cfg: TrainConfig, device: torch.device):
+    """The forward pass's context: bf16 autocast for parallel.mixed_precision=bf16, else nothing."""
+    if cfg.parallel.mixed_precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
 def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer, scheduler, info: DistInfo) -> StepResult:
     model = par.model
     t0 = time.perf_counter()
@@ -46,7 +53,8 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
                             stream=(TRAIN_STREAM, step, micro), rank=info.rank, world_size=info.world_size)
         last = micro == cfg.grad_accum_steps - 1
         with par.no_sync() if not last else nullcontext():
-            out = par.train_model(x.to(info.device), y.to(info.device))
+            with precision(cfg, info.device):
+                out = par.train_model(x.to(info.device), y.to(info.device))
             par.backward(out.loss, cfg.grad_accum_steps)
         if par.ds_engine is not None and not last:
             par.ds_engine.step()  # not an accumulation boundary: DeepSpeed only counts the micro-step
@@ -101,7 +109,8 @@ def evaluate(model, corpus, cfg: TrainConfig, info: DistInfo) -> float:
     for i in range(cfg.eval_batches):
         x, y = sample_batch(corpus.val, cfg.batch_size, cfg.data.seq_len, seed=cfg.seed, stream=(VAL_STREAM, i),
                             rank=info.rank, world_size=info.world_size)
-        out = model(x.to(info.device), y.to(info.device))
+        with precision(cfg, info.device):
+            out = model(x.to(info.device), y.to(info.device))
         total += torch.tensor([out.ce_loss.item() * y.numel(), y.numel()], dtype=torch.float64)
     model.train()
     all_reduce_(total, info)

@@ -56,6 +56,7 @@ def main():
     ap.add_argument("--reshard-after", type=int, default=0, help="move expert owners (Hecate Alg. 2) after this step")
     ap.add_argument("--align", action="store_true", help="FSSDP owners follow the plan (placement.align_owners)")
     ap.add_argument("--micro", type=int, default=1, help="gradient accumulation: micro-batches per step")
+    ap.add_argument("--bf16", action="store_true", help="forward passes (both sides) under bf16 autocast")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     dist.init_process_group("gloo")
@@ -96,7 +97,12 @@ def main():
         x = torch.randint(0, 256, (2, 16), generator=g)
         return x, torch.randint(0, 256, (2, 16), generator=g)
 
+    def amp():  # parallel.mixed_precision=bf16, as the trainer's step does it
+        return torch.autocast("cpu", dtype=torch.bfloat16) if a.bf16 else contextlib.nullcontext()
+
     report = {"steps": []}
+    seen_dtypes = set()  # what the experts compute on, and in which dtype their weights live
+    model.moe_layers()[0].experts.register_forward_pre_hook(lambda m, args: seen_dtypes.add(str(args[0].dtype)))
     for step in range(a.steps):
         if a.change_plan_after and step == a.change_plan_after:
             from moesaic.parallel.fssdp import set_fssdp_plan
@@ -129,7 +135,8 @@ def main():
         losses, counts = [], 0
         for i in range(a.micro):  # the rank's batch in micro-batches; their mean loss is the batch's
             with par.no_sync() if i < a.micro - 1 else contextlib.nullcontext():
-                out = par.train_model(x.chunk(a.micro)[i], y.chunk(a.micro)[i])
+                with amp():
+                    out = par.train_model(x.chunk(a.micro)[i], y.chunk(a.micro)[i])
                 (out.loss / a.micro).backward()
             recorder.observe_model(model)
             losses.append(out.loss.item())
@@ -167,7 +174,8 @@ def main():
                 xr, yr = batch(r, step)
                 ids_r = []
                 for i in range(a.micro):  # the same micro-batches (the aux loss is per micro-batch)
-                    o = ref(xr.chunk(a.micro)[i], yr.chunk(a.micro)[i])
+                    with amp():
+                        o = ref(xr.chunk(a.micro)[i], yr.chunk(a.micro)[i])
                     total = total + o.loss / (W * a.micro)
                     outs.append(o)
                     ids_r.append([mm.last_route.expert_ids_TK.clone() for mm in ref.moe_layers()])
@@ -186,6 +194,8 @@ def main():
                                     "ref_norm": float(ref_norm), "max_param_diff": max(diffs.values()),
                                     "gather_bytes": float(gbytes),
                                     "worst": max(diffs, key=diffs.get)})
+    report["expert_input_dtypes"] = sorted(seen_dtypes)
+    report["param_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
     stats = recorder.stats(all_reduce=True)
     owned = torch.tensor([sum(p.numel() for m in model.moe_layers() for p in m.experts.parameters())])
     dist.all_reduce(owned)
