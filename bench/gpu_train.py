@@ -33,28 +33,13 @@ from master_adamw import MasterAdamW, check_triton  # noqa: E402
 ensure_importable()
 import torch  # noqa: E402
 
+from moesaic.trainer.data import DataConfig, load_corpus  # noqa: E402
 from moesaic.trainer.model import ModelConfig, Transformer  # noqa: E402
 
 MODEL = dict(vocab_size=256, dim=2048, num_layers=16, num_heads=16, max_seq_len=2048,
              moe=dict(num_experts=16, top_k=4, ffn_dim=1408, num_shared_experts=1))
 TINY = dict(vocab_size=256, dim=64, num_layers=2, num_heads=4, max_seq_len=64,
             moe=dict(num_experts=4, top_k=2, ffn_dim=32, num_shared_experts=1))
-
-
-def corpus_bytes(limit: int) -> torch.Tensor:
-    """The embedded default corpus: the Python standard library's own .py files, as bytes."""
-    import sysconfig
-
-    out, n = [], 0
-    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
-        if "site-packages" in f.parts:
-            continue
-        b = f.read_bytes()
-        out.append(b)
-        n += len(b)
-        if n >= limit:
-            break
-    return torch.frombuffer(bytearray(b"".join(out)), dtype=torch.uint8)
 
 
 class _Mark:
@@ -177,7 +162,8 @@ def main() -> None:
     use(a.variant)
     cfg = ModelConfig(**(TINY if a.tiny else MODEL))
     rate = dense_rate(device, torch.bfloat16, 256 if a.tiny else 8192, 3 if a.tiny else 50)
-    data = corpus_bytes(4 << 20 if a.tiny else 64 << 20)
+    # the embedded default corpus (the standard library's .py files as bytes), as the trainer reads it
+    data = torch.from_numpy(load_corpus(DataConfig(max_bytes=4 << 20 if a.tiny else 64 << 20)).train.copy())
     rows, m = [], machine()
     if a.optimizer != "torch" and device.type == "cuda":
         try:

@@ -65,6 +65,7 @@ def make_plan(kind: str, num_experts: int, ep: int, seed: int = 0, num_layers: i
 
 
 def _mesh(world: int, device: torch.device):
+    """One ("edp", "ep") mesh for every check: each rank one EP rank, no expert data parallelism."""
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh(device.type, (1, world), mesh_dim_names=("edp", "ep"))
@@ -84,12 +85,13 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return d, d / max(1.0, float(b.abs().max()) if b.numel() else 1.0)
 
 
-def ep_layer_check(name: str, plan_kind: str, cfg: MoEConfig, *, dim: int = 32, tokens: int = 24, seed: int = 0,
+def ep_layer_check(name: str, plan_kind: str, cfg: MoEConfig, mesh, *, dim: int = 32, tokens: int = 24, seed: int = 0,
                    bias: str | None = None, tol: float = 1e-5, inject_fault: bool = False,
-                   sharding: str = "resident", remat: bool = True, device: torch.device = torch.device("cpu")) -> dict:
+                   sharding: str = "resident", remat: bool = True) -> dict:
     """One EP (or FSSDP) layer against the reference: outputs, input gradients, expert and gate
     gradients. Under FSSDP the expert gradients are read at the owners after sparse_reduce_scatter."""
     world, rank = dist.get_world_size(), dist.get_rank()
+    device = torch.device(mesh.device_type)  # "cuda": this rank's current GPU
     torch.manual_seed(seed)
     moe = MoE(dim, cfg)
     if bias == "random":
@@ -100,10 +102,10 @@ def ep_layer_check(name: str, plan_kind: str, cfg: MoEConfig, *, dim: int = 32, 
     ref = copy.deepcopy(moe)
     plan = make_plan(plan_kind, cfg.num_experts, world, seed)
     if sharding == "fssdp":
-        apply_fssdp(_OneLayer(moe), _mesh(world, device), plan, capacity_factor=cfg.capacity_factor, reshard_after_forward=remat,
+        apply_fssdp(_OneLayer(moe), mesh, plan, capacity_factor=cfg.capacity_factor, reshard_after_forward=remat,
                     grad_scale=1.0)  # the loss is a plain sum over ranks
     else:
-        apply_expert_parallel(_OneLayer(moe), _mesh(world, device), plan, capacity_factor=cfg.capacity_factor)
+        apply_expert_parallel(_OneLayer(moe), mesh, plan, capacity_factor=cfg.capacity_factor)
 
     def data(r):
         g = torch.Generator().manual_seed(seed * 1000 + r)
@@ -116,7 +118,7 @@ def ep_layer_check(name: str, plan_kind: str, cfg: MoEConfig, *, dim: int = 32, 
     if sharding == "fssdp":
         fssdp_reduce_scatter(_OneLayer(moe))
     else:
-        reduce_expert_grads(_OneLayer(moe), _mesh(world, device), world_size=1)
+        reduce_expert_grads(_OneLayer(moe), mesh, world_size=1)
     outs = torch.empty(world * tokens, dim, device=device)
     mine = out[0].detach().contiguous()
     if inject_fault and rank == world - 1:  # proves the check can fail: perturb one rank's output
@@ -230,9 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group(a.backend, timeout=datetime.timedelta(seconds=120))
     try:
         results = collectives_check(device)
+        mesh = _mesh(dist.get_world_size(), device)
         for name, plan_kind, cfg, bias, sharding, remat in suite(a.suite):
-            results.append(ep_layer_check(name, plan_kind, cfg, bias=bias, tol=a.tol, inject_fault=a.inject_fault,
-                                          sharding=sharding or "resident", remat=remat is not False, device=device))
+            results.append(ep_layer_check(name, plan_kind, cfg, mesh, bias=bias, tol=a.tol, inject_fault=a.inject_fault,
+                                          sharding=sharding or "resident", remat=remat is not False))
         ok = all(r["ok"] for r in results)
         if dist.get_rank() == 0:
             if a.json:
