@@ -36,13 +36,15 @@ TINY = {"tiny": dict(dim=64, ffn=96, experts=8, top_k=2)}
 
 
 class _FusedW13:
-    """The same experts computed by the `w13` candidate (bench/gpu_variants.py)."""
+    """The same experts computed by the `w13` candidate (bench/gpu_variants.py): w1 and w3 stored as
+    one (E, 2F, D) weight, built once here as a stored parameter would be."""
 
     def __init__(self, experts):
-        self.e, self.num_experts = experts, experts.num_experts
+        self.num_experts, self.w2 = experts.num_experts, experts.w2_EDF
+        self.w13 = torch.cat([experts.w1_EFD, experts.w3_EFD], dim=1).detach().requires_grad_()
 
     def __call__(self, x, counts):
-        return fused_w13_swiglu(x, counts, self.e.w1_EFD, self.e.w2_EDF, self.e.w3_EFD)
+        return fused_w13_swiglu(x, counts, self.w13, self.w2)
 
 
 def run_shape(name, s, tokens, device, dtype, iters):

@@ -21,6 +21,7 @@ none of them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import dense_rate, ensure_importable, machine, sync, table, write_json  # noqa: E402
 from gpu_variants import VARIANTS, use  # noqa: E402
+from gpu_variants import apply as apply_variants  # noqa: E402
 from master_adamw import MasterAdamW, check_triton  # noqa: E402
 
 ensure_importable()
@@ -71,28 +73,56 @@ def _profile(step, device, path: str, steps: int = 2) -> None:
     print(text)
 
 
+def _groups(model) -> list[list]:
+    """The parameters in the order the forward pass uses them: the embedding, each block, the head
+    (a tied head weight stays with the embedding)."""
+    groups, seen = [], set()
+    for mods in ([model.embed], *([b] for b in model.layers), [model.norm, model.head]):
+        groups.append([p for m in mods for p in m.parameters() if id(p) not in seen])
+        seen.update(id(p) for p in groups[-1])
+    return groups
+
+
+def _wait_hooks(model, opt) -> None:
+    """Before each group's first use in the forward pass, wait for its overlapped update."""
+    mods = [model.embed, *model.layers, model.norm]
+    for g, mod in enumerate(mods):
+        mod.register_forward_pre_hook(lambda _m, _args, g=g: opt.wait(g))
+
+
 def run(cfg: ModelConfig, batch: int, a, device, data: torch.Tensor, rate: float) -> dict:
     torch.manual_seed(0)
     with device:  # allocate and initialise on the GPU (2.62B parameters would take a while on the host)
         model = Transformer(cfg).to(dtype=torch.bfloat16)
     model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    apply_variants(model, a.variant)
     counts = model.num_params()
     opt = MasterAdamW(model.parameters(), lr=3e-4, weight_decay=0.1, impl=a.optimizer)
+    if opt.impl == "triton":
+        opt.block, opt.num_warps = a.adamw_config
+    if a.overlap_optimizer:
+        opt.set_groups(_groups(model))
+        _wait_hooks(model, opt)
     step_fn = model
-    if a.compile:
+    if a.compile == "model":
         step_fn = torch.compile(model)
+    elif a.compile == "blocks":  # each block its own compiled region (as torchtitan); hooks stay eager
+        for blk in model.layers:
+            blk.forward = torch.compile(blk.forward)
     seq = cfg.max_seq_len
     g = torch.Generator().manual_seed(0)
 
     def batch_xy():
         starts = torch.randint(0, data.numel() - seq - 1, (batch,), generator=g)
-        w = torch.stack([data[s:s + seq + 1] for s in starts.tolist()]).long()
-        return w[:, :-1].to(device, non_blocking=True), w[:, 1:].to(device, non_blocking=True)
+        w = torch.stack([data[s:s + seq + 1] for s in starts.tolist()]).long().to(device)
+        return w[:, :-1], w[:, 1:]
 
-    def step():
-        """One optimizer step over `a.accum` micro-batches; (mean loss, [forward, backward, optimizer] s)."""
-        xys = [batch_xy() for _ in range(a.accum)]
-        sync(device)
+    # every batch on the device before timing: the loop below never waits for the host
+    batches = [[batch_xy() for _ in range(a.accum)] for _ in range(a.warmup + a.steps)]
+
+    def step(xys):
+        """Enqueue one optimizer step over `a.accum` micro-batches; (mean loss, marks): marks at the
+        start, after each forward and backward, and after the optimizer (on the main stream)."""
         marks, losses = [_Mark(device)], []
         for x, y in xys:
             out = step_fn(x, y)
@@ -102,32 +132,40 @@ def run(cfg: ModelConfig, batch: int, a, device, data: torch.Tensor, rate: float
                 opt.accumulate()
             marks.append(_Mark(device))
             losses.append(out.ce_loss.detach())
-        opt.step(1.0)
+        opt.step(1.0, overlap=bool(a.overlap_optimizer))
         marks.append(_Mark(device))
-        sync(device)
-        gaps = [b.seconds_since(a_) for a_, b in zip(marks, marks[1:])]
-        return float(torch.stack(losses).mean()), [sum(gaps[0:-1:2]), sum(gaps[1:-1:2]), gaps[-1]]
+        return torch.stack(losses).mean(), marks
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times, phases, losses = [], [], []
-    for i in range(a.warmup + a.steps):
-        t0 = time.perf_counter()
-        loss, phase = step()
-        if i >= a.warmup:
-            times.append(time.perf_counter() - t0)
-            phases.append(phase)
-            losses.append(loss)
+    for xys in batches[:a.warmup]:  # compiles, and the allocator settles
+        step(xys)
+    sync(device)
+    t0 = time.perf_counter()
+    runs = [step(xys) for xys in batches[a.warmup:]]
+    opt.finish()
+    end = _Mark(device)
+    sync(device)
+    wall = (time.perf_counter() - t0) / a.steps
+    # a step runs from its start mark to the next step's (the overlapped update ends inside the next forward)
+    starts = [marks[0] for _, marks in runs] + [end]
+    times = [b.seconds_since(s) for s, b in zip(starts, starts[1:])]
     med = sorted(times)[len(times) // 2]
+    phases = []
+    for _, marks in runs:
+        gaps = [b.seconds_since(s) for s, b in zip(marks, marks[1:])]
+        phases.append([sum(gaps[0:-1:2]), sum(gaps[1:-1:2]), gaps[-1]])
     fwd_ms, bwd_ms, opt_ms = (1e3 * sorted(p[j] for p in phases)[len(phases) // 2] for j in range(3))
+    losses = [float(loss) for loss, _ in runs]
     if a.profile and batch == a.batch[0]:
-        _profile(step, device, a.profile)
+        _profile(lambda: step(batches[-1]), device, a.profile)
+        opt.finish()
     tokens = batch * seq * a.accum
     flops_tok = 6.0 * counts["active"] + 12.0 * cfg.num_layers * cfg.dim * seq / 2
     tok_s = tokens / med
     row = {"run": _label(a, batch, opt.impl), "params_B": counts["total"] / 1e9,
-           "active_B": counts["active"] / 1e9, "median_step_s": med, "tokens_per_s": round(tok_s),
-           "tflops": flops_tok * tok_s / 1e12, "mfu": flops_tok * tok_s / (rate * 1e12),
+           "active_B": counts["active"] / 1e9, "median_step_s": med, "mean_wall_step_s": wall,
+           "tokens_per_s": round(tok_s), "tflops": flops_tok * tok_s / 1e12, "mfu": flops_tok * tok_s / (rate * 1e12),
            "forward_ms": fwd_ms, "backward_ms": bwd_ms, "optimizer_ms": opt_ms,
            "first_loss": losses[0], "last_loss": losses[-1], "optimizer_state_GiB": opt.state_bytes() / 2**30}
     if device.type == "cuda":
@@ -136,10 +174,20 @@ def run(cfg: ModelConfig, batch: int, a, device, data: torch.Tensor, rate: float
     return row
 
 
+def _main_stream(a, device):
+    """With the update in the background, the step's own work runs on a high-priority stream: the
+    block scheduler gives the update's kernels only the SMs that the step leaves free."""
+    if a.overlap_optimizer == "background" and device.type == "cuda":
+        return torch.cuda.stream(torch.cuda.Stream(device, priority=-1))
+    return contextlib.nullcontext()
+
+
 def _label(a, batch: int, impl: str) -> str:
     accum = f" x {a.accum} micro-batches" if a.accum > 1 else ""
     variants = "".join(f", {v}" for v in a.variant)
-    return f"{'compile' if a.compile else 'eager'}, batch {batch}{accum}, {impl} AdamW{variants}"
+    mode = {"none": "eager", "model": "compile", "blocks": "compile per block"}[a.compile]
+    overlap = f" overlapped ({a.overlap_optimizer})" if a.overlap_optimizer else ""
+    return f"{mode}, batch {batch}{accum}, {impl}{overlap} AdamW{variants}"
 
 
 def main() -> None:
@@ -149,7 +197,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[8, 4], help="batch sizes to try, each one a run")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--compile", nargs="?", const="model", default="none", choices=["none", "model", "blocks"],
+                    help="torch.compile the whole model, or each block separately (--compile blocks)")
+    ap.add_argument("--overlap-optimizer", nargs="?", const="background", default=None, choices=["background", "equal"],
+                    help="run the update on a side stream, overlapped with the next forward (triton AdamW): "
+                         "as background work under a high-priority main stream (default), or at equal priority")
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (fp32 accumulation)")
     ap.add_argument("--optimizer", default="auto", choices=["auto", "torch", "triton"],
                     help="MasterAdamW's implementation (auto: triton on CUDA where it is installed)")
@@ -165,6 +217,7 @@ def main() -> None:
     # the embedded default corpus (the standard library's .py files as bytes), as the trainer reads it
     data = torch.from_numpy(load_corpus(DataConfig(max_bytes=4 << 20 if a.tiny else 64 << 20)).train.copy())
     rows, m = [], machine()
+    a.adamw_config = (4096, 8)  # the triton kernel's (BLOCK, num_warps) until tuned below
     if a.optimizer != "torch" and device.type == "cuda":
         try:
             m["triton_adamw_rel_diff"] = diff = check_triton(device)
@@ -172,15 +225,25 @@ def main() -> None:
             if diff > 1e-4:  # fp32 rounding of the weights is ~2e-5 of an update of lr=1e-2
                 raise RuntimeError("the triton AdamW differs from torch's")
             a.optimizer = "triton"
+            probe = MasterAdamW([torch.nn.Parameter(torch.zeros(1, device=device, dtype=torch.bfloat16))], lr=1e-3,
+                                weight_decay=0.0, impl="triton")
+            m["adamw_configs"] = tuned = probe.tune()
+            a.adamw_config = (probe.block, probe.num_warps)
+            print(table(tuned), flush=True)
         except Exception as e:  # noqa: BLE001 - fall back to the torch implementation, and say so
             print(f"triton AdamW not used: {type(e).__name__}: {e}")
             m["triton_adamw_error"] = str(e)[:200]
             a.optimizer = "torch"
+    if a.overlap_optimizer and a.compile == "model":
+        raise SystemExit("--overlap-optimizer waits between blocks: use it with --compile blocks (or eager), not --compile")
+    if a.overlap_optimizer and a.optimizer != "triton":
+        raise SystemExit(f"--overlap-optimizer needs the triton AdamW (CUDA and Triton); here it is {a.optimizer!r}")
     for b in a.batch:
-        if a.compile:
+        if a.compile != "none":
             torch._dynamo.reset()  # each batch size its own compile, not a dynamic-shape recompile
         try:
-            rows.append(run(cfg, b, a, device, data, rate))
+            with _main_stream(a, device):
+                rows.append(run(cfg, b, a, device, data, rate))
         except Exception as e:  # noqa: BLE001 - one failed run (out of memory, a compile error) keeps the others
             rows.append({"run": _label(a, b, a.optimizer),
                          "error": f"{type(e).__name__}: {str(e)[:200]}"})

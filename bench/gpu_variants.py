@@ -3,9 +3,9 @@
 `bench/gpu_train.py --variant NAME ...` swaps them into moesaic's model for one run. Each computes
 the same function as the code it replaces (tests/test_bench.py checks that on CPU):
 
-- `w13`: the experts' gate and up projections as one grouped GEMM over the stacked (E, 2F, D)
-  weights (N = 2F rather than two GEMMs of N = F; fine-grained experts have small F). Here the
-  stack is built at each call, which a stored fused parameter would avoid.
+- `w13`: the experts' gate and up projections stored as one (E, 2F, D) parameter and computed as
+  one grouped GEMM (N = 2F rather than two GEMMs of N = F; fine-grained experts have small F).
+  The backward then runs one GEMM for the input gradient (K = 2F) and one for both weights.
 - `complex-rotary`: the rotary embedding as one complex multiply in fp32, against the
   library's eight bf16 element-wise passes per tensor.
 
@@ -15,22 +15,46 @@ The H200 profile in bench/RESULTS.md motivates both: in eager mode `aten::mul` t
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 
 VARIANTS = ("w13", "complex-rotary")
 
 
-def fused_w13_swiglu(x_TD, counts_E, w1_EFD, w2_EDF, w3_EFD):
-    """`moesaic.parallel.experts.grouped_swiglu` with w1 and w3 as one grouped GEMM."""
+def fused_w13_swiglu(x_TD, counts_E, w13_EGD, w2_EDF):
+    """`moesaic.parallel.experts.grouped_swiglu` with w1 and w3 stacked as w13 = [w1; w3] (E, 2F, D)."""
     from moesaic.parallel.experts import _ContiguousGrad, _offsets
 
     offs = _offsets(counts_E)
+    if torch.is_autocast_enabled(x_TD.device.type):  # as grouped_swiglu: autocast skips _grouped_mm
+        dt = torch.get_autocast_dtype(x_TD.device.type)
+        x_TD, w13_EGD, w2_EDF = (t.to(dt) for t in (x_TD, w13_EGD, w2_EDF))
     x_TD = _ContiguousGrad.apply(x_TD)
-    w13 = torch.cat([w1_EFD, w3_EFD], dim=1)  # (E, 2F, D)
-    h1_TF, h3_TF = torch._grouped_mm(x_TD, w13.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+    h1_TF, h3_TF = torch._grouped_mm(x_TD, w13_EGD.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
     out_TD = torch._grouped_mm(F.silu(h1_TF) * h3_TF, w2_EDF.transpose(-2, -1), offs=offs)
     return _ContiguousGrad.apply(out_TD)
+
+
+def _w13_forward(self, x_TD, counts_E):
+    return fused_w13_swiglu(x_TD, counts_E, self.w13_EGD, self.w2_EDF)
+
+
+def fuse_w13(model: torch.nn.Module) -> int:
+    """Replace each GroupedExperts' w1 and w3 by one stored w13 parameter (same values); returns how
+    many modules changed. Call before the optimizer is built."""
+    from moesaic.parallel.experts import GroupedExperts
+
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, GroupedExperts):
+            w13 = torch.cat([mod.w1_EFD.detach(), mod.w3_EFD.detach()], dim=1)
+            del mod.w1_EFD, mod.w3_EFD
+            mod.w13_EGD = torch.nn.Parameter(w13)
+            mod.forward = types.MethodType(_w13_forward, mod)
+            n += 1
+    return n
 
 
 def complex_rotary(x_BHSDh, cos_SD, sin_SD):
@@ -42,14 +66,17 @@ def complex_rotary(x_BHSDh, cos_SD, sin_SD):
 
 
 def use(variants) -> None:
-    """Swap the named variants into moesaic's modules (for this process)."""
-    import moesaic.parallel.experts as experts
+    """Swap the function-level variants into moesaic's modules (for this process); the `w13`
+    variant changes parameters, so it is applied to each model by `apply(model, variants)`."""
     import moesaic.trainer.model as model
 
     for v in variants:
-        if v == "w13":
-            experts.grouped_swiglu = fused_w13_swiglu
-        elif v == "complex-rotary":
+        if v == "complex-rotary":
             model.apply_rotary = complex_rotary
-        else:
+        elif v != "w13":
             raise ValueError(f"--variant ({v!r}) must be one of {', '.join(VARIANTS)}")
+
+
+def apply(model: torch.nn.Module, variants) -> None:
+    if "w13" in variants:
+        fuse_w13(model)

@@ -13,6 +13,12 @@ Two implementations of the same step:
   applies the clip scale, updates master, m and v in fp32 and writes the bf16 weight in one pass:
   28 bytes per parameter. `check_triton()` compares it with the `torch` one.
 
+`step(max_norm, overlap=True)` (triton): the global norm is taken on the main stream, and the
+updates run on a side stream, group by group in the order that the next forward pass uses them;
+`wait(g)` (a forward pre-hook) makes the main stream wait for group g only. The next step's forward
+then overlaps with the rest of the update. The arithmetic is the same, so the weights are
+bit-identical (`check_triton` checks it). `tune()` picks the kernel's block size on scratch tensors.
+
 Needs torch alone; Triton only for the `triton` implementation.
 """
 
@@ -63,6 +69,9 @@ class MasterAdamW:
         self.masters = [p.detach().to(torch.float32, copy=True) for p in self.params]
         self.accumulated = False
         self.steps = 0
+        self.groups = [list(range(len(self.params)))]  # the update order (set_groups)
+        self.side, self.events = None, None  # the overlapped update's stream and per-group events
+        self.block, self.num_warps = 4096, 8
         if impl == "triton":
             self.exp_avg = [torch.zeros_like(m) for m in self.masters]
             self.exp_avg_sq = [torch.zeros_like(m) for m in self.masters]
@@ -93,16 +102,44 @@ class MasterAdamW:
             p.grad = None
         self.accumulated = True
 
+    def set_groups(self, groups) -> None:
+        """The parameters in the order the forward pass uses them: a list of lists of parameters.
+        Parameters in no group join the first."""
+        index = {id(p): i for i, p in enumerate(self.params)}
+        order = [[index[id(p)] for p in g if id(p) in index] for g in groups]
+        seen = {i for g in order for i in g}
+        if len(seen) != sum(len(g) for g in order):
+            raise ValueError("MasterAdamW.set_groups: a parameter is in two groups")
+        order[0] = [i for i in range(len(self.params)) if i not in seen] + order[0]
+        self.groups = order
+
+    def wait(self, group: int) -> None:
+        """Make the current stream wait until `group`'s weights are written (after an overlapped step)."""
+        if self.events is not None:
+            torch.cuda.current_stream().wait_event(self.events[group])
+
+    def finish(self) -> None:
+        """Make the current stream wait for the whole overlapped update."""
+        if self.side is not None:
+            torch.cuda.current_stream().wait_stream(self.side)
+        self.events = None
+
     @torch.no_grad()
-    def step(self, max_norm: float) -> float:
-        """Clip the global gradient norm to `max_norm`, step, write the weights; returns the norm."""
+    def step(self, max_norm: float, overlap: bool = False) -> torch.Tensor:
+        """Clip the global gradient norm to `max_norm`, step, write the weights; returns the norm
+        (a tensor: no host sync). With `overlap` (triton), the update runs on a side stream."""
+        if overlap and self.impl != "triton":
+            raise ValueError(f"MasterAdamW.step: overlap needs impl 'triton', not {self.impl!r}")
         self.steps += 1
         holders = self.masters if self.accumulated else self.params  # whose .grad is the gradient
-        norm = self._step_triton(holders, max_norm) if self.impl == "triton" else self._step_torch(holders, max_norm)
+        if self.impl == "triton":
+            norm = self._step_triton(holders, max_norm, overlap)
+        else:
+            norm = self._step_torch(holders, max_norm)
         for t in (*self.params, *self.masters):
             t.grad = None
         self.accumulated = False
-        return float(norm)
+        return norm
 
     def _step_torch(self, holders, max_norm: float) -> torch.Tensor:
         norm = torch.nn.utils.clip_grad_norm_(holders, max_norm, foreach=True)
@@ -117,20 +154,69 @@ class MasterAdamW:
                 self.masters[i].grad = None
         return norm
 
-    def _step_triton(self, holders, max_norm: float) -> torch.Tensor:
+    def _step_triton(self, holders, max_norm: float, overlap: bool) -> torch.Tensor:
         grads = [h.grad for h in holders]
+        # 1. the global norm and the clip coefficient, on the main stream (after the backward)
         norm = torch.nn.utils.get_total_norm([g for g in grads if g is not None], foreach=True)
         scale = (max_norm / (norm.float() + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s coefficient
+        main = torch.cuda.current_stream()
+        if not overlap and self.side is not None:
+            self.finish()  # an earlier overlapped update writes the same masters: wait for it
+        if overlap:
+            # 2. the side stream starts once the gradients and the coefficient exist
+            if self.side is None:
+                self.side = torch.cuda.Stream(priority=0)  # the lowest priority
+            self.side.wait_stream(main)
+            scale.record_stream(self.side)  # freed on the host now; its memory waits for the side stream
+            self.events = []
+        with torch.cuda.stream(self.side if overlap else main):
+            for group in self.groups:
+                # 3. one kernel per tensor, group by group; an event marks each group's weights written
+                for i in group:
+                    if grads[i] is not None:
+                        if overlap:
+                            grads[i].record_stream(self.side)
+                        self._launch(i, grads[i], scale)
+                if overlap:
+                    self.events.append(torch.cuda.Event())
+                    self.events[-1].record(self.side)
+        return norm
+
+    def _launch(self, i: int, g: torch.Tensor, scale: torch.Tensor) -> None:
+        p, w, m, v = self.params[i], self.masters[i], self.exp_avg[i], self.exp_avg_sq[i]
         beta1, beta2 = self.betas
         bc1, bc2 = 1 - beta1 ** self.steps, 1 - beta2 ** self.steps
-        for p, g, w, m, v in zip(self.params, grads, self.masters, self.exp_avg, self.exp_avg_sq):
-            if g is None:
-                continue
-            n, block = p.numel(), 4096
-            _adamw_master_kernel[(triton.cdiv(n, block),)](
-                p, g, w, m, v, scale, n, self.lr, beta1, beta2, self.eps, self.weight_decay,
-                self.lr / bc1, bc2 ** 0.5, BLOCK=block, num_warps=8)
-        return norm
+        n = p.numel()
+        _adamw_master_kernel[(triton.cdiv(n, self.block),)](
+            p, g, w, m, v, scale, n, self.lr, beta1, beta2, self.eps, self.weight_decay,
+            self.lr / bc1, bc2 ** 0.5, BLOCK=self.block, num_warps=self.num_warps)
+
+    def tune(self, numel: int = 1 << 25, iters: int = 10) -> list[dict]:
+        """Time the kernel at each (BLOCK, num_warps) on scratch tensors of `numel` elements, keep the
+        fastest, and return the table (GB/s at 28 bytes per parameter)."""
+        import time
+
+        dev = self.params[0].device
+        p = torch.zeros(numel, device=dev, dtype=self.params[0].dtype)
+        g, w, m, v = torch.zeros_like(p), *(torch.zeros(numel, device=dev) for _ in range(3))
+        scale = torch.ones((), device=dev)
+        rows = []
+        for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 8), (8192, 16)):
+            launch = lambda: _adamw_master_kernel[(triton.cdiv(numel, block),)](  # noqa: E731
+                p, g, w, m, v, scale, numel, 1e-3, 0.9, 0.95, 1e-8, 0.0, 1e-3, 1.0, BLOCK=block, num_warps=warps)
+            launch()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                launch()
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            t = sorted(times)[iters // 2]
+            rows.append({"block": block, "num_warps": warps, "ms": t * 1e3, "GB_per_s": 28 * numel / t / 1e9})
+        best = max(rows, key=lambda r: r["GB_per_s"])
+        self.block, self.num_warps = best["block"], best["num_warps"]
+        return rows
 
     def state_bytes(self) -> int:
         """fp32 masters and moments, and the fp32 accumulators if any."""
@@ -151,8 +237,9 @@ def check_triton(device, steps: int = 3) -> float:
     torch.manual_seed(0)
     sizes = [1, 7, 4097, (300, 1000), 70_001]
     base = [torch.randn(s, device=device).to(torch.bfloat16) for s in sizes]
-    ps = {k: [torch.nn.Parameter(b.clone()) for b in base] for k in ("triton", "torch")}
-    opts = {k: MasterAdamW(ps[k], lr=1e-2, weight_decay=0.1, impl=k) for k in ps}
+    ps = {k: [torch.nn.Parameter(b.clone()) for b in base] for k in ("triton", "torch", "overlap")}
+    opts = {k: MasterAdamW(ps[k], lr=1e-2, weight_decay=0.1, impl=k if k != "overlap" else "triton") for k in ps}
+    opts["overlap"].set_groups([ps["overlap"][3:], ps["overlap"][:2]])  # the order of use differs
     start = [m.clone() for m in opts["torch"].masters]
     for step in range(steps):
         clipped = step == 1
@@ -163,7 +250,14 @@ def check_triton(device, steps: int = 3) -> float:
                     p.grad = g.clone()
                 if clipped:
                     opts[k].accumulate()
-            opts[k].step(1.0)
+            opts[k].step(1.0, overlap=k == "overlap")
+            if k == "overlap":  # what the next forward does: wait for each group, in order
+                for group in range(len(opts[k].groups)):
+                    opts[k].wait(group)
+    opts["overlap"].finish()
+    for a, b in zip(ps["overlap"], ps["triton"]):  # same arithmetic on another stream: bit-identical
+        if not torch.equal(a, b):
+            raise RuntimeError("the overlapped triton AdamW differs from the plain one")
     update = max(float((m - s).abs().max()) for m, s in zip(opts["torch"].masters, start))
     diff = max(float((a - b).abs().max()) for a, b in zip(opts["triton"].masters, opts["torch"].masters))
     return diff / update

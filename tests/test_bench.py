@@ -101,20 +101,68 @@ def test_gpu_variants_compute_what_they_replace():
     x = torch.randn(9, D, requires_grad=True)
     counts = torch.tensor([4, 0, 5])
     outs, grads = [], []
-    for fn in (grouped_swiglu, fused_w13_swiglu):
-        y = fn(x, counts, *ws)
-        y.square().sum().backward()
-        outs.append(y.detach())
-        grads.append([t.grad.clone() for t in (x, *ws)])
-        for t in (x, *ws):
-            t.grad = None
-    torch.testing.assert_close(outs[0], outs[1])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b)
+    w13 = torch.cat([ws[0], ws[2]], dim=1).detach().requires_grad_()
+    y = grouped_swiglu(x, counts, *ws)
+    y.square().sum().backward()
+    ref = [t.grad.clone() for t in (x, *ws)]
+    x.grad = None
+    y13 = fused_w13_swiglu(x, counts, w13, ws[1])
+    y13.square().sum().backward()
+    torch.testing.assert_close(y13, y)
+    torch.testing.assert_close(x.grad, ref[0])
+    torch.testing.assert_close(ws[1].grad, 2 * ref[2])  # w2's gradient accumulated twice
+    torch.testing.assert_close(w13.grad, torch.cat([ref[1], ref[3]], dim=1))
     cos, sin = rotary_tables(8, 16, 10000.0)
     q = torch.randn(2, 3, 16, 8)
     torch.testing.assert_close(complex_rotary(q, cos, sin), apply_rotary(q, cos, sin))
     torch.testing.assert_close(complex_rotary(q[..., :10, :], cos, sin), apply_rotary(q[..., :10, :], cos[:10], sin[:10]))
+
+
+def test_fused_w13_model_equals_the_library_model():
+    """`--variant w13` stores [w1; w3] as one parameter: the same loss, and its gradient is theirs."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    from gpu_train import TINY, _groups
+    from gpu_variants import fuse_w13
+
+    from moesaic.trainer.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**TINY))
+    x = torch.randint(0, 256, (2, 32))
+    out = model(x, x)
+    out.loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    assert fuse_w13(model) == 2
+    out13 = model(x, x)
+    out13.loss.backward()
+    torch.testing.assert_close(out13.loss, out.loss)
+    grads = dict(model.named_parameters())
+    for i in range(2):
+        pre = f"layers.{i}.moe.experts."
+        torch.testing.assert_close(grads[pre + "w13_EGD"].grad, torch.cat([ref[pre + "w1_EFD"], ref[pre + "w3_EFD"]], 1))
+        torch.testing.assert_close(grads[pre + "w2_EDF"].grad, ref[pre + "w2_EDF"])
+    # the overlapped optimizer's groups cover every parameter once, in the forward's order
+    groups = _groups(model)
+    assert len(groups) == 4 and sorted(id(p) for g in groups for p in g) == sorted(id(p) for p in model.parameters())
+
+
+def test_master_adamw_groups():
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    from master_adamw import MasterAdamW
+
+    ps = [torch.nn.Parameter(torch.zeros(3)) for _ in range(4)]
+    opt = MasterAdamW(ps, lr=1e-2, weight_decay=0.0)
+    opt.set_groups([[ps[2]], [ps[0], ps[3]]])
+    assert opt.groups == [[1, 2], [0, 3]]  # the ungrouped parameter joins the first group
+    with pytest.raises(ValueError, match="two groups"):
+        opt.set_groups([[ps[0]], [ps[0]]])
+    with pytest.raises(ValueError, match="overlap needs impl 'triton'"):
+        opt.step(1.0, overlap=True)
 
 
 def test_master_adamw_equals_torch_adamw():
