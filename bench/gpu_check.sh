@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks of issues #4 and #8 as one prepared run for a lent H100/H200 (the device tool):
-#   bash bench/gpu_check.sh [all|baseline|variants|overlap]   # JSON and one log under $OUT (or bench/results)
+#   bash bench/gpu_check.sh [all|baseline|variants|overlap|ablate]   # JSON and one log under $OUT (or bench/results)
 # baseline (about 4.5 minutes on an H200): the expert layer, and whole training steps eager at batch 8
 # and compiled at batch 8, 16 and 4 x 8 -- the figures in bench/RESULTS.md. variants (about 3
 # minutes): the same steps with the candidate speed-ups of bench/gpu_variants.py, for the A/B
 # against the baseline on the same machine. overlap (about 6 minutes): the compiled baseline beside
-# per-block compile with the optimizer update overlapped with the next forward, with and without the
-# stored w13 weight, and the expert layer with the w13 column. Each part has its own time limit. Needs torch only (the
+# per-block compile with the optimizer update overlapped with the next forward and the stored w13
+# weight (with torch._grouped_mm, and with bench/triton_grouped.py), and the expert layer with the
+# w13 and Triton columns. ablate (about 4 minutes): the same without the overlap, without w13, and
+# with the overlap at equal stream priority. Each part has its own time limit. Needs torch only (the
 # device image has no pulp, hydra or wandb; the scripts import moesaic from this checkout). Each
 # script prints and writes every finished run as it goes, so a part cut off keeps those.
 set -u
@@ -14,22 +16,30 @@ PART=${1:-all}
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-LOG="$OUT/gpu_check.log"
+LOG="$OUT/gpu_check_$PART.log"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 } 2>&1 | tee "$LOG"
 train() {  # name, time limit, gpu_train.py arguments...
   local name=$1 limit=$2
   shift 2
+  echo "## $(date +%T) $name: $*" | tee -a "$LOG"
   timeout "$limit" python3 bench/gpu_train.py "$@" --json "$OUT/$name.json" 2>&1 | tee -a "$LOG"
 }
-if [ "$PART" = overlap ]; then
+if [ "$PART" = overlap ]; then  # the candidates beside the compiled baseline, and the layer
   train gpu_train_compile 100 --compile --batch 8
   train gpu_train_overlap_w13 100 --compile blocks --overlap-optimizer --variant w13 --batch 8 --profile "$OUT/gpu_train_profile_overlap_w13.txt"
-  train gpu_train_overlap_equal_w13 90 --compile blocks --overlap-optimizer equal --variant w13 --batch 8
+  echo "## $(date +%T) expert layer" | tee -a "$LOG"
+  timeout 150 python3 bench/gpu_moe_layer.py --iters 10 --json "$OUT/gpu_moe_layer.json" 2>&1 | tee -a "$LOG"
+  train gpu_train_overlap_triton 120 --compile blocks --overlap-optimizer --variant triton-experts --batch 8
+  echo "## $(date +%T) done" | tee -a "$LOG"
+  exit 0
+fi
+if [ "$PART" = ablate ]; then  # which part of the candidate gives what
   train gpu_train_blocks_w13 90 --compile blocks --variant w13 --batch 8
   train gpu_train_blocks 90 --compile blocks --batch 8
-  timeout 80 python3 bench/gpu_moe_layer.py --json "$OUT/gpu_moe_layer.json" 2>&1 | tee -a "$LOG"
+  train gpu_train_overlap_equal_w13 90 --compile blocks --overlap-optimizer equal --variant w13 --batch 8
+  echo "## $(date +%T) done" | tee -a "$LOG"
   exit 0
 fi
 if [ "$PART" != variants ]; then

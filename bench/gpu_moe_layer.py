@@ -12,6 +12,7 @@ Useful TFLOP/s counts only the routed tokens' FLOPs: forward = 2*T*k*d*f*3, fwd+
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ ensure_importable()
 import torch  # noqa: E402
 
 from gpu_variants import fused_w13_swiglu  # noqa: E402
+from triton_grouped import triton, triton_w13_swiglu  # noqa: E402
 from moesaic.parallel.experts import GroupedExperts, grouped_swiglu, looped_swiglu  # noqa: E402
 from moesaic.parallel.moe import LocalDispatcher  # noqa: E402
 from moesaic.parallel.router import RouterConfig, TopKRouter  # noqa: E402
@@ -45,6 +47,13 @@ class _FusedW13:
 
     def __call__(self, x, counts):
         return fused_w13_swiglu(x, counts, self.w13, self.w2)
+
+
+class _TritonW13(_FusedW13):
+    """The same, with bench/triton_grouped.py's grouped GEMMs instead of torch._grouped_mm."""
+
+    def __call__(self, x, counts):
+        return triton_w13_swiglu(x, counts, self.w13, self.w2)
 
 
 def run_shape(name, s, tokens, device, dtype, iters):
@@ -84,6 +93,14 @@ def run_shape(name, s, tokens, device, dtype, iters):
     t_idx = timeit(lambda: indexed(grouped_swiglu).sum().backward(), device, iters)
     w13 = _FusedW13(experts)
     t_w13 = timeit(lambda: dispatch(x, route, w13).sum().backward(), device, iters)
+    tri = {}
+    if triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        tw = _TritonW13(experts)
+        with torch.no_grad():  # the Triton layer against the per-expert loop (bf16 rounding apart)
+            tri["triton_max_rel_err_vs_loop"] = float((dispatch(x, route, tw).float() - y_ref).abs().max() / y_ref.abs().max())
+        t_tri = timeit(lambda: dispatch(x, route, tw).sum().backward(), device, iters)
+        t_tri_f = timeit(lambda: _no_grad(dispatch, x, route, tw), device, iters)
+        tri.update(triton_fwd_tflops=fwd_flops / t_tri_f / 1e12, triton_fwd_bwd_tflops=3 * fwd_flops / t_tri / 1e12)
     t_loop = timeit(lambda: indexed(looped_swiglu).sum().backward(), device, max(3, iters // 2))
     return {"shape": name, **s, "tokens": tokens, "fwd_tflops": fwd_flops / t_f / 1e12,
             "fwd_bwd_tflops": 3 * fwd_flops / t_fb / 1e12,
@@ -91,7 +108,12 @@ def run_shape(name, s, tokens, device, dtype, iters):
             "w13_fwd_bwd_tflops": 3 * fwd_flops / t_w13 / 1e12,
             "index_add_fwd_bwd_tflops": 3 * fwd_flops / t_idx / 1e12,
             "loop_fwd_bwd_tflops": 3 * fwd_flops / t_loop / 1e12,
-            "fwd_ms": t_f * 1e3, "fwd_bwd_ms": t_fb * 1e3, "max_rel_err_vs_loop": rel_err}
+            "fwd_ms": t_f * 1e3, "fwd_bwd_ms": t_fb * 1e3, "max_rel_err_vs_loop": rel_err, **tri}
+
+
+def _no_grad(fn, *args):
+    with torch.no_grad():
+        return fn(*args)
 
 
 def row_moves(device, dtype, rows: int, dim: int, iters: int) -> list[dict]:
@@ -131,7 +153,12 @@ def main() -> None:
     info = machine()
     print(f"machine: {info}\ndevice {device}, dtype {dtype}, dense matmul {dense:.1f} TFLOP/s")
     print(table(rows, ["shape", "tokens", "fwd_tflops", "fwd_bwd_tflops", "fwd_bwd_pct_of_dense",
-                       "fwd_bwd_no_input_grad_tflops", "w13_fwd_bwd_tflops", "index_add_fwd_bwd_tflops", "loop_fwd_bwd_tflops", "fwd_bwd_ms", "max_rel_err_vs_loop"]))
+                       "fwd_bwd_no_input_grad_tflops", "w13_fwd_bwd_tflops", "triton_fwd_tflops", "triton_fwd_bwd_tflops",
+                       "index_add_fwd_bwd_tflops", "loop_fwd_bwd_tflops", "fwd_bwd_ms", "max_rel_err_vs_loop",
+                       "triton_max_rel_err_vs_loop"]))
+    for r in rows:
+        if "triton_fwd_bwd_tflops" in r:
+            r["triton_fwd_bwd_pct_of_dense"] = 100 * r["triton_fwd_bwd_tflops"] / dense
     print(table(moves))
     write_json(a.json, {"machine": info, "dense_tflops": dense, "rows": rows, "row_moves": moves})
 

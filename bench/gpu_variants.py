@@ -6,6 +6,8 @@ the same function as the code it replaces (tests/test_bench.py checks that on CP
 - `w13`: the experts' gate and up projections stored as one (E, 2F, D) parameter and computed as
   one grouped GEMM (N = 2F rather than two GEMMs of N = F; fine-grained experts have small F).
   The backward then runs one GEMM for the input gradient (K = 2F) and one for both weights.
+- `triton-experts`: `w13`, with the grouped GEMMs of bench/triton_grouped.py instead of
+  `torch._grouped_mm` (checked against the per-expert loop on CPU by Triton's interpreter).
 - `complex-rotary`: the rotary embedding as one complex multiply in fp32, against the
   library's eight bf16 element-wise passes per tensor.
 
@@ -20,7 +22,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ("w13", "complex-rotary")
+VARIANTS = ("w13", "complex-rotary", "triton-experts")
 
 
 def fused_w13_swiglu(x_TD, counts_E, w13_EGD, w2_EDF):
@@ -41,7 +43,13 @@ def _w13_forward(self, x_TD, counts_E):
     return fused_w13_swiglu(x_TD, counts_E, self.w13_EGD, self.w2_EDF)
 
 
-def fuse_w13(model: torch.nn.Module) -> int:
+def _triton_forward(self, x_TD, counts_E):
+    from triton_grouped import triton_w13_swiglu
+
+    return triton_w13_swiglu(x_TD, counts_E, self.w13_EGD, self.w2_EDF)
+
+
+def fuse_w13(model: torch.nn.Module, forward=_w13_forward) -> int:
     """Replace each GroupedExperts' w1 and w3 by one stored w13 parameter (same values); returns how
     many modules changed. Call before the optimizer is built."""
     from moesaic.parallel.experts import GroupedExperts
@@ -52,7 +60,7 @@ def fuse_w13(model: torch.nn.Module) -> int:
             w13 = torch.cat([mod.w1_EFD.detach(), mod.w3_EFD.detach()], dim=1)
             del mod.w1_EFD, mod.w3_EFD
             mod.w13_EGD = torch.nn.Parameter(w13)
-            mod.forward = types.MethodType(_w13_forward, mod)
+            mod.forward = types.MethodType(forward, mod)
             n += 1
     return n
 
@@ -73,10 +81,12 @@ def use(variants) -> None:
     for v in variants:
         if v == "complex-rotary":
             model.apply_rotary = complex_rotary
-        elif v != "w13":
+        elif v not in ("w13", "triton-experts"):
             raise ValueError(f"--variant ({v!r}) must be one of {', '.join(VARIANTS)}")
 
 
 def apply(model: torch.nn.Module, variants) -> None:
-    if "w13" in variants:
+    if "triton-experts" in variants:
+        fuse_w13(model, _triton_forward)
+    elif "w13" in variants:
         fuse_w13(model)
