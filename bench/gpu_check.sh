@@ -35,8 +35,11 @@ if [ "$PART" = overlap ]; then  # the candidates beside the compiled baseline, a
   echo "## $(date +%T) done" | tee -a "$LOG"
   exit 0
 fi
-if [ "$PART" = ablate ]; then  # which part of the candidate gives what
+if [ "$PART" = ablate ]; then  # a second sample of both, then which part of the candidate gives what
+  train gpu_train_compile_2 100 --compile --batch 8
+  train gpu_train_overlap_w13_2 100 --compile blocks --overlap-optimizer --variant w13 --batch 8 16
   train gpu_train_blocks_w13 90 --compile blocks --variant w13 --batch 8
+  train gpu_train_blocks_overlap 90 --compile blocks --overlap-optimizer --batch 8
   train gpu_train_blocks 90 --compile blocks --batch 8
   train gpu_train_overlap_equal_w13 90 --compile blocks --overlap-optimizer equal --variant w13 --batch 8
   echo "## $(date +%T) done" | tee -a "$LOG"

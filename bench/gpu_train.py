@@ -90,6 +90,42 @@ def _wait_hooks(model, opt) -> None:
         mod.register_forward_pre_hook(lambda _m, _args, g=g: opt.wait(g))
 
 
+def check_overlap(device, data: torch.Tensor, steps: int = 4) -> dict:
+    """The overlapped update against the plain one on a small model (eager, same seed and batches):
+    the largest parameter difference after `steps` steps, beside that of two plain runs (the floor
+    that nondeterministic kernels set; 0 when there are none)."""
+    cfg = ModelConfig(vocab_size=256, dim=256, num_layers=4, num_heads=4, max_seq_len=256,
+                      moe=dict(num_experts=8, top_k=2, ffn_dim=256, num_shared_experts=1))
+    g = torch.Generator().manual_seed(1)
+    starts = torch.randint(0, data.numel() - 258, (steps, 4), generator=g)
+    batches = [torch.stack([data[s:s + 257] for s in row.tolist()]).long().to(device) for row in starts]
+
+    def train(overlap: bool):
+        torch.manual_seed(0)
+        with device:
+            model = Transformer(cfg).to(dtype=torch.bfloat16)
+        model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+        opt = MasterAdamW(model.parameters(), lr=1e-3, weight_decay=0.1, impl="triton")
+        if overlap:
+            opt.set_groups(_groups(model))
+            _wait_hooks(model, opt)
+        losses = []
+        with torch.cuda.stream(torch.cuda.Stream(device, priority=-1)) if overlap else contextlib.nullcontext():
+            for w in batches:
+                out = model(w[:, :-1], w[:, 1:])
+                out.loss.backward()
+                opt.step(1.0, overlap=overlap)
+                losses.append(out.ce_loss.detach())
+            opt.finish()
+        sync(device)
+        return [float(x) for x in losses], [p.detach().float() for p in model.parameters()]
+
+    ref, again, over = train(False), train(False), train(True)
+    diff = lambda x, y: max(float((p - q).abs().max()) for p, q in zip(x[1], y[1]))  # noqa: E731
+    return {"plain_vs_plain_max_param_diff": diff(ref, again), "overlap_vs_plain_max_param_diff": diff(ref, over),
+            "plain_losses": ref[0], "overlap_losses": over[0]}
+
+
 def run(cfg: ModelConfig, batch: int, a, device, data: torch.Tensor, rate: float) -> dict:
     torch.manual_seed(0)
     with device:  # allocate and initialise on the GPU (2.62B parameters would take a while on the host)
@@ -238,6 +274,9 @@ def main() -> None:
         raise SystemExit("--overlap-optimizer waits between blocks: use it with --compile blocks (or eager), not --compile")
     if a.overlap_optimizer and a.optimizer != "triton":
         raise SystemExit(f"--overlap-optimizer needs the triton AdamW (CUDA and Triton); here it is {a.optimizer!r}")
+    if a.overlap_optimizer and device.type == "cuda":
+        m["overlap_check"] = check = check_overlap(device, data)
+        print(f"overlapped update against the plain one, small model, 4 steps: {check}", flush=True)
     for b in a.batch:
         if a.compile != "none":
             torch._dynamo.reset()  # each batch size its own compile, not a dynamic-shape recompile
