@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issues #4 and #8 as one prepared run for a lent H100/H200 (the device tool):
-#   bash bench/gpu_check.sh [all|baseline|variants|overlap|ablate]   # JSON and one log under $OUT (or bench/results)
+#   bash bench/gpu_check.sh [all|baseline|variants|overlap|ablate|confirm]   # JSON and one log under $OUT (or bench/results)
 # baseline (about 4.5 minutes on an H200): the expert layer, and whole training steps eager at batch 8
 # and compiled at batch 8, 16 and 4 x 8 -- the figures in bench/RESULTS.md. variants (about 3
 # minutes): the same steps with the candidate speed-ups of bench/gpu_variants.py, for the A/B
@@ -8,7 +8,8 @@
 # per-block compile with the optimizer update overlapped with the next forward and the stored w13
 # weight (with torch._grouped_mm, and with bench/triton_grouped.py), and the expert layer with the
 # w13 and Triton columns. ablate (about 4 minutes): the same without the overlap, without w13, and
-# with the overlap at equal stream priority. Each part has its own time limit. Needs torch only (the
+# with the overlap at equal stream priority. confirm (about 4 minutes): the compiled baseline and the
+# best candidate alternated, twice, at batch 8 and 16. Each part has its own time limit. Needs torch only (the
 # device image has no pulp, hydra or wandb; the scripts import moesaic from this checkout). Each
 # script prints and writes every finished run as it goes, so a part cut off keeps those.
 set -u
@@ -42,6 +43,14 @@ if [ "$PART" = ablate ]; then  # a second sample of both, then which part of the
   train gpu_train_blocks_overlap 90 --compile blocks --overlap-optimizer --batch 8
   train gpu_train_blocks 90 --compile blocks --batch 8
   train gpu_train_overlap_equal_w13 90 --compile blocks --overlap-optimizer equal --variant w13 --batch 8
+  echo "## $(date +%T) done" | tee -a "$LOG"
+  exit 0
+fi
+if [ "$PART" = confirm ]; then  # baseline and candidate alternated, twice, on one machine
+  train gpu_train_confirm_base_a 100 --compile --batch 8
+  train gpu_train_confirm_best_a 100 --compile blocks --overlap-optimizer equal --variant w13 --batch 8 16
+  train gpu_train_confirm_base_b 130 --compile --batch 8 16
+  train gpu_train_confirm_best_b 100 --compile blocks --overlap-optimizer equal --variant w13 --batch 8
   echo "## $(date +%T) done" | tee -a "$LOG"
   exit 0
 fi
