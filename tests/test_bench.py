@@ -187,6 +187,16 @@ for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 3e-3)):
     assert proc.stdout.count("grad_w2") == 4
 
 
+def test_gpu_grouped_gemm_tiny_in_the_interpreter(tmp_path):
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_grouped_gemm.py"), "--device", "cpu", "--tiny",
+                           "--json", str(tmp_path / "g.json")], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "g.json").read_text())
+    assert max(res["check_vs_loop"].values()) < 1e-5
+    assert [r["gemm"] for r in res["rows"]] == ["forward (ragged M)", "input grad (ragged M)", "weight grad (ragged K)"]
+
+
 def test_master_adamw_equals_torch_adamw():
     """gpu_train's fp32-master AdamW, on fp32 weights, is torch's AdamW with clipping (chunked or not)."""
     import torch
