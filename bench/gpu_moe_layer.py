@@ -56,6 +56,32 @@ class _TritonW13(_FusedW13):
         return triton_w13_swiglu(x, counts, self.w13, self.w2)
 
 
+def run_compiled(name, s, tokens, device, dtype, iters) -> dict:
+    """The layer (library, and with the stored w13 weight) under torch.compile, beside it eager:
+    the permutation, SwiGLU and combine fuse around the grouped GEMMs, which stay torch._grouped_mm."""
+    torch.manual_seed(0)
+    router = TopKRouter(s["dim"], s["experts"], s["top_k"], RouterConfig()).to(device)
+    experts = GroupedExperts(s["experts"], s["dim"], s["ffn"]).to(device=device, dtype=dtype)
+    dispatch = LocalDispatcher()
+    x = torch.randn(tokens, s["dim"], device=device, dtype=dtype, requires_grad=True)
+    with torch.no_grad():
+        route = router(x.float())
+    route.weights_TK = route.weights_TK.to(dtype)
+    flops = 3 * 2 * tokens * s["top_k"] * s["dim"] * s["ffn"] * 3
+    row = {"shape": name, **s, "tokens": tokens}
+    for label, ex in (("eager", experts), ("compiled", experts), ("compiled_w13", _FusedW13(experts))):
+        def layer(inp, ex=ex):
+            return dispatch(inp, route, ex)
+        fn = torch.compile(layer) if label.startswith("compiled") else layer
+        y = fn(x).detach().float()
+        if label == "eager":
+            y0 = y
+        row[f"{label}_max_rel_diff_vs_eager"] = float((y - y0).abs().max() / y0.abs().max())
+        row[f"{label}_fwd_bwd_tflops"] = flops / timeit(lambda: fn(x).sum().backward(), device, iters) / 1e12
+    print(table([row]), flush=True)
+    return row
+
+
 def run_shape(name, s, tokens, device, dtype, iters):
     torch.manual_seed(0)
     router = TopKRouter(s["dim"], s["experts"], s["top_k"], RouterConfig()).to(device)
@@ -137,13 +163,28 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--tiny", action="store_true", help="a small CPU-sized shape (smoke test)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="only the layer eager against torch.compile'd (library, and the stored w13 weight)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     device = torch.device(a.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # torch._grouped_mm's compile-time (meta) check takes bf16 only, on a CPU too
+    dtype = torch.bfloat16 if device.type == "cuda" or a.compiled else torch.float32
     shapes = TINY if a.tiny else SHAPES
     tokens = 256 if a.tiny else a.tokens
     dense = dense_rate(device, dtype, 256 if a.tiny else 8192)
+    if a.compiled:
+        rows = [run_compiled(n, s, tokens, device, dtype, 3 if a.tiny else a.iters)
+                for n, s in shapes.items() if n != "gpu_train-model"]
+        dense = max(dense, dense_rate(device, dtype, 256 if a.tiny else 8192))
+        for r in rows:
+            r["dense_tflops"] = dense
+            for k in [k for k in r if k.endswith("_fwd_bwd_tflops")]:
+                r[k.replace("_tflops", "_pct_of_dense")] = 100 * r[k] / dense
+        print(f"machine: {machine()}\ndevice {device}, dtype {dtype}, dense matmul {dense:.1f} TFLOP/s (the faster of two)")
+        print(table(rows))
+        write_json(a.json, {"machine": machine(), "dense_tflops": dense, "rows": rows})
+        return
     rows = [run_shape(n, s, tokens, device, dtype, 3 if a.tiny else a.iters) for n, s in shapes.items()]
     moves = row_moves(device, dtype, 512 if a.tiny else 65536, 64 if a.tiny else 2048, 3 if a.tiny else a.iters)
     dense = max(dense, dense_rate(device, dtype, 256 if a.tiny else 8192))  # the faster of two measurements
