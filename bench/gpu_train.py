@@ -203,7 +203,8 @@ def run(cfg: ModelConfig, batch: int, a, device, data: torch.Tensor, rate: float
            "active_B": counts["active"] / 1e9, "median_step_s": med, "mean_wall_step_s": wall,
            "tokens_per_s": round(tok_s), "tflops": flops_tok * tok_s / 1e12, "mfu": flops_tok * tok_s / (rate * 1e12),
            "forward_ms": fwd_ms, "backward_ms": bwd_ms, "optimizer_ms": opt_ms,
-           "first_loss": losses[0], "last_loss": losses[-1], "optimizer_state_GiB": opt.state_bytes() / 2**30}
+           "first_loss": losses[0], "last_loss": losses[-1], "optimizer_state_GiB": opt.state_bytes() / 2**30,
+           "losses": losses}  # every measured step's: loss curves of two runs compare step by step
     if device.type == "cuda":
         row["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
     del model, opt, step_fn
@@ -216,6 +217,11 @@ def _main_stream(a, device):
     if a.overlap_optimizer == "background" and device.type == "cuda":
         return torch.cuda.stream(torch.cuda.Stream(device, priority=-1))
     return contextlib.nullcontext()
+
+
+def _cols(rows: list[dict]) -> list[str]:
+    """The table's columns: every key, in order, but the per-step losses (they stay in the JSON)."""
+    return [k for k in dict.fromkeys(k for r in rows for k in r) if k != "losses"]
 
 
 def _label(a, batch: int, impl: str) -> str:
@@ -288,7 +294,7 @@ def main() -> None:
                          "error": f"{type(e).__name__}: {str(e)[:200]}"})
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        print(table(rows[-1:]), flush=True)  # each run as it ends: a time limit keeps the finished ones
+        print(table(rows[-1:], _cols(rows[-1:])), flush=True)  # each run as it ends: a time limit keeps the finished ones
         write_json(a.json, {"machine": m, "dense_tflops": rate, "model": MODEL if not a.tiny else TINY, "rows": rows})
     # the MFU's denominator: the faster of the dense rates measured before and after the runs
     rate = max(rate, dense_rate(device, torch.bfloat16, 256 if a.tiny else 8192, 3 if a.tiny else 50))
@@ -298,7 +304,7 @@ def main() -> None:
     write_json(a.json, {"machine": m, "dense_tflops": rate, "model": MODEL if not a.tiny else TINY, "rows": rows})
     print(f"\n# moesaic, one {m.get('gpu', device.type)}: whole training steps\n")
     print(f"torch {m['torch']}, {m['date']}; dense bf16 matmul {rate:.1f} TFLOP/s (the faster of two measurements in this run)\n")
-    print(table(rows) + "\n")
+    print(table(rows, _cols(rows)) + "\n")
 
 
 if __name__ == "__main__":
