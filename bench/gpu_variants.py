@@ -90,3 +90,50 @@ def apply(model: torch.nn.Module, variants) -> None:
         fuse_w13(model, _triton_forward)
     elif "w13" in variants:
         fuse_w13(model)
+
+
+def check_w13(device, dtype, tokens=16384, experts=16, top_k=4, dim=2048, ffn=1408, seed=0) -> dict:
+    """`fused_w13_swiglu` and the library's `grouped_swiglu` against the fp32 per-expert loop, on the
+    same data: max relative error of the output and of each gradient (x, w1 | w3 as w13, w2). At the
+    defaults, gpu_train's expert shape. The w13 variant's loss curve on a GPU ran higher than the
+    library's (bench/RESULTS.md); this tells a kernel problem from chaotic training."""
+    from moesaic.parallel.experts import grouped_swiglu, looped_swiglu
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randn(tokens, experts, generator=g).topk(top_k, dim=-1).indices.flatten()
+    counts = torch.bincount(ids, minlength=experts)
+    rows = int(counts.sum())
+    make = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale)  # noqa: E731
+    x0, w1, w3, w2, dy = make(rows, dim), make(experts, ffn, dim, scale=0.02), make(experts, ffn, dim, scale=0.02), \
+        make(experts, dim, ffn, scale=0.02), make(rows, dim)
+    leaves = lambda ts, dt: [t.to(device=device, dtype=dt).requires_grad_() for t in ts]  # noqa: E731
+    x, a1, a3, a2 = leaves([x0, w1, w3, w2], torch.float32)
+    ref = looped_swiglu(x, counts, a1, a2, a3)
+    ref_g = torch.autograd.grad(ref, (x, a1, a3, a2), dy.to(device))
+    ref_g = [ref_g[0], torch.cat([ref_g[1], ref_g[2]], 1), ref_g[3]]
+    out = {}
+    x, b1, b3, b2 = leaves([x0, w1, w3, w2], dtype)
+    lib = grouped_swiglu(x, counts.to(device), b1, b2, b3)
+    lib_g = torch.autograd.grad(lib, (x, b1, b3, b2), dy.to(device, dtype))
+    lib_g = [lib_g[0], torch.cat([lib_g[1], lib_g[2]], 1), lib_g[3]]
+    x, w13, c2 = leaves([x0, torch.cat([w1, w3], 1), w2], dtype)
+    fused = fused_w13_swiglu(x, counts.to(device), w13, c2)
+    fused_g = torch.autograd.grad(fused, (x, w13, c2), dy.to(device, dtype))
+    rel = lambda a, b: float((a.detach().float() - b.detach().float()).abs().max() / b.detach().float().abs().max())  # noqa: E731
+    for name, y, gs in (("library", lib, lib_g), ("w13", fused, fused_g)):
+        out[name] = {"out": rel(y, ref), **{k: rel(a, b) for k, a, b in zip(("grad_x", "grad_w13", "grad_w2"), gs, ref_g)}}
+    return out
+
+
+if __name__ == "__main__":  # python bench/gpu_variants.py: check_w13 on this machine's device
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import ensure_importable
+
+    ensure_importable()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kw = {} if dev.type == "cuda" else dict(tokens=512, experts=4, top_k=2, dim=64, ffn=48)
+    for name, errs in check_w13(dev, torch.bfloat16, **kw).items():
+        print(f"{name:8s} bf16 against the fp32 loop, max rel. error: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))

@@ -197,6 +197,21 @@ def test_gpu_grouped_gemm_tiny_in_the_interpreter(tmp_path):
     assert [r["gemm"] for r in res["rows"]] == ["forward (ragged M)", "input grad (ragged M)", "weight grad (ragged K)"]
 
 
+def test_check_w13_against_the_loop():
+    """The GPU diagnostic for the w13 variant: on CPU both paths equal the fp32 loop (fp32), and
+    stay within bf16 rounding of it (bf16)."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    from gpu_variants import check_w13
+
+    small = dict(tokens=256, experts=4, top_k=2, dim=32, ffn=24)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        res = check_w13(torch.device("cpu"), dtype, **small)
+        assert set(res) == {"library", "w13"}
+        assert all(v < tol for errs in res.values() for v in errs.values()), (dtype, res)
+
+
 def test_master_adamw_equals_torch_adamw():
     """gpu_train's fp32-master AdamW, on fp32 weights, is torch's AdamW with clipping (chunked or not)."""
     import torch
