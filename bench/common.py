@@ -81,6 +81,22 @@ def timeit(fn, device, iters: int, warmup: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def profile_to(path: str, fn, device, steps: int = 2) -> str:
+    """Where fn's time goes: the kernels (or CPU ops) with the most self time over `steps` calls,
+    as a table written to `path` (and returned)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            fn()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    text = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+    Path(path).write_text(f"# {steps} calls, sorted by {key}\n{text}\n")
+    return text
+
+
 def dense_rate(device, dtype, n: int, iters: int = 10) -> float:
     """Dense matmul TFLOP/s at n x n x n: the denominator of the MFU and of "% of dense"."""
     import torch

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issues #4 and #8 as one prepared run for a lent H100/H200 (the device tool):
-#   bash bench/gpu_check.sh [all|baseline|variants|overlap|ablate|confirm|w13check]   # JSON and one log under $OUT (or bench/results)
+#   bash bench/gpu_check.sh [all|baseline|variants|overlap|ablate|confirm|w13check|layerprofile]   # JSON and one log under $OUT (or bench/results)
 # baseline (about 4.5 minutes on an H200): the expert layer, and whole training steps eager at batch 8
 # and compiled at batch 8, 16 and 4 x 8 -- the figures in bench/RESULTS.md. variants (about 3
 # minutes): the same steps with the candidate speed-ups of bench/gpu_variants.py, for the A/B
@@ -11,7 +11,8 @@
 # with the overlap at equal stream priority. confirm (about 4 minutes): the compiled baseline and the
 # best candidate alternated, twice, at batch 8 and 16. w13check (about 3 minutes): the stored w13
 # weight's output and gradients against the fp32 loop at gpu_train's shape, and 60-step loss curves
-# with and without it (their per-step losses are in the JSON). Each part has its own time limit. Needs torch only (the
+# with and without it (their per-step losses are in the JSON). layerprofile (about 1.5 minutes):
+# the layer eager and compiled with kernel profiles, for the time outside the grouped GEMMs. Each part has its own time limit. Needs torch only (the
 # device image has no pulp, hydra or wandb; the scripts import moesaic from this checkout). Each
 # script prints and writes every finished run as it goes, so a part cut off keeps those.
 set -u
@@ -52,6 +53,10 @@ if [ "$PART" = w13check ]; then  # why the w13 runs' loss ran higher: kernels, o
   timeout 60 python3 bench/gpu_variants.py 2>&1 | tee -a "$LOG"
   train gpu_train_curve_blocks 90 --compile blocks --batch 8 --steps 60
   train gpu_train_curve_w13 90 --compile blocks --variant w13 --batch 8 --steps 60
+  exit 0
+fi
+if [ "$PART" = layerprofile ]; then  # where the layer's non-GEMM time goes, eager and compiled
+  timeout 150 python3 bench/gpu_moe_layer.py --compiled --profile "$OUT/layer_profile" --json "$OUT/gpu_moe_layer_compiled.json" 2>&1 | tee -a "$LOG"
   exit 0
 fi
 if [ "$PART" = confirm ]; then  # baseline and candidate alternated, twice, on one machine

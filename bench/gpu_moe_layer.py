@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import dense_rate, ensure_importable, machine, table, timeit, write_json  # noqa: E402
+from common import dense_rate, ensure_importable, machine, profile_to, table, timeit, write_json  # noqa: E402
 
 ensure_importable()
 import torch  # noqa: E402
@@ -56,7 +56,7 @@ class _TritonW13(_FusedW13):
         return triton_w13_swiglu(x, counts, self.w13, self.w2)
 
 
-def run_compiled(name, s, tokens, device, dtype, iters) -> dict:
+def run_compiled(name, s, tokens, device, dtype, iters, profile=None) -> dict:
     """The layer (library, and with the stored w13 weight) under torch.compile, beside it eager:
     the permutation, SwiGLU and combine fuse around the grouped GEMMs, which stay torch._grouped_mm."""
     torch.manual_seed(0)
@@ -78,6 +78,8 @@ def run_compiled(name, s, tokens, device, dtype, iters) -> dict:
             y0 = y
         row[f"{label}_max_rel_diff_vs_eager"] = float((y - y0).abs().max() / y0.abs().max())
         row[f"{label}_fwd_bwd_tflops"] = flops / timeit(lambda: fn(x).sum().backward(), device, iters) / 1e12
+        if profile:
+            profile_to(f"{profile}_{name}_{label}.txt", lambda: fn(x).sum().backward(), device, steps=3)
     print(table([row]), flush=True)
     return row
 
@@ -165,6 +167,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a small CPU-sized shape (smoke test)")
     ap.add_argument("--compiled", action="store_true",
                     help="only the layer eager against torch.compile'd (library, and the stored w13 weight)")
+    ap.add_argument("--profile", default=None, help="with --compiled: kernel profiles, written to PROFILE_<shape>_<run>.txt")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     device = torch.device(a.device)
@@ -174,7 +177,7 @@ def main() -> None:
     tokens = 256 if a.tiny else a.tokens
     dense = dense_rate(device, dtype, 256 if a.tiny else 8192)
     if a.compiled:
-        rows = [run_compiled(n, s, tokens, device, dtype, 3 if a.tiny else a.iters)
+        rows = [run_compiled(n, s, tokens, device, dtype, 3 if a.tiny else a.iters, a.profile)
                 for n, s in shapes.items() if n != "gpu_train-model"]
         dense = max(dense, dense_rate(device, dtype, 256 if a.tiny else 8192))
         for r in rows:

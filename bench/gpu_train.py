@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import dense_rate, ensure_importable, machine, sync, table, write_json  # noqa: E402
+from common import dense_rate, ensure_importable, machine, profile_to, sync, table, write_json  # noqa: E402
 from gpu_variants import VARIANTS, use  # noqa: E402
 from gpu_variants import apply as apply_variants  # noqa: E402
 from master_adamw import MasterAdamW, check_triton  # noqa: E402
@@ -57,20 +57,6 @@ class _Mark:
         if self.event is not None:
             return earlier.event.elapsed_time(self.event) / 1e3
         return self.t - earlier.t
-
-
-def _profile(step, device, path: str, steps: int = 2) -> None:
-    """Where a step's time goes: the kernels (or CPU ops) with the most self time over `steps` steps."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        for _ in range(steps):
-            step()
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    text = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
-    Path(path).write_text(f"# {steps} steps, sorted by {key}\n{text}\n")
-    print(text)
 
 
 def _groups(model) -> list[list]:
@@ -194,7 +180,7 @@ def run(cfg: ModelConfig, batch: int, a, device, data: torch.Tensor, rate: float
     fwd_ms, bwd_ms, opt_ms = (1e3 * sorted(p[j] for p in phases)[len(phases) // 2] for j in range(3))
     losses = [float(loss) for loss, _ in runs]
     if a.profile and batch == a.batch[0]:
-        _profile(lambda: step(batches[-1]), device, a.profile)
+        print(profile_to(a.profile, lambda: step(batches[-1]), device))
         opt.finish()
     tokens = batch * seq * a.accum
     flops_tok = 6.0 * counts["active"] + 12.0 * cfg.num_layers * cfg.dim * seq / 2
