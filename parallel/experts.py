@@ -135,16 +135,27 @@ def grouped_swiglu(
     `counts_E` (int, sums to T) gives how many consecutive rows of x belong to each expert; an expert
     with zero rows is fine. Runs in fp32/bf16/fp16 on CPU and bf16 on Hopper.
     """
-    offs = _offsets(counts_E)
     if torch.is_autocast_enabled(x_TD.device.type):  # autocast does not cover _grouped_mm: cast here
         dt = torch.get_autocast_dtype(x_TD.device.type)
         x_TD, w1_EFD, w2_EDF, w3_EFD = (t.to(dt) for t in (x_TD, w1_EFD, w2_EDF, w3_EFD))
+    if torch.compiler.is_compiling() and x_TD.dtype != torch.bfloat16:
+        # torch.compile's shape check of _grouped_mm takes bf16 only (the CPU kernel takes any float):
+        # other dtypes leave the compiled region for this call
+        return _grouped_swiglu_eager(x_TD, counts_E, w1_EFD, w2_EDF, w3_EFD)
+    return _grouped_swiglu(x_TD, counts_E, w1_EFD, w2_EDF, w3_EFD)
+
+
+def _grouped_swiglu(x_TD, counts_E, w1_EFD, w2_EDF, w3_EFD):
+    offs = _offsets(counts_E)
     x_TD = _ContiguousGrad.apply(x_TD)
     h1_TF = torch._grouped_mm(x_TD, w1_EFD.transpose(-2, -1), offs=offs)
     h3_TF = torch._grouped_mm(x_TD, w3_EFD.transpose(-2, -1), offs=offs)
     h_TF = F.silu(h1_TF) * h3_TF
     out_TD = torch._grouped_mm(h_TF, w2_EDF.transpose(-2, -1), offs=offs)
     return _ContiguousGrad.apply(out_TD)
+
+
+_grouped_swiglu_eager = torch.compiler.disable(_grouped_swiglu)
 
 
 def looped_swiglu(

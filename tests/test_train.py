@@ -81,6 +81,43 @@ def test_bf16_mixed_precision_trains_like_fp32(tmp_path):
     assert {v.dtype for v in params.values()} == {torch.float32}
 
 
+@pytest.mark.slow
+@pytest.mark.dist
+def test_compiled_expert_parallel_and_fssdp_equal_eager(tmp_path):
+    """compile=true under expert parallelism and FSSDP at 2 ranks: the collectives run between
+    compiled regions, and training matches the eager EP run."""
+    runs = {}
+    for name, args in (("ep-eager", ["parallel=ep"]), ("ep-compiled", ["parallel=ep", "compile=true"]),
+                       ("fssdp-compiled", ["parallel=fssdp", "compile=true"])):
+        torchrun(2, ["experiment=smoke", "steps=20", *args, f"logging.run_name={name}", f"logging.out_dir={tmp_path}"],
+                 timeout=400)
+        runs[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    assert runs["ep-eager"]["compile"] is None
+    for name in ("ep-compiled", "fssdp-compiled"):
+        assert runs[name]["compile"]["graphs"] >= 1 and runs[name]["ep_size"] == 2
+        assert abs(runs[name]["final_train_loss"] - runs["ep-eager"]["final_train_loss"]) < 1e-5, runs[name]["final_train_loss"]
+        assert abs(runs[name]["val_bpb"] - runs["ep-eager"]["val_bpb"]) < 1e-5
+
+
+def test_compiled_training_equals_eager(tmp_path):
+    """compile=true compiles each block and trains as eager does: fp32 to float rounding (the
+    grouped GEMM stays eager there), bf16 within bf16's reach (compiled grouped GEMMs)."""
+    runs = {}
+    for mp in ("none", "bf16"):
+        for comp in ("false", "true"):
+            name = f"{mp}-{comp}"
+            proc = _run_single(["experiment=smoke", "steps=20", f"compile={comp}", f"parallel.mixed_precision={mp}",
+                                f"logging.run_name={name}", f"logging.out_dir={tmp_path}"], tmp_path)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            runs[name] = (json.loads((tmp_path / name / "summary.json").read_text()),
+                          [r["loss"] for r in read_metrics(tmp_path / name) if r["kind"] == "train"])
+    for mp, tol in (("none", 1e-5), ("bf16", 0.01)):
+        (eager, l_eager), (comp, l_comp) = runs[f"{mp}-false"], runs[f"{mp}-true"]
+        assert eager["compile"] is None and comp["compile"]["graphs"] >= 1, comp["compile"]
+        assert len(l_comp) == 4 and max(abs(a - b) for a, b in zip(l_eager, l_comp)) < tol, (mp, l_eager, l_comp)
+        assert abs(eager["val_bpb"] - comp["val_bpb"]) < tol
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -90,6 +127,7 @@ def test_bf16_mixed_precision_trains_like_fp32(tmp_path):
         (["parallel.mixed_precision=fp16"], "parallel.mixed_precision ('fp16') must be one of 'none', 'bf16'"),
         (["parallel.engine=deepspeed", "parallel.mixed_precision=bf16"],
          "parallel.mixed_precision ('bf16') with parallel.engine (deepspeed)"),
+        (["compile=true", "parallel.engine=deepspeed"], "compile (True) with parallel.engine ('deepspeed')"),
     ],
 )
 def test_bad_input_exits_with_one_named_line(args, message, tmp_path):

@@ -130,6 +130,9 @@ class TrainConfig:
     """End this run after this step (writing a checkpoint), as a time-limited job would; 0: run to `steps`."""
     on_nan: str = "stop"
     """A non-finite loss: `stop` (the last checkpoint is kept) or `skip` (drop the step, count it)."""
+    compile: bool = False
+    """torch.compile each transformer block (as torchtitan): element-wise work fuses around the
+    matmuls. The first steps compile (tens of seconds); collectives and data-dependent sizes stay eager."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -177,6 +180,11 @@ class TrainConfig:
         if self.parallel.reshard_every_n_steps and self.parallel.expert_sharding != "fssdp":
             raise ValueError(
                 f"parallel.reshard_every_n_steps ({self.parallel.reshard_every_n_steps}) needs parallel.expert_sharding=fssdp"
+            )
+        if self.compile and (self.parallel.engine == "deepspeed" or self.model.moe_impl == "deepspeed"):
+            raise ValueError(
+                f"compile ({self.compile}) with parallel.engine ({self.parallel.engine!r}) / model.moe_impl "
+                f"({self.model.moe_impl!r}): DeepSpeed's engine and MoE layer are not compiled; use compile=false"
             )
         if self.on_nan not in ("stop", "skip"):
             raise ValueError(f"on_nan ({self.on_nan!r}) must be 'stop' or 'skip'")

@@ -241,6 +241,20 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
     return Parallel(model, ddp, info, mesh, plan, pc.expert_sharding, expert_names=ignored, align_owners=align)
 
 
+def apply_compile(model: torch.nn.Module) -> None:
+    """Compile each transformer block in place (one graph, reused by every block of the same shape).
+    Expert parallelism's and FSSDP's collectives break the graph and run eagerly between regions."""
+    for block in model.layers:
+        block.compile()
+
+
+def compile_stats() -> dict:
+    """What torch.compile did in this process: graphs compiled and graph breaks (the run's summary)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": int(counters["stats"]["unique_graphs"]), "graph_breaks": int(sum(counters["graph_break"].values()))}
+
+
 class _Null:
     def __enter__(self):
         return self

@@ -25,7 +25,7 @@ from moesaic.trainer.data import check_vocab, load_corpus
 from moesaic.trainer.dist import DistInfo, all_gather_object, all_reduce_, init_distributed, shutdown
 from moesaic.trainer.metrics import RunLogger, make_run_dir, peak_rss_mib
 from moesaic.trainer.model import Transformer
-from moesaic.trainer.parallelize import parallelize, resolve_plan, world_size_from_env
+from moesaic.trainer.parallelize import apply_compile, compile_stats, parallelize, resolve_plan, world_size_from_env
 from moesaic.trainer.replan import DynamicReplicas, Replanner, Resharder
 from moesaic.trainer.step import evaluate, flops_per_token, load_stats, train_step
 
@@ -84,6 +84,8 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume) -> dict:
     model = Transformer(cfg.model).to(info.device)
     counts = model.num_params()
     par = parallelize(model, cfg, info, plan)
+    if cfg.compile:
+        apply_compile(model)
     mc = cfg.model.moe
     recorder = RoutingRecorder(cfg.model.num_moe_layers, mc.num_experts, mc.top_k)
     optimizer, scheduler = par.build_optimizer(cfg)
@@ -180,7 +182,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume) -> dict:
         "plan": par.plan.to_dict() if par.plan is not None else None,
         "placement_history": replanner.history, "reshard_history": resharder.history, "peak_rss_mib_per_rank": rss,
         "dynamic_replicas_added_mean": float(np.mean(dynamic.replicas_added)) if dynamic.replicas_added else 0.0,
-        "run_dir": str(run_dir), "config": asdict(cfg),
+        "run_dir": str(run_dir), "config": asdict(cfg), "compile": compile_stats() if cfg.compile else None,
     }
     if cfg.logging.dump_rank_params:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, run_dir / f"params-rank{info.rank}.pt")
@@ -190,6 +192,8 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume) -> dict:
             f"val {summary['val_bpb']:.4f} {unit} vs unigram {unigram:.4f} "
             f"({100 * (1 - summary['val_vs_unigram']):.1f}% below); summary {run_dir / 'summary.json'}"
         )
+        if cfg.compile:
+            logger.message(f"torch.compile: {summary['compile']['graphs']} graphs, {summary['compile']['graph_breaks']} graph breaks")
     else:
         logger.message(f"stopped at step {end} of {cfg.steps} (stop_at_step); resume with checkpoint.resume=auto")
     logger.close(summary)
