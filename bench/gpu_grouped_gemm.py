@@ -24,14 +24,9 @@ from common import dense_rate, ensure_importable, machine, table, timeit, write_
 ensure_importable()
 import torch  # noqa: E402
 
+from gpu_moe_layer import SHAPES  # noqa: E402  (the same shapes as the layer benchmark)
 from triton_grouped import check_against_loop, ragged_k_mm, ragged_m_mm  # noqa: E402
 
-SHAPES = {
-    "mixtral": dict(dim=4096, ffn=14336, experts=8, top_k=2),
-    "deepseekmoe-16b": dict(dim=2048, ffn=1408, experts=64, top_k=6),
-    "olmoe": dict(dim=2048, ffn=1024, experts=64, top_k=8),
-    "gpu_train-model": dict(dim=2048, ffn=1408, experts=16, top_k=4),
-}
 TINY = {"tiny": dict(dim=64, ffn=48, experts=4, top_k=2)}
 
 

@@ -56,17 +56,22 @@ class _TritonW13(_FusedW13):
         return triton_w13_swiglu(x, counts, self.w13, self.w2)
 
 
-def run_compiled(name, s, tokens, device, dtype, iters, profile=None) -> dict:
-    """The layer (library, and with the stored w13 weight) under torch.compile, beside it eager:
-    the permutation, SwiGLU and combine fuse around the grouped GEMMs, which stay torch._grouped_mm."""
+def _layer(s, tokens, device, dtype):
+    """The shape's experts, a local dispatcher, random tokens and their (fixed) route, seed 0."""
     torch.manual_seed(0)
     router = TopKRouter(s["dim"], s["experts"], s["top_k"], RouterConfig()).to(device)
     experts = GroupedExperts(s["experts"], s["dim"], s["ffn"]).to(device=device, dtype=dtype)
-    dispatch = LocalDispatcher()
     x = torch.randn(tokens, s["dim"], device=device, dtype=dtype, requires_grad=True)
     with torch.no_grad():
         route = router(x.float())
     route.weights_TK = route.weights_TK.to(dtype)
+    return experts, LocalDispatcher(), x, route
+
+
+def run_compiled(name, s, tokens, device, dtype, iters, profile=None) -> dict:
+    """The layer (library, and with the stored w13 weight) under torch.compile, beside it eager:
+    the permutation, SwiGLU and combine fuse around the grouped GEMMs, which stay torch._grouped_mm."""
+    experts, dispatch, x, route = _layer(s, tokens, device, dtype)
     flops = 3 * 2 * tokens * s["top_k"] * s["dim"] * s["ffn"] * 3
     row = {"shape": name, **s, "tokens": tokens}
     for label, ex in (("eager", experts), ("compiled", experts), ("compiled_w13", _FusedW13(experts))):
@@ -85,14 +90,7 @@ def run_compiled(name, s, tokens, device, dtype, iters, profile=None) -> dict:
 
 
 def run_shape(name, s, tokens, device, dtype, iters):
-    torch.manual_seed(0)
-    router = TopKRouter(s["dim"], s["experts"], s["top_k"], RouterConfig()).to(device)
-    experts = GroupedExperts(s["experts"], s["dim"], s["ffn"]).to(device=device, dtype=dtype)
-    dispatch = LocalDispatcher()
-    x = torch.randn(tokens, s["dim"], device=device, dtype=dtype, requires_grad=True)
-    with torch.no_grad():
-        route = router(x.float())
-    route.weights_TK = route.weights_TK.to(dtype)
+    experts, dispatch, x, route = _layer(s, tokens, device, dtype)
     fwd_flops = 2 * tokens * s["top_k"] * s["dim"] * s["ffn"] * 3
 
     def fwd():

@@ -27,12 +27,10 @@ VARIANTS = ("w13", "complex-rotary", "triton-experts")
 
 def fused_w13_swiglu(x_TD, counts_E, w13_EGD, w2_EDF):
     """`moesaic.parallel.experts.grouped_swiglu` with w1 and w3 stacked as w13 = [w1; w3] (E, 2F, D)."""
-    from moesaic.parallel.experts import _ContiguousGrad, _offsets
+    from moesaic.parallel.experts import _ContiguousGrad, _offsets, autocast_cast
 
     offs = _offsets(counts_E)
-    if torch.is_autocast_enabled(x_TD.device.type):  # as grouped_swiglu: autocast skips _grouped_mm
-        dt = torch.get_autocast_dtype(x_TD.device.type)
-        x_TD, w13_EGD, w2_EDF = (t.to(dt) for t in (x_TD, w13_EGD, w2_EDF))
+    x_TD, w13_EGD, w2_EDF = autocast_cast(x_TD, w13_EGD, w2_EDF)
     x_TD = _ContiguousGrad.apply(x_TD)
     h1_TF, h3_TF = torch._grouped_mm(x_TD, w13_EGD.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
     out_TD = torch._grouped_mm(F.silu(h1_TF) * h3_TF, w2_EDF.transpose(-2, -1), offs=offs)

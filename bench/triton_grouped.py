@@ -249,10 +249,10 @@ def triton_w13_swiglu(x_TD, counts_E, w13_EGD, w2_EDF):
     """`bench/gpu_variants.fused_w13_swiglu` with the Triton grouped GEMM."""
     import torch.nn.functional as F
 
-    offs = torch.cumsum(counts_E, dim=0).to(torch.int32)
-    if torch.is_autocast_enabled(x_TD.device.type):
-        dt = torch.get_autocast_dtype(x_TD.device.type)
-        x_TD, w13_EGD, w2_EDF = (t.to(dt) for t in (x_TD, w13_EGD, w2_EDF))
+    from moesaic.parallel.experts import _offsets, autocast_cast
+
+    offs = _offsets(counts_E)
+    x_TD, w13_EGD, w2_EDF = autocast_cast(x_TD, w13_EGD, w2_EDF)
     h1_TF, h3_TF = ragged_m_mm(x_TD.contiguous(), w13_EGD, offs, True).chunk(2, dim=-1)
     return ragged_m_mm(F.silu(h1_TF) * h3_TF, w2_EDF, offs, True)
 

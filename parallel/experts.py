@@ -123,6 +123,14 @@ def _offsets(counts_E: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts_E, dim=0).to(torch.int32)
 
 
+def autocast_cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in autocast's dtype where autocast is on (it does not cover _grouped_mm), else as they are."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    return tuple(t.to(torch.get_autocast_dtype(device)) for t in tensors)
+
+
 def grouped_swiglu(
     x_TD: torch.Tensor,
     counts_E: torch.Tensor,
@@ -135,9 +143,7 @@ def grouped_swiglu(
     `counts_E` (int, sums to T) gives how many consecutive rows of x belong to each expert; an expert
     with zero rows is fine. Runs in fp32/bf16/fp16 on CPU and bf16 on Hopper.
     """
-    if torch.is_autocast_enabled(x_TD.device.type):  # autocast does not cover _grouped_mm: cast here
-        dt = torch.get_autocast_dtype(x_TD.device.type)
-        x_TD, w1_EFD, w2_EDF, w3_EFD = (t.to(dt) for t in (x_TD, w1_EFD, w2_EDF, w3_EFD))
+    x_TD, w1_EFD, w2_EDF, w3_EFD = autocast_cast(x_TD, w1_EFD, w2_EDF, w3_EFD)
     if torch.compiler.is_compiling() and x_TD.dtype != torch.bfloat16:
         # torch.compile's shape check of _grouped_mm takes bf16 only (the CPU kernel takes any float):
         # other dtypes leave the compiled region for this call
