@@ -39,6 +39,7 @@ def worker(a) -> None:
     from moesaic.parallel import fssdp as fs
     from moesaic.parallel.config import ParallelConfig
     from moesaic.parallel.doctor import make_plan
+    from moesaic.parallel.process import finish_rank
     from moesaic.placement.config import PlacementConfig
     from moesaic.trainer.config import TrainConfig
     from moesaic.trainer.data import DataConfig, load_corpus, sample_batch
@@ -92,8 +93,7 @@ def worker(a) -> None:
     dist.all_gather_object(rows, row)
     if rank == 0:
         Path(a.out).write_text(json.dumps(rows))
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_rank(0)
 
 
 def main() -> None:
@@ -108,10 +108,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if a.worker:
-        from moesaic.parallel.process import exit_rank
-
-        worker(a)
-        exit_rank(0)  # as moesaic-train: no interpreter teardown
+        worker(a)  # ends in finish_rank
     print("machine:", machine())
     rows = []
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -58,6 +58,7 @@ def worker(a) -> None:
     from moesaic.parallel.expert_parallel import apply_expert_parallel
     from moesaic.parallel.experts import GroupedExperts
     from moesaic.parallel.fssdp import apply_fssdp, fssdp_reduce_scatter
+    from moesaic.parallel.process import finish_rank
     from moesaic.parallel.moe import MoE, MoEConfig
 
     dist.init_process_group("gloo")
@@ -123,8 +124,7 @@ def worker(a) -> None:
                                 "trace": every if rank == 0 else None})
     if rank == 0:
         Path(a.worker).write_text(json.dumps(report))
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_rank(0)
 
 
 def simulate_report(r: dict) -> list[dict]:
@@ -173,10 +173,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     if a.worker:
-        from moesaic.parallel.process import exit_rank
-
-        worker(a)
-        exit_rank(0)  # as moesaic-train: no interpreter teardown
+        worker(a)  # ends in finish_rank
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
         args = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("worker", "json", "nproc")]

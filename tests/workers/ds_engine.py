@@ -9,7 +9,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from moesaic.parallel.process import exit_rank
+from moesaic.parallel.process import finish_rank
 from moesaic.parallel.config import ParallelConfig
 from moesaic.trainer.config import OptimConfig, TrainConfig
 from moesaic.trainer.data import DataConfig
@@ -54,10 +54,8 @@ def main():
                           "expert_grads_present": all(gr.abs().sum() > 0 for gr in expert_grads),
                           "dense_equal_across_ranks": all(torch.equal(gathered[0], t) for t in gathered[1:]),
                           "engine_module_params": len(list(engine.module.parameters()))}))
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_rank(0)
 
 
 if __name__ == "__main__":
-    main()
-    exit_rank(0)  # as moesaic-train: no interpreter teardown
+    main()  # ends in finish_rank

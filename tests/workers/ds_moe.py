@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moesaic.parallel.process import exit_rank
+from moesaic.parallel.process import finish_rank
 from moesaic.parallel.deepspeed_moe import apply_deepspeed_moe
 from moesaic.trainer.model import ModelConfig, Transformer
 
@@ -95,9 +95,8 @@ def main():
                           "expert_grad_diff": result[2].item(), "ids_equal": result[3].item() == 0,
                           "counts_equal": result[4].item() == 0, "expert_grad_norm": expert_grad_norm,
                           "a2a_bytes": block.dispatcher.counters["a2a_bytes"]}))
-    dist.destroy_process_group()
+    finish_rank(0)
 
 
 if __name__ == "__main__":
-    main()
-    exit_rank(0)  # as moesaic-train: no interpreter teardown
+    main()  # ends in finish_rank

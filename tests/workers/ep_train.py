@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moesaic.parallel.process import exit_rank
+from moesaic.parallel.process import finish_rank
 from moesaic.parallel.doctor import make_plan
 from moesaic.parallel.moe import MoEConfig
 from moesaic.parallel.recorder import RoutingRecorder
@@ -212,10 +212,8 @@ def main():
         report["num_domains"] = W // a.ep
         with open(a.out, "w") as f:
             json.dump(report, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_rank(0)
 
 
 if __name__ == "__main__":
-    main()
-    exit_rank(0)  # as moesaic-train: no interpreter teardown
+    main()  # ends in finish_rank

@@ -7,7 +7,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from moesaic.parallel.process import exit_rank
+from moesaic.parallel.process import finish_rank
 from moesaic.parallel.doctor import make_plan
 from moesaic.parallel.fssdp import fssdp_reduce_scatter
 from moesaic.parallel.moe import MoEConfig
@@ -55,10 +55,8 @@ def main():
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(report, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_rank(0)
 
 
 if __name__ == "__main__":
-    main()
-    exit_rank(0)  # as moesaic-train: no interpreter teardown
+    main()  # ends in finish_rank
