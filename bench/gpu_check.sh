@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issues #4 and #8 as one prepared run for a lent H100/H200 (the device tool):
-#   bash bench/gpu_check.sh [all|baseline|variants|overlap|ablate|confirm|w13check|layerprofile]   # JSON and one log under $OUT (or bench/results)
+#   bash bench/gpu_check.sh [all|baseline|variants|overlap|ablate|confirm|w13check|layerprofile|fused|next]   # JSON and one log under $OUT (or bench/results)
 # baseline (about 4.5 minutes on an H200): the expert layer, and whole training steps eager at batch 8
 # and compiled at batch 8, 16 and 4 x 8 -- the figures in bench/RESULTS.md. variants (about 3
 # minutes): the same steps with the candidate speed-ups of bench/gpu_variants.py, for the A/B
@@ -12,7 +12,10 @@
 # best candidate alternated, twice, at batch 8 and 16. w13check (about 3 minutes): the stored w13
 # weight's output and gradients against the fp32 loop at gpu_train's shape, and 60-step loss curves
 # with and without it (their per-step losses are in the JSON). layerprofile (about 1.5 minutes):
-# the layer eager and compiled with kernel profiles, for the time outside the grouped GEMMs. Each part has its own time limit. Needs torch only (the
+# the layer eager and compiled with kernel profiles, for the time outside the grouped GEMMs. fused
+# (about 5 minutes): bench/fused_moe.py's kernels checked against the loop in bf16, the layer with
+# them beside the library (eager and compiled), and whole steps with them beside the best candidate so
+# far. next (about 8 minutes, for one call): w13check's curves, then fused. Each part has its own time limit. Needs torch only (the
 # device image has no pulp, hydra or wandb; the scripts import moesaic from this checkout). Each
 # script prints and writes every finished run as it goes, so a part cut off keeps those.
 set -u
@@ -46,6 +49,29 @@ if [ "$PART" = ablate ]; then  # a second sample of both, then which part of the
   train gpu_train_blocks_overlap 90 --compile blocks --overlap-optimizer --batch 8
   train gpu_train_blocks 90 --compile blocks --batch 8
   train gpu_train_overlap_equal_w13 90 --compile blocks --overlap-optimizer equal --variant w13 --batch 8
+  echo "## $(date +%T) done" | tee -a "$LOG"
+  exit 0
+fi
+fused_part() {  # the fused kernels: correct in bf16, the layer, whole steps
+  echo "## $(date +%T) fused kernels against the loop (bf16)" | tee -a "$LOG"
+  timeout 60 python3 -c "
+import sys, torch; sys.path.insert(0, 'bench')
+from fused_moe import check_against_loop
+for kw in (dict(), dict(tokens=8192, top_k=6, num_experts=64, dim=2048, ffn=1408), dict(tokens=4096, top_k=2, num_experts=8, dim=1024, ffn=512, drop=0.2)):
+    print(kw, check_against_loop(torch.device('cuda'), torch.bfloat16, **kw))" 2>&1 | tee -a "$LOG"
+  echo "## $(date +%T) expert layer: library, w13 and fused, eager and compiled" | tee -a "$LOG"
+  timeout 150 python3 bench/gpu_moe_layer.py --compiled --iters 10 --json "$OUT/gpu_moe_layer_fused.json" 2>&1 | tee -a "$LOG"
+  train gpu_train_best_w13 100 --compile blocks --overlap-optimizer equal --variant w13 --batch 8
+  train gpu_train_best_fused 100 --compile blocks --overlap-optimizer equal --variant fused --batch 8 16
+  train gpu_train_blocks_fused 90 --compile blocks --variant fused --batch 8
+}
+if [ "$PART" = fused ] || [ "$PART" = next ]; then
+  if [ "$PART" = next ]; then
+    timeout 60 python3 bench/gpu_variants.py 2>&1 | tee -a "$LOG"
+    train gpu_train_curve_blocks 90 --compile blocks --batch 8 --steps 60
+    train gpu_train_curve_w13 90 --compile blocks --variant w13 --batch 8 --steps 60
+  fi
+  fused_part
   echo "## $(date +%T) done" | tee -a "$LOG"
   exit 0
 fi

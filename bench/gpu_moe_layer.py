@@ -22,6 +22,7 @@ from common import dense_rate, ensure_importable, machine, profile_to, table, ti
 ensure_importable()
 import torch  # noqa: E402
 
+from fused_moe import FusedExperts, fused_layer, traffic  # noqa: E402
 from gpu_variants import fused_w13_swiglu  # noqa: E402
 from triton_grouped import triton, triton_w13_swiglu  # noqa: E402
 from moesaic.parallel.experts import GroupedExperts, grouped_swiglu, looped_swiglu  # noqa: E402
@@ -74,9 +75,11 @@ def run_compiled(name, s, tokens, device, dtype, iters, profile=None) -> dict:
     experts, dispatch, x, route = _layer(s, tokens, device, dtype)
     flops = 3 * 2 * tokens * s["top_k"] * s["dim"] * s["ffn"] * 3
     row = {"shape": name, **s, "tokens": tokens}
-    for label, ex in (("eager", experts), ("compiled", experts), ("compiled_w13", _FusedW13(experts))):
-        def layer(inp, ex=ex):
-            return dispatch(inp, route, ex)
+    fused = FusedExperts(experts)
+    for label, ex in (("eager", experts), ("compiled", experts), ("compiled_w13", _FusedW13(experts)),
+                      ("fused", fused), ("compiled_fused", fused)):
+        def layer(inp, ex=ex, label=label):
+            return fused_layer(inp, route, ex) if label.endswith("fused") else dispatch(inp, route, ex)
         fn = torch.compile(layer) if label.startswith("compiled") else layer
         y = fn(x).detach().float()
         if label == "eager":
@@ -119,6 +122,10 @@ def run_shape(name, s, tokens, device, dtype, iters):
     t_idx = timeit(lambda: indexed(grouped_swiglu).sum().backward(), device, iters)
     w13 = _FusedW13(experts)
     t_w13 = timeit(lambda: dispatch(x, route, w13).sum().backward(), device, iters)
+    fused = FusedExperts(experts)  # bench/fused_moe.py: the memory-bound steps one kernel each
+    with torch.no_grad():
+        fused_err = float((fused_layer(x, route, fused).float() - y_ref).abs().max() / y_ref.abs().max())
+    t_fused = timeit(lambda: fused_layer(x, route, fused).sum().backward(), device, iters)
     tri = {}
     if triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
         tw = _TritonW13(experts)
@@ -132,6 +139,7 @@ def run_shape(name, s, tokens, device, dtype, iters):
             "fwd_bwd_tflops": 3 * fwd_flops / t_fb / 1e12,
             "fwd_bwd_no_input_grad_tflops": 3 * fwd_flops / t_fb_nx / 1e12,
             "w13_fwd_bwd_tflops": 3 * fwd_flops / t_w13 / 1e12,
+            "fused_fwd_bwd_tflops": 3 * fwd_flops / t_fused / 1e12, "fused_max_rel_err_vs_loop": fused_err,
             "index_add_fwd_bwd_tflops": 3 * fwd_flops / t_idx / 1e12,
             "loop_fwd_bwd_tflops": 3 * fwd_flops / t_loop / 1e12,
             "fwd_ms": t_f * 1e3, "fwd_bwd_ms": t_fb * 1e3, "max_rel_err_vs_loop": rel_err, **tri}
@@ -157,6 +165,31 @@ def row_moves(device, dtype, rows: int, dim: int, iters: int) -> list[dict]:
     return [{"op": k, "rows": rows, "dim": dim, "GB_per_s": nbytes / timeit(f, device, iters) / 1e9} for k, f in cases.items()]
 
 
+def traffic_rows(shapes: dict, tokens: int) -> list[dict]:
+    """Bytes moved outside the grouped GEMMs by one forward+backward, library against fused, counted
+    op by op on meta tensors (no GPU needed), and the time they take at the measured row-move rate."""
+    from moesaic.parallel.router import RouterOutput
+
+    rows, meta = [], torch.device("meta")
+    for name, s in shapes.items():
+        experts = GroupedExperts(s["experts"], s["dim"], s["ffn"]).to(device=meta, dtype=torch.bfloat16)
+        x = torch.empty(tokens, s["dim"], device=meta, dtype=torch.bfloat16, requires_grad=True)
+        ids = torch.empty(tokens, s["top_k"], dtype=torch.long, device=meta)
+        route = RouterOutput(expert_ids_TK=ids, weights_TK=torch.empty(ids.shape, device=meta, dtype=torch.bfloat16),
+                             tokens_per_expert_E=torch.empty(s["experts"], dtype=torch.long, device=meta),
+                             aux_loss=None, z_loss=None)
+        fused = FusedExperts(experts)
+        for label, fn, ex, leaves in (("library", LocalDispatcher(), experts, [x, *experts.parameters()]),
+                                      ("fused", fused_layer, fused, [x, fused.w13, fused.w2])):
+            ops = traffic(fn, leaves, x, route, ex)
+            total = sum(v["read"] + v["written"] for v in ops.values())
+            top = sorted(ops.items(), key=lambda kv: -(kv[1]["read"] + kv[1]["written"]))[:4]
+            rows.append({"shape": name, "layer": label, "GB": total / 1e9, "kernels": sum(v["calls"] for v in ops.values()),
+                         "ms_at_3.1_TB_s": total / 3.1e12 * 1e3,
+                         "largest": ", ".join(f"{k} {(v['read'] + v['written']) / 1e9:.2f}" for k, v in top)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -166,8 +199,15 @@ def main() -> None:
     ap.add_argument("--compiled", action="store_true",
                     help="only the layer eager against torch.compile'd (library, and the stored w13 weight)")
     ap.add_argument("--profile", default=None, help="with --compiled: kernel profiles, written to PROFILE_<shape>_<run>.txt")
+    ap.add_argument("--traffic", action="store_true",
+                    help="only the bytes moved outside the GEMMs, library against fused, counted on meta tensors")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    if a.traffic:
+        rows = traffic_rows({k: v for k, v in SHAPES.items()} if not a.tiny else TINY, 256 if a.tiny else a.tokens)
+        print(table(rows))
+        write_json(a.json, {"machine": machine(), "rows": rows})
+        return
     device = torch.device(a.device)
     # torch._grouped_mm's compile-time (meta) check takes bf16 only, on a CPU too
     dtype = torch.bfloat16 if device.type == "cuda" or a.compiled else torch.float32
@@ -192,12 +232,13 @@ def main() -> None:
     for r in rows:
         r["dense_tflops"] = dense
         r["fwd_bwd_pct_of_dense"] = 100 * r["fwd_bwd_tflops"] / dense
+        r["fused_fwd_bwd_pct_of_dense"] = 100 * r["fused_fwd_bwd_tflops"] / dense
     info = machine()
     print(f"machine: {info}\ndevice {device}, dtype {dtype}, dense matmul {dense:.1f} TFLOP/s")
     print(table(rows, ["shape", "tokens", "fwd_tflops", "fwd_bwd_tflops", "fwd_bwd_pct_of_dense",
-                       "fwd_bwd_no_input_grad_tflops", "w13_fwd_bwd_tflops", "triton_fwd_tflops", "triton_fwd_bwd_tflops",
+                       "fwd_bwd_no_input_grad_tflops", "w13_fwd_bwd_tflops", "fused_fwd_bwd_tflops", "triton_fwd_tflops", "triton_fwd_bwd_tflops",
                        "index_add_fwd_bwd_tflops", "loop_fwd_bwd_tflops", "fwd_bwd_ms", "max_rel_err_vs_loop",
-                       "triton_max_rel_err_vs_loop"]))
+                       "fused_fwd_bwd_pct_of_dense", "fused_max_rel_err_vs_loop", "triton_max_rel_err_vs_loop"]))
     for r in rows:
         if "triton_fwd_bwd_tflops" in r:
             r["triton_fwd_bwd_pct_of_dense"] = 100 * r["triton_fwd_bwd_tflops"] / dense

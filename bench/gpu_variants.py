@@ -8,6 +8,8 @@ the same function as the code it replaces (tests/test_bench.py checks that on CP
   The backward then runs one GEMM for the input gradient (K = 2F) and one for both weights.
 - `triton-experts`: `w13`, with the grouped GEMMs of bench/triton_grouped.py instead of
   `torch._grouped_mm` (checked against the per-expert loop on CPU by Triton's interpreter).
+- `fused`: `w13`, with the layer's memory-bound steps (SwiGLU, the combine, the gather's backward)
+  one Triton kernel each way (bench/fused_moe.py; the GEMMs stay `torch._grouped_mm`).
 - `complex-rotary`: the rotary embedding as one complex multiply in fp32, against the
   library's eight bf16 element-wise passes per tensor.
 
@@ -22,7 +24,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ("w13", "complex-rotary", "triton-experts")
+VARIANTS = ("w13", "complex-rotary", "triton-experts", "fused")
 
 
 def fused_w13_swiglu(x_TD, counts_E, w13_EGD, w2_EDF):
@@ -45,6 +47,12 @@ def _triton_forward(self, x_TD, counts_E):
     from triton_grouped import triton_w13_swiglu
 
     return triton_w13_swiglu(x_TD, counts_E, self.w13_EGD, self.w2_EDF)
+
+
+def _fused_forward(self, x_TD, counts_E):
+    from fused_moe import fused_swiglu13
+
+    return fused_swiglu13(x_TD, counts_E, self.w13_EGD, self.w2_EDF)
 
 
 def fuse_w13(model: torch.nn.Module, forward=_w13_forward) -> int:
@@ -74,17 +82,24 @@ def complex_rotary(x_BHSDh, cos_SD, sin_SD):
 def use(variants) -> None:
     """Swap the function-level variants into moesaic's modules (for this process); the `w13`
     variant changes parameters, so it is applied to each model by `apply(model, variants)`."""
+    import moesaic.parallel.moe as moe
     import moesaic.trainer.model as model
 
     for v in variants:
         if v == "complex-rotary":
             model.apply_rotary = complex_rotary
+        elif v == "fused":
+            import fused_moe
+
+            moe.gather_slots, moe.combine_slots = fused_moe.gather_slots, fused_moe.combine_slots
         elif v not in ("w13", "triton-experts"):
             raise ValueError(f"--variant ({v!r}) must be one of {', '.join(VARIANTS)}")
 
 
 def apply(model: torch.nn.Module, variants) -> None:
-    if "triton-experts" in variants:
+    if "fused" in variants:
+        fuse_w13(model, _fused_forward)
+    elif "triton-experts" in variants:
         fuse_w13(model, _triton_forward)
     elif "w13" in variants:
         fuse_w13(model)

@@ -126,8 +126,8 @@ def _offsets(counts_E: torch.Tensor) -> torch.Tensor:
 def autocast_cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The tensors in autocast's dtype where autocast is on (it does not cover _grouped_mm), else as they are."""
     device = tensors[0].device.type
-    if not torch.is_autocast_enabled(device):
-        return tensors
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        return tensors  # (a meta tensor has no autocast: bench/fused_moe.traffic runs layers on meta)
     return tuple(t.to(torch.get_autocast_dtype(device)) for t in tensors)
 
 

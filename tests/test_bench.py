@@ -149,6 +149,87 @@ def test_fused_w13_model_equals_the_library_model():
     assert len(groups) == 4 and sorted(id(p) for g in groups for p in g) == sorted(id(p) for p in model.parameters())
 
 
+def test_fused_moe_equals_the_loop():
+    """bench/fused_moe.py's layer (its ops' torch paths, as on a machine without CUDA) against the
+    library's gather, per-expert loop and combine in fp32: output and every gradient, dropless and
+    with a third of the slots dropped."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    from fused_moe import check_against_loop
+
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        for drop in (0.0, 0.3):
+            err = check_against_loop(torch.device("cpu"), dtype, tokens=50, top_k=3, num_experts=5, drop=drop)
+            assert max(err.values()) < tol, (dtype, drop, err)
+
+
+def test_fused_moe_kernels_in_the_interpreter():
+    """The same, with the Triton kernels run by Triton's CPU interpreter (fp32 and fp16; numpy has no
+    bf16): blocks cut by d and f, an expert without rows, dropped slots."""
+    code = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from common import ensure_importable; ensure_importable()
+import fused_moe
+from fused_moe import check_against_loop
+assert fused_moe._use_triton(torch.zeros(1))
+for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 3e-3)):
+    for kw in (dict(), dict(tokens=50, top_k=3, num_experts=6, dim=40, ffn=24, drop=0.3)):
+        err = check_against_loop(torch.device("cpu"), dtype, **kw)
+        assert max(err.values()) < tol, (dtype, kw, err)
+        print(dtype, err)
+"""
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, str(BENCH)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("grad_w13") == 4
+
+
+def test_fused_variant_model_equals_the_library_model():
+    """`--variant fused` in moesaic's model: the same loss and gradients as the library's layer."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    import moesaic.parallel.moe as moe
+    from gpu_train import TINY
+    from gpu_variants import apply, use
+
+    from moesaic.trainer.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**TINY))
+    x = torch.randint(0, 256, (2, 32))
+    out = model(x, x)
+    out.loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    saved = moe.gather_slots, moe.combine_slots
+    try:
+        use(["fused"])
+        assert moe.combine_slots is not saved[1]
+        apply(model, ["fused"])
+        out2 = model(x, x)
+        out2.loss.backward()
+    finally:
+        moe.gather_slots, moe.combine_slots = saved
+    torch.testing.assert_close(out2.loss, out.loss)
+    for n, p in model.named_parameters():
+        if n.endswith("w13_EGD"):
+            pre = n[: -len("w13_EGD")]
+            torch.testing.assert_close(p.grad, torch.cat([ref[pre + "w1_EFD"], ref[pre + "w3_EFD"]], 1))
+        else:
+            torch.testing.assert_close(p.grad, ref[n], msg=n)
+
+
+def test_layer_traffic_on_meta(tmp_path):
+    """`gpu_moe_layer.py --traffic` counts the bytes outside the GEMMs at the GPU shapes, on meta tensors."""
+    run("gpu_moe_layer.py", "--traffic", "--json", tmp_path / "t.json")
+    rows = {(r["shape"], r["layer"]): r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}
+    lib, fused = rows[("deepseekmoe-16b", "library")], rows[("deepseekmoe-16b", "fused")]
+    assert 5.0 < lib["GB"] < 5.6 and fused["GB"] < 0.5 * lib["GB"]
+
+
 def test_master_adamw_groups():
     import torch
 
