@@ -59,6 +59,8 @@ import sys, torch; sys.path.insert(0, 'bench')
 from fused_moe import check_against_loop
 for kw in (dict(), dict(tokens=8192, top_k=6, num_experts=64, dim=2048, ffn=1408), dict(tokens=4096, top_k=2, num_experts=8, dim=1024, ffn=512, drop=0.2)):
     print(kw, check_against_loop(torch.device('cuda'), torch.bfloat16, **kw))" 2>&1 | tee -a "$LOG"
+  echo "## $(date +%T) every grouped GEMM of the layer, alone: their sum against the layer's time" | tee -a "$LOG"
+  timeout 90 python3 bench/gpu_grouped_gemm.py --layer --json "$OUT/gpu_layer_gemms.json" 2>&1 | tee -a "$LOG"
   echo "## $(date +%T) expert layer: library, w13 and fused, eager and compiled" | tee -a "$LOG"
   timeout 200 python3 bench/gpu_moe_layer.py --compiled --iters 10 --profile "$OUT/layer_profile" --json "$OUT/gpu_moe_layer_fused.json" 2>&1 | tee -a "$LOG"
   train gpu_train_best_w13 100 --compile blocks --overlap-optimizer equal --variant w13 --batch 8

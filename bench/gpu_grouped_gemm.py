@@ -66,18 +66,66 @@ def run_shape(name: str, s: dict, tokens: int, device, dtype, iters: int) -> lis
     return out
 
 
+def layer_gemms(name: str, s: dict, tokens: int, device, dtype, iters: int) -> list[dict]:
+    """Every grouped GEMM of one forward+backward of the layer, timed alone, and their sum: the
+    library's nine (w1, w3 and w2 apart: N or K = f) and the stored-w13 layout's six (N or K = 2f).
+    The layer's measured time minus this sum is what the non-GEMM steps cost."""
+    torch.manual_seed(0)
+    E, D, Fd = s["experts"], s["dim"], s["ffn"]
+    ids = torch.randn(tokens, E, device=device).topk(s["top_k"], dim=-1).indices.flatten()
+    offs = torch.cumsum(torch.bincount(ids, minlength=E), 0).to(torch.int32)
+    N = ids.numel()
+    r = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)  # noqa: E731
+    x, gy, h, h13 = r(N, D), r(N, D), r(N, Fd), r(N, 2 * Fd)
+    w1, w2, w13 = r(E, Fd, D), r(E, D, Fd), r(E, 2 * Fd, D)
+    mm = lambda a, b: (lambda: torch._grouped_mm(a, b, offs=offs))  # noqa: E731
+    shared = [("w2 forward", mm(h, w2.transpose(-2, -1)), 1, Fd, D), ("w2 input grad", mm(gy, w2), 1, D, Fd),
+              ("w2 weight grad", mm(gy.t(), h), 1, D, Fd)]
+    layouts = {
+        "library": [("w1/w3 forward", mm(x, w1.transpose(-2, -1)), 2, D, Fd), *shared,
+                    ("w1/w3 input grad", mm(h, w1), 2, Fd, D), ("w1/w3 weight grad", mm(h.t(), x), 2, Fd, D)],
+        "w13": [("w13 forward", mm(x, w13.transpose(-2, -1)), 1, D, 2 * Fd), *shared,
+                ("w13 input grad", mm(h13, w13), 1, 2 * Fd, D), ("w13 weight grad", mm(h13.t(), x), 1, 2 * Fd, D)],
+    }
+    out, times = [], {}
+    for layout, gemms in layouts.items():
+        total_ms = total_flops = 0.0
+        for label, fn, count, k, n in gemms:
+            if label not in times:
+                times[label] = timeit(fn, device, iters)
+            flops = 2 * N * k * n
+            total_ms += count * times[label] * 1e3
+            total_flops += count * flops
+            out.append({"shape": name, "layout": layout, "gemm": f"{label}{' x2' if count > 1 else ''}",
+                        "ms": count * times[label] * 1e3, "tflops": flops / times[label] / 1e12})
+        out.append({"shape": name, "layout": layout, "gemm": "all (fwd+bwd)", "ms": total_ms,
+                    "tflops": total_flops / total_ms / 1e9})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--layer", action="store_true",
+                    help="only torch._grouped_mm: every GEMM of the layer's forward+backward, and their sum")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes, tokens = (TINY, 64) if a.tiny else (SHAPES, a.tokens)
     dense = dense_rate(device, dtype, 256 if a.tiny else 8192)
+    if a.layer:
+        rows = [r for n, s in shapes.items() for r in layer_gemms(n, s, tokens, device, dtype, 3 if a.tiny else a.iters)]
+        dense = max(dense, dense_rate(device, dtype, 256 if a.tiny else 8192))
+        for r in rows:
+            r["pct_of_dense"] = 100 * r["tflops"] / dense
+        print(f"machine: {machine()}\ndevice {device}, dtype {dtype}, dense matmul {dense:.1f} TFLOP/s (the faster of two)")
+        print(table(rows))
+        write_json(a.json, {"machine": machine(), "dense_tflops": dense, "rows": rows})
+        return
     check = check_against_loop(device, dtype) if device.type != "cuda" else check_against_loop(
         device, dtype, num_experts=8, dim=512, ffn=352, counts=(700, 0, 129, 1024, 64, 300, 1, 830))
     print(f"triton_w13_swiglu against the per-expert loop ({dtype}): {check}", flush=True)

@@ -278,6 +278,16 @@ def test_gpu_grouped_gemm_tiny_in_the_interpreter(tmp_path):
     assert [r["gemm"] for r in res["rows"]] == ["forward (ragged M)", "input grad (ragged M)", "weight grad (ragged K)"]
 
 
+def test_layer_gemms_tiny(tmp_path):
+    """`gpu_grouped_gemm.py --layer`: the library's nine GEMMs and the w13 layout's six, and their sums."""
+    run("gpu_grouped_gemm.py", "--device", "cpu", "--tiny", "--layer", "--json", tmp_path / "l.json")
+    rows = json.loads((tmp_path / "l.json").read_text())["rows"]
+    for layout, n in (("library", 6), ("w13", 6)):
+        mine = [r for r in rows if r["layout"] == layout]
+        assert len(mine) == n + 1 and mine[-1]["gemm"] == "all (fwd+bwd)"
+        assert abs(sum(r["ms"] for r in mine[:-1]) - mine[-1]["ms"]) < 1e-9
+
+
 def test_check_w13_against_the_loop():
     """The GPU diagnostic for the w13 variant: on CPU both paths equal the fp32 loop (fp32), and
     stay within bf16 rounding of it (bf16)."""
