@@ -15,7 +15,8 @@
 # the layer eager and compiled with kernel profiles, for the time outside the grouped GEMMs. fused
 # (about 5 minutes): bench/fused_moe.py's kernels checked against the loop in bf16, the layer with
 # them beside the library (eager and compiled), and whole steps with them beside the best candidate so
-# far. next (about 8 minutes, for one call): w13check's curves, then fused. Each part has its own time limit. Needs torch only (the
+# far. next (about 8 minutes, for one call): w13check's curves, twice for the library (the floor that
+# nondeterministic kernels set) and with a 20-step learning-rate warm-up, then fused. Each part has its own time limit. Needs torch only (the
 # device image has no pulp, hydra or wandb; the scripts import moesaic from this checkout). Each
 # script prints and writes every finished run as it goes, so a part cut off keeps those.
 set -u
@@ -72,6 +73,9 @@ if [ "$PART" = fused ] || [ "$PART" = next ]; then
     timeout 60 python3 bench/gpu_variants.py 2>&1 | tee -a "$LOG"
     train gpu_train_curve_blocks 90 --compile blocks --batch 8 --steps 60
     train gpu_train_curve_w13 90 --compile blocks --variant w13 --batch 8 --steps 60
+    train gpu_train_curve_blocks_again 90 --compile blocks --batch 8 --steps 60  # the run-to-run floor
+    train gpu_train_curve_blocks_warm 90 --compile blocks --batch 8 --steps 60 --lr-warmup 20
+    train gpu_train_curve_w13_warm 90 --compile blocks --variant w13 --batch 8 --steps 60 --lr-warmup 20
   fi
   fused_part
   echo "## $(date +%T) done" | tee -a "$LOG"

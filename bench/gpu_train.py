@@ -10,7 +10,8 @@ Mixed precision, as Megatron does it (bench/master_adamw.py): the model's weight
 gradients are bf16; the optimizer keeps fp32 master weights and fp32 AdamW moments, clips the global
 gradient norm to 1.0, steps the masters and writes the bf16 weights back (one Triton kernel on a
 GPU, checked against torch's AdamW at start). With `--accum N`, N micro-batches' gradients are
-summed in fp32 before each step. Constant learning rate.
+summed in fp32 before each step. Learning rate 3e-4, constant, or after a linear warm-up of
+`--lr-warmup` steps.
 
 FLOPs per token (as `moesaic.trainer.step.flops_per_token`): 6 x active parameters, plus causal
 attention 12 * layers * d * seq / 2. MFU = FLOPs per token x tokens/s / the dense bf16 matmul rate
@@ -154,6 +155,8 @@ def run(cfg: ModelConfig, batch: int, a, device, data: torch.Tensor, rate: float
                 opt.accumulate()
             marks.append(_Mark(device))
             losses.append(out.ce_loss.detach())
+        if a.lr_warmup:
+            opt.set_lr(3e-4 * min(1.0, (opt.steps + 1) / a.lr_warmup))
         opt.step(1.0, overlap=bool(a.overlap_optimizer))
         marks.append(_Mark(device))
         return torch.stack(losses).mean(), marks
@@ -215,7 +218,8 @@ def _label(a, batch: int, impl: str) -> str:
     variants = "".join(f", {v}" for v in a.variant)
     mode = {"none": "eager", "model": "compile", "blocks": "compile per block"}[a.compile]
     overlap = f" overlapped ({a.overlap_optimizer})" if a.overlap_optimizer else ""
-    return f"{mode}, batch {batch}{accum}, {impl}{overlap} AdamW{variants}"
+    warm = f", lr warm-up {a.lr_warmup}" if a.lr_warmup else ""
+    return f"{mode}, batch {batch}{accum}, {impl}{overlap} AdamW{variants}{warm}"
 
 
 def main() -> None:
@@ -230,6 +234,8 @@ def main() -> None:
     ap.add_argument("--overlap-optimizer", nargs="?", const="background", default=None, choices=["background", "equal"],
                     help="run the update on a side stream, overlapped with the next forward (triton AdamW): "
                          "as background work under a high-priority main stream (default), or at equal priority")
+    ap.add_argument("--lr-warmup", type=int, default=0,
+                    help="linear learning-rate warm-up over this many steps (0: constant 3e-4 from the first step)")
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (fp32 accumulation)")
     ap.add_argument("--optimizer", default="auto", choices=["auto", "torch", "triton"],
                     help="MasterAdamW's implementation (auto: triton on CUDA where it is installed)")

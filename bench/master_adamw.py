@@ -88,6 +88,13 @@ class MasterAdamW:
         self.opts = [torch.optim.AdamW([self.masters[i] for i in c], lr=lr, weight_decay=weight_decay, betas=betas,
                                        eps=eps, fused=cuda) for c in self.chunks]
 
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next steps (a schedule calls this before each step)."""
+        self.lr = lr
+        for opt in getattr(self, "opts", []):
+            for group in opt.param_groups:
+                group["lr"] = lr
+
     @torch.no_grad()
     def accumulate(self) -> None:
         """Add the bf16 gradients of one micro-batch into the fp32 accumulators, and free them."""

@@ -244,6 +244,19 @@ def test_master_adamw_groups():
         opt.set_groups([[ps[0]], [ps[0]]])
     with pytest.raises(ValueError, match="overlap needs impl 'triton'"):
         opt.step(1.0, overlap=True)
+    # the schedule's learning rate reaches the torch implementation's optimizers: lr 0 moves nothing
+    for p in ps:
+        p.data.fill_(1.0)
+        p.grad = torch.ones(3)
+    opt = MasterAdamW(ps, lr=1e-2, weight_decay=0.1)
+    opt.set_lr(0.0)
+    opt.step(1.0)
+    assert all(torch.equal(p, torch.ones(3)) for p in ps)
+    opt.set_lr(1e-2)
+    for p in ps:
+        p.grad = torch.ones(3)
+    opt.step(1.0)
+    assert all(float(p.max()) < 1.0 for p in ps)
 
 
 def test_triton_grouped_gemm_equals_the_loop_in_the_interpreter():
