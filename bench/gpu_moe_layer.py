@@ -80,7 +80,14 @@ def run_compiled(name, s, tokens, device, dtype, iters, profile=None) -> dict:
                       ("fused", fused), ("compiled_fused", fused)):
         def layer(inp, ex=ex, label=label):
             return fused_layer(inp, route, ex) if label.endswith("fused") else dispatch(inp, route, ex)
-        fn = torch.compile(layer) if label.startswith("compiled") else layer
+        if label.startswith("compiled"):
+            # each (shape, run) its own static-shape compile: the same code object compiled again for
+            # another shape would be recompiled with dynamic shapes, and past dynamo's cache limit
+            # (8) run eagerly
+            torch._dynamo.reset()
+            fn = torch.compile(layer, dynamic=False)
+        else:
+            fn = layer
         y = fn(x).detach().float()
         if label == "eager":
             y0 = y
