@@ -137,3 +137,35 @@ def ensure_importable() -> None:
             spec.loader.exec_module(sys.modules[f"moesaic.{name}"])
         except ImportError:
             pass
+
+
+def traffic(layer, leaves, *args) -> dict:
+    """Bytes read and written per op (views and grouped GEMMs left out; a custom op counts as one
+    kernel) by `layer(*args)`, forward and backward, the `leaves` (the tensors that get a gradient)
+    starting without one. Runs on meta tensors: a layer's traffic at the GPU's shapes, on a CPU."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    skip = {"_grouped_mm", "transpose", "detach", "view", "expand", "unsqueeze", "t", "alias", "_unsafe_view",
+            "as_strided", "slice", "split", "split_with_sizes", "chunk", "select", "_to_copy"}
+    rows: dict = {}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name not in skip:
+                size = lambda v: sum(t.numel() * t.element_size() for t in tree_flatten(v)[0]  # noqa: E731
+                                     if isinstance(t, torch.Tensor))
+                r = rows.setdefault(name, [0, 0, 0])
+                r[0] += 1
+                r[1] += size((args, kwargs))
+                r[2] += size(out)
+            return out
+
+    for t in leaves:
+        t.grad = None  # else the backward adds into the old gradient: traffic that a step does not have
+    with Count():
+        layer(*args).sum().backward()
+    return {k: {"calls": n, "read": rd, "written": wr} for k, (n, rd, wr) in rows.items()}

@@ -274,57 +274,55 @@ def combine_slots(y_ND, order_N, weights_TK):
     return slot_sum(y_ND, slot_positions(order_N, T, K), weights_TK.to(y_ND.dtype))
 
 
-def fused_swiglu13(x_TD, counts_E, w13_EGD, w2_EDF):
-    """`bench/gpu_variants.fused_w13_swiglu` with SwiGLU one kernel each way."""
+class _LoopWeightGrad(torch.autograd.Function):
+    """y = x @ w[e]^T over each expert's rows (`torch._grouped_mm`), whose weight gradient is one
+    dense `torch.mm` per expert instead of the ragged-K grouped GEMM (77% of dense for the
+    Mixtral-like shape on the H200). Needs the split sizes on the host: for few, large experts."""
+
+    @staticmethod
+    def forward(ctx, x, w, offs, splits):
+        ctx.save_for_backward(x, w, offs)
+        ctx.splits = splits
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, offs = ctx.saved_tensors
+        g = g.contiguous()
+        gx = torch._grouped_mm(g, w, offs=offs) if ctx.needs_input_grad[0] else None
+        gw = None
+        if ctx.needs_input_grad[1]:
+            gw = torch.empty_like(w)
+            for e, (g_e, x_e) in enumerate(zip(g.split(ctx.splits), x.split(ctx.splits))):
+                torch.mm(g_e.t(), x_e, out=gw[e])  # an expert without rows: K = 0, zeros
+        return gx, gw, None, None
+
+
+def fused_swiglu13(x_TD, counts_E, w13_EGD, w2_EDF, loop_dw: bool = False):
+    """`bench/gpu_variants.fused_w13_swiglu` with SwiGLU one kernel each way; `loop_dw`: the weight
+    gradients by `_LoopWeightGrad` (one host sync for the split sizes)."""
     from moesaic.parallel.experts import _offsets, autocast_cast
 
     offs = _offsets(counts_E)
     x_TD, w13_EGD, w2_EDF = autocast_cast(x_TD, w13_EGD, w2_EDF)
+    if loop_dw:
+        splits = counts_E.tolist()
+        h = swiglu13(_LoopWeightGrad.apply(x_TD.contiguous(), w13_EGD, offs, splits))
+        return _LoopWeightGrad.apply(h, w2_EDF, offs, splits)
     h = swiglu13(torch._grouped_mm(x_TD.contiguous(), w13_EGD.transpose(-2, -1), offs=offs))
     return torch._grouped_mm(h, w2_EDF.transpose(-2, -1), offs=offs)
-
-
-def traffic(layer, leaves, *args) -> dict:
-    """Bytes read and written per op (views and grouped GEMMs left out; a custom op counts as one
-    kernel) by `layer(*args)`, forward and backward, the `leaves` (the tensors that get a gradient)
-    starting without one. Runs on meta tensors: a layer's traffic at the GPU's shapes, on a CPU."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    skip = {"_grouped_mm", "transpose", "detach", "view", "expand", "unsqueeze", "t", "alias", "_unsafe_view",
-            "as_strided", "slice", "split", "split_with_sizes", "chunk", "select", "_to_copy"}
-    rows: dict = {}
-
-    class Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            name = func.overloadpacket.__name__
-            if name not in skip:
-                size = lambda v: sum(t.numel() * t.element_size() for t in tree_flatten(v)[0]  # noqa: E731
-                                     if isinstance(t, torch.Tensor))
-                r = rows.setdefault(name, [0, 0, 0])
-                r[0] += 1
-                r[1] += size((args, kwargs))
-                r[2] += size(out)
-            return out
-
-    for t in leaves:
-        t.grad = None  # else the backward adds into the old gradient: traffic that a step does not have
-    with Count():
-        layer(*args).sum().backward()
-    return {k: {"calls": n, "read": rd, "written": wr} for k, (n, rd, wr) in rows.items()}
 
 
 class FusedExperts:
     """A GroupedExperts' weights as the fused layer computes them: [w1; w3] stored as one w13
     (built once here, as a stored parameter would be), SwiGLU one kernel each way."""
 
-    def __init__(self, experts):
-        self.num_experts, self.w2 = experts.num_experts, experts.w2_EDF
+    def __init__(self, experts, loop_dw: bool = False):
+        self.num_experts, self.w2, self.loop_dw = experts.num_experts, experts.w2_EDF, loop_dw
         self.w13 = torch.cat([experts.w1_EFD, experts.w3_EFD], dim=1).detach().requires_grad_()
 
     def __call__(self, x_TD, counts_E):
-        return fused_swiglu13(x_TD, counts_E, self.w13, self.w2)
+        return fused_swiglu13(x_TD, counts_E, self.w13, self.w2, self.loop_dw)
 
 
 def fused_layer(x_TD, route, experts) -> torch.Tensor:
@@ -337,7 +335,8 @@ def fused_layer(x_TD, route, experts) -> torch.Tensor:
     return slot_sum(y, pos, route.weights_TK.to(y.dtype))
 
 
-def check_against_loop(device, dtype, tokens=37, top_k=2, num_experts=4, dim=32, ffn=24, drop=0.0, seed=0) -> dict:
+def check_against_loop(device, dtype, tokens=37, top_k=2, num_experts=4, dim=32, ffn=24, drop=0.0, seed=0,
+                       loop_dw=False) -> dict:
     """Max relative differences of the fused layer's output and gradients (x, router weights, w13,
     w2) from the library's gather, per-expert loop and combine in fp32, on random data; with `drop`,
     that share of the token-slots is dropped (as over capacity)."""
@@ -354,7 +353,7 @@ def check_against_loop(device, dtype, tokens=37, top_k=2, num_experts=4, dim=32,
     w13, w2 = rand(num_experts, 2 * ffn, dim, scale=0.2).requires_grad_(), rand(num_experts, dim, ffn, scale=0.2).requires_grad_()
     dy = rand(tokens, dim)
     order, counts = order.to(device), counts.to(device)
-    y = combine_slots(fused_swiglu13(gather_slots(x, order, top_k), counts, w13, w2), order, w)
+    y = combine_slots(fused_swiglu13(gather_slots(x, order, top_k), counts, w13, w2, loop_dw), order, w)
     got = [y, *torch.autograd.grad(y, (x, w, w13, w2), dy)]
     w1, w3 = w13.float().chunk(2, dim=1)
     rows = lib.looped_swiglu(lib.gather_slots(x.float(), order, top_k), counts.cpu(), w1, w2.float(), w3)

@@ -17,12 +17,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import dense_rate, ensure_importable, machine, profile_to, table, timeit, write_json  # noqa: E402
+from common import dense_rate, ensure_importable, machine, profile_to, table, timeit, traffic, write_json  # noqa: E402
 
 ensure_importable()
 import torch  # noqa: E402
 
-from fused_moe import FusedExperts, fused_layer, traffic  # noqa: E402
+from fused_moe import FusedExperts, fused_layer  # noqa: E402
 from gpu_variants import fused_w13_swiglu  # noqa: E402
 from triton_grouped import triton, triton_w13_swiglu  # noqa: E402
 from moesaic.parallel.experts import GroupedExperts, grouped_swiglu, looped_swiglu  # noqa: E402
@@ -133,6 +133,8 @@ def run_shape(name, s, tokens, device, dtype, iters):
     with torch.no_grad():
         fused_err = float((fused_layer(x, route, fused).float() - y_ref).abs().max() / y_ref.abs().max())
     t_fused = timeit(lambda: fused_layer(x, route, fused).sum().backward(), device, iters)
+    fused_loop = FusedExperts(experts, loop_dw=True)  # weight gradients as one dense mm per expert
+    t_fused_loop = timeit(lambda: fused_layer(x, route, fused_loop).sum().backward(), device, iters)
     tri = {}
     if triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
         tw = _TritonW13(experts)
@@ -147,6 +149,7 @@ def run_shape(name, s, tokens, device, dtype, iters):
             "fwd_bwd_no_input_grad_tflops": 3 * fwd_flops / t_fb_nx / 1e12,
             "w13_fwd_bwd_tflops": 3 * fwd_flops / t_w13 / 1e12,
             "fused_fwd_bwd_tflops": 3 * fwd_flops / t_fused / 1e12, "fused_max_rel_err_vs_loop": fused_err,
+            "fused_loop_dw_fwd_bwd_tflops": 3 * fwd_flops / t_fused_loop / 1e12,
             "index_add_fwd_bwd_tflops": 3 * fwd_flops / t_idx / 1e12,
             "loop_fwd_bwd_tflops": 3 * fwd_flops / t_loop / 1e12,
             "fwd_ms": t_f * 1e3, "fwd_bwd_ms": t_fb * 1e3, "max_rel_err_vs_loop": rel_err, **tri}
@@ -240,12 +243,14 @@ def main() -> None:
         r["dense_tflops"] = dense
         r["fwd_bwd_pct_of_dense"] = 100 * r["fwd_bwd_tflops"] / dense
         r["fused_fwd_bwd_pct_of_dense"] = 100 * r["fused_fwd_bwd_tflops"] / dense
+        r["fused_loop_dw_fwd_bwd_pct_of_dense"] = 100 * r["fused_loop_dw_fwd_bwd_tflops"] / dense
     info = machine()
     print(f"machine: {info}\ndevice {device}, dtype {dtype}, dense matmul {dense:.1f} TFLOP/s")
     print(table(rows, ["shape", "tokens", "fwd_tflops", "fwd_bwd_tflops", "fwd_bwd_pct_of_dense",
                        "fwd_bwd_no_input_grad_tflops", "w13_fwd_bwd_tflops", "fused_fwd_bwd_tflops", "triton_fwd_tflops", "triton_fwd_bwd_tflops",
                        "index_add_fwd_bwd_tflops", "loop_fwd_bwd_tflops", "fwd_bwd_ms", "max_rel_err_vs_loop",
-                       "fused_fwd_bwd_pct_of_dense", "fused_max_rel_err_vs_loop", "triton_max_rel_err_vs_loop"]))
+                       "fused_fwd_bwd_pct_of_dense", "fused_loop_dw_fwd_bwd_pct_of_dense", "fused_max_rel_err_vs_loop",
+                       "triton_max_rel_err_vs_loop"]))
     for r in rows:
         if "triton_fwd_bwd_tflops" in r:
             r["triton_fwd_bwd_pct_of_dense"] = 100 * r["triton_fwd_bwd_tflops"] / dense

@@ -152,16 +152,17 @@ def test_fused_w13_model_equals_the_library_model():
 def test_fused_moe_equals_the_loop():
     """bench/fused_moe.py's layer (its ops' torch paths, as on a machine without CUDA) against the
     library's gather, per-expert loop and combine in fp32: output and every gradient, dropless and
-    with a third of the slots dropped."""
+    with a third of the slots dropped, and with the weight gradients one mm per expert."""
     import torch
 
     sys.path.insert(0, str(BENCH))
     from fused_moe import check_against_loop
 
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
-        for drop in (0.0, 0.3):
-            err = check_against_loop(torch.device("cpu"), dtype, tokens=50, top_k=3, num_experts=5, drop=drop)
-            assert max(err.values()) < tol, (dtype, drop, err)
+        for drop, loop_dw in ((0.0, False), (0.3, False), (0.3, True)):
+            err = check_against_loop(torch.device("cpu"), dtype, tokens=50, top_k=3, num_experts=5, drop=drop,
+                                     loop_dw=loop_dw)
+            assert max(err.values()) < tol, (dtype, drop, loop_dw, err)
 
 
 def test_fused_moe_kernels_in_the_interpreter():
