@@ -362,3 +362,23 @@ def check_against_loop(device, dtype, tokens=37, top_k=2, num_experts=4, dim=32,
     names = ("out", "grad_x", "grad_weights", "grad_w13", "grad_w2")
     return {n: float((a.detach().float() - b.detach().float()).abs().max() / b.detach().float().abs().max())
             for n, a, b in zip(names, got, ref)}
+
+
+if __name__ == "__main__":  # python bench/fused_moe.py: the layer against the fp32 loop on this machine's device
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import ensure_importable
+
+    ensure_importable()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    cases = [dict(), dict(tokens=4096, top_k=2, num_experts=8, dim=1024, ffn=512, drop=0.2),
+             dict(tokens=4096, top_k=2, num_experts=8, dim=1024, ffn=512, loop_dw=True)]
+    if dev.type == "cuda":  # the DeepSeekMoE-like layer itself
+        cases.append(dict(tokens=8192, top_k=6, num_experts=64, dim=2048, ffn=1408))
+    for kw in cases:
+        errs = check_against_loop(dev, dtype, **kw)
+        print(f"{dtype} {kw}: max rel. error against the fp32 loop: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+

@@ -55,11 +55,7 @@ if [ "$PART" = ablate ]; then  # a second sample of both, then which part of the
 fi
 fused_part() {  # the fused kernels: correct in bf16, the layer, whole steps
   echo "## $(date +%T) fused kernels against the loop (bf16)" | tee -a "$LOG"
-  timeout 60 python3 -c "
-import sys, torch; sys.path.insert(0, 'bench')
-from fused_moe import check_against_loop
-for kw in (dict(), dict(tokens=8192, top_k=6, num_experts=64, dim=2048, ffn=1408), dict(tokens=4096, top_k=2, num_experts=8, dim=1024, ffn=512, drop=0.2), dict(tokens=4096, top_k=2, num_experts=8, dim=1024, ffn=512, loop_dw=True)):
-    print(kw, check_against_loop(torch.device('cuda'), torch.bfloat16, **kw))" 2>&1 | tee -a "$LOG"
+  timeout 90 python3 bench/fused_moe.py 2>&1 | tee -a "$LOG"
   echo "## $(date +%T) every grouped GEMM of the layer, alone: their sum against the layer's time" | tee -a "$LOG"
   timeout 90 python3 bench/gpu_grouped_gemm.py --layer --json "$OUT/gpu_layer_gemms.json" 2>&1 | tee -a "$LOG"
   echo "## $(date +%T) expert layer: library, w13 and fused, eager and compiled" | tee -a "$LOG"

@@ -70,16 +70,17 @@ def _layer(s, tokens, device, dtype):
 
 
 def run_compiled(name, s, tokens, device, dtype, iters, profile=None) -> dict:
-    """The layer (library, and with the stored w13 weight) under torch.compile, beside it eager:
-    the permutation, SwiGLU and combine fuse around the grouped GEMMs, which stay torch._grouped_mm."""
+    """The layer eager and under torch.compile: the library, the stored w13 weight, and the fused
+    candidate (bench/fused_moe.py; also with the weight gradients one mm per expert). The grouped
+    GEMMs stay torch._grouped_mm in all of them."""
     experts, dispatch, x, route = _layer(s, tokens, device, dtype)
     flops = 3 * 2 * tokens * s["top_k"] * s["dim"] * s["ffn"] * 3
     row = {"shape": name, **s, "tokens": tokens}
     fused = FusedExperts(experts)
     for label, ex in (("eager", experts), ("compiled", experts), ("compiled_w13", _FusedW13(experts)),
-                      ("fused", fused), ("compiled_fused", fused)):
+                      ("fused", fused), ("compiled_fused", fused), ("fused_loop_dw", FusedExperts(experts, loop_dw=True))):
         def layer(inp, ex=ex, label=label):
-            return fused_layer(inp, route, ex) if label.endswith("fused") else dispatch(inp, route, ex)
+            return fused_layer(inp, route, ex) if "fused" in label else dispatch(inp, route, ex)
         if label.startswith("compiled"):
             # each (shape, run) its own static-shape compile: the same code object compiled again for
             # another shape would be recompiled with dynamic shapes, and past dynamo's cache limit
