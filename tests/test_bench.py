@@ -118,13 +118,12 @@ def test_gpu_variants_compute_what_they_replace():
     torch.testing.assert_close(complex_rotary(q[..., :10, :], cos, sin), apply_rotary(q[..., :10, :], cos[:10], sin[:10]))
 
 
-def test_fused_w13_model_equals_the_library_model():
-    """`--variant w13` stores [w1; w3] as one parameter: the same loss, and its gradient is theirs."""
+def _tiny_model_and_reference():
+    """gpu_train's tiny model, a batch, its loss and every parameter's gradient (the library's layer)."""
     import torch
 
     sys.path.insert(0, str(BENCH))
-    from gpu_train import TINY, _groups
-    from gpu_variants import fuse_w13
+    from gpu_train import TINY
 
     from moesaic.trainer.model import ModelConfig, Transformer
 
@@ -135,6 +134,17 @@ def test_fused_w13_model_equals_the_library_model():
     out.loss.backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
+    return model, x, out, ref
+
+
+def test_fused_w13_model_equals_the_library_model():
+    """`--variant w13` stores [w1; w3] as one parameter: the same loss, and its gradient is theirs."""
+    import torch
+
+    model, x, out, ref = _tiny_model_and_reference()
+    from gpu_train import _groups
+    from gpu_variants import fuse_w13
+
     assert fuse_w13(model) == 2
     out13 = model(x, x)
     out13.loss.backward()
@@ -191,20 +201,11 @@ def test_fused_variant_model_equals_the_library_model():
     """`--variant fused` in moesaic's model: the same loss and gradients as the library's layer."""
     import torch
 
-    sys.path.insert(0, str(BENCH))
     import moesaic.parallel.moe as moe
-    from gpu_train import TINY
+
+    model, x, out, ref = _tiny_model_and_reference()
     from gpu_variants import apply, use
 
-    from moesaic.trainer.model import ModelConfig, Transformer
-
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(**TINY))
-    x = torch.randint(0, 256, (2, 32))
-    out = model(x, x)
-    out.loss.backward()
-    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
     saved = moe.gather_slots, moe.combine_slots
     try:
         use(["fused"])
