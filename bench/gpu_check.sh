@@ -72,6 +72,8 @@ if [ "$PART" = fused ] || [ "$PART" = next ]; then
     train gpu_train_curve_blocks_again 90 --compile blocks --batch 8 --steps 60  # the run-to-run floor
     train gpu_train_curve_blocks_warm 90 --compile blocks --batch 8 --steps 60 --lr-warmup 20
     train gpu_train_curve_w13_warm 90 --compile blocks --variant w13 --batch 8 --steps 60 --lr-warmup 20
+    python3 bench/loss_curves.py "$OUT"/gpu_train_curve_{blocks,blocks_again,w13}.json 2>&1 | tee -a "$LOG"
+    python3 bench/loss_curves.py "$OUT"/gpu_train_curve_{blocks_warm,w13_warm}.json 2>&1 | tee -a "$LOG"
   fi
   fused_part
   echo "## $(date +%T) done" | tee -a "$LOG"

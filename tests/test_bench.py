@@ -303,6 +303,21 @@ def test_layer_gemms_tiny(tmp_path):
         assert abs(sum(r["ms"] for r in mine[:-1]) - mine[-1]["ms"]) < 1e-9
 
 
+def test_loss_curves_compare_runs(tmp_path):
+    """bench/loss_curves.py: each run's losses at the chosen steps and its gap to the first run."""
+    sys.path.insert(0, str(BENCH))
+    from loss_curves import compare, curves
+
+    for name, losses in (("a", [5.0, 4.0, 3.0]), ("b", [5.0, 4.5, 2.0])):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"rows": [{"run": name, "losses": losses}, {"run": "x", "error": "oom"}]}))
+    rows = compare(curves([tmp_path / "a.json", tmp_path / "b.json"]), steps=(1, 3))
+    assert [r["run"] for r in rows] == ["a: a", "b: b"]
+    assert rows[0]["max |diff| vs first"] == 0 and rows[1]["max |diff| vs first"] == 1.0
+    assert rows[1]["step 3"] == 2.0 and abs(rows[1]["mean |diff| vs first"] - 0.5) < 1e-12
+    out = run("loss_curves.py", tmp_path / "a.json", tmp_path / "b.json", tmp_path / "missing.json")
+    assert "| b: b" in out
+
+
 def test_check_w13_against_the_loop():
     """The GPU diagnostic for the w13 variant: on CPU both paths equal the fp32 loop (fp32), and
     stay within bf16 rounding of it (bf16)."""
