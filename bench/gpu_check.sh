@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issues #4 and #8 as one prepared run for a lent H100/H200 (the device tool):
-#   bash bench/gpu_check.sh [all|baseline|variants|overlap|ablate|confirm|w13check|layerprofile|fused|next]   # JSON and one log under $OUT (or bench/results)
+#   bash bench/gpu_check.sh [all|baseline|variants|overlap|ablate|confirm|w13check|layerprofile|fused|next|trainer]   # JSON and one log under $OUT (or bench/results)
 # baseline (about 4.5 minutes on an H200): the expert layer, and whole training steps eager at batch 8
 # and compiled at batch 8, 16 and 4 x 8 -- the figures in bench/RESULTS.md. variants (about 3
 # minutes): the same steps with the candidate speed-ups of bench/gpu_variants.py, for the A/B
@@ -16,7 +16,10 @@
 # (about 5 minutes): bench/fused_moe.py's kernels checked against the loop in bf16, the layer with
 # them beside the library (eager and compiled), and whole steps with them beside the best candidate so
 # far. next (about 8 minutes, for one call): w13check's curves, twice for the library (the floor that
-# nondeterministic kernels set) and with a 20-step learning-rate warm-up, then fused. Each part has its own time limit. Needs torch only (the
+# nondeterministic kernels set) and with a 20-step learning-rate warm-up, then fused. trainer (about
+# 5 minutes; first `bash bench/fetch_wheels.sh` here, and carry [".whl"]): moesaic-doctor on one
+# NCCL rank, the trainer's demo model in bf16 eager and compiled (FSSDP, EP, DDP), and gpu_train's
+# 2.62B model through the trainer, compiled; bench/trainer_runs.py prints them side by side. Each part has its own time limit. Needs torch only (the
 # device image has no pulp, hydra or wandb; the scripts import moesaic from this checkout). Each
 # script prints and writes every finished run as it goes, so a part cut off keeps those.
 set -u
@@ -77,6 +80,31 @@ if [ "$PART" = fused ] || [ "$PART" = next ]; then
   fi
   fused_part
   echo "## $(date +%T) done" | tee -a "$LOG"
+  exit 0
+fi
+if [ "$PART" = trainer ]; then  # the trainer and the doctor on CUDA (about 5 minutes): run
+  # `bash bench/fetch_wheels.sh` here first, and carry [".whl"]: the image lacks hydra, omegaconf and PuLP
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --target /tmp/site . || exit 1
+  export PYTHONPATH=/tmp/site OUT
+  REPO=$(pwd)
+  cd /tmp  # the installed moesaic, not the checkout's folders
+  one="python3 -m torch.distributed.run --standalone --nproc_per_node 1"
+  echo "## $(date +%T) moesaic-doctor, 1 rank, nccl" | tee -a "$LOG"
+  timeout 120 $one -m moesaic.parallel.doctor --suite full 2>&1 | tee -a "$LOG"
+  demo="logging=quiet logging.out_dir=$OUT/trainer steps=300 eval_every=100 parallel.mixed_precision=bf16"
+  for run in "fssdp_eager parallel=fssdp" "fssdp_compiled parallel=fssdp compile=true" \
+             "ep_compiled parallel=ep compile=true" "ddp_eager parallel=ddp"; do
+    set -- $run
+    name=$1; shift
+    echo "## $(date +%T) trainer, demo model, $name" | tee -a "$LOG"
+    timeout 150 $one -m moesaic.trainer $demo logging.run_name=$name "$@" 2>&1 | grep -E "moesaic|^step|^done|rror" | tail -6 | tee -a "$LOG"
+  done
+  big="model.dim=2048 model.num_layers=16 model.num_heads=16 model.max_seq_len=2048 data.seq_len=2048 model.moe.num_experts=16 model.moe.top_k=4 model.moe.ffn_dim=1408 model.moe.num_shared_experts=1 batch_size=8"
+  echo "## $(date +%T) trainer, gpu_train's model (2.62B), compiled, bf16 autocast" | tee -a "$LOG"
+  timeout 240 $one -m moesaic.trainer logging=quiet logging.out_dir=$OUT/trainer logging.run_name=big_compiled \
+    steps=30 eval_every=1000 parallel=ddp parallel.mixed_precision=bf16 compile=true $big 2>&1 | grep -E "moesaic|^step|^done|rror" | tail -6 | tee -a "$LOG"
+  python3 "$REPO/bench/trainer_runs.py" "$OUT/trainer" 2>&1 | tee -a "$LOG"
   exit 0
 fi
 if [ "$PART" = w13check ]; then  # why the w13 runs' loss ran higher: kernels, or chaotic training?

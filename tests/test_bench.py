@@ -318,6 +318,19 @@ def test_loss_curves_compare_runs(tmp_path):
     assert "| b: b" in out
 
 
+def test_trainer_runs_table(tmp_path):
+    """bench/trainer_runs.py reads each run's summary.json (as gpu_check.sh trainer writes them)."""
+    for name, comp in (("eager", None), ("compiled", {"graphs": 2, "graph_breaks": 0})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(
+            {"device": "cuda", "backend": "nccl", "expert_sharding": "fssdp", "compile": comp, "steps": 300,
+             "final_train_loss": 2.5, "val_bpb": 3.1, "tokens_per_s": 1e5, "median_step_s": 0.01}))
+    out = run("trainer_runs.py", tmp_path, "--json", tmp_path / "t.json")
+    rows = {r["run"]: r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}
+    assert rows["compiled"]["compile"] and rows["compiled"]["graphs"] == 2 and not rows["eager"]["compile"]
+    assert "| compiled" in out
+
+
 def test_check_w13_against_the_loop():
     """The GPU diagnostic for the w13 variant: on CPU both paths equal the fp32 loop (fp32), and
     stay within bf16 rounding of it (bf16)."""

@@ -1,0 +1,47 @@
+"""The trainer's runs under a folder side by side, from each run's summary.json.
+
+    python bench/trainer_runs.py OUT_DIR [--json out.json]
+
+One row per run: its name, device and backend, parallelism, compile, steps, the final train loss,
+the validation bits per byte, tokens/s and the median step time. `bash bench/gpu_check.sh trainer`
+prints it after its runs (eager against compiled: the losses should agree within bf16 noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import table, write_json  # noqa: E402
+
+
+def rows(out_dir: Path) -> list[dict]:
+    out = []
+    for path in sorted(Path(out_dir).glob("*/summary.json")):
+        s = json.loads(path.read_text())
+        compiled = s.get("compile") or {}
+        out.append({"run": path.parent.name, "device": s.get("device"), "backend": s.get("backend"),
+                    "experts": s.get("expert_sharding"), "compile": bool(compiled),
+                    "graphs": compiled.get("graphs") if isinstance(compiled, dict) else None,
+                    "graph_breaks": compiled.get("graph_breaks") if isinstance(compiled, dict) else None,
+                    "steps": s.get("steps"), "final_train_loss": s.get("final_train_loss"),
+                    "val_bpb": s.get("val_bpb"), "tokens_per_s": s.get("tokens_per_s"),
+                    "median_step_s": s.get("median_step_s")})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out_dir")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    found = rows(Path(a.out_dir))
+    print(table(found) if found else f"no summary.json under {a.out_dir}")
+    write_json(a.json, {"rows": found})
+
+
+if __name__ == "__main__":
+    main()
