@@ -1,0 +1,213 @@
+"""The GPU candidates' code on CPU: the Triton kernels (through Triton's interpreter), the fused
+layer and the stored-w13 variant against the library's layer, and the layer's byte and GEMM
+accounts. Timings are not tested."""
+
+import json
+import subprocess
+import sys
+
+from test_bench import BENCH, run
+
+def test_gpu_variants_compute_what_they_replace():
+    """Each candidate speed-up equals the library code it would replace (outputs and gradients)."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    from gpu_variants import complex_rotary, fused_w13_swiglu
+
+    from moesaic.parallel.experts import grouped_swiglu
+    from moesaic.trainer.model import apply_rotary, rotary_tables
+
+    torch.manual_seed(0)
+    E, D, Fd = 3, 8, 12
+    ws = [torch.randn(E, Fd, D, requires_grad=True), torch.randn(E, D, Fd, requires_grad=True),
+          torch.randn(E, Fd, D, requires_grad=True)]
+    x = torch.randn(9, D, requires_grad=True)
+    counts = torch.tensor([4, 0, 5])
+    outs, grads = [], []
+    w13 = torch.cat([ws[0], ws[2]], dim=1).detach().requires_grad_()
+    y = grouped_swiglu(x, counts, *ws)
+    y.square().sum().backward()
+    ref = [t.grad.clone() for t in (x, *ws)]
+    x.grad = None
+    y13 = fused_w13_swiglu(x, counts, w13, ws[1])
+    y13.square().sum().backward()
+    torch.testing.assert_close(y13, y)
+    torch.testing.assert_close(x.grad, ref[0])
+    torch.testing.assert_close(ws[1].grad, 2 * ref[2])  # w2's gradient accumulated twice
+    torch.testing.assert_close(w13.grad, torch.cat([ref[1], ref[3]], dim=1))
+    cos, sin = rotary_tables(8, 16, 10000.0)
+    q = torch.randn(2, 3, 16, 8)
+    torch.testing.assert_close(complex_rotary(q, cos, sin), apply_rotary(q, cos, sin))
+    torch.testing.assert_close(complex_rotary(q[..., :10, :], cos, sin), apply_rotary(q[..., :10, :], cos[:10], sin[:10]))
+
+
+def _tiny_model_and_reference():
+    """gpu_train's tiny model, a batch, its loss and every parameter's gradient (the library's layer)."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    from gpu_train import TINY
+
+    from moesaic.trainer.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**TINY))
+    x = torch.randint(0, 256, (2, 32))
+    out = model(x, x)
+    out.loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return model, x, out, ref
+
+
+def test_fused_w13_model_equals_the_library_model():
+    """`--variant w13` stores [w1; w3] as one parameter: the same loss, and its gradient is theirs."""
+    import torch
+
+    model, x, out, ref = _tiny_model_and_reference()
+    from gpu_train import _groups
+    from gpu_variants import fuse_w13
+
+    assert fuse_w13(model) == 2
+    out13 = model(x, x)
+    out13.loss.backward()
+    torch.testing.assert_close(out13.loss, out.loss)
+    grads = dict(model.named_parameters())
+    for i in range(2):
+        pre = f"layers.{i}.moe.experts."
+        torch.testing.assert_close(grads[pre + "w13_EGD"].grad, torch.cat([ref[pre + "w1_EFD"], ref[pre + "w3_EFD"]], 1))
+        torch.testing.assert_close(grads[pre + "w2_EDF"].grad, ref[pre + "w2_EDF"])
+    # the overlapped optimizer's groups cover every parameter once, in the forward's order
+    groups = _groups(model)
+    assert len(groups) == 4 and sorted(id(p) for g in groups for p in g) == sorted(id(p) for p in model.parameters())
+
+
+def test_fused_moe_equals_the_loop():
+    """bench/fused_moe.py's layer (its ops' torch paths, as on a machine without CUDA) against the
+    library's gather, per-expert loop and combine in fp32: output and every gradient, dropless and
+    with a third of the slots dropped, and with the weight gradients one mm per expert."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    from fused_moe import check_against_loop
+
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        for drop, loop_dw in ((0.0, False), (0.3, False), (0.3, True)):
+            err = check_against_loop(torch.device("cpu"), dtype, tokens=50, top_k=3, num_experts=5, drop=drop,
+                                     loop_dw=loop_dw)
+            assert max(err.values()) < tol, (dtype, drop, loop_dw, err)
+
+
+def test_fused_moe_kernels_in_the_interpreter():
+    """The same, with the Triton kernels run by Triton's CPU interpreter (fp32 and fp16; numpy has no
+    bf16): blocks cut by d and f, an expert without rows, dropped slots."""
+    code = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from common import ensure_importable; ensure_importable()
+import fused_moe
+from fused_moe import check_against_loop
+assert fused_moe._use_triton(torch.zeros(1))
+for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 3e-3)):
+    for kw in (dict(), dict(tokens=50, top_k=3, num_experts=6, dim=40, ffn=24, drop=0.3)):
+        err = check_against_loop(torch.device("cpu"), dtype, **kw)
+        assert max(err.values()) < tol, (dtype, kw, err)
+        print(dtype, err)
+"""
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, str(BENCH)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("grad_w13") == 4
+
+
+def test_fused_variant_model_equals_the_library_model():
+    """`--variant fused` in moesaic's model: the same loss and gradients as the library's layer."""
+    import torch
+
+    import moesaic.parallel.moe as moe
+
+    model, x, out, ref = _tiny_model_and_reference()
+    from gpu_variants import apply, use
+
+    saved = moe.gather_slots, moe.combine_slots
+    try:
+        use(["fused"])
+        assert moe.combine_slots is not saved[1]
+        apply(model, ["fused"])
+        out2 = model(x, x)
+        out2.loss.backward()
+    finally:
+        moe.gather_slots, moe.combine_slots = saved
+    torch.testing.assert_close(out2.loss, out.loss)
+    for n, p in model.named_parameters():
+        if n.endswith("w13_EGD"):
+            pre = n[: -len("w13_EGD")]
+            torch.testing.assert_close(p.grad, torch.cat([ref[pre + "w1_EFD"], ref[pre + "w3_EFD"]], 1))
+        else:
+            torch.testing.assert_close(p.grad, ref[n], msg=n)
+
+
+def test_layer_traffic_on_meta(tmp_path):
+    """`gpu_moe_layer.py --traffic` counts the bytes outside the GEMMs at the GPU shapes, on meta tensors."""
+    run("gpu_moe_layer.py", "--traffic", "--json", tmp_path / "t.json")
+    rows = {(r["shape"], r["layer"]): r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}
+    lib, fused = rows[("deepseekmoe-16b", "library")], rows[("deepseekmoe-16b", "fused")]
+    assert 5.0 < lib["GB"] < 5.6 and fused["GB"] < 0.5 * lib["GB"]
+
+
+def test_triton_grouped_gemm_equals_the_loop_in_the_interpreter():
+    """bench/triton_grouped.py's kernels (forward GEMMs, input and weight gradients) against the
+    per-expert loop, run by Triton's CPU interpreter: fp32 and fp16, an expert without rows, a K that
+    is not a multiple of the block (numpy has no bf16, which the GPU check covers)."""
+    code = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from common import ensure_importable; ensure_importable()
+from triton_grouped import check_against_loop
+cpu = torch.device("cpu")
+for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 3e-3)):
+    for shape in (dict(), dict(num_experts=3, dim=32, ffn=40, counts=(16, 17, 0))):
+        err = check_against_loop(cpu, dtype, **shape)
+        assert max(err.values()) < tol, (dtype, shape, err)
+        print(dtype, err)
+"""
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, str(BENCH)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("grad_w2") == 4
+
+
+def test_gpu_grouped_gemm_tiny_in_the_interpreter(tmp_path):
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_grouped_gemm.py"), "--device", "cpu", "--tiny",
+                           "--json", str(tmp_path / "g.json")], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "g.json").read_text())
+    assert max(res["check_vs_loop"].values()) < 1e-5
+    assert [r["gemm"] for r in res["rows"]] == ["forward (ragged M)", "input grad (ragged M)", "weight grad (ragged K)"]
+
+
+def test_layer_gemms_tiny(tmp_path):
+    """`gpu_grouped_gemm.py --layer`: the library's nine GEMMs and the w13 layout's six, and their sums."""
+    run("gpu_grouped_gemm.py", "--device", "cpu", "--tiny", "--layer", "--json", tmp_path / "l.json")
+    rows = json.loads((tmp_path / "l.json").read_text())["rows"]
+    for layout, n in (("library", 6), ("w13", 6)):
+        mine = [r for r in rows if r["layout"] == layout]
+        assert len(mine) == n + 1 and mine[-1]["gemm"] == "all (fwd+bwd)"
+        assert abs(sum(r["ms"] for r in mine[:-1]) - mine[-1]["ms"]) < 1e-9
+
+
+def test_check_w13_against_the_loop():
+    """The GPU diagnostic for the w13 variant: on CPU both paths equal the fp32 loop (fp32), and
+    stay within bf16 rounding of it (bf16)."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    from gpu_variants import check_w13
+
+    small = dict(tokens=256, experts=4, top_k=2, dim=32, ffn=24)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        res = check_w13(torch.device("cpu"), dtype, **small)
+        assert set(res) == {"library", "w13"}
+        assert all(v < tol for errs in res.values() for v in errs.values()), (dtype, res)
