@@ -8,6 +8,14 @@ import sys
 
 from test_bench import BENCH, run
 
+
+def interpreted(*args) -> str:
+    """Run python with `args` under Triton's CPU interpreter (TRITON_INTERPRET=1); its stdout."""
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
 def test_gpu_variants_compute_what_they_replace():
     """Each candidate speed-up equals the library code it would replace (outputs and gradients)."""
     import torch
@@ -115,10 +123,7 @@ for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 3e-3)):
         assert max(err.values()) < tol, (dtype, kw, err)
         print(dtype, err)
 """
-    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", code, str(BENCH)], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("grad_w13") == 4
+    assert interpreted("-c", code, BENCH).count("grad_w13") == 4
 
 
 def test_fused_variant_model_equals_the_library_model():
@@ -172,17 +177,11 @@ for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 3e-3)):
         assert max(err.values()) < tol, (dtype, shape, err)
         print(dtype, err)
 """
-    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", code, str(BENCH)], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("grad_w2") == 4
+    assert interpreted("-c", code, BENCH).count("grad_w2") == 4
 
 
 def test_gpu_grouped_gemm_tiny_in_the_interpreter(tmp_path):
-    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, str(BENCH / "gpu_grouped_gemm.py"), "--device", "cpu", "--tiny",
-                           "--json", str(tmp_path / "g.json")], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    interpreted(BENCH / "gpu_grouped_gemm.py", "--device", "cpu", "--tiny", "--json", tmp_path / "g.json")
     res = json.loads((tmp_path / "g.json").read_text())
     assert max(res["check_vs_loop"].values()) < 1e-5
     assert [r["gemm"] for r in res["rows"]] == ["forward (ragged M)", "input grad (ragged M)", "weight grad (ragged K)"]
