@@ -1,7 +1,7 @@
 """The MoE layer's memory-bound steps as one Triton kernel each: the candidate for #4's fine-grained shapes.
 
-On an H200 the DeepSeekMoE-like layer (T 8,192, top-6, d 2,048, f 1,408) spends about 4.3 ms in its
-six grouped GEMMs and 2.4-3 ms around them (bench/RESULTS.md). Counted op by op (`traffic()`), the
+On an H200 the DeepSeekMoE-like layer (T 8,192, top-6, d 2,048, f 1,408) took 6.6-7.3 ms, of which
+the grouped GEMMs, at the rates measured alone, take about 4.3 ms (bench/RESULTS.md). Counted op by op (`traffic()`), the
 library's eager layer moves 5.3 GB outside the GEMMs: the combine is three passes (un-permute,
 multiply, sum), the gather's backward two, SwiGLU two and its backward five, and the two input
 gradients of w1 and w3 are added in a sixth. Here, with w1 and w3 stored as one w13 (E, 2f, d):
@@ -15,7 +15,7 @@ gradients of w1 and w3 are added in a sixth. Here, with w1 and w3 stored as one 
 | SwiGLU (bwd) | `swiglu13_backward` | read N*3f, write N*2f |
 | gather (bwd) | `slot_sum` with unit weights: grad_x_t = sum_k dx[pos_tk] | read N*d, write T*d |
 
-2.4 GB at the DeepSeekMoE-like shape, against 5.3 GB. The grouped GEMMs stay `torch._grouped_mm`
+2.3 GB at the DeepSeekMoE-like shape, against 5.3 GB (`python bench/gpu_moe_layer.py --traffic`). The grouped GEMMs stay `torch._grouped_mm`
 (bench/triton_grouped.py's are 15-30% slower). Every op is a torch custom op with autograd, opaque
 to torch.compile, and computes in fp32 registers. Without CUDA (and without TRITON_INTERPRET=1, which
 the tests set) each op runs the same math in torch. `pos_TK` is the sorted row of each token-slot,
