@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issues #4 and #8 as one prepared run for a lent H100/H200 (the device tool):
-#   bash bench/gpu_check.sh [all|baseline|variants|overlap|ablate|confirm|w13check|layerprofile|fused|next|trainer]   # JSON and one log under $OUT (or bench/results)
+#   bash bench/gpu_check.sh [all|baseline|variants|overlap|ablate|confirm|w13check|layerprofile|next|layer|trainer]   # JSON and one log under $OUT (or bench/results)
 # baseline (about 4.5 minutes on an H200): the expert layer, and whole training steps eager at batch 8
 # and compiled at batch 8, 16 and 4 x 8 -- the figures in bench/RESULTS.md. variants (about 3
 # minutes): the same steps with the candidate speed-ups of bench/gpu_variants.py, for the A/B
@@ -12,16 +12,18 @@
 # best candidate alternated, twice, at batch 8 and 16. w13check (about 3 minutes): the stored w13
 # weight's output and gradients against the fp32 loop at gpu_train's shape, and 60-step loss curves
 # with and without it (their per-step losses are in the JSON). layerprofile (about 1.5 minutes):
-# the layer eager and compiled with kernel profiles, for the time outside the grouped GEMMs. fused
-# (about 5 minutes): bench/fused_moe.py's kernels checked against the loop in bf16, the layer with
-# them beside the library (eager and compiled), and whole steps with them beside the best candidate so
-# far. next (about 8 minutes, for one call): w13check's curves, twice for the library (the floor that
-# nondeterministic kernels set) and with a 20-step learning-rate warm-up, then fused. trainer (about
-# 5 minutes; first `bash bench/fetch_wheels.sh` here, and carry [".whl"]): moesaic-doctor on one
-# NCCL rank, the trainer's demo model in bf16 eager and compiled (FSSDP, EP, DDP), and gpu_train's
-# 2.62B model through the trainer, compiled; bench/trainer_runs.py prints them side by side. Each part has its own time limit. Needs torch only (the
-# device image has no pulp, hydra or wandb; the scripts import moesaic from this checkout). Each
-# script prints and writes every finished run as it goes, so a part cut off keeps those.
+# the layer eager and compiled with kernel profiles, for the time outside the grouped GEMMs. next
+# (about 7 minutes, one call): whole steps with bench/fused_moe.py's layer and with bf16 AdamW
+# moments beside the best w13 run, then the w13 loss question: bf16 against the fp32 loop, and
+# 60-step loss curves (the library twice, for the floor that nondeterministic kernels set; w13; bf16
+# moments; and with a 20-step warm-up). layer (about 4 minutes, one call): the fused kernels in
+# bf16, every grouped GEMM of the layer alone, and the layer eager and compiled with profiles.
+# trainer (about 5 minutes; first `bash bench/fetch_wheels.sh` here, and carry [".whl"]):
+# moesaic-doctor on one NCCL rank, the trainer's demo model in bf16 eager and compiled (FSSDP, EP,
+# DDP), and gpu_train's 2.62B model through the trainer, compiled; bench/trainer_runs.py prints them
+# side by side. Each part has its own time limit. All parts but trainer need torch only (the device
+# image has no pulp, hydra or wandb; the scripts import moesaic from this checkout). Each script
+# prints and writes every finished run as it goes, so a part cut off keeps those.
 set -u
 PART=${1:-all}
 OUT=${OUT:-bench/results}
@@ -56,29 +58,34 @@ if [ "$PART" = ablate ]; then  # a second sample of both, then which part of the
   echo "## $(date +%T) done" | tee -a "$LOG"
   exit 0
 fi
-fused_part() {  # the fused kernels: correct in bf16, the layer, whole steps
+layer_part() {  # the fused kernels correct in bf16, the layer's GEMMs alone, the layer eager and compiled
   echo "## $(date +%T) fused kernels against the loop (bf16)" | tee -a "$LOG"
   timeout 90 python3 bench/fused_moe.py 2>&1 | tee -a "$LOG"
   echo "## $(date +%T) every grouped GEMM of the layer, alone: their sum against the layer's time" | tee -a "$LOG"
   timeout 90 python3 bench/gpu_grouped_gemm.py --layer --json "$OUT/gpu_layer_gemms.json" 2>&1 | tee -a "$LOG"
   echo "## $(date +%T) expert layer: library, w13 and fused, eager and compiled" | tee -a "$LOG"
-  timeout 200 python3 bench/gpu_moe_layer.py --compiled --iters 10 --profile "$OUT/layer_profile" --json "$OUT/gpu_moe_layer_fused.json" 2>&1 | tee -a "$LOG"
+  timeout 240 python3 bench/gpu_moe_layer.py --compiled --iters 10 --profile "$OUT/layer_profile" --json "$OUT/gpu_moe_layer_fused.json" 2>&1 | tee -a "$LOG"
+}
+steps_part() {  # whole steps: the fused layer and bf16 moments beside the best w13 run
   train gpu_train_best_w13 100 --compile blocks --overlap-optimizer equal --variant w13 --batch 8
   train gpu_train_best_fused 100 --compile blocks --overlap-optimizer equal --variant fused --batch 8 16
+  train gpu_train_best_fused_bf16m 100 --compile blocks --overlap-optimizer equal --variant fused --moments bf16 --batch 8 16
   train gpu_train_blocks_fused 90 --compile blocks --variant fused --batch 8
+  train gpu_train_blocks_w13_bf16m 90 --compile blocks --variant w13 --moments bf16 --batch 8
 }
-if [ "$PART" = fused ] || [ "$PART" = next ]; then
-  if [ "$PART" = next ]; then
-    timeout 60 python3 bench/gpu_variants.py 2>&1 | tee -a "$LOG"
-    train gpu_train_curve_blocks 90 --compile blocks --batch 8 --steps 60
-    train gpu_train_curve_w13 90 --compile blocks --variant w13 --batch 8 --steps 60
-    train gpu_train_curve_blocks_again 90 --compile blocks --batch 8 --steps 60  # the run-to-run floor
-    train gpu_train_curve_blocks_warm 90 --compile blocks --batch 8 --steps 60 --lr-warmup 20
-    train gpu_train_curve_w13_warm 90 --compile blocks --variant w13 --batch 8 --steps 60 --lr-warmup 20
-    python3 bench/loss_curves.py "$OUT"/gpu_train_curve_{blocks,blocks_again,w13}.json 2>&1 | tee -a "$LOG"
-    python3 bench/loss_curves.py "$OUT"/gpu_train_curve_{blocks_warm,w13_warm}.json 2>&1 | tee -a "$LOG"
-  fi
-  fused_part
+curves_part() {  # the w13 loss question: bf16 against fp32, then 60-step curves beside the floor
+  timeout 60 python3 bench/gpu_variants.py 2>&1 | tee -a "$LOG"
+  train gpu_train_curve_blocks 90 --compile blocks --batch 8 --steps 60
+  train gpu_train_curve_w13 90 --compile blocks --variant w13 --batch 8 --steps 60
+  train gpu_train_curve_blocks_again 90 --compile blocks --batch 8 --steps 60  # the run-to-run floor
+  train gpu_train_curve_bf16m 90 --compile blocks --batch 8 --steps 60 --moments bf16
+  train gpu_train_curve_blocks_warm 90 --compile blocks --batch 8 --steps 60 --lr-warmup 20
+  train gpu_train_curve_w13_warm 90 --compile blocks --variant w13 --batch 8 --steps 60 --lr-warmup 20
+  python3 bench/loss_curves.py "$OUT"/gpu_train_curve_{blocks,blocks_again,w13,bf16m}.json 2>&1 | tee -a "$LOG"
+  python3 bench/loss_curves.py "$OUT"/gpu_train_curve_{blocks_warm,w13_warm}.json 2>&1 | tee -a "$LOG"
+}
+if [ "$PART" = next ] || [ "$PART" = layer ]; then
+  if [ "$PART" = next ]; then steps_part; curves_part; else layer_part; fi
   echo "## $(date +%T) done" | tee -a "$LOG"
   exit 0
 fi

@@ -7,7 +7,8 @@ The model (the issue's, about 2.62B parameters, 0.96B active): d 2048, 16 layers
 experts of ffn 1408 (SwiGLU, grouped GEMM), top-4, 1 shared expert, seq 2048, byte vocabulary.
 
 Mixed precision, as Megatron does it (bench/master_adamw.py): the model's weights, activations and
-gradients are bf16; the optimizer keeps fp32 master weights and fp32 AdamW moments, clips the global
+gradients are bf16; the optimizer keeps fp32 master weights and fp32 AdamW moments (bf16 moments with
+`--moments bf16`, as DeepSeek-V3 trained), clips the global
 gradient norm to 1.0, steps the masters and writes the bf16 weights back (one Triton kernel on a
 GPU, checked against torch's AdamW at start). With `--accum N`, N micro-batches' gradients are
 summed in fp32 before each step. Learning rate 3e-4, constant, or after a linear warm-up of
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import dense_rate, ensure_importable, machine, profile_to, sync, table, write_json  # noqa: E402
 from gpu_variants import VARIANTS, use  # noqa: E402
 from gpu_variants import apply as apply_variants  # noqa: E402
-from master_adamw import MasterAdamW, check_triton  # noqa: E402
+from master_adamw import MasterAdamW, check_bf16_moments, check_triton  # noqa: E402
 
 ensure_importable()
 import torch  # noqa: E402
@@ -120,7 +121,7 @@ def run(cfg: ModelConfig, batch: int, a, device, data: torch.Tensor, rate: float
     model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
     apply_variants(model, a.variant)
     counts = model.num_params()
-    opt = MasterAdamW(model.parameters(), lr=3e-4, weight_decay=0.1, impl=a.optimizer)
+    opt = MasterAdamW(model.parameters(), lr=3e-4, weight_decay=0.1, impl=a.optimizer, moments=a.moments)
     if opt.impl == "triton":
         opt.block, opt.num_warps = a.adamw_config
     if a.overlap_optimizer:
@@ -219,7 +220,8 @@ def _label(a, batch: int, impl: str) -> str:
     mode = {"none": "eager", "model": "compile", "blocks": "compile per block"}[a.compile]
     overlap = f" overlapped ({a.overlap_optimizer})" if a.overlap_optimizer else ""
     warm = f", lr warm-up {a.lr_warmup}" if a.lr_warmup else ""
-    return f"{mode}, batch {batch}{accum}, {impl}{overlap} AdamW{variants}{warm}"
+    moments = " (bf16 moments)" if a.moments == "bf16" else ""
+    return f"{mode}, batch {batch}{accum}, {impl}{overlap} AdamW{moments}{variants}{warm}"
 
 
 def main() -> None:
@@ -234,6 +236,8 @@ def main() -> None:
     ap.add_argument("--overlap-optimizer", nargs="?", const="background", default=None, choices=["background", "equal"],
                     help="run the update on a side stream, overlapped with the next forward (triton AdamW): "
                          "as background work under a high-priority main stream (default), or at equal priority")
+    ap.add_argument("--moments", default="fp32", choices=["fp32", "bf16"],
+                    help="AdamW moments in fp32, or in bf16 as DeepSeek-V3 trained (fp32 master weights either way)")
     ap.add_argument("--lr-warmup", type=int, default=0,
                     help="linear learning-rate warm-up over this many steps (0: constant 3e-4 from the first step)")
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (fp32 accumulation)")
@@ -258,6 +262,11 @@ def main() -> None:
             print(f"triton AdamW against torch's, 3 steps: max |master diff| / max |update| = {diff:.2e}")
             if diff > 1e-4:  # fp32 rounding of the weights is ~2e-5 of an update of lr=1e-2
                 raise RuntimeError("the triton AdamW differs from torch's")
+            if a.moments == "bf16":
+                m["triton_adamw_bf16_moments_rel_diff"] = diff = check_bf16_moments(device)
+                print(f"triton AdamW with bf16 moments against the torch reference, 3 steps: {diff:.2e}")
+                if diff > 2e-2:  # the two may round a moment to bf16 differently where fp32 rounding differs
+                    raise RuntimeError("the triton AdamW with bf16 moments differs from the reference")
             a.optimizer = "triton"
             probe = MasterAdamW([torch.nn.Parameter(torch.zeros(1, device=device, dtype=torch.bfloat16))], lr=1e-3,
                                 weight_decay=0.0, impl="triton")
