@@ -68,8 +68,8 @@ layer_part() {  # the fused kernels correct in bf16, the layer's GEMMs alone, th
 }
 steps_part() {  # whole steps: the fused layer and bf16 moments beside the best w13 run
   train gpu_train_best_w13 100 --compile blocks --overlap-optimizer equal --variant w13 --batch 8
-  train gpu_train_best_fused 100 --compile blocks --overlap-optimizer equal --variant fused --batch 8 16
-  train gpu_train_best_fused_bf16m 100 --compile blocks --overlap-optimizer equal --variant fused --moments bf16 --batch 8 16
+  train gpu_train_best_fused 150 --compile blocks --overlap-optimizer equal --variant fused --batch 8 16
+  train gpu_train_best_fused_bf16m 150 --compile blocks --overlap-optimizer equal --variant fused --moments bf16 --batch 8 16
   train gpu_train_blocks_fused 90 --compile blocks --variant fused --batch 8
   train gpu_train_blocks_w13_bf16m 90 --compile blocks --variant w13 --moments bf16 --batch 8
 }
