@@ -207,17 +207,15 @@ def _(g, y, pos_TK, w_TK):
 
 def _slot_sum_setup(ctx, inputs, output):
     y, pos_TK, w_TK = inputs
-    ctx.has_w, ctx.num_rows = w_TK is not None, y.shape[0]
-    ctx.save_for_backward(y if w_TK is not None else None, pos_TK, w_TK)
+    ctx.save_for_backward(y, pos_TK, w_TK)
 
 
 def _slot_sum_grad(ctx, g):
     y, pos_TK, w_TK = ctx.saved_tensors
-    if ctx.has_w:
-        gy, gw = slot_sum_backward(g, y, pos_TK, w_TK)
-        return gy, None, gw
-    # unit weights (the gather's backward; its own backward is a gather again)
-    return slot_gather(g, _sources(pos_TK, ctx.num_rows), pos_TK), None, None
+    if w_TK is None:  # unit weights: only the gather's backward uses them, and nothing differentiates that
+        raise RuntimeError("fused_moe.slot_sum without weights has no backward (a double backward of the gather)")
+    gy, gw = slot_sum_backward(g, y, pos_TK, w_TK)
+    return gy, None, gw
 
 
 slot_sum.register_autograd(_slot_sum_grad, setup_context=_slot_sum_setup)
@@ -241,16 +239,6 @@ def _(x, src_N, pos_TK):
 
 slot_gather.register_autograd(lambda ctx, g: (slot_sum(g, ctx.saved_tensors[0], None), None, None),
                               setup_context=lambda ctx, inputs, output: ctx.save_for_backward(inputs[2]))
-
-
-def _sources(pos_TK: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """The token of each sorted row (the inverse of `pos_TK`)."""
-    T, K = pos_TK.shape
-    slots = torch.arange(T * K, device=pos_TK.device)
-    valid = pos_TK.flatten() >= 0
-    src = torch.empty(num_rows, dtype=torch.long, device=pos_TK.device)
-    src[pos_TK.flatten()[valid].long()] = slots[valid] // K
-    return src
 
 
 def slot_positions(order_N: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:

@@ -59,6 +59,12 @@ if triton is not None:
         tl.store(p_ptr + offs, w.to(p_ptr.dtype.element_ty), mask=mask)
 
 
+def _clip_scale(grads, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global gradient norm and clip_grad_norm_'s coefficient, as tensors (no host sync)."""
+    norm = torch.nn.utils.get_total_norm([g for g in grads if g is not None], foreach=True)
+    return norm, (max_norm / (norm.float() + 1e-6)).clamp(max=1.0)
+
+
 class MasterAdamW:
     """fp32 master weights and AdamW moments for bf16 (or any) parameters."""
 
@@ -177,8 +183,7 @@ class MasterAdamW:
         AdamW does not keep): per tensor, the clipped gradient and the moments in fp32, the moments
         stored back in bf16."""
         grads = [h.grad for h in holders]
-        norm = torch.nn.utils.get_total_norm([g for g in grads if g is not None], foreach=True)
-        scale = (max_norm / (norm.float() + 1e-6)).clamp(max=1.0)
+        norm, scale = _clip_scale(grads, max_norm)
         beta1, beta2 = self.betas
         bc1, bc2 = 1 - beta1 ** self.steps, 1 - beta2 ** self.steps
         for p, w, m, v, g in zip(self.params, self.masters, self.exp_avg, self.exp_avg_sq, grads):
@@ -197,8 +202,7 @@ class MasterAdamW:
     def _step_triton(self, holders, max_norm: float, overlap: bool) -> torch.Tensor:
         grads = [h.grad for h in holders]
         # 1. the global norm and the clip coefficient, on the main stream (after the backward)
-        norm = torch.nn.utils.get_total_norm([g for g in grads if g is not None], foreach=True)
-        scale = (max_norm / (norm.float() + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s coefficient
+        norm, scale = _clip_scale(grads, max_norm)
         main = torch.cuda.current_stream()
         if not overlap and self.side is not None:
             self.finish()  # an earlier overlapped update writes the same masters: wait for it
@@ -268,17 +272,19 @@ class MasterAdamW:
         return sum(t.numel() * t.element_size() for t in state)
 
 
-def check_triton(device, steps: int = 3) -> float:
+def check_triton(device, steps: int = 3, moments: str = "fp32") -> float:
     """The largest difference between the `triton` and `torch` implementations' fp32 masters after
     `steps` steps on the same bf16 parameters and gradients, relative to the largest update. The
     middle step is clipped, on two micro-batches summed in fp32: clipping bf16 gradients in place,
-    as the `torch` implementation does, rounds them to bf16 (about 1e-3 of the update), which the
-    `triton` kernel, scaling in fp32, does not."""
+    as torch's AdamW path does, rounds them to bf16 (about 1e-3 of the update), which the `triton`
+    kernel, scaling in fp32, does not. With bf16 `moments` the two round the same fp32 moments, and
+    differ only where fp32 rounding flips a bf16 rounding: a few parts in a thousand of an update."""
     torch.manual_seed(0)
     sizes = [1, 7, 4097, (300, 1000), 70_001]
     base = [torch.randn(s, device=device).to(torch.bfloat16) for s in sizes]
     ps = {k: [torch.nn.Parameter(b.clone()) for b in base] for k in ("triton", "torch", "overlap")}
-    opts = {k: MasterAdamW(ps[k], lr=1e-2, weight_decay=0.1, impl=k if k != "overlap" else "triton") for k in ps}
+    opts = {k: MasterAdamW(ps[k], lr=1e-2, weight_decay=0.1, impl=k if k != "overlap" else "triton", moments=moments)
+            for k in ps}
     opts["overlap"].set_groups([ps["overlap"][3:], ps["overlap"][:2]])  # the order of use differs
     start = [m.clone() for m in opts["torch"].masters]
     for step in range(steps):
@@ -301,25 +307,3 @@ def check_triton(device, steps: int = 3) -> float:
     update = max(float((m - s).abs().max()) for m, s in zip(opts["torch"].masters, start))
     diff = max(float((a - b).abs().max()) for a, b in zip(opts["triton"].masters, opts["torch"].masters))
     return diff / update
-
-
-def check_bf16_moments(device, steps: int = 3) -> float:
-    """With bf16 moments, the largest difference between the `triton` kernel's masters and the torch
-    reference's (`_step_torch_bf16_moments`) after `steps` steps, relative to the largest update. The
-    two round the same fp32 moments to bf16, so they differ only where fp32 rounding flips a bf16
-    rounding: a few parts in a thousand of an update at most."""
-    torch.manual_seed(0)
-    base = [torch.randn(s, device=device).to(torch.bfloat16) for s in (7, 4097, (300, 1000))]
-    ps = {k: [torch.nn.Parameter(b.clone()) for b in base] for k in ("triton", "torch")}
-    opts = {k: MasterAdamW(ps[k], lr=1e-2, weight_decay=0.1, impl=k, moments="bf16") for k in ps}
-    start = [m.clone() for m in opts["torch"].masters]
-    for _ in range(steps):
-        grads = [torch.randn_like(b) * 1e-3 for b in base]
-        for k in ps:
-            for p, g in zip(ps[k], grads):
-                p.grad = g.clone()
-            opts[k].step(1.0)
-    update = max(float((m - s).abs().max()) for m, s in zip(opts["torch"].masters, start))
-    diff = max(float((a - b).abs().max()) for a, b in zip(opts["triton"].masters, opts["torch"].masters))
-    return diff / update
-
