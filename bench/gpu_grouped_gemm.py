@@ -68,7 +68,8 @@ def run_shape(name: str, s: dict, tokens: int, device, dtype, iters: int) -> lis
 
 def layer_gemms(name: str, s: dict, tokens: int, device, dtype, iters: int) -> list[dict]:
     """Every grouped GEMM of one forward+backward of the layer, timed alone, and their sum: the
-    library's nine (w1, w3 and w2 apart: N or K = f) and the stored-w13 layout's six (N or K = 2f).
+    library's six (w13 stored: N or K = 2f) and the nine of the layout before it (w1w3: w1, w3 and
+    w2 apart, N or K = f).
     The layer's measured time minus this sum is what the non-GEMM steps cost."""
     torch.manual_seed(0)
     E, D, Fd = s["experts"], s["dim"], s["ffn"]
@@ -82,10 +83,10 @@ def layer_gemms(name: str, s: dict, tokens: int, device, dtype, iters: int) -> l
     shared = [("w2 forward", mm(h, w2.transpose(-2, -1)), 1, Fd, D), ("w2 input grad", mm(gy, w2), 1, D, Fd),
               ("w2 weight grad", mm(gy.t(), h), 1, D, Fd)]
     layouts = {
-        "library": [("w1/w3 forward", mm(x, w1.transpose(-2, -1)), 2, D, Fd), *shared,
-                    ("w1/w3 input grad", mm(h, w1), 2, Fd, D), ("w1/w3 weight grad", mm(h.t(), x), 2, Fd, D)],
-        "w13": [("w13 forward", mm(x, w13.transpose(-2, -1)), 1, D, 2 * Fd), *shared,
-                ("w13 input grad", mm(h13, w13), 1, 2 * Fd, D), ("w13 weight grad", mm(h13.t(), x), 1, 2 * Fd, D)],
+        "library": [("w13 forward", mm(x, w13.transpose(-2, -1)), 1, D, 2 * Fd), *shared,
+                    ("w13 input grad", mm(h13, w13), 1, 2 * Fd, D), ("w13 weight grad", mm(h13.t(), x), 1, 2 * Fd, D)],
+        "w1w3": [("w1/w3 forward", mm(x, w1.transpose(-2, -1)), 2, D, Fd), *shared,
+                 ("w1/w3 input grad", mm(h, w1), 2, Fd, D), ("w1/w3 weight grad", mm(h.t(), x), 2, Fd, D)],
     }
     out, times = [], {}
     for layout, gemms in layouts.items():

@@ -1,7 +1,9 @@
 """One-GPU forward+backward of moesaic's expert computation (router top-k, gather, grouped GEMM
 SwiGLU via torch._grouped_mm, weighted scatter) in bf16, against the dense bf16 matmul rate measured
-in the same run, beside the same grouped GEMM with plain indexing (x[token] in, atomic index_add
-out) and a per-expert loop.
+in the same run. Beside it: the same layer with `kernels="triton"` (moesaic/parallel/kernels.py),
+and with its weight gradients one mm per expert (bench/fused_moe.py); the layout before w13 was
+stored (w1, w3 apart: `w1w3`); plain indexing (x[token] in, atomic index_add out); Triton grouped
+GEMMs (bench/triton_grouped.py); and a per-expert loop.
 
     python bench/gpu_moe_layer.py [--tokens 8192] [--json out.json]
     python bench/gpu_moe_layer.py --device cpu --tiny      # the CPU smoke test
@@ -22,8 +24,8 @@ from common import dense_rate, ensure_importable, machine, profile_to, table, ti
 ensure_importable()
 import torch  # noqa: E402
 
-from fused_moe import FusedExperts, fused_layer  # noqa: E402
-from gpu_variants import fused_w13_swiglu  # noqa: E402
+from fused_moe import LoopDWExperts  # noqa: E402
+from gpu_variants import split_swiglu  # noqa: E402
 from triton_grouped import triton, triton_w13_swiglu  # noqa: E402
 from moesaic.parallel.experts import GroupedExperts, grouped_swiglu, looped_swiglu  # noqa: E402
 from moesaic.parallel.moe import LocalDispatcher  # noqa: E402
@@ -38,23 +40,28 @@ SHAPES = {
 TINY = {"tiny": dict(dim=64, ffn=96, experts=8, top_k=2)}
 
 
-class _FusedW13:
-    """The same experts computed by the `w13` candidate (bench/gpu_variants.py): w1 and w3 stored as
-    one (E, 2F, D) weight, built once here as a stored parameter would be."""
+class _Experts:
+    """A GroupedExperts' weights computed another way, for a comparison column: `fn(x, counts)`."""
 
-    def __init__(self, experts):
-        self.num_experts, self.w2 = experts.num_experts, experts.w2_EDF
-        self.w13 = torch.cat([experts.w1_EFD, experts.w3_EFD], dim=1).detach().requires_grad_()
-
-    def __call__(self, x, counts):
-        return fused_w13_swiglu(x, counts, self.w13, self.w2)
-
-
-class _TritonW13(_FusedW13):
-    """The same, with bench/triton_grouped.py's grouped GEMMs instead of torch._grouped_mm."""
+    def __init__(self, experts, fn, kernels="torch", leaves=None):
+        self.num_experts, self.kernels, self.fn = experts.num_experts, kernels, fn
+        self.leaves = leaves if leaves is not None else list(experts.parameters())
 
     def __call__(self, x, counts):
-        return triton_w13_swiglu(x, counts, self.w13, self.w2)
+        return self.fn(x, counts)
+
+
+def variants(experts) -> dict:
+    """The layer's ways of computing the same experts (same values): name -> experts object."""
+    w1, w3 = (t.detach().clone().requires_grad_() for t in experts.w13_EGD.chunk(2, dim=1))
+    w13, w2 = experts.w13_EGD, experts.w2_EDF
+    return {
+        "library": experts,
+        "triton": _Experts(experts, lambda x, c: grouped_swiglu(x, c, w13, w2, kernels="triton"), "triton"),
+        "triton_loop_dw": LoopDWExperts(experts),
+        "w1w3": _Experts(experts, lambda x, c: split_swiglu(x, c, w1, w2, w3), leaves=[w1, w2, w3]),
+        "triton_gemm": _Experts(experts, lambda x, c: triton_w13_swiglu(x, c, w13, w2)),
+    }
 
 
 def _layer(s, tokens, device, dtype):
@@ -70,17 +77,18 @@ def _layer(s, tokens, device, dtype):
 
 
 def run_compiled(name, s, tokens, device, dtype, iters, profile=None) -> dict:
-    """The layer eager and under torch.compile: the library, the stored w13 weight, and the fused
-    candidate (bench/fused_moe.py; also with the weight gradients one mm per expert). The grouped
-    GEMMs stay torch._grouped_mm in all of them."""
+    """The layer eager and under torch.compile: the library with torch and with Triton element-wise
+    kernels, the layout before w13 (w1w3), and the Triton layer with loop dW. The grouped GEMMs stay
+    torch._grouped_mm in all of them."""
     experts, dispatch, x, route = _layer(s, tokens, device, dtype)
     flops = 3 * 2 * tokens * s["top_k"] * s["dim"] * s["ffn"] * 3
     row = {"shape": name, **s, "tokens": tokens}
-    fused = FusedExperts(experts)
-    for label, ex in (("eager", experts), ("compiled", experts), ("compiled_w13", _FusedW13(experts)),
-                      ("fused", fused), ("compiled_fused", fused), ("fused_loop_dw", FusedExperts(experts, loop_dw=True))):
-        def layer(inp, ex=ex, label=label):
-            return fused_layer(inp, route, ex) if "fused" in label else dispatch(inp, route, ex)
+    v = variants(experts)
+    runs = (("eager", v["library"]), ("compiled", v["library"]), ("compiled_w1w3", v["w1w3"]), ("triton", v["triton"]),
+            ("compiled_triton", v["triton"]), ("triton_loop_dw", v["triton_loop_dw"]))
+    for label, ex in runs:
+        def layer(inp, ex=ex):
+            return dispatch(inp, route, ex)
         if label.startswith("compiled"):
             # each (shape, run) its own static-shape compile: the same code object compiled again for
             # another shape would be recompiled with dynamic shapes, and past dynamo's cache limit
@@ -103,57 +111,46 @@ def run_compiled(name, s, tokens, device, dtype, iters, profile=None) -> dict:
 def run_shape(name, s, tokens, device, dtype, iters):
     experts, dispatch, x, route = _layer(s, tokens, device, dtype)
     fwd_flops = 2 * tokens * s["top_k"] * s["dim"] * s["ffn"] * 3
+    v = variants(experts)
 
     def fwd():
         with torch.no_grad():
             dispatch(x, route, experts)
 
-    def fwd_bwd():
-        dispatch(x, route, experts).sum().backward()
+    def fwd_bwd(ex=experts):
+        dispatch(x, route, ex).sum().backward()
 
     def indexed(swiglu):  # the plain-indexing permutation: x[token] in, atomic index_add out
         order = torch.argsort(route.expert_ids_TK.flatten(), stable=True)
         tok = order // s["top_k"]
-        y = swiglu(x[tok], route.tokens_per_expert_E, experts.w1_EFD, experts.w2_EDF, experts.w3_EFD)
+        y = swiglu(x[tok], route.tokens_per_expert_E, experts.w13_EGD, experts.w2_EDF)
         w = route.weights_TK.flatten()[order].unsqueeze(-1)
         return x.new_zeros(x.shape).index_add(0, tok, y * w)
 
-    # the layer against the per-expert loop: same output (bf16 rounding apart)
+    def err(ex):  # a layer against the per-expert loop: same output, bf16 rounding apart
+        with torch.no_grad():
+            return float((dispatch(x, route, ex).float() - y_ref).abs().max() / y_ref.abs().max())
+
     with torch.no_grad():
-        y, y_ref = dispatch(x, route, experts).float(), indexed(looped_swiglu).float()
-    rel_err = float((y - y_ref).abs().max() / y_ref.abs().max())
+        y_ref = indexed(looped_swiglu).float()
+    out = {"shape": name, **s, "tokens": tokens, "max_rel_err_vs_loop": err(experts)}
     t_f = timeit(fwd, device, iters)
     t_fb = timeit(fwd_bwd, device, iters)
     x.requires_grad_(False)  # as a first layer would: no input gradient (two of the six backward GEMMs)
     t_fb_nx = timeit(fwd_bwd, device, iters)
     x.requires_grad_(True)
-    t_idx = timeit(lambda: indexed(grouped_swiglu).sum().backward(), device, iters)
-    w13 = _FusedW13(experts)
-    t_w13 = timeit(lambda: dispatch(x, route, w13).sum().backward(), device, iters)
-    fused = FusedExperts(experts)  # bench/fused_moe.py: the memory-bound steps one kernel each
-    with torch.no_grad():
-        fused_err = float((fused_layer(x, route, fused).float() - y_ref).abs().max() / y_ref.abs().max())
-    t_fused = timeit(lambda: fused_layer(x, route, fused).sum().backward(), device, iters)
-    fused_loop = FusedExperts(experts, loop_dw=True)  # weight gradients as one dense mm per expert
-    t_fused_loop = timeit(lambda: fused_layer(x, route, fused_loop).sum().backward(), device, iters)
-    tri = {}
-    if triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
-        tw = _TritonW13(experts)
-        with torch.no_grad():  # the Triton layer against the per-expert loop (bf16 rounding apart)
-            tri["triton_max_rel_err_vs_loop"] = float((dispatch(x, route, tw).float() - y_ref).abs().max() / y_ref.abs().max())
-        t_tri = timeit(lambda: dispatch(x, route, tw).sum().backward(), device, iters)
-        t_tri_f = timeit(lambda: _no_grad(dispatch, x, route, tw), device, iters)
-        tri.update(triton_fwd_tflops=fwd_flops / t_tri_f / 1e12, triton_fwd_bwd_tflops=3 * fwd_flops / t_tri / 1e12)
-    t_loop = timeit(lambda: indexed(looped_swiglu).sum().backward(), device, max(3, iters // 2))
-    return {"shape": name, **s, "tokens": tokens, "fwd_tflops": fwd_flops / t_f / 1e12,
-            "fwd_bwd_tflops": 3 * fwd_flops / t_fb / 1e12,
-            "fwd_bwd_no_input_grad_tflops": 3 * fwd_flops / t_fb_nx / 1e12,
-            "w13_fwd_bwd_tflops": 3 * fwd_flops / t_w13 / 1e12,
-            "fused_fwd_bwd_tflops": 3 * fwd_flops / t_fused / 1e12, "fused_max_rel_err_vs_loop": fused_err,
-            "fused_loop_dw_fwd_bwd_tflops": 3 * fwd_flops / t_fused_loop / 1e12,
-            "index_add_fwd_bwd_tflops": 3 * fwd_flops / t_idx / 1e12,
-            "loop_fwd_bwd_tflops": 3 * fwd_flops / t_loop / 1e12,
-            "fwd_ms": t_f * 1e3, "fwd_bwd_ms": t_fb * 1e3, "max_rel_err_vs_loop": rel_err, **tri}
+    out.update(fwd_tflops=fwd_flops / t_f / 1e12, fwd_bwd_tflops=3 * fwd_flops / t_fb / 1e12,
+               fwd_bwd_no_input_grad_tflops=3 * fwd_flops / t_fb_nx / 1e12, fwd_ms=t_f * 1e3, fwd_bwd_ms=t_fb * 1e3)
+    triton_runs = triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    for label in ("w1w3", "triton", "triton_loop_dw", "triton_gemm"):
+        if label.startswith("triton") and not triton_runs:
+            continue
+        out[f"{label}_max_rel_err_vs_loop"] = err(v[label])
+        out[f"{label}_fwd_bwd_tflops"] = 3 * fwd_flops / timeit(lambda: fwd_bwd(v[label]), device, iters) / 1e12
+    out["index_add_fwd_bwd_tflops"] = 3 * fwd_flops / timeit(lambda: indexed(grouped_swiglu).sum().backward(), device, iters) / 1e12
+    out["loop_fwd_bwd_tflops"] = 3 * fwd_flops / timeit(lambda: indexed(looped_swiglu).sum().backward(), device,
+                                                         max(3, iters // 2)) / 1e12
+    return out
 
 
 def _no_grad(fn, *args):
@@ -177,8 +174,9 @@ def row_moves(device, dtype, rows: int, dim: int, iters: int) -> list[dict]:
 
 
 def traffic_rows(shapes: dict, tokens: int) -> list[dict]:
-    """Bytes moved outside the grouped GEMMs by one forward+backward, library against fused, counted
-    op by op on meta tensors (no GPU needed), and the time they take at the measured row-move rate."""
+    """Bytes moved outside the grouped GEMMs by one forward+backward, the library's torch path against
+    its Triton kernels, counted op by op on meta tensors (no GPU needed), and the time they take at
+    the measured row-move rate."""
     from moesaic.parallel.router import RouterOutput
 
     rows, meta = [], torch.device("meta")
@@ -189,10 +187,8 @@ def traffic_rows(shapes: dict, tokens: int) -> list[dict]:
         route = RouterOutput(expert_ids_TK=ids, weights_TK=torch.empty(ids.shape, device=meta, dtype=torch.bfloat16),
                              tokens_per_expert_E=torch.empty(s["experts"], dtype=torch.long, device=meta),
                              aux_loss=None, z_loss=None)
-        fused = FusedExperts(experts)
-        for label, fn, ex, leaves in (("library", LocalDispatcher(), experts, [x, *experts.parameters()]),
-                                      ("fused", fused_layer, fused, [x, fused.w13, fused.w2])):
-            ops = traffic(fn, leaves, x, route, ex)
+        for label, ex in (("torch", experts), ("triton", variants(experts)["triton"])):
+            ops = traffic(LocalDispatcher(), [x, *experts.parameters()], x, route, ex)
             total = sum(v["read"] + v["written"] for v in ops.values())
             top = sorted(ops.items(), key=lambda kv: -(kv[1]["read"] + kv[1]["written"]))[:4]
             rows.append({"shape": name, "layer": label, "GB": total / 1e9, "kernels": sum(v["calls"] for v in ops.values()),
@@ -208,10 +204,10 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--tiny", action="store_true", help="a small CPU-sized shape (smoke test)")
     ap.add_argument("--compiled", action="store_true",
-                    help="only the layer eager against torch.compile'd (library, and the stored w13 weight)")
+                    help="only the layer eager against torch.compile'd (library with torch and Triton kernels, w1w3)")
     ap.add_argument("--profile", default=None, help="with --compiled: kernel profiles, written to PROFILE_<shape>_<run>.txt")
     ap.add_argument("--traffic", action="store_true",
-                    help="only the bytes moved outside the GEMMs, library against fused, counted on meta tensors")
+                    help="only the bytes moved outside the GEMMs, torch against Triton kernels, counted on meta tensors")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     if a.traffic:
@@ -242,19 +238,14 @@ def main() -> None:
     dense = max(dense, dense_rate(device, dtype, 256 if a.tiny else 8192))  # the faster of two measurements
     for r in rows:
         r["dense_tflops"] = dense
-        r["fwd_bwd_pct_of_dense"] = 100 * r["fwd_bwd_tflops"] / dense
-        r["fused_fwd_bwd_pct_of_dense"] = 100 * r["fused_fwd_bwd_tflops"] / dense
-        r["fused_loop_dw_fwd_bwd_pct_of_dense"] = 100 * r["fused_loop_dw_fwd_bwd_tflops"] / dense
+        for k in [k for k in r if k.endswith("fwd_bwd_tflops")]:
+            r[k.replace("_tflops", "_pct_of_dense")] = 100 * r[k] / dense
     info = machine()
     print(f"machine: {info}\ndevice {device}, dtype {dtype}, dense matmul {dense:.1f} TFLOP/s")
-    print(table(rows, ["shape", "tokens", "fwd_tflops", "fwd_bwd_tflops", "fwd_bwd_pct_of_dense",
-                       "fwd_bwd_no_input_grad_tflops", "w13_fwd_bwd_tflops", "fused_fwd_bwd_tflops", "triton_fwd_tflops", "triton_fwd_bwd_tflops",
-                       "index_add_fwd_bwd_tflops", "loop_fwd_bwd_tflops", "fwd_bwd_ms", "max_rel_err_vs_loop",
-                       "fused_fwd_bwd_pct_of_dense", "fused_loop_dw_fwd_bwd_pct_of_dense", "fused_max_rel_err_vs_loop",
-                       "triton_max_rel_err_vs_loop"]))
-    for r in rows:
-        if "triton_fwd_bwd_tflops" in r:
-            r["triton_fwd_bwd_pct_of_dense"] = 100 * r["triton_fwd_bwd_tflops"] / dense
+    pct = ["fwd_bwd", "triton_fwd_bwd", "triton_loop_dw_fwd_bwd", "w1w3_fwd_bwd", "triton_gemm_fwd_bwd"]
+    print(table(rows, ["shape", "tokens", "fwd_tflops", "fwd_bwd_tflops", "fwd_bwd_no_input_grad_tflops", "fwd_bwd_ms",
+                       *[f"{p}_pct_of_dense" for p in pct], "index_add_fwd_bwd_tflops", "loop_fwd_bwd_tflops"]))
+    print(table(rows, ["shape", *[k for k in rows[0] if k.endswith("max_rel_err_vs_loop")]]))
     print(table(moves))
     write_json(a.json, {"machine": info, "dense_tflops": dense, "rows": rows, "row_moves": moves})
 

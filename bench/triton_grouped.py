@@ -17,28 +17,16 @@ Needs torch and Triton only. `TRITON_INTERPRET=1` runs the kernels on a CPU (the
 
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ensure_importable  # noqa: E402
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs
-    triton = None
+ensure_importable()
+import torch  # noqa: E402
 
-if triton is not None and os.environ.get("TRITON_INTERPRET") == "1":
-    # Triton 3.6's interpreter turns scalars into 1-element arrays and int()s them, which numpy >= 2.4
-    # refuses (loop bounds such as range(0, K, BLOCK_K) fail): convert through .item() instead.
-    import triton.runtime.interpreter as _interp
-
-    _patch_tensor = _interp._patch_lang_tensor
-
-    def _patch_lang_tensor(tensor, scope):
-        _patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    _interp._patch_lang_tensor = _patch_lang_tensor
+from moesaic.parallel.kernels import triton  # noqa: E402  (None without Triton; applies the interpreter's shim)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); for ragged_k_mm read (BLOCK_N, BLOCK_K, BLOCK_R, ...)
 M_CONFIGS = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 4), (128, 128, 64, 4, 8), (64, 256, 64, 4, 4)]
@@ -47,6 +35,7 @@ TINY_CONFIGS = [(16, 16, 16, 1, 1)]  # the interpreter's
 _best: dict = {}
 
 if triton is not None:
+    import triton.language as tl
 
     @triton.jit
     def _ragged_m_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, E, N, K,
@@ -246,7 +235,7 @@ ragged_k_mm.register_autograd(_k_backward, setup_context=_k_setup)
 
 
 def triton_w13_swiglu(x_TD, counts_E, w13_EGD, w2_EDF):
-    """`bench/gpu_variants.fused_w13_swiglu` with the Triton grouped GEMM."""
+    """`moesaic.parallel.experts.grouped_swiglu` with the Triton grouped GEMM."""
     import torch.nn.functional as F
 
     from moesaic.parallel.experts import _offsets, autocast_cast
@@ -269,8 +258,7 @@ def check_against_loop(device, dtype, num_experts=4, dim=40, ffn=24, counts=(5, 
     dy = torch.randn(x.shape[0], dim, generator=g).to(device=device, dtype=dtype)
     y = triton_w13_swiglu(x, counts_E.to(device), w13, w2)
     got = [y.detach(), *torch.autograd.grad(y, (x, w13, w2), dy)]
-    w1, w3 = w13.chunk(2, dim=1)
-    y_ref = looped_swiglu(x.float(), counts_E, w1.float(), w2.float(), w3.float())
+    y_ref = looped_swiglu(x.float(), counts_E, w13.float(), w2.float())
     ref = [y_ref.detach(), *torch.autograd.grad(y_ref, (x, w13, w2), dy.float())]
     names = ("out", "grad_x", "grad_w13", "grad_w2")
     return {n: float((a.float() - b.float()).abs().max() / b.float().abs().max()) for n, a, b in zip(names, got, ref)}

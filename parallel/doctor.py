@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moesaic.parallel.expert_parallel import apply_expert_parallel, reduce_expert_grads
+from moesaic.parallel.experts import EXPERT_WEIGHTS
 from moesaic.parallel.fssdp import apply_fssdp, fssdp_reduce_scatter
 from moesaic.parallel.moe import MoE, MoEConfig
 from moesaic.parallel.router import RouterConfig
@@ -127,7 +128,7 @@ def ep_layer_check(name: str, plan_kind: str, cfg: MoEConfig, mesh, *, dim: int 
     xgrads = torch.empty(world * tokens, dim, device=device)
     dist.all_gather_into_tensor(xgrads, x.grad.contiguous())
     lp = moe.layer_plan
-    full = {n: torch.zeros_like(getattr(ref.experts, n)) for n in ("w1_EFD", "w2_EDF", "w3_EFD")}
+    full = {n: torch.zeros_like(getattr(ref.experts, n)) for n in EXPERT_WEIGHTS}
     if sharding == "fssdp":  # each expert's gradient lives at its owner only
         for i, e in enumerate(moe.experts.owned_ids):
             for n in full:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moesaic.parallel.all_to_all import all_to_all, exchange_counts
-from moesaic.parallel.experts import GroupedExperts, combine_slots, gather_slots
+from moesaic.parallel.experts import EXPERT_WEIGHTS, GroupedExperts, combine_slots, gather_slots
 from moesaic.parallel.router import RouterOutput, expert_counts
 from moesaic.placement.plan import Placement, check_fits
 
@@ -110,7 +110,7 @@ class ExpertParallelDispatcher(nn.Module):
         # 3. permute the kept slots by (destination, expert): the receiver's local experts are id-sorted
         kept = torch.nonzero(keep_N).flatten()
         order = kept[torch.argsort(dest_N[kept] * E + ids_N[kept], stable=True)]
-        x_send = gather_slots(x_TD, order, K)
+        x_send = gather_slots(x_TD, order, K, experts.kernels)
         # 4. exchange the (destination, expert) counts
         send_PE = torch.zeros(P, E, dtype=torch.int64, device=ids_N.device)
         send_PE.index_put_((dest_N[order], ids_N[order]), torch.ones_like(order), accumulate=True)
@@ -128,7 +128,7 @@ class ExpertParallelDispatcher(nn.Module):
             y_recv = x_recv
         # 7. results back to the tokens' ranks, then the weighted combine
         y_back = all_to_all(y_recv, in_splits, out_splits, self.group)
-        out_TD = combine_slots(y_back, order, route.weights_TK)
+        out_TD = combine_slots(y_back, order, route.weights_TK, experts.kernels)
         row_bytes = x_TD.shape[-1] * x_TD.element_size()
         self.counters = {
             "tokens_sent": sum(c for d, c in enumerate(in_splits) if d != me),
@@ -170,13 +170,14 @@ def apply_expert_parallel(model: nn.Module, mesh, plan: Placement, *, capacity_f
     for lp, moe in zip(layer_plans(plan, ep_rank), moes):
         full = moe.experts
         local = lp.local_experts
-        sub = GroupedExperts(len(local), full.dim, full.ffn_dim).to(full.w1_EFD.device, full.w1_EFD.dtype)
+        dev = full.w2_EDF.device
+        sub = GroupedExperts(len(local), full.dim, full.ffn_dim, kernels=full.kernels).to(dev, full.w2_EDF.dtype)
         with torch.no_grad():
-            for name in ("w1_EFD", "w2_EDF", "w3_EFD"):
+            for name in EXPERT_WEIGHTS:
                 getattr(sub, name).copy_(getattr(full, name)[local])
         sub.expert_ids = local
         moe.experts = sub
-        moe.dispatcher = ExpertParallelDispatcher(lp, ep_group, capacity_factor=capacity_factor).to(full.w1_EFD.device)
+        moe.dispatcher = ExpertParallelDispatcher(lp, ep_group, capacity_factor=capacity_factor).to(dev)
         moe.layer_plan = lp
     names += [n for n, _ in model.named_parameters() if ".experts." in n]
     names += [n for n, _ in model.named_buffers() if ".dispatcher." in n]  # per-rank plan tables
@@ -187,8 +188,8 @@ def apply_expert_parallel(model: nn.Module, mesh, plan: Placement, *, capacity_f
 
 
 def _flat_grads(experts: GroupedExperts) -> torch.Tensor:
-    """(n_local, 3*F*D) this rank's expert gradients, one row per local expert."""
-    ws = (experts.w1_EFD, experts.w2_EDF, experts.w3_EFD)
+    """(n_local, 3*F*D) this rank's expert gradients, one row per local expert ([w13 | w2])."""
+    ws = [getattr(experts, name) for name in EXPERT_WEIGHTS]
     n = experts.num_experts
     return torch.cat([(w.grad if w.grad is not None else torch.zeros_like(w)).reshape(n, w.shape[1] * w.shape[2])
                       for w in ws], 1)
@@ -196,7 +197,7 @@ def _flat_grads(experts: GroupedExperts) -> torch.Tensor:
 
 def _set_flat_grads(experts: GroupedExperts, flat: torch.Tensor) -> None:
     n, i = experts.num_experts, 0
-    for w in (experts.w1_EFD, experts.w2_EDF, experts.w3_EFD):
+    for w in (getattr(experts, name) for name in EXPERT_WEIGHTS):
         size = w.shape[1] * w.shape[2]
         w.grad = flat[:, i : i + size].reshape(w.shape).contiguous()
         i += size
@@ -278,8 +279,8 @@ def migrate_resident(model: nn.Module, optimizer: torch.optim.Optimizer, plan: P
         got = {e: recv[i] for i, (_, e) in enumerate(recvs)}
         rows = torch.stack([flat[row_of[e]] if e in row_of else got[e] for e in new.local_experts]) \
             if new.local_experts else flat[:0]
-        sub = GroupedExperts(len(new.local_experts), store.dim, store.ffn_dim)
-        for name in ("w1_EFD", "w2_EDF", "w3_EFD"):  # the optimizer's entries are keyed by the old tensors
+        sub = GroupedExperts(len(new.local_experts), store.dim, store.ffn_dim, kernels=store.kernels)
+        for name in EXPERT_WEIGHTS:  # the optimizer's entries are keyed by the old tensors
             setattr(sub, name, getattr(store, name))
         expert_state.install(sub, optimizer, rows, moments, store.ffn_dim, store.dim)
         sub.expert_ids = new.local_experts

@@ -1,7 +1,7 @@
 """Moving expert state between ranks: pack a layer's expert parameters and AdamW moments into one
 row per expert, rebuild tensors from such rows, and point the optimizer at the new tensors.
 Used when resident EP adopts a new plan and when FSSDP re-assigns owners.
-Legend: n experts in the shard, F ffn dim, D model dim; a row is [w1 | w2 | w3] (x3 with moments)."""
+Legend: n experts in the shard, F ffn dim, D model dim; a row is [w13 | w2] (x3 with moments)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-NAMES = ("w1_EFD", "w2_EDF", "w3_EFD")
+from moesaic.parallel.experts import EXPERT_WEIGHTS as NAMES
+from moesaic.parallel.experts import expert_weight_shapes
+
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -28,7 +30,8 @@ def pack(store, optimizer: torch.optim.Optimizer, n: int) -> tuple[torch.Tensor,
 def install(store, optimizer: torch.optim.Optimizer, rows: torch.Tensor, moments: bool, F: int, D: int) -> None:
     """Give `store` new weight Parameters built from `rows`, and move the optimizer's entries (and
     the moments carried in the rows) from the old Parameters to the new ones."""
-    sizes, shapes = [F * D, D * F, F * D], [(F, D), (D, F), (F, D)]
+    shapes = expert_weight_shapes(F, D)
+    sizes = [a * b for a, b in shapes]
     m = rows.shape[0]
     chunks = rows.split([sum(sizes)] * (3 if moments else 1), dim=1)
     for i, name in enumerate(NAMES):

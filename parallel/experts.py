@@ -1,7 +1,13 @@
 """SwiGLU experts over tokens sorted by expert, via `torch._grouped_mm` (dropless).
 
-Legend: T tokens (sorted by local expert), D model dim, F expert ffn dim, E local experts.
-Weights are stored as (E, out, in), the torchtitan layout: w1_EFD, w3_EFD (gate, up), w2_EDF (down).
+Legend: T tokens (sorted by local expert), D model dim, F expert ffn dim, E local experts, G = 2F.
+Weights are stored as (E, out, in): the gate and up projections stacked as one w13_EGD = [w1; w3]
+(so the forward runs one grouped GEMM of N = 2F, and the backward one for the input gradient and
+one for both weights, as Megatron-core's grouped MLP does), and the down projection w2_EDF. State
+dicts and checkpoints keep torchtitan's three tensors w1_EFD, w2_EDF, w3_EFD.
+
+`kernels="triton"` runs SwiGLU, the gather's backward and the combine as one Triton kernel each
+way (`moesaic.parallel.kernels`); "torch" is the element-wise torch code below.
 """
 
 from __future__ import annotations
@@ -99,12 +105,27 @@ class _Unpermute(torch.autograd.Function):
         return take_rows(grad_ND.contiguous(), order_N), None
 
 
-def gather_slots(x_TD: torch.Tensor, order_N: torch.Tensor, top_k: int) -> torch.Tensor:
+KERNELS = ("torch", "triton")
+EXPERT_WEIGHTS = ("w13_EGD", "w2_EDF")
+"""The stored expert parameters, in the order that flattened rows ([w13 | w2]) use."""
+
+
+def expert_weight_shapes(ffn_dim: int, dim: int) -> list[tuple[int, int]]:
+    """Per-expert shapes of `EXPERT_WEIGHTS`."""
+    return [(2 * ffn_dim, dim), (dim, ffn_dim)]
+
+
+def gather_slots(x_TD: torch.Tensor, order_N: torch.Tensor, top_k: int, kernels: str = "torch") -> torch.Tensor:
     """The rows `x_TD[order_N // top_k]` that token-slots `order_N` (distinct, < T*top_k) send to experts."""
+    if kernels == "triton":
+        from moesaic.parallel import kernels as kn
+
+        return kn.slot_gather(x_TD, order_N // top_k, kn.slot_positions(order_N, x_TD.shape[0], top_k))
     return _SlotGather.apply(x_TD, order_N, top_k)
 
 
-def combine_slots(y_ND: torch.Tensor, order_N: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+def combine_slots(y_ND: torch.Tensor, order_N: torch.Tensor, weights_TK: torch.Tensor,
+                  kernels: str = "torch") -> torch.Tensor:
     """out_t = sum_k weights[t, k] * y(slot t*K+k), where row i of `y_ND` is slot `order_N[i]`.
 
     Slots missing from `order_N` (dropped over capacity) add nothing. Written as row moves to slot
@@ -112,6 +133,10 @@ def combine_slots(y_ND: torch.Tensor, order_N: torch.Tensor, weights_TK: torch.T
     """
     T, K = weights_TK.shape
     D = y_ND.shape[-1]
+    if kernels == "triton":
+        from moesaic.parallel import kernels as kn
+
+        return kn.slot_sum(y_ND, kn.slot_positions(order_N, T, K), weights_TK.to(y_ND.dtype))
     if order_N.numel() == T * K:
         y_TKD = _Unpermute.apply(y_ND, order_N).view(T, K, D)
     else:
@@ -134,29 +159,36 @@ def autocast_cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def grouped_swiglu(
     x_TD: torch.Tensor,
     counts_E: torch.Tensor,
-    w1_EFD: torch.Tensor,
+    w13_EGD: torch.Tensor,
     w2_EDF: torch.Tensor,
-    w3_EFD: torch.Tensor,
+    *,
+    kernels: str = "torch",
 ) -> torch.Tensor:
-    """out_t = w2[e] (silu(w1[e] x_t) * w3[e] x_t) for the expert e that token t is sorted under.
+    """out_t = w2[e] (silu(w1[e] x_t) * w3[e] x_t) for the expert e that token t is sorted under,
+    where w13[e] = [w1[e]; w3[e]].
 
     `counts_E` (int, sums to T) gives how many consecutive rows of x belong to each expert; an expert
     with zero rows is fine. Runs in fp32/bf16/fp16 on CPU and bf16 on Hopper.
     """
-    x_TD, w1_EFD, w2_EDF, w3_EFD = autocast_cast(x_TD, w1_EFD, w2_EDF, w3_EFD)
+    x_TD, w13_EGD, w2_EDF = autocast_cast(x_TD, w13_EGD, w2_EDF)
     if torch.compiler.is_compiling() and x_TD.dtype != torch.bfloat16:
         # torch.compile's shape check of _grouped_mm takes bf16 only (the CPU kernel takes any float):
         # other dtypes leave the compiled region for this call
-        return _grouped_swiglu_eager(x_TD, counts_E, w1_EFD, w2_EDF, w3_EFD)
-    return _grouped_swiglu(x_TD, counts_E, w1_EFD, w2_EDF, w3_EFD)
+        return _grouped_swiglu_eager(x_TD, counts_E, w13_EGD, w2_EDF, kernels)
+    return _grouped_swiglu(x_TD, counts_E, w13_EGD, w2_EDF, kernels)
 
 
-def _grouped_swiglu(x_TD, counts_E, w1_EFD, w2_EDF, w3_EFD):
+def _grouped_swiglu(x_TD, counts_E, w13_EGD, w2_EDF, kernels):
     offs = _offsets(counts_E)
     x_TD = _ContiguousGrad.apply(x_TD)
-    h1_TF = torch._grouped_mm(x_TD, w1_EFD.transpose(-2, -1), offs=offs)
-    h3_TF = torch._grouped_mm(x_TD, w3_EFD.transpose(-2, -1), offs=offs)
-    h_TF = F.silu(h1_TF) * h3_TF
+    h13_TG = torch._grouped_mm(x_TD, w13_EGD.transpose(-2, -1), offs=offs)
+    if kernels == "triton":
+        from moesaic.parallel.kernels import swiglu13
+
+        h_TF = swiglu13(h13_TG)
+    else:
+        h1_TF, h3_TF = h13_TG.chunk(2, dim=-1)
+        h_TF = F.silu(h1_TF) * h3_TF
     out_TD = torch._grouped_mm(h_TF, w2_EDF.transpose(-2, -1), offs=offs)
     return _ContiguousGrad.apply(out_TD)
 
@@ -167,14 +199,14 @@ _grouped_swiglu_eager = torch.compiler.disable(_grouped_swiglu)
 def looped_swiglu(
     x_TD: torch.Tensor,
     counts_E: torch.Tensor,
-    w1_EFD: torch.Tensor,
+    w13_EGD: torch.Tensor,
     w2_EDF: torch.Tensor,
-    w3_EFD: torch.Tensor,
 ) -> torch.Tensor:
     """The per-expert loop that `grouped_swiglu` must equal (the reference in tests and benchmarks)."""
     outs = []
     for e, x in enumerate(torch.split(x_TD, counts_E.tolist())):
-        outs.append((F.silu(x @ w1_EFD[e].T) * (x @ w3_EFD[e].T)) @ w2_EDF[e].T)
+        w1, w3 = w13_EGD[e].chunk(2, dim=0)
+        outs.append((F.silu(x @ w1.T) * (x @ w3.T)) @ w2_EDF[e].T)
     if not outs:
         return x_TD.new_zeros(0, w2_EDF.shape[1])
     return torch.cat(outs)
@@ -185,26 +217,49 @@ class GroupedExperts(nn.Module):
 
     Under the skeleton's resident store every rank holds all of them; expert parallelism and FSSDP
     replace *which* experts a rank holds and where the weights come from, not this computation.
+    `w1_EFD` and `w3_EFD` are views of the stored `w13_EGD`; the state dict holds them, not w13.
     """
 
-    def __init__(self, num_experts: int, dim: int, ffn_dim: int, *, init_std: float = 0.02, out_std: float | None = None):
+    def __init__(self, num_experts: int, dim: int, ffn_dim: int, *, init_std: float = 0.02,
+                 out_std: float | None = None, kernels: str = "torch"):
         super().__init__()
-        self.num_experts, self.dim, self.ffn_dim = num_experts, dim, ffn_dim
-        self.w1_EFD = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
-        self.w3_EFD = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
+        self.num_experts, self.dim, self.ffn_dim, self.kernels = num_experts, dim, ffn_dim, kernels
+        self.w13_EGD = nn.Parameter(torch.empty(num_experts, 2 * ffn_dim, dim))
         self.w2_EDF = nn.Parameter(torch.empty(num_experts, dim, ffn_dim))
         self.init_weights(init_std, out_std if out_std is not None else init_std)
+        self.register_state_dict_post_hook(_split_w13)
+        self.register_load_state_dict_pre_hook(_join_w13)
 
     def init_weights(self, init_std: float, out_std: float) -> None:
-        nn.init.normal_(self.w1_EFD, std=init_std)
-        nn.init.normal_(self.w3_EFD, std=init_std)
+        with torch.no_grad():  # w1, then w3, then w2: the draws of three separately stored tensors
+            for half in self.w13_EGD.chunk(2, dim=1):
+                half.copy_(torch.empty(half.shape, device=half.device).normal_(std=init_std))
         nn.init.normal_(self.w2_EDF, std=out_std)
 
+    @property
+    def w1_EFD(self) -> torch.Tensor:
+        return self.w13_EGD[:, : self.ffn_dim]
+
+    @property
+    def w3_EFD(self) -> torch.Tensor:
+        return self.w13_EGD[:, self.ffn_dim :]
+
     def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        return grouped_swiglu(x_TD, counts_E, self.w1_EFD, self.w2_EDF, self.w3_EFD)
+        return grouped_swiglu(x_TD, counts_E, self.w13_EGD, self.w2_EDF, kernels=self.kernels)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, dim={self.dim}, ffn_dim={self.ffn_dim}"
+        return f"num_experts={self.num_experts}, dim={self.dim}, ffn_dim={self.ffn_dim}, kernels={self.kernels}"
+
+
+def _split_w13(module, state_dict, prefix, local_metadata):
+    w13 = state_dict.pop(prefix + "w13_EGD")
+    state_dict[prefix + "w1_EFD"], state_dict[prefix + "w3_EFD"] = w13.chunk(2, dim=1)
+
+
+def _join_w13(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    if prefix + "w1_EFD" in state_dict and prefix + "w3_EFD" in state_dict:
+        state_dict[prefix + "w13_EGD"] = torch.cat([state_dict.pop(prefix + "w1_EFD"),
+                                                    state_dict.pop(prefix + "w3_EFD")], dim=1)
 
 
 def swiglu_flops(num_tokens: int, dim: int, ffn_dim: int) -> int:
@@ -212,4 +267,5 @@ def swiglu_flops(num_tokens: int, dim: int, ffn_dim: int) -> int:
     return 2 * num_tokens * dim * ffn_dim * 3
 
 
-__all__ = ["GroupedExperts", "combine_slots", "gather_slots", "grouped_swiglu", "looped_swiglu", "swiglu_flops"]
+__all__ = ["EXPERT_WEIGHTS", "GroupedExperts", "KERNELS", "combine_slots", "expert_weight_shapes", "gather_slots",
+           "grouped_swiglu", "looped_swiglu", "swiglu_flops"]

@@ -77,18 +77,18 @@ class FSSDPExperts(nn.Module):
     """The owned shard of one MoE layer's experts, and the materialized weights of the experts this
     rank computes under the current plan."""
 
-    def __init__(self, owned_w1, owned_w2, owned_w3, owned_ids: list[int], layer_plan: LayerPlan,
-                 owners: np.ndarray, group, *, reshard_after_forward: bool):
+    def __init__(self, owned_w13, owned_w2, owned_ids: list[int], layer_plan: LayerPlan,
+                 owners: np.ndarray, group, *, reshard_after_forward: bool, kernels: str = "torch"):
         super().__init__()
-        self.w1_EFD = nn.Parameter(owned_w1.detach().clone())
+        self.w13_EGD = nn.Parameter(owned_w13.detach().clone())
         self.w2_EDF = nn.Parameter(owned_w2.detach().clone())
-        self.w3_EFD = nn.Parameter(owned_w3.detach().clone())
+        self.kernels = kernels
         self.owned_ids = owned_ids
         self.owners = owners
         self.group = group
         self.reshard_after_forward = reshard_after_forward
-        self.F, self.D = owned_w1.shape[1], owned_w1.shape[2]
-        self.row_size = 3 * self.F * self.D
+        self.F, self.D = owned_w2.shape[2], owned_w2.shape[1]
+        self.row_size = 3 * self.F * self.D  # a row is [w13 | w2]
         # neighbours for prefetch, kept out of the module tree (they are other layers' modules)
         self.__dict__["next"] = None  # the following MoE layer (forward prefetch)
         self.__dict__["prev"] = None  # the preceding MoE layer (backward prefetch)
@@ -123,8 +123,7 @@ class FSSDPExperts(nn.Module):
     # -- sparse_all_gather ----------------------------------------------------------------------
     def _owned_flat(self) -> torch.Tensor:
         n = len(self.owned_ids)
-        return torch.cat([self.w1_EFD.detach().reshape(n, -1), self.w2_EDF.detach().reshape(n, -1),
-                          self.w3_EFD.detach().reshape(n, -1)], 1)
+        return torch.cat([self.w13_EGD.detach().reshape(n, -1), self.w2_EDF.detach().reshape(n, -1)], 1)
 
     def _issue_gather(self, async_op: bool):
         # 1. rows of the owned shard, ordered by (destination, expert)
@@ -186,15 +185,16 @@ class FSSDPExperts(nn.Module):
             self._grad_bytes = mat.grad.numel() * mat.grad.element_size()
             _track(self._grad_bytes, grads=True)
 
-    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13_EGD, w2_EDF) of the experts this rank computes."""
         if self.direct:  # compute experts == owned experts, both in id order
-            return self.w1_EFD, self.w2_EDF, self.w3_EFD
+            return self.w13_EGD, self.w2_EDF
         n, F, D = self.num_compute, self.F, self.D
-        w1, w2, w3 = self._mat.split([F * D, D * F, F * D], dim=1)
-        return w1.reshape(n, F, D), w2.reshape(n, D, F), w3.reshape(n, F, D)
+        w13, w2 = self._mat.split([2 * F * D, D * F], dim=1)
+        return w13.reshape(n, 2 * F, D), w2.reshape(n, D, F)
 
     def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        return grouped_swiglu(x_TD, counts_E, *self.weights())
+        return grouped_swiglu(x_TD, counts_E, *self.weights(), kernels=self.kernels)
 
     # -- re-materialization -------------------------------------------------------------------------
     def release(self) -> None:
@@ -233,7 +233,7 @@ class FSSDPExperts(nn.Module):
         if grad is None:
             if self._mat is not None and self.num_compute and self._mat.requires_grad and self._grad_expected:
                 raise RuntimeError("sparse_reduce_scatter ran before this layer's weight gradients were ready")
-            grad = self.w1_EFD.new_zeros(self.num_compute, self.row_size)
+            grad = self.w2_EDF.new_zeros(self.num_compute, self.row_size)
         # 1. this rank's gradients in the order it received the weights (the gather's reverse)
         send = grad[list(sch.recv_to_local)] if sch.recv_to_local else grad[:0]
         recv = send.new_empty(sum(sch.in_splits), self.row_size)
@@ -272,7 +272,7 @@ class FSSDPExperts(nn.Module):
             return
         self._grad_expected = False
         n = len(self.owned_ids)
-        ws = (self.w1_EFD, self.w2_EDF, self.w3_EFD)
+        ws = (self.w13_EGD, self.w2_EDF)
         owned = torch.cat([(w.grad if w.grad is not None else torch.zeros_like(w)).reshape(n, -1) for w in ws], 1)
         self._install_grads(owned, accumulate=False)  # autograd has added up the micro-batches
 
@@ -282,8 +282,8 @@ class FSSDPExperts(nn.Module):
             dist.all_reduce(owned, group=self.edp_group)
         owned *= self.grad_scale
         F, D = self.F, self.D
-        g1, g2, g3 = owned.split([F * D, D * F, F * D], dim=1)
-        for w, g in ((self.w1_EFD, g1.reshape(n, F, D)), (self.w2_EDF, g2.reshape(n, D, F)), (self.w3_EFD, g3.reshape(n, F, D))):
+        g13, g2 = owned.split([2 * F * D, D * F], dim=1)
+        for w, g in ((self.w13_EGD, g13.reshape(n, 2 * F, D)), (self.w2_EDF, g2.reshape(n, D, F))):
             w.grad = g.contiguous() if not accumulate or w.grad is None else w.grad + g
 
     def extra_repr(self) -> str:
@@ -343,8 +343,8 @@ def apply_fssdp(model: nn.Module, mesh, plan: Placement, *, reshard_after_forwar
         lp = LayerPlan(tuple(layer), rank, P)
         full = moe.experts
         owned = [e for e in range(E) if own[e] == rank]
-        store = FSSDPExperts(full.w1_EFD[owned], full.w2_EDF[owned], full.w3_EFD[owned], owned, lp, own, ep_group,
-                             reshard_after_forward=reshard_after_forward)
+        store = FSSDPExperts(full.w13_EGD[owned], full.w2_EDF[owned], owned, lp, own, ep_group,
+                             reshard_after_forward=reshard_after_forward, kernels=full.kernels)
         store.prefetch = prefetch
         store.grad_scale = 1.0 / dist.get_world_size() if grad_scale is None else grad_scale
         store.edp_group = mesh.get_group("edp") if mesh.ndim > 1 else None

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moesaic.parallel.experts import GroupedExperts, combine_slots, gather_slots
+from moesaic.parallel.experts import KERNELS, GroupedExperts, combine_slots, gather_slots
 from moesaic.parallel.router import RouterConfig, RouterOutput, TopKRouter, expert_counts
 
 
@@ -34,6 +34,10 @@ class MoEConfig:
     num_experts) token-slots of the (expert-parallel group's) batch, by position; the rest are dropped."""
     router: RouterConfig = field(default_factory=RouterConfig)
     """How tokens choose experts."""
+    kernels: str = "torch"
+    """The layer's element-wise steps (SwiGLU, the gather's backward, the combine): "torch", or
+    "triton" (one fused kernel each way; needs Triton and a CUDA device). The grouped GEMMs are
+    `torch._grouped_mm` either way."""
 
     def __post_init__(self) -> None:
         if isinstance(self.router, dict):
@@ -50,6 +54,8 @@ class MoEConfig:
             raise ValueError(f"model.moe.ffn_dim ({self.ffn_dim}) must be >= 1")
         if self.capacity_factor < 0:
             raise ValueError(f"model.moe.capacity_factor ({self.capacity_factor}) must be >= 0 (0: dropless)")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"model.moe.kernels ({self.kernels!r}) must be one of {', '.join(KERNELS)}")
         if self.num_shared_experts < 0:
             raise ValueError(f"model.moe.num_shared_experts ({self.num_shared_experts}) must be >= 0")
 
@@ -91,9 +97,9 @@ class LocalDispatcher(nn.Module):
             counts = route.tokens_per_expert_E
         self.counters = {"dropped": num_tokens * top_k - order.numel()}
         # 2. grouped GEMM over the sorted rows
-        y_sorted = experts(gather_slots(x_TD, order, top_k), counts)
+        y_sorted = experts(gather_slots(x_TD, order, top_k, experts.kernels), counts)
         # 3. un-permute and combine with the router weights
-        return combine_slots(y_sorted, order, route.weights_TK)
+        return combine_slots(y_sorted, order, route.weights_TK, experts.kernels)
 
 
 class MoE(nn.Module):
@@ -103,7 +109,8 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = TopKRouter(dim, cfg.num_experts, cfg.top_k, cfg.router)
-        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.ffn_dim, init_std=init_std, out_std=out_std)
+        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.ffn_dim, init_std=init_std, out_std=out_std,
+                                      kernels=cfg.kernels)
         self.dispatcher: nn.Module = LocalDispatcher(cfg.capacity_factor)
         self.shared = (
             SwiGLU(dim, cfg.ffn_dim * cfg.num_shared_experts) if cfg.num_shared_experts > 0 else None

@@ -29,14 +29,15 @@ def child_env(**extra: str) -> dict:
     return env
 
 
-def torchrun(nproc: int, args: list[str], *, timeout: float = 300, module: str = "moesaic.trainer", cwd=None):
+def torchrun(nproc: int, args: list[str], *, timeout: float = 300, module: str = "moesaic.trainer", cwd=None,
+             env: dict | None = None):
     """Run `torchrun --standalone --nproc_per_node N -m module args` and return the CompletedProcess."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
         "--standalone",
         "-m", module, *args,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(), cwd=cwd)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(**(env or {})), cwd=cwd)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -78,9 +78,9 @@ def test_gpu_train_tiny_on_cpu(tmp_path):
 
 def test_gpu_train_variants_tiny_on_cpu(tmp_path):
     run("gpu_train.py", "--device", "cpu", "--tiny", "--batch", 2, "--warmup", 1, "--steps", 2,
-        "--variant", "w13", "complex-rotary", "--json", tmp_path / "g.json")
+        "--variant", "w1w3", "complex-rotary", "--json", tmp_path / "g.json")
     row = json.loads((tmp_path / "g.json").read_text())["rows"][0]
-    assert row["run"].endswith("w13, complex-rotary") and row["last_loss"] < 6
+    assert row["run"].endswith("w1w3, complex-rotary") and row["last_loss"] < 6
 
 
 def test_master_adamw_groups():

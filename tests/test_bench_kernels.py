@@ -17,33 +17,31 @@ def interpreted(*args) -> str:
     return proc.stdout
 
 def test_gpu_variants_compute_what_they_replace():
-    """Each candidate speed-up equals the library code it would replace (outputs and gradients)."""
+    """Each candidate equals the library code it stands beside (outputs and gradients)."""
     import torch
 
     sys.path.insert(0, str(BENCH))
-    from gpu_variants import complex_rotary, fused_w13_swiglu
+    from gpu_variants import complex_rotary, split_swiglu
 
     from moesaic.parallel.experts import grouped_swiglu
     from moesaic.trainer.model import apply_rotary, rotary_tables
 
     torch.manual_seed(0)
     E, D, Fd = 3, 8, 12
-    ws = [torch.randn(E, Fd, D, requires_grad=True), torch.randn(E, D, Fd, requires_grad=True),
-          torch.randn(E, Fd, D, requires_grad=True)]
+    w13, w2 = torch.randn(E, 2 * Fd, D, requires_grad=True), torch.randn(E, D, Fd, requires_grad=True)
+    w1, w3 = (t.detach().clone().requires_grad_() for t in w13.chunk(2, dim=1))
     x = torch.randn(9, D, requires_grad=True)
     counts = torch.tensor([4, 0, 5])
-    outs, grads = [], []
-    w13 = torch.cat([ws[0], ws[2]], dim=1).detach().requires_grad_()
-    y = grouped_swiglu(x, counts, *ws)
+    y = grouped_swiglu(x, counts, w13, w2)
     y.square().sum().backward()
-    ref = [t.grad.clone() for t in (x, *ws)]
+    ref = [t.grad.clone() for t in (x, w13, w2)]
     x.grad = None
-    y13 = fused_w13_swiglu(x, counts, w13, ws[1])
-    y13.square().sum().backward()
-    torch.testing.assert_close(y13, y)
+    y_split = split_swiglu(x, counts, w1, w2, w3)
+    y_split.square().sum().backward()
+    torch.testing.assert_close(y_split, y)
     torch.testing.assert_close(x.grad, ref[0])
-    torch.testing.assert_close(ws[1].grad, 2 * ref[2])  # w2's gradient accumulated twice
-    torch.testing.assert_close(w13.grad, torch.cat([ref[1], ref[3]], dim=1))
+    torch.testing.assert_close(w2.grad, 2 * ref[2])  # w2's gradient accumulated twice
+    torch.testing.assert_close(torch.cat([w1.grad, w3.grad], dim=1), ref[1])
     cos, sin = rotary_tables(8, 16, 10000.0)
     q = torch.randn(2, 3, 16, 8)
     torch.testing.assert_close(complex_rotary(q, cos, sin), apply_rotary(q, cos, sin))
@@ -69,22 +67,23 @@ def _tiny_model_and_reference():
     return model, x, out, ref
 
 
-def test_fused_w13_model_equals_the_library_model():
-    """`--variant w13` stores [w1; w3] as one parameter: the same loss, and its gradient is theirs."""
+def test_w1w3_model_equals_the_library_model():
+    """`--variant w1w3` stores w1 and w3 apart again: the same loss, and their gradients are w13's halves."""
     import torch
 
     model, x, out, ref = _tiny_model_and_reference()
     from gpu_train import _groups
-    from gpu_variants import fuse_w13
+    from gpu_variants import split_w13
 
-    assert fuse_w13(model) == 2
-    out13 = model(x, x)
-    out13.loss.backward()
-    torch.testing.assert_close(out13.loss, out.loss)
+    assert split_w13(model) == 2
+    out_split = model(x, x)
+    out_split.loss.backward()
+    torch.testing.assert_close(out_split.loss, out.loss)
     grads = dict(model.named_parameters())
     for i in range(2):
         pre = f"layers.{i}.moe.experts."
-        torch.testing.assert_close(grads[pre + "w13_EGD"].grad, torch.cat([ref[pre + "w1_EFD"], ref[pre + "w3_EFD"]], 1))
+        both = torch.cat([grads[pre + "w1_split"].grad, grads[pre + "w3_split"].grad], 1)
+        torch.testing.assert_close(both, ref[pre + "w13_EGD"])
         torch.testing.assert_close(grads[pre + "w2_EDF"].grad, ref[pre + "w2_EDF"])
     # the overlapped optimizer's groups cover every parameter once, in the forward's order
     groups = _groups(model)
@@ -92,9 +91,10 @@ def test_fused_w13_model_equals_the_library_model():
 
 
 def test_fused_moe_equals_the_loop():
-    """bench/fused_moe.py's layer (its ops' torch paths, as on a machine without CUDA) against the
-    library's gather, per-expert loop and combine in fp32: output and every gradient, dropless and
-    with a third of the slots dropped, and with the weight gradients one mm per expert."""
+    """The library's layer with kernels="triton" (its ops' torch paths, as on a machine without CUDA)
+    against the torch path's gather, per-expert loop and combine in fp32: output and every gradient,
+    dropless and with a third of the slots dropped, and with the weight gradients one mm per expert
+    (bench/fused_moe.py)."""
     import torch
 
     sys.path.insert(0, str(BENCH))
@@ -114,9 +114,9 @@ def test_fused_moe_kernels_in_the_interpreter():
 import sys, torch
 sys.path.insert(0, sys.argv[1])
 from common import ensure_importable; ensure_importable()
-import fused_moe
 from fused_moe import check_against_loop
-assert fused_moe._use_triton(torch.zeros(1))
+from moesaic.parallel import kernels
+assert kernels._use_triton(torch.zeros(1))
 for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 3e-3)):
     for kw in (dict(), dict(tokens=50, top_k=3, num_experts=6, dim=40, ffn=24, drop=0.3)):
         err = check_against_loop(torch.device("cpu"), dtype, **kw)
@@ -127,37 +127,27 @@ for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 3e-3)):
 
 
 def test_fused_variant_model_equals_the_library_model():
-    """`--variant fused` in moesaic's model: the same loss and gradients as the library's layer."""
+    """`--variant fused` in moesaic's model (kernels="triton" in every MoE layer): the same loss and
+    gradients as the torch path."""
     import torch
 
-    import moesaic.parallel.moe as moe
-
     model, x, out, ref = _tiny_model_and_reference()
-    from gpu_variants import apply, use
+    from gpu_variants import apply
 
-    saved = moe.gather_slots, moe.combine_slots
-    try:
-        use(["fused"])
-        assert moe.combine_slots is not saved[1]
-        apply(model, ["fused"])
-        out2 = model(x, x)
-        out2.loss.backward()
-    finally:
-        moe.gather_slots, moe.combine_slots = saved
+    apply(model, ["fused"])
+    assert {m.kernels for m in model.modules() if hasattr(m, "kernels")} == {"triton"}
+    out2 = model(x, x)
+    out2.loss.backward()
     torch.testing.assert_close(out2.loss, out.loss)
     for n, p in model.named_parameters():
-        if n.endswith("w13_EGD"):
-            pre = n[: -len("w13_EGD")]
-            torch.testing.assert_close(p.grad, torch.cat([ref[pre + "w1_EFD"], ref[pre + "w3_EFD"]], 1))
-        else:
-            torch.testing.assert_close(p.grad, ref[n], msg=n)
+        torch.testing.assert_close(p.grad, ref[n], msg=n)
 
 
 def test_layer_traffic_on_meta(tmp_path):
     """`gpu_moe_layer.py --traffic` counts the bytes outside the GEMMs at the GPU shapes, on meta tensors."""
     run("gpu_moe_layer.py", "--traffic", "--json", tmp_path / "t.json")
     rows = {(r["shape"], r["layer"]): r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}
-    lib, fused = rows[("deepseekmoe-16b", "library")], rows[("deepseekmoe-16b", "fused")]
+    lib, fused = rows[("deepseekmoe-16b", "torch")], rows[("deepseekmoe-16b", "triton")]
     assert 5.0 < lib["GB"] < 5.6 and fused["GB"] < 0.5 * lib["GB"]
 
 
@@ -188,18 +178,18 @@ def test_gpu_grouped_gemm_tiny_in_the_interpreter(tmp_path):
 
 
 def test_layer_gemms_tiny(tmp_path):
-    """`gpu_grouped_gemm.py --layer`: the library's nine GEMMs and the w13 layout's six, and their sums."""
+    """`gpu_grouped_gemm.py --layer`: the library's six GEMMs and the w1w3 layout's nine, and their sums."""
     run("gpu_grouped_gemm.py", "--device", "cpu", "--tiny", "--layer", "--json", tmp_path / "l.json")
     rows = json.loads((tmp_path / "l.json").read_text())["rows"]
-    for layout, n in (("library", 6), ("w13", 6)):
+    for layout, n in (("library", 6), ("w1w3", 6)):
         mine = [r for r in rows if r["layout"] == layout]
         assert len(mine) == n + 1 and mine[-1]["gemm"] == "all (fwd+bwd)"
         assert abs(sum(r["ms"] for r in mine[:-1]) - mine[-1]["ms"]) < 1e-9
 
 
 def test_check_w13_against_the_loop():
-    """The GPU diagnostic for the w13 variant: on CPU both paths equal the fp32 loop (fp32), and
-    stay within bf16 rounding of it (bf16)."""
+    """The GPU diagnostic for the stored w13: on CPU it and the w1w3 layout equal the fp32 loop
+    (fp32), and stay within bf16 rounding of it (bf16)."""
     import torch
 
     sys.path.insert(0, str(BENCH))
@@ -208,5 +198,5 @@ def test_check_w13_against_the_loop():
     small = dict(tokens=256, experts=4, top_k=2, dim=32, ffn=24)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
         res = check_w13(torch.device("cpu"), dtype, **small)
-        assert set(res) == {"library", "w13"}
+        assert set(res) == {"w13 (torch)", "w1w3"}
         assert all(v < tol for errs in res.values() for v in errs.values()), (dtype, res)

@@ -49,20 +49,26 @@ def test_grouped_swiglu_equals_loop(counts):
     torch.manual_seed(1)
     E, D, F_ = 4, 16, 24
     n = sum(counts)
-    w1, w3 = torch.randn(E, F_, D, requires_grad=True), torch.randn(E, F_, D, requires_grad=True)
+    w1, w3 = torch.randn(E, F_, D), torch.randn(E, F_, D)
+    w13 = torch.cat([w1, w3], dim=1).requires_grad_()
     w2 = torch.randn(E, D, F_, requires_grad=True)
     x = torch.randn(n, D, requires_grad=True)
     c = torch.tensor(counts)
-    y = grouped_swiglu(x, c, w1, w2, w3)
+    y = grouped_swiglu(x, c, w13, w2)
     y.sum().backward()  # an expanded incoming gradient: must not break _grouped_mm's backward
-    grads = [t.grad.clone() for t in (x, w1, w2, w3)]
-    for t in (x, w1, w2, w3):
-        t.grad = None
-    y_ref = looped_swiglu(x, c, w1, w2, w3)
+    grads = [t.grad.clone() for t in (x, w13, w2)]
+    # the reference: three separate weights, one expert at a time
+    ref = [t.detach().clone().requires_grad_() for t in (x, w1, w3, w2)]
+    y_ref = []
+    for e, rows in enumerate(torch.split(ref[0], counts)):
+        y_ref.append((F.silu(rows @ ref[1][e].T) * (rows @ ref[2][e].T)) @ ref[3][e].T)
+    y_ref = torch.cat(y_ref)
     y_ref.sum().backward()
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    for g, t in zip(grads, (x, w1, w2, w3)):
-        torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-5)
+    ref_grads = [ref[0].grad, torch.cat([ref[1].grad, ref[2].grad], dim=1), ref[3].grad]
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(looped_swiglu(x, c, w13, w2), y_ref, rtol=1e-5, atol=1e-5)
     for e, k in enumerate(counts):
         if k == 0:  # an expert with no tokens gets an exact zero gradient
             assert grads[1][e].abs().max() == 0

@@ -29,7 +29,8 @@ import torch.distributed.checkpoint as dcp
 
 log = logging.getLogger(__name__)
 FORMAT = "moesaic.checkpoint/v1"
-_W = ("w1_EFD", "w2_EDF", "w3_EFD")
+# checkpoint names of the expert tensors (torchtitan's), and where each lives: (parameter, half of w13)
+_W = (("w1_EFD", "w13_EGD", 0), ("w2_EDF", "w2_EDF", None), ("w3_EFD", "w13_EGD", 1))
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -37,8 +38,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names it and says why."""
 
 
+def _identity(model_cfg: dict) -> dict:
+    """The model config without what does not change the model's math (which kernels compute it)."""
+    moe = {k: v for k, v in model_cfg.get("moe", {}).items() if k != "kernels"}
+    return {**model_cfg, "moe": moe}
+
+
 def model_hash(model_cfg) -> str:
-    return hashlib.sha256(json.dumps(asdict(model_cfg), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_identity(asdict(model_cfg)), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _expert_ids(moe) -> tuple[list[int], list[bool]]:
@@ -61,17 +68,18 @@ def state_dict(model, optimizer, *, for_save: bool) -> dict[str, torch.Tensor]:
     expert_params = set()
     for li, moe in enumerate(model.moe_layers()):
         ids, saves = _expert_ids(moe)
-        for n in _W:
-            p = getattr(moe.experts, n)
+        for n, param, half in _W:
+            p = getattr(moe.experts, param)
             expert_params.add(id(p))
             state = optimizer.state.get(p, {})
+            part = (lambda t: t) if half is None else (lambda t, h=half: t.chunk(2, dim=0)[h])  # noqa: E731
             for i, (e, mine) in enumerate(zip(ids, saves)):
                 if for_save and not mine:
                     continue
-                sd[f"experts.{li}.{e}.{n}"] = p.data[i]
+                sd[f"experts.{li}.{e}.{n}"] = part(p.data[i])  # a view: a load fills it in place
                 for m in _MOMENTS:
                     if m in state:
-                        sd[f"optim.experts.{li}.{e}.{n}.{m}"] = state[m][i]
+                        sd[f"optim.experts.{li}.{e}.{n}.{m}"] = part(state[m][i])
     for name, p in model.named_parameters():
         if id(p) in expert_params:
             continue
@@ -205,7 +213,7 @@ def _check_model(path: Path, manifest: dict, model_cfg) -> None:
             elif a != b:
                 diffs.append(f"model.{prefix}{k} (checkpoint {a!r}, config {b!r})")
 
-    walk("", manifest["model_config"], asdict(model_cfg))
+    walk("", _identity(manifest["model_config"]), _identity(asdict(model_cfg)))
     raise CheckpointError(f"checkpoint {str(path)!r} was written for another model config: {', '.join(diffs)}")
 
 

@@ -167,6 +167,8 @@ class TrainConfig:
             )
         if self.model.moe_impl == "deepspeed":
             _check_deepspeed_moe(self)
+        if self.model.moe.kernels == "triton":
+            _check_triton_kernels(self)
         if self.placement.every_n_steps and self.parallel.ep_size == 1 and self.parallel.expert_sharding == "resident":
             raise ValueError(
                 f"placement.every_n_steps ({self.placement.every_n_steps}) needs expert parallelism: "
@@ -203,6 +205,7 @@ def _check_deepspeed_moe(cfg: "TrainConfig") -> None:
         (p.engine == "deepspeed", f"parallel.engine ({p.engine!r}) must be 'deepspeed'"),
         (p.expert_sharding == "resident", f"parallel.expert_sharding ({p.expert_sharding!r}) must be 'resident'"),
         (m.capacity_factor == 0, f"model.moe.capacity_factor ({m.capacity_factor}) must be 0 (dropless)"),
+        (m.kernels == "torch", f"model.moe.kernels ({m.kernels!r}) must be 'torch'"),
         (m.router.score_func == "softmax", f"model.moe.router.score_func ({m.router.score_func!r}) must be 'softmax'"),
         (m.router.bias_update_rate == 0, f"model.moe.router.bias_update_rate ({m.router.bias_update_rate}) must be 0"),
         (cfg.placement.plan == "contiguous", f"placement.plan ({cfg.placement.plan!r}) must be 'contiguous'"),
@@ -213,6 +216,24 @@ def _check_deepspeed_moe(cfg: "TrainConfig") -> None:
         if not ok:
             raise ValueError(f"{rule} with model.moe_impl (deepspeed): DeepSpeed-MoE places experts contiguously, "
                              "without drops or re-placement")
+
+
+def _check_triton_kernels(cfg: "TrainConfig") -> None:
+    """model.moe.kernels=triton: Triton must be installed, and the ranks must run on GPUs (or under
+    Triton's CPU interpreter, TRITON_INTERPRET=1, which the tests use)."""
+    import importlib.util
+    import os
+
+    import torch
+
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("model.moe.kernels ('triton') needs the triton package, which is not installed; "
+                         "use model.moe.kernels=torch")
+    on_cpu = cfg.parallel.device == "cpu" or not torch.cuda.is_available()
+    if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"model.moe.kernels ('triton') needs a CUDA device, but parallel.device is "
+                         f"{cfg.parallel.device!r} and torch.cuda.is_available() is {torch.cuda.is_available()}; "
+                         "use model.moe.kernels=torch (or TRITON_INTERPRET=1 to run the kernels on CPU, slowly)")
 
 
 def register_configs() -> None:

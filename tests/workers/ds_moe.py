@@ -78,7 +78,8 @@ def main():
         if start == group_ranks[0]:
             group = pg
     ex = ref.experts
-    ref_grads = torch.cat([ex.w1_EFD.grad.flatten(1), ex.w3_EFD.grad.flatten(1), ex.w2_EDF.grad.flatten(1)], 1)
+    g1, g3 = ex.w13_EGD.grad.chunk(2, dim=1)
+    ref_grads = torch.cat([g1.flatten(1), g3.flatten(1), ex.w2_EDF.grad.flatten(1)], 1)
     dist.all_reduce(ref_grads, group=group)
     local = block.deepspeed.deepspeed_moe.experts.deepspeed_experts
     n_local = len(local)

@@ -156,7 +156,7 @@ def main():
         dense = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." not in n}
         experts = {}
         for li, (m, rm) in enumerate(zip(model.moe_layers(), ref.moe_layers())):
-            for n in ("w1_EFD", "w2_EDF", "w3_EFD"):
+            for n in ("w13_EGD", "w2_EDF"):
                 full = torch.zeros_like(getattr(rm.experts, n))
                 if a.sharding == "fssdp":  # each expert from its owner (in the first expert domain)
                     if dist.get_rank() < a.ep:
