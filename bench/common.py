@@ -148,7 +148,8 @@ def traffic(layer, leaves, *args) -> dict:
     from torch.utils._pytree import tree_flatten
 
     skip = {"_grouped_mm", "transpose", "detach", "view", "expand", "unsqueeze", "t", "alias", "_unsafe_view",
-            "as_strided", "slice", "split", "split_with_sizes", "chunk", "select", "_to_copy"}
+            "as_strided", "slice", "split", "split_with_sizes", "chunk", "select", "_to_copy",
+            "empty", "empty_like", "new_empty", "empty_strided"}  # (allocations move no bytes)
     rows: dict = {}
 
     class Count(TorchDispatchMode):
@@ -160,7 +161,7 @@ def traffic(layer, leaves, *args) -> dict:
                                      if isinstance(t, torch.Tensor))
                 r = rows.setdefault(name, [0, 0, 0])
                 r[0] += 1
-                r[1] += size((args, kwargs))
+                r[1] += size((args, {k: v for k, v in (kwargs or {}).items() if k not in ("out", "grad_input")}))
                 r[2] += size(out)
             return out
 

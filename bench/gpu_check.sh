@@ -44,6 +44,8 @@ layer_part() {  # the Triton layer correct in bf16, the layer's GEMMs alone, the
   timeout 240 python3 bench/gpu_moe_layer.py --compiled --iters 10 --profile "$OUT/layer_profile" --json "$OUT/gpu_moe_layer_fused.json" 2>&1 | tee -a "$LOG"
 }
 steps_part() {  # whole steps: the Triton kernels and bf16 moments beside the best run so far
+  echo "## $(date +%T) the Triton layer against the loop (bf16), before any step uses it" | tee -a "$LOG"
+  timeout 90 python3 bench/fused_moe.py 2>&1 | tee -a "$LOG"
   train gpu_train_best 100 --compile blocks --overlap-optimizer equal --batch 8
   train gpu_train_best_fused 150 --compile blocks --overlap-optimizer equal --variant fused --batch 8 16
   train gpu_train_best_fused_bf16m 150 --compile blocks --overlap-optimizer equal --variant fused --moments bf16 --batch 8 16

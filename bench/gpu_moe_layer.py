@@ -174,8 +174,8 @@ def row_moves(device, dtype, rows: int, dim: int, iters: int) -> list[dict]:
 
 
 def traffic_rows(shapes: dict, tokens: int) -> list[dict]:
-    """Bytes moved outside the grouped GEMMs by one forward+backward, the library's torch path against
-    its Triton kernels, counted op by op on meta tensors (no GPU needed), and the time they take at
+    """Bytes moved outside the grouped GEMMs by one forward+backward: the layout before w13 (w1w3),
+    the library's torch path and its Triton kernels, counted op by op on meta tensors (no GPU needed), and the time they take at
     the measured row-move rate."""
     from moesaic.parallel.router import RouterOutput
 
@@ -187,8 +187,10 @@ def traffic_rows(shapes: dict, tokens: int) -> list[dict]:
         route = RouterOutput(expert_ids_TK=ids, weights_TK=torch.empty(ids.shape, device=meta, dtype=torch.bfloat16),
                              tokens_per_expert_E=torch.empty(s["experts"], dtype=torch.long, device=meta),
                              aux_loss=None, z_loss=None)
-        for label, ex in (("torch", experts), ("triton", variants(experts)["triton"])):
-            ops = traffic(LocalDispatcher(), [x, *experts.parameters()], x, route, ex)
+        v = variants(experts)
+        for label, ex in (("w1w3", v["w1w3"]), ("torch", experts), ("triton", v["triton"])):
+            ops = traffic(LocalDispatcher(), [x, *ex.leaves] if label == "w1w3" else [x, *experts.parameters()],
+                          x, route, ex)
             total = sum(v["read"] + v["written"] for v in ops.values())
             top = sorted(ops.items(), key=lambda kv: -(kv[1]["read"] + kv[1]["written"]))[:4]
             rows.append({"shape": name, "layer": label, "GB": total / 1e9, "kernels": sum(v["calls"] for v in ops.values()),

@@ -1,7 +1,7 @@
 """`moesaic-doctor`: checks a cluster's collectives and moesaic's expert-parallel layer against a
 one-process reference (the same seed and weights; rank 0 recomputes the whole batch).
 
-    torchrun --nproc_per_node N -m moesaic.parallel.doctor [--json] [--suite full] [--backend nccl]
+    torchrun --nproc_per_node N -m moesaic.parallel.doctor [--json] [--suite full] [--backend nccl] [--kernels triton]
 
 The backend defaults to NCCL where CUDA is available (one GPU per rank, by LOCAL_RANK), else gloo.
 
@@ -25,7 +25,8 @@ import torch.distributed as dist
 from torch import nn
 
 from moesaic.parallel.expert_parallel import apply_expert_parallel, reduce_expert_grads
-from moesaic.parallel.experts import EXPERT_WEIGHTS
+from moesaic.parallel.experts import EXPERT_WEIGHTS, KERNELS
+from moesaic.parallel.kernels import triton as _triton
 from moesaic.parallel.fssdp import apply_fssdp, fssdp_reduce_scatter
 from moesaic.parallel.moe import MoE, MoEConfig
 from moesaic.parallel.router import RouterConfig
@@ -101,6 +102,7 @@ def ep_layer_check(name: str, plan_kind: str, cfg: MoEConfig, mesh, *, dim: int 
         moe.router.bias_E[-1] = -1e9
     moe = moe.to(device)
     ref = copy.deepcopy(moe)
+    ref.experts.kernels = "torch"  # the reference is the torch path, whatever kernels are checked
     plan = make_plan(plan_kind, cfg.num_experts, world, seed)
     if sharding == "fssdp":
         apply_fssdp(_OneLayer(moe), mesh, plan, capacity_factor=cfg.capacity_factor, reshard_after_forward=remat,
@@ -220,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"),
                     help="auto: nccl where CUDA is available (a GPU per rank), else gloo")
     ap.add_argument("--inject-fault", action="store_true", help="perturb the last rank's outputs: every EP check must FAIL")
+    ap.add_argument("--kernels", choices=KERNELS, default="torch",
+                    help="the layer's element-wise kernels under test (model.moe.kernels); the reference is torch's")
     a = ap.parse_args(argv)
     if "RANK" not in os.environ:
         print("moesaic-doctor: error: start it with torchrun, e.g. torchrun --nproc_per_node 4 -m moesaic.parallel.doctor", file=sys.stderr)
@@ -229,21 +233,30 @@ def main(argv: list[str] | None = None) -> int:
     if a.backend == "nccl" and not torch.cuda.is_available():
         print("moesaic-doctor: error: --backend nccl needs CUDA, and torch.cuda.is_available() is False", file=sys.stderr)
         return 2
+    if a.kernels == "triton" and not (a.backend == "nccl" or os.environ.get("TRITON_INTERPRET") == "1"):
+        print("moesaic-doctor: error: --kernels triton needs a GPU per rank (--backend nccl), or TRITON_INTERPRET=1 on CPU",
+              file=sys.stderr)
+        return 2
+    if a.kernels == "triton" and _triton is None:
+        print("moesaic-doctor: error: --kernels triton needs the triton package, which is not importable", file=sys.stderr)
+        return 2
     device = _device(a.backend)
     dist.init_process_group(a.backend, timeout=datetime.timedelta(seconds=120))
     try:
         results = collectives_check(device)
         mesh = _mesh(dist.get_world_size(), device)
         for name, plan_kind, cfg, bias, sharding, remat in suite(a.suite):
+            cfg = replace(cfg, kernels=a.kernels)
             results.append(ep_layer_check(name, plan_kind, cfg, mesh, bias=bias, tol=a.tol, inject_fault=a.inject_fault,
                                           sharding=sharding or "resident", remat=remat is not False))
         ok = all(r["ok"] for r in results)
         if dist.get_rank() == 0:
             if a.json:
-                print(json.dumps({"world": dist.get_world_size(), "backend": a.backend, "device": device.type, "ok": ok,
-                                  "results": results}))
+                print(json.dumps({"world": dist.get_world_size(), "backend": a.backend, "device": device.type,
+                                  "kernels": a.kernels, "ok": ok, "results": results}))
             else:
-                print(f"moesaic-doctor: {dist.get_world_size()} ranks, backend {a.backend}, device {device.type}")
+                print(f"moesaic-doctor: {dist.get_world_size()} ranks, backend {a.backend}, device {device.type}, "
+                      f"kernels {a.kernels}")
                 for r in results:
                     extra = f"  max rel diff {r['max_rel_diff']:.2e}" if "max_rel_diff" in r else ""
                     print(f"  {'ok  ' if r['ok'] else 'FAIL'}  {r['check']}{extra}")

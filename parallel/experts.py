@@ -178,6 +178,38 @@ def grouped_swiglu(
     return _grouped_swiglu(x_TD, counts_E, w13_EGD, w2_EDF, kernels)
 
 
+class _SwiGLU13(torch.autograd.Function):
+    """h = silu(a) * b for h13 = [a | b] (N, 2F), with a backward that writes both halves of dh13 in
+    place: autograd's own backward of the two chunks ends in a cat of their gradients, another read
+    and write of N x 2F. It keeps what autograd keeps (h13 and silu(a))."""
+
+    @staticmethod
+    def forward(ctx, h13):
+        a, b = h13.chunk(2, dim=-1)
+        silu_a = F.silu(a)
+        ctx.save_for_backward(h13, silu_a)
+        return silu_a * b
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        h13, silu_a = ctx.saved_tensors
+        a, b = h13.chunk(2, dim=-1)
+        grad_h13 = torch.empty_like(h13)
+        grad_a, grad_b = grad_h13.chunk(2, dim=-1)
+        torch.mul(grad_h, silu_a, out=grad_b)
+        torch.ops.aten.silu_backward.grad_input(grad_h * b, a, grad_input=grad_a)
+        return grad_h13
+
+
+def swiglu13_torch(h13_TG: torch.Tensor) -> torch.Tensor:
+    """silu(h13[:, :F]) * h13[:, F:] in torch: `_SwiGLU13` in eager mode; under torch.compile the
+    plain expression, which inductor fuses (the cat included)."""
+    if torch.compiler.is_compiling():
+        h1_TF, h3_TF = h13_TG.chunk(2, dim=-1)
+        return F.silu(h1_TF) * h3_TF
+    return _SwiGLU13.apply(h13_TG)
+
+
 def _grouped_swiglu(x_TD, counts_E, w13_EGD, w2_EDF, kernels):
     offs = _offsets(counts_E)
     x_TD = _ContiguousGrad.apply(x_TD)
@@ -187,8 +219,7 @@ def _grouped_swiglu(x_TD, counts_E, w13_EGD, w2_EDF, kernels):
 
         h_TF = swiglu13(h13_TG)
     else:
-        h1_TF, h3_TF = h13_TG.chunk(2, dim=-1)
-        h_TF = F.silu(h1_TF) * h3_TF
+        h_TF = swiglu13_torch(h13_TG)
     out_TD = torch._grouped_mm(h_TF, w2_EDF.transpose(-2, -1), offs=offs)
     return _ContiguousGrad.apply(out_TD)
 

@@ -140,6 +140,9 @@ def test_consolidated_export(tmp_path):
     missing = set(model.state_dict()) - set(blob["model"])
     assert missing <= {"head.weight"}  # tied to the embedding
     assert blob["model"]["layers.0.moe.experts.w1_EFD"].shape == (4, 32, 32)
+    ex = model.layers[0].moe.experts  # stored as one w13: the export's w1 and w3 are its halves
+    torch.testing.assert_close(ex.w1_EFD, blob["model"]["layers.0.moe.experts.w1_EFD"], rtol=0, atol=0)
+    torch.testing.assert_close(ex.w3_EFD, blob["model"]["layers.0.moe.experts.w3_EFD"], rtol=0, atol=0)
 
 
 @pytest.mark.slow

@@ -109,3 +109,24 @@ def test_fssdp_training_with_triton_kernels_equals_torch_kernels(tmp_path):
     resumed = [r["loss"] for r in read_metrics(tmp_path / "resumed") if r["kind"] == "train"]
     assert abs(resumed[-1] - losses["torch"][-1]) < 1e-4 * abs(losses["torch"][-1]), (resumed, losses)
     assert json.loads((tmp_path / "triton/summary.json").read_text())["steps"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_doctor_checks_the_triton_layer():
+    """`moesaic-doctor --kernels triton` runs the EP and FSSDP layers with the Triton kernels (here
+    interpreted) against the torch reference; without a GPU or the interpreter it refuses by name."""
+    def doctor(extra_env):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               "-m", "moesaic.parallel.doctor", "--kernels", "triton", "--json"]
+        env = {k: v for k, v in child_env(**extra_env).items() if extra_env or k != "TRITON_INTERPRET"}
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+    proc = doctor({"TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["ok"] and report["kernels"] == "triton"
+    layers = [r for r in report["results"] if "max_rel_diff" in r]
+    assert len(layers) == 6 and all(r["max_rel_diff"] < 1e-5 for r in layers), layers
+    proc = doctor({})
+    assert proc.returncode != 0 and "--kernels triton needs a GPU per rank" in proc.stderr
