@@ -44,6 +44,17 @@ def test_dense_first_layers_and_shared_experts():
     assert counts["active"] < counts["total"]
 
 
+def test_experts_state_dict_keeps_three_tensors_and_loads_strictly():
+    """w13 is stored; the state dict holds w1, w2, w3 (torchtitan's names), and loads back strictly."""
+    torch.manual_seed(0)
+    a, b = GroupedExperts(3, 8, 4), GroupedExperts(3, 8, 4)
+    sd = a.state_dict()
+    assert set(sd) == {"w1_EFD", "w2_EDF", "w3_EFD"} and sd["w1_EFD"].shape == (3, 4, 8)
+    b.load_state_dict(sd, strict=True)
+    torch.testing.assert_close(b.w13_EGD, a.w13_EGD, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([sd["w1_EFD"], sd["w3_EFD"]], 1), a.w13_EGD, rtol=0, atol=0)
+
+
 def test_swiglu13_backward_writes_what_autograd_computes():
     """The torch path's SwiGLU over [a | b]: gradcheck in float64, and equal to autograd's own in fp32."""
     from moesaic.parallel.experts import _SwiGLU13
