@@ -78,6 +78,8 @@ if [ "$PART" = trainer ]; then  # the trainer and the doctor on CUDA (about 5 mi
   one="python3 -m torch.distributed.run --standalone --nproc_per_node 1"
   echo "## $(date +%T) moesaic-doctor, 1 rank, nccl" | tee -a "$LOG"
   timeout 120 $one -m moesaic.parallel.doctor --suite full 2>&1 | tee -a "$LOG"
+  echo "## $(date +%T) moesaic-doctor --kernels triton, 1 rank, nccl" | tee -a "$LOG"
+  timeout 90 $one -m moesaic.parallel.doctor --kernels triton 2>&1 | tee -a "$LOG"
   demo="logging=quiet logging.out_dir=$OUT/trainer steps=300 eval_every=100 parallel.mixed_precision=bf16"
   for run in "fssdp_eager parallel=fssdp" "fssdp_compiled parallel=fssdp compile=true" \
              "ep_compiled parallel=ep compile=true" "ddp_eager parallel=ddp" \
