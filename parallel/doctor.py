@@ -26,7 +26,7 @@ from torch import nn
 
 from moesaic.parallel.expert_parallel import apply_expert_parallel, reduce_expert_grads
 from moesaic.parallel.experts import EXPERT_WEIGHTS, KERNELS
-from moesaic.parallel.kernels import triton as _triton
+from moesaic.parallel.kernels import unavailable
 from moesaic.parallel.fssdp import apply_fssdp, fssdp_reduce_scatter
 from moesaic.parallel.moe import MoE, MoEConfig
 from moesaic.parallel.router import RouterConfig
@@ -233,12 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.backend == "nccl" and not torch.cuda.is_available():
         print("moesaic-doctor: error: --backend nccl needs CUDA, and torch.cuda.is_available() is False", file=sys.stderr)
         return 2
-    if a.kernels == "triton" and not (a.backend == "nccl" or os.environ.get("TRITON_INTERPRET") == "1"):
-        print("moesaic-doctor: error: --kernels triton needs a GPU per rank (--backend nccl), or TRITON_INTERPRET=1 on CPU",
-              file=sys.stderr)
-        return 2
-    if a.kernels == "triton" and _triton is None:
-        print("moesaic-doctor: error: --kernels triton needs the triton package, which is not importable", file=sys.stderr)
+    reason = unavailable(a.backend == "nccl") if a.kernels == "triton" else None
+    if reason:
+        print(f"moesaic-doctor: error: --kernels triton {reason} (backend {a.backend})", file=sys.stderr)
         return 2
     device = _device(a.backend)
     dist.init_process_group(a.backend, timeout=datetime.timedelta(seconds=120))

@@ -108,9 +108,19 @@ if triton is not None:
             tl.store(gw_ptr + t * K + k, tl.sum(dot, 0))
 
 
+def unavailable(on_gpu: bool) -> str | None:
+    """Why the Triton kernels cannot run where the ranks run (`on_gpu`: on CUDA devices), as the end
+    of an error message; None where they can."""
+    if triton is None:
+        return "needs the triton package, which is not installed"
+    if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
+        return "needs a CUDA device (or TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
+    return None
+
+
 def available() -> bool:
-    """Whether the Triton kernels can run here: Triton, and a CUDA device or the interpreter."""
-    return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+    """Whether the Triton kernels can run on this machine's default device."""
+    return unavailable(torch.cuda.is_available()) is None
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -268,5 +278,5 @@ def slot_positions(order_N: torch.Tensor, num_tokens: int, top_k: int) -> torch.
     return pos.view(num_tokens, top_k)
 
 
-__all__ = ["available", "slot_gather", "slot_positions", "slot_sum", "slot_sum_backward", "swiglu13",
+__all__ = ["available", "unavailable", "slot_gather", "slot_positions", "slot_sum", "slot_sum_backward", "swiglu13",
            "swiglu13_backward"]

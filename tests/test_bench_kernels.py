@@ -107,25 +107,6 @@ def test_fused_moe_equals_the_loop():
             assert max(err.values()) < tol, (dtype, drop, loop_dw, err)
 
 
-def test_fused_moe_kernels_in_the_interpreter():
-    """The same, with the Triton kernels run by Triton's CPU interpreter (fp32 and fp16; numpy has no
-    bf16): blocks cut by d and f, an expert without rows, dropped slots."""
-    code = """
-import sys, torch
-sys.path.insert(0, sys.argv[1])
-from common import ensure_importable; ensure_importable()
-from fused_moe import check_against_loop
-from moesaic.parallel import kernels
-assert kernels._use_triton(torch.zeros(1))
-for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 3e-3)):
-    for kw in (dict(), dict(tokens=50, top_k=3, num_experts=6, dim=40, ffn=24, drop=0.3)):
-        err = check_against_loop(torch.device("cpu"), dtype, **kw)
-        assert max(err.values()) < tol, (dtype, kw, err)
-        print(dtype, err)
-"""
-    assert interpreted("-c", code, BENCH).count("grad_w13") == 4
-
-
 def test_fused_variant_model_equals_the_library_model():
     """`--variant fused` in moesaic's model (kernels="triton" in every MoE layer): the same loss and
     gradients as the torch path."""

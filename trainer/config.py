@@ -221,19 +221,15 @@ def _check_deepspeed_moe(cfg: "TrainConfig") -> None:
 def _check_triton_kernels(cfg: "TrainConfig") -> None:
     """model.moe.kernels=triton: Triton must be installed, and the ranks must run on GPUs (or under
     Triton's CPU interpreter, TRITON_INTERPRET=1, which the tests use)."""
-    import importlib.util
-    import os
-
     import torch
 
-    if importlib.util.find_spec("triton") is None:
-        raise ValueError("model.moe.kernels ('triton') needs the triton package, which is not installed; "
-                         "use model.moe.kernels=torch")
-    on_cpu = cfg.parallel.device == "cpu" or not torch.cuda.is_available()
-    if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"model.moe.kernels ('triton') needs a CUDA device, but parallel.device is "
-                         f"{cfg.parallel.device!r} and torch.cuda.is_available() is {torch.cuda.is_available()}; "
-                         "use model.moe.kernels=torch (or TRITON_INTERPRET=1 to run the kernels on CPU, slowly)")
+    from moesaic.parallel.kernels import unavailable
+
+    on_gpu = cfg.parallel.device != "cpu" and torch.cuda.is_available()
+    reason = unavailable(on_gpu)
+    if reason:
+        raise ValueError(f"model.moe.kernels ('triton') {reason} (parallel.device is {cfg.parallel.device!r}, "
+                         f"torch.cuda.is_available() is {torch.cuda.is_available()}); use model.moe.kernels=torch")
 
 
 def register_configs() -> None:
