@@ -9,7 +9,7 @@ is not handed to branch-and-bound. Instead, a block-coordinate descent: with lay
 fixed, placing layer l is a transportation problem, solved exactly by `linear_sum_assignment` on the
 slot-expanded cost matrix; a swap search restores the load tolerance; small layers are then polished
 by a per-layer PuLP ILP warm-started from that solution. Seeded restarts, forward/backward sweeps,
-and a time limit. `monolithic` (in ilp_exact.py) proves optimality on tiny instances.
+and a time limit. `monolithic` (in exact.py) proves optimality on tiny instances.
 Legend: L layers, E experts, G GPUs, S slots per GPU, R = G*S replicas (items) per layer.
 """
 
@@ -26,6 +26,7 @@ from moesaic.placement import ilp
 from moesaic.placement.balance import balance_layer, check_slots, default_slots, items_of, replicate
 from moesaic.placement.plan import Placement
 from moesaic.placement.stats import RoutingStats
+from moesaic.placement.swaps import balanced_kmeans, repair, swap_descent
 from moesaic.placement.topology import Topology
 
 
@@ -210,9 +211,9 @@ class Search:
         lsa = np.empty(len(e_R), dtype=np.int64)
         lsa[rows] = cols // S
         # 2. restore the load tolerance and the replica rule by swaps, then descend by swaps
-        best = _swap_descent(_repair(lsa, e_R, w_R, C, cap, self.G), e_R, w_R, C, cap, self.G)
+        best = swap_descent(repair(lsa, e_R, w_R, C, cap, self.G), e_R, w_R, C, cap, self.G)
         if best is None:  # the repair got stuck: descend from the current (feasible) placement
-            best = _swap_descent(self.gpu[l], e_R, w_R, C, cap, self.G)
+            best = swap_descent(self.gpu[l], e_R, w_R, C, cap, self.G)
         # 3. per-layer ILP polish, warm-started from the swap solution
         if self.E * self.G <= self.opts.ilp_max_vars and time.perf_counter() < self.deadline:
             polished = self._ilp(C, e_R, w_R, r_E, cap, best)
@@ -236,8 +237,8 @@ class Search:
         if rng is not None and p.num_layers > 1:
             A = p.W[0] / np.maximum(p.W[0].sum(1, keepdims=True), 1e-12)
             e_R = p.expert_LR[0]
-            start = _balanced_kmeans(A[e_R], self.G, p.S, rng)
-            fixed = _swap_descent(_repair(start, e_R, p.weight_LR[0], np.zeros((self.E, self.G)), p.cap_L[0], self.G),
+            start = balanced_kmeans(A[e_R], self.G, p.S, rng)
+            fixed = swap_descent(repair(start, e_R, p.weight_LR[0], np.zeros((self.E, self.G)), p.cap_L[0], self.G),
                                   e_R, p.weight_LR[0], np.zeros((self.E, self.G)), p.cap_L[0], self.G)
             if fixed is not None:
                 self.gpu[0] = fixed
@@ -282,77 +283,6 @@ class Search:
             if not improved:
                 return self.total_cost(), sweep, True
         return self.total_cost(), self.opts.max_sweeps, False
-
-
-def _loads(gpu_R, w_R, G):
-    return np.bincount(gpu_R, weights=w_R, minlength=G)
-
-
-def _repair(gpu_R, e_R, w_R, C, cap, G, max_iter: int = 10_000) -> np.ndarray | None:
-    """Swap items until no GPU exceeds `cap` and no GPU holds an expert twice: each step takes the
-    swap that most reduces the violation (overload + duplicate replicas), cheapest first. None if stuck."""
-    gpu = gpu_R.copy()
-    E = C.shape[0]
-    f = lambda c: np.maximum(c - 1, 0)  # noqa: E731  excess replicas in a cell
-    replicas = len(np.unique(e_R)) < len(e_R)
-    for _ in range(max_iter):
-        load = _loads(gpu, w_R, G)
-        cnt = np.zeros((E, G), dtype=np.int64)
-        np.add.at(cnt, (e_R, gpu), 1)
-        over = np.maximum(load - cap, 0.0)
-        if not over.any() and not (cnt > 1).any():
-            return gpu
-        rows = np.flatnonzero((over[gpu] > 0) | (cnt[e_R, gpu] > 1))  # items on a violating GPU
-        ga, gb = gpu[rows][:, None], gpu[None, :]
-        ea, eb = e_R[rows][:, None], e_R[None, :]
-        dw = w_R[None, :] - w_R[rows][:, None]
-        d_over = (np.maximum(load[ga] + dw - cap, 0) + np.maximum(load[gb] - dw - cap, 0) - over[ga] - over[gb])
-        d_dup = 0.0
-        if replicas:
-            d_dup = (f(cnt[ea, ga] - 1) - f(cnt[ea, ga]) + f(cnt[ea, gb] + 1) - f(cnt[ea, gb])
-                     + f(cnt[eb, gb] - 1) - f(cnt[eb, gb]) + f(cnt[eb, ga] + 1) - f(cnt[eb, ga]))
-        d_viol = d_over + d_dup * (1.0 + cap)  # a duplicate outweighs any overload
-        d_cost = C[ea, gb] + C[eb, ga] - C[ea, ga] - C[eb, gb]
-        valid = (ga != gb) & (ea != eb) & (d_viol < -1e-12)
-        if not valid.any():
-            return None
-        score = np.where(valid, d_viol * 1e6 + d_cost, np.inf)
-        a, b = np.unravel_index(np.argmin(score), score.shape)
-        a = rows[a]
-        gpu[a], gpu[b] = gpu[b], gpu[a]
-    return None
-
-
-def _dup_items(gpu_R, e_R, G) -> np.ndarray:
-    key = e_R * G + gpu_R
-    _, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
-    return counts[inv] > 1
-
-
-def _swap_descent(gpu_R, e_R, w_R, C, cap, G, max_iter: int = 100_000) -> np.ndarray | None:
-    """Best-improvement pairwise swaps on sum C[e, gpu] keeping loads <= cap and replicas distinct."""
-    if gpu_R is None:
-        return None
-    gpu = gpu_R.copy()
-    E = C.shape[0]
-    for _ in range(max_iter):
-        load = _loads(gpu, w_R, G)
-        held = np.zeros((E, G), dtype=bool)
-        held[e_R, gpu] = True
-        ca = C[e_R, gpu]  # (R,)
-        delta = C[e_R[:, None], gpu[None, :]] + C[e_R[None, :], gpu[:, None]] - ca[:, None] - ca[None, :]
-        dw = w_R[None, :] - w_R[:, None]  # a's GPU gains w_b - w_a
-        ok = (load[gpu][:, None] + dw <= cap) & (load[gpu][None, :] - dw <= cap)
-        ok &= gpu[:, None] != gpu[None, :]
-        ok &= e_R[:, None] != e_R[None, :]
-        ok &= ~held[e_R[:, None], gpu[None, :]] & ~held[e_R[None, :], gpu[:, None]]
-        delta = np.where(ok, delta, np.inf)
-        k = np.unravel_index(np.argmin(delta), delta.shape)
-        if not delta[k] < -1e-12:
-            return gpu
-        a, b = k
-        gpu[a], gpu[b] = gpu[b], gpu[a]
-    return gpu
 
 
 def affinity(stats: RoutingStats, topo: Topology, slots_per_gpu: int | None = None,
@@ -404,24 +334,6 @@ def affinity(stats: RoutingStats, topo: Topology, slots_per_gpu: int | None = No
         "traces": list(stats.sources),
     }
     return Placement.from_holds(holds, G, topo.gpus_per_node, meta=meta)
-
-
-def _balanced_kmeans(X_RF: np.ndarray, G: int, S: int, rng: np.random.Generator, iters: int = 20) -> np.ndarray:
-    """(R,) cluster of each row, exactly S rows per cluster: k-means whose assignment step is a
-    transportation problem (linear_sum_assignment on the slot-expanded distances)."""
-    R = X_RF.shape[0]
-    centers = X_RF[rng.choice(R, size=G, replace=False)]
-    labels = np.zeros(R, dtype=np.int64)
-    for _ in range(iters):
-        d = ((X_RF[:, None, :] - centers[None, :, :]) ** 2).sum(-1)  # (R, G)
-        rows, cols = linear_sum_assignment(np.repeat(d, S, axis=1))
-        new = np.empty(R, dtype=np.int64)
-        new[rows] = cols // S
-        if np.array_equal(new, labels):
-            break
-        labels = new
-        centers = np.stack([X_RF[labels == g].mean(0) if (labels == g).any() else centers[g] for g in range(G)])
-    return labels
 
 
 def _relabel(gpu_R: np.ndarray, topo: Topology, rng: np.random.Generator) -> np.ndarray:

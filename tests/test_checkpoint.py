@@ -147,18 +147,22 @@ def test_consolidated_export(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("parallel,align", [("fssdp", "true"), ("fssdp", "false"), ("ep", "true")])
-def test_replacement_changes_no_math(tmp_path, parallel, align):
+@pytest.mark.parametrize("parallel,align,method", [("fssdp", "true", "eplb"), ("fssdp", "false", "eplb"),
+                                                   ("ep", "true", "affinity")])
+def test_replacement_changes_no_math(tmp_path, parallel, align, method):
     base = [*SMOKE, "steps=16", f"logging.out_dir={tmp_path}", f"parallel={parallel}", "parallel.ep_size=2"]
     torchrun(2, [*base, "logging.run_name=off"])
-    torchrun(2, [*base, "logging.run_name=on", "placement=replan", "placement.every_n_steps=4", "placement.method=eplb",
-                 "placement.adopt_after_steps=1", f"placement.align_owners={align}"])
+    torchrun(2, [*base, "logging.run_name=on", "placement=replan", "placement.every_n_steps=4",
+                 f"placement.method={method}", "placement.time_limit=10", "placement.adopt_after_steps=1",
+                 f"placement.align_owners={align}"])
     off, on = _losses(tmp_path / "off"), _losses(tmp_path / "on")
     assert max(abs(off[s] - on[s]) for s in off) < 1e-5
     plans = sorted((tmp_path / "on/plans").glob("plan-*.json"))
     assert len(plans) == 3  # solved at 4, 8, 12; adopted a step later
     records = [r for r in read_metrics(tmp_path / "on") if r["kind"] == "placement"]
     assert [r["step"] for r in records] == [5, 9, 13] and all(r["solve_s"] >= 0 for r in records)
+    # the heuristic is solved in the trainer's thread, the ILP in a spawned process
+    assert {(r["method"], r["solved_in"]) for r in records} == {(method, "thread" if method == "eplb" else "process")}
     summary = json.loads((tmp_path / "on/summary.json").read_text())
     assert len(summary["placement_history"]) == 3
     # the run directory's statistics and plans plot
