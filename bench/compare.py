@@ -95,6 +95,7 @@ def summarize(runs: list[dict]) -> dict:
     phases = {k: statistics.median(rk["phase_s_median"][k] for rk in ranks) for k in ranks[0]["phase_s_median"]}
     return {
         "median_step_s": statistics.median(steps), "round_medians": [r["median_step_s"] for r in runs],
+        "mean_step_s": statistics.mean(steps), "step_s_by_round": [r["step_s"] for r in runs],
         "tokens_per_s": last["tokens_per_step"] / statistics.median(steps),
         "expert_state_MiB": max(rk["expert_state_bytes"] for rk in ranks) / 2**20,
         "working_set_MiB": max(rk["working_set_bytes"] for rk in ranks) / 2**20,

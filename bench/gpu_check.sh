@@ -17,6 +17,8 @@
 # DDP, and FSSDP with the Triton kernels), and gpu_train's 2.62B model through the trainer,
 # compiled; bench/trainer_runs.py prints them side by side.
 # baseline (about 4.5 minutes): the expert layer table, and whole steps eager and compiled.
+# Name the H200 kind (nvidia-h200): batch 16 peaks at 94 GiB, over an H100's 80 (such a run fails alone
+# and the others go on), and the earlier figures are from H200s.
 # Each step has its own time limit. All parts but trainer need torch only (the device image has no
 # pulp, hydra or wandb; the scripts import moesaic from this checkout). Each script prints and
 # writes every finished run as it goes, so a part cut off keeps those.

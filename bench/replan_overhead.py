@@ -1,6 +1,7 @@
 """What re-placement during training costs: the demo model on 4 CPU ranks, with and without
-re-planning every N steps, for FSSDP (adoption moves nothing) and resident EP (experts and AdamW
-moments migrate). Reads each run's metrics.jsonl.
+re-planning every N steps, for FSSDP (adoption moves the owned state of experts whose owner changes)
+and resident EP (experts and AdamW moments migrate); EPLB is solved in rank 0's thread, the
+affinity ILP in a spawned process. Reads each run's metrics.jsonl.
 
     python bench/replan_overhead.py [--steps 60] [--every 10] [--repeats 2] [--json out.json]
 """

@@ -188,6 +188,13 @@ class TrainConfig:
                 f"compile ({self.compile}) with parallel.engine ({self.parallel.engine!r}) / model.moe_impl "
                 f"({self.model.moe_impl!r}): DeepSpeed's engine and MoE layer are not compiled; use compile=false"
             )
+        if self.parallel.activation_checkpoint != "none" and (self.parallel.engine == "deepspeed"
+                                                             or self.model.moe_impl == "deepspeed"):
+            raise ValueError(
+                f"parallel.activation_checkpoint ({self.parallel.activation_checkpoint!r}) with parallel.engine "
+                f"({self.parallel.engine!r}) / model.moe_impl ({self.model.moe_impl!r}): not checked under DeepSpeed's "
+                "engine; use activation_checkpoint=none"
+            )
         if self.on_nan not in ("stop", "skip"):
             raise ValueError(f"on_nan ({self.on_nan!r}) must be 'stop' or 'skip'")
         if self.stop_at_step < 0 or self.stop_at_step > self.steps:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moesaic.parallel.moe import MoE, MoEConfig, SwiGLU
 
@@ -123,9 +124,24 @@ class Block(nn.Module):
             self.moe = MoE(cfg.dim, cfg.moe, init_std=cfg.init_std, out_std=out_std)
         else:
             self.mlp = SwiGLU(cfg.dim, cfg.dense_ffn_dim)
+        self.activation_checkpoint = "none"  # set by apply_activation_checkpoint
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+        if self.activation_checkpoint == "none" or not torch.is_grad_enabled():
+            return self._forward(x, cos, sin)
+        if self.activation_checkpoint == "full":
+            return checkpoint(self._forward, x, cos, sin, use_reentrant=False, preserve_rng_state=False)
+        return self._ffn(checkpoint(self._attention, x, cos, sin, use_reentrant=False, preserve_rng_state=False))
+
+    # activation checkpointing recomputes one of these in backward (`apply_activation_checkpoint`).
+    # Nothing in a block draws random numbers, so no RNG state is kept for the recomputation.
+    def _forward(self, x, cos, sin):
+        return self._ffn(self._attention(x, cos, sin))
+
+    def _attention(self, x, cos, sin):
+        return x + self.attn(self.attn_norm(x), cos, sin)
+
+    def _ffn(self, x):
         h = self.ffn_norm(x)
         if self.is_moe:
             y, route = self.moe(h)

@@ -241,6 +241,14 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
     return Parallel(model, ddp, info, mesh, plan, pc.expert_sharding, expert_names=ignored, align_owners=align)
 
 
+def apply_activation_checkpoint(model: torch.nn.Module, mode: str) -> None:
+    """Recompute each block's activations in backward (`mode`: none, attention or full; see
+    ParallelConfig.activation_checkpoint). Non-reentrant torch.utils.checkpoint, so it composes with
+    DDP, autocast, gradient accumulation and torch.compile. The state dict does not change."""
+    for block in model.layers:
+        block.activation_checkpoint = mode
+
+
 def apply_compile(model: torch.nn.Module) -> None:
     """Compile each transformer block in place (one graph, reused by every block of the same shape).
     Expert parallelism's and FSSDP's collectives break the graph and run eagerly between regions."""

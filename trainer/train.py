@@ -25,7 +25,8 @@ from moesaic.trainer.data import check_vocab, load_corpus
 from moesaic.trainer.dist import DistInfo, all_gather_object, all_reduce_, init_distributed, shutdown
 from moesaic.trainer.metrics import RunLogger, make_run_dir, peak_rss_mib
 from moesaic.trainer.model import Transformer
-from moesaic.trainer.parallelize import apply_compile, compile_stats, parallelize, resolve_plan, world_size_from_env
+from moesaic.trainer.parallelize import (apply_activation_checkpoint, apply_compile, compile_stats, parallelize,
+                                        resolve_plan, world_size_from_env)
 from moesaic.trainer.replan import DynamicReplicas, Replanner, Resharder
 from moesaic.trainer.step import evaluate, flops_per_token, load_stats, train_step
 
@@ -84,6 +85,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume) -> dict:
     model = Transformer(cfg.model).to(info.device)
     counts = model.num_params()
     par = parallelize(model, cfg, info, plan)
+    apply_activation_checkpoint(model, cfg.parallel.activation_checkpoint)
     if cfg.compile:
         apply_compile(model)
     mc = cfg.model.moe
