@@ -23,6 +23,13 @@ def test_gpu_moe_layer_tiny_on_cpu(tmp_path):
     assert rows[0]["fwd_bwd_tflops"] > 0
 
 
+def test_activation_memory_demo_model(tmp_path):
+    out = run("activation_memory.py", "--skip-big", "--iters", 1, "--batch", 2, "--seq", 32, "--json", tmp_path / "a.json")
+    assert "| demo, 2 x 32 tokens | full" in out
+    rows = {r["mode"]: r for r in json.loads((tmp_path / "a.json").read_text())["demo"]}
+    assert rows["full"]["activations_MiB"] < rows["attention"]["activations_MiB"] < rows["none"]["activations_MiB"]
+
+
 def test_placement_scale_small(tmp_path):
     out = run("placement_scale.py", "--preset", "mixtral", "--tokens", 2000, "--gpus", 4, "--gpus-per-node", 2,
               "--time-limit", 10, "--json", tmp_path / "s.json")
