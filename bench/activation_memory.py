@@ -37,9 +37,11 @@ from moesaic.trainer.parallelize import apply_activation_checkpoint  # noqa: E40
 MODES = ("none", "attention", "full")
 
 
-def kept_bytes(model: Transformer, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(loss, bytes of non-parameter tensors kept for backward). Inside a checkpointed region torch's
-    own hooks take the tensors, which is what checkpointing drops."""
+def kept_bytes(model: Transformer, x: torch.Tensor, y: torch.Tensor | None = None, *,
+               autocast: bool = True) -> tuple:
+    """(the model's output, bytes of non-parameter tensors kept for backward, each storage once).
+    Inside a checkpointed region torch's own hooks take the tensors, which is what checkpointing
+    drops. `y` defaults to x shifted by one; `autocast` runs the forward in bf16."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept: dict[int, int] = {}
 
@@ -49,9 +51,11 @@ def kept_bytes(model: Transformer, x: torch.Tensor) -> tuple[torch.Tensor, int]:
             kept[st.data_ptr()] = st.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(x, torch.roll(x, -1, 1)).loss
-    return loss, sum(kept.values())
+    y = torch.roll(x, -1, 1) if y is None else y
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x, y)
+    return out, sum(kept.values())
 
 
 def build(cfg: ModelConfig, mode: str) -> Transformer:

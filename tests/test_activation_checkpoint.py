@@ -2,6 +2,9 @@
 it, fewer activation bytes kept for backward, and the same training under EP and FSSDP on 2 and 4
 gloo ranks."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,6 +12,9 @@ from conftest import read_metrics, torchrun
 from moesaic.parallel.moe import MoEConfig
 from moesaic.trainer.model import ModelConfig, Transformer
 from moesaic.trainer.parallelize import apply_activation_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from activation_memory import kept_bytes  # noqa: E402  (the bench counts the same way)
 
 MODES = ("none", "attention", "full")
 
@@ -22,30 +28,13 @@ def _model(mode: str) -> Transformer:
     return model
 
 
-def saved_activation_bytes(model, x, y):
-    """(output, bytes of the non-parameter tensors that autograd keeps for backward, each storage once).
-    Inside a checkpointed region torch's own hooks take the tensors, so they are not counted."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            kept[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x, y)
-    return out, sum(kept.values())
-
-
 def test_same_loss_and_gradients_and_fewer_kept_bytes():
     x = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
     y = torch.roll(x, -1, 1)
     runs = {}
     for mode in MODES:
         model = _model(mode)
-        out, kept = saved_activation_bytes(model, x, y)
+        out, kept = kept_bytes(model, x, y, autocast=False)
         out.loss.backward()
         runs[mode] = (out, kept, {n: p.grad.clone() for n, p in model.named_parameters()})
     ref_out, ref_kept, ref_grads = runs["none"]
@@ -64,7 +53,7 @@ def test_no_checkpoint_without_grad():
     model = _model("full")
     x = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
-        out, kept = saved_activation_bytes(model, x, x)
+        out, kept = kept_bytes(model, x, x, autocast=False)
     assert kept == 0 and not out.logits.requires_grad
 
 
