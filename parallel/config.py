@@ -39,7 +39,8 @@ class ParallelConfig:
     activation_checkpoint: str = "none"
     """Recompute activations in backward instead of keeping them: `none`; `attention` (each block's
     norm and attention; the block input is kept); `full` (the whole block, the MoE layer and its
-    dispatch all-to-alls included, which then run twice; not with FSSDP). The math is unchanged."""
+    dispatch all-to-alls included, which then run twice; under FSSDP with reshard_after_forward the
+    layer's backward re-gather serves the recomputation too). The math is unchanged."""
     mixed_precision: str = "none"
     """`none` (fp32) or `bf16`: forward and backward run under torch.autocast in bfloat16 (matmuls,
     attention, the experts' grouped GEMMs, and the tokens that the all-to-all moves), while the
@@ -65,11 +66,6 @@ class ParallelConfig:
         if self.activation_checkpoint not in ACTIVATION_CHECKPOINT:
             raise ValueError(f"parallel.activation_checkpoint ({self.activation_checkpoint!r}) must be one of "
                              f"{', '.join(map(repr, ACTIVATION_CHECKPOINT))}")
-        if self.activation_checkpoint == "full" and self.expert_sharding == "fssdp":
-            raise ValueError(
-                "parallel.activation_checkpoint ('full') with parallel.expert_sharding ('fssdp'): recomputing the MoE "
-                "layer would gather its experts a second time; use activation_checkpoint=attention, or parallel=ep / ddp"
-            )
         if self.mixed_precision not in ("none", "bf16"):
             raise ValueError(f"parallel.mixed_precision ({self.mixed_precision!r}) must be one of 'none', 'bf16'")
         if self.mixed_precision != "none" and self.engine == "deepspeed":

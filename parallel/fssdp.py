@@ -10,7 +10,9 @@ which experts (replicas included), and
   gathered again at the start of its backward pass (the previous layer's re-gather is prefetched);
 - `sparse_reduce_scatter` returns each materialized expert's gradient to its owner, summed over every
   rank that computed it, after backward;
-- a new plan only changes what the next gather fetches: nothing migrates.
+- a new plan only changes what the next gather fetches: nothing migrates;
+- under activation checkpointing, a layer recomputed inside backward computes with the weights that
+  its backward re-gathers (`restore`), so recomputation adds no gathers.
 Across "edp" (other expert domains) owners' gradients are all-reduced. Gradients are scaled to the
 gradient of the global mean loss. Legend: E experts, P domain ranks, S = 3*F*D flat expert size.
 """
@@ -18,7 +20,6 @@ gradient of the global mean loss. Legend: E experts, P domain ranks, S = 3*F*D f
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from torch import nn
 from moesaic.parallel.expert_state import reshard_owners  # noqa: F401  (re-exported: FSSDP's owner moves)
 from moesaic.parallel.experts import grouped_swiglu
 from moesaic.parallel.expert_parallel import ExpertParallelDispatcher, LayerPlan
+from moesaic.parallel.gather_schedule import GatherSchedule
 from moesaic.placement.plan import Placement, check_fits
 
 log = logging.getLogger(__name__)
@@ -47,30 +49,6 @@ def _track(delta: int, grads: bool = False) -> None:
 def even_owners(num_experts: int, num_ranks: int) -> np.ndarray:
     """(E,) owner of each expert: contiguous, as even as possible (Hecate's default sharding)."""
     return (np.arange(num_experts) * num_ranks) // num_experts
-
-
-@dataclass(frozen=True)
-class GatherSchedule:
-    """Who sends which expert to whom, for one layer and one plan, as seen from one rank."""
-
-    send_rows: tuple[int, ...]  # owned-row index of each row sent, ordered by (dest, expert)
-    in_splits: tuple[int, ...]  # rows sent to each rank
-    out_splits: tuple[int, ...]  # rows received from each rank
-    recv_to_local: tuple[int, ...]  # received row -> position among this rank's compute experts
-
-    @classmethod
-    def build(cls, holders: tuple[tuple[int, ...], ...], owners: np.ndarray, rank: int, P: int) -> "GatherSchedule":
-        owned = [e for e in range(len(holders)) if owners[e] == rank]
-        row_of = {e: i for i, e in enumerate(owned)}
-        sends = sorted((d, e) for e in owned for d in holders[e])
-        compute = [e for e, h in enumerate(holders) if rank in h]
-        pos = {e: i for i, e in enumerate(compute)}
-        recvs = sorted((int(owners[e]), e) for e in compute)
-        return cls(tuple(row_of[e] for _, e in sends), tuple(sum(1 for d, _ in sends if d == r) for r in range(P)),
-                   tuple(sum(1 for s, _ in recvs if s == r) for r in range(P)), tuple(pos[e] for _, e in recvs))
-
-    def bytes_sent(self, row_bytes: int, rank: int) -> int:
-        return row_bytes * sum(n for r, n in enumerate(self.in_splits) if r != rank)
 
 
 class FSSDPExperts(nn.Module):
@@ -207,6 +185,8 @@ class FSSDPExperts(nn.Module):
         """Before the layer's backward: gather again into the freed storage (collective)."""
         if not self.reshard_after_forward or self._mat is None:
             return
+        if not async_op and self._pending is None and self._mat.untyped_storage().nbytes():
+            return  # already gathered again, for a recomputation (`restore`)
         if async_op:
             self._pending = self._issue_gather(async_op=True)
             return
@@ -221,6 +201,17 @@ class FSSDPExperts(nn.Module):
             self._mat.copy_(flat)
         if self.prefetch and self.prev is not None:
             self.prev.regather(async_op=True)
+
+    def restore(self) -> None:
+        """Activation checkpointing recomputes the layer's forward inside backward, possibly before the
+        layer's backward trigger has run: gather the released weights again now (collective; the
+        trigger's own re-gather then finds them in place)."""
+        if self.direct:
+            return
+        if self._mat is None:
+            raise RuntimeError("FSSDP: a layer was recomputed after its gradients had been sent to their owners")
+        if not self._mat.untyped_storage().nbytes():
+            self.regather()
 
     # -- sparse_reduce_scatter ------------------------------------------------------------------
     def sparse_reduce_scatter(self, async_op: bool = False) -> None:
@@ -317,6 +308,9 @@ class FSSDPDispatcher(ExpertParallelDispatcher):
     """The EP dispatcher, with the layer's weights materialized before and released after."""
 
     def forward(self, x_TD, route, experts: FSSDPExperts):
+        if torch._C._current_graph_task_id() != -1:  # inside backward: activation checkpointing recomputes
+            experts.restore()  # this layer's weights, as its forward had them; nothing released or prefetched
+            return super().forward(x_TD, route, experts)
         experts.sparse_all_gather()
         out = super().forward(x_TD, route, experts)
         experts.release()

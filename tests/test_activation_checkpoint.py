@@ -62,8 +62,6 @@ def test_bad_modes_are_named():
 
     with pytest.raises(ValueError, match=r"parallel.activation_checkpoint \('some'\) must be one of"):
         ParallelConfig(activation_checkpoint="some")
-    with pytest.raises(ValueError, match=r"activation_checkpoint \('full'\) with parallel.expert_sharding \('fssdp'\)"):
-        ParallelConfig(activation_checkpoint="full", expert_sharding="fssdp")
     from moesaic.trainer.config import TrainConfig
 
     with pytest.raises(ValueError, match=r"activation_checkpoint \('attention'\) with parallel.engine \('deepspeed'\)"):
@@ -71,32 +69,45 @@ def test_bad_modes_are_named():
 
 
 SMOKE = ["experiment=smoke", "logging.log_every=1", "eval_every=0", "steps=8", "logging.dump_rank_params=true"]
+# owners != computing ranks, so FSSDP gathers; a shared expert, whose backward runs before the layer's
+# re-gather trigger, so that the recomputation comes first (FSSDPExperts.restore)
+GATHER = ["placement.plan=round_robin", "placement.align_owners=false", "model.moe.num_shared_experts=1"]
 
 
 def _run(nproc, tmp_path, name, args):
     torchrun(nproc, [*SMOKE, f"logging.out_dir={tmp_path}", f"logging.run_name={name}", *args])
     run = tmp_path / name
-    losses = {r["step"]: r["loss"] for r in read_metrics(run) if r["kind"] == "train"}
+    train = [r for r in read_metrics(run) if r["kind"] == "train"]
     params = [torch.load(run / f"params-rank{r}.pt", weights_only=True) for r in range(nproc)]
-    return losses, params
+    return {r["step"]: r["loss"] for r in train}, params, sum(r["expert_gather_bytes"] for r in train)
 
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("nproc,parallel,mode,accum", [(2, "ep", "full", 2), (4, "ep", "full", 1),
-                                                       (2, "fssdp", "attention", 1), (4, "fssdp", "attention", 2)])
-def test_distributed_training_is_unchanged(tmp_path, nproc, parallel, mode, accum):
+@pytest.mark.parametrize("nproc,ep,parallel,mode,accum,extra", [
+    (2, 2, "ep", "full", 2, []),
+    (4, 4, "ep", "full", 1, []),
+    (2, 2, "fssdp", "attention", 1, []),
+    (2, 2, "fssdp", "full", 1, []),  # owners aligned to the plan: every layer computes in place
+    (2, 2, "fssdp", "full", 2, GATHER),
+    (4, 2, "fssdp", "full", 1, GATHER),  # 2 expert domains of 2 ranks
+    (4, 2, "fssdp", "full", 1, [*GATHER, "parallel.reshard_after_forward=false"]),
+])
+def test_distributed_training_is_unchanged(tmp_path, nproc, ep, parallel, mode, accum, extra):
     """8 AdamW steps with and without checkpointing: the same loss at every step, and the same
-    parameters on every rank afterwards (EP's recomputed blocks run their all-to-alls again)."""
-    args = [f"parallel={parallel}", "parallel.ep_size=0", f"grad_accum_steps={accum}"]
-    off, p_off = _run(nproc, tmp_path, "off", args)
-    on, p_on = _run(nproc, tmp_path, "on", [*args, f"parallel.activation_checkpoint={mode}"])
+    parameters on every rank afterwards. EP's recomputed blocks run their all-to-alls again; FSSDP's
+    recomputed layers compute with the weights that their backward re-gathers."""
+    args = [f"parallel={parallel}", f"parallel.ep_size={ep}", f"grad_accum_steps={accum}", *extra]
+    off, p_off, gathered_off = _run(nproc, tmp_path, "off", args)
+    on, p_on, gathered_on = _run(nproc, tmp_path, "on", [*args, f"parallel.activation_checkpoint={mode}"])
     assert sorted(on) == list(range(1, 9))
     assert max(abs(on[s] - off[s]) for s in off) < 1e-6, (on, off)
     for rank, (a, b) in enumerate(zip(p_on, p_off)):
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {k}")
+    if extra:  # the gather path ran, and checkpointing added no gathers to it
+        assert gathered_on == gathered_off > 0
 
 
 @pytest.mark.slow
