@@ -14,8 +14,8 @@
 # with kernel profiles.
 # trainer (about 5 minutes; first `bash bench/fetch_wheels.sh` here, and carry [".whl"]):
 # moesaic-doctor on one NCCL rank, the trainer's demo model in bf16 eager and compiled (FSSDP, EP,
-# DDP, and FSSDP with the Triton kernels), and gpu_train's 2.62B model through the trainer,
-# compiled; bench/trainer_runs.py prints them side by side.
+# DDP, FSSDP with the Triton kernels, and FSSDP with full activation checkpointing), and gpu_train's
+# 2.62B model through the trainer, compiled; bench/trainer_runs.py prints them side by side.
 # baseline (about 4.5 minutes): the expert layer table, and whole steps eager and compiled.
 # Name the H200 kind (nvidia-h200): batch 16 peaks at 94 GiB, over an H100's 80 (such a run fails alone
 # and the others go on), and the earlier figures are from H200s.
@@ -85,7 +85,8 @@ if [ "$PART" = trainer ]; then  # the trainer and the doctor on CUDA (about 5 mi
   demo="logging=quiet logging.out_dir=$OUT/trainer steps=300 eval_every=100 parallel.mixed_precision=bf16"
   for run in "fssdp_eager parallel=fssdp" "fssdp_compiled parallel=fssdp compile=true" \
              "ep_compiled parallel=ep compile=true" "ddp_eager parallel=ddp" \
-             "fssdp_triton parallel=fssdp model.moe.kernels=triton"; do
+             "fssdp_triton parallel=fssdp model.moe.kernels=triton" \
+             "fssdp_checkpoint_full parallel=fssdp parallel.activation_checkpoint=full"; do
     set -- $run
     name=$1; shift
     echo "## $(date +%T) trainer, demo model, $name" | tee -a "$LOG"

@@ -3,7 +3,7 @@
     python bench/trainer_runs.py OUT_DIR [--json out.json]
 
 One row per run: its name, device and backend, parallelism, compile, steps, the final train loss,
-the validation bits per byte, tokens/s and the median step time. `bash bench/gpu_check.sh trainer`
+the validation bits per byte, tokens/s, the median step time and the largest rank's peak GPU memory. `bash bench/gpu_check.sh trainer`
 prints it after its runs (eager against compiled: the losses should agree within bf16 noise).
 """
 
@@ -29,7 +29,8 @@ def rows(out_dir: Path) -> list[dict]:
                     "graph_breaks": compiled.get("graph_breaks") if isinstance(compiled, dict) else None,
                     "steps": s.get("steps"), "final_train_loss": s.get("final_train_loss"),
                     "val_bpb": s.get("val_bpb"), "tokens_per_s": s.get("tokens_per_s"),
-                    "median_step_s": s.get("median_step_s")})
+                    "median_step_s": s.get("median_step_s"),
+                    "peak_gpu_MiB": max(s.get("peak_gpu_mib_per_rank") or [None], key=lambda v: v or 0)})
     return out
 
 
