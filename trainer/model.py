@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from moesaic.parallel.moe import MoE, MoEConfig, SwiGLU
 
@@ -130,7 +130,10 @@ class Block(nn.Module):
         if self.activation_checkpoint == "none" or not torch.is_grad_enabled():
             return self._forward(x, cos, sin)
         if self.activation_checkpoint == "full":
-            return checkpoint(self._forward, x, cos, sin, use_reentrant=False, preserve_rng_state=False)
+            # recompute the whole block, never stopping early: the MoE layer's all-to-alls must run in
+            # every rank's recomputation, however many tensors a rank's experts saved
+            with set_checkpoint_early_stop(False):
+                return checkpoint(self._forward, x, cos, sin, use_reentrant=False, preserve_rng_state=False)
         return self._ffn(checkpoint(self._attention, x, cos, sin, use_reentrant=False, preserve_rng_state=False))
 
     # activation checkpointing recomputes one of these in backward (`apply_activation_checkpoint`).
