@@ -24,6 +24,8 @@ CASES = {
     "fssdp, fixed plan": ["parallel=fssdp"],
     "fssdp, re-plan eplb": ["parallel=fssdp", "placement=replan", "placement.method=eplb"],
     "fssdp, re-plan affinity": ["parallel=fssdp", "placement=affinity", "placement.time_limit=10"],
+    "fssdp, re-plan affinity, when ready": ["parallel=fssdp", "placement=affinity", "placement.time_limit=10",
+                                            "placement.wait_for_plan=false"],
     "resident ep, fixed plan": ["parallel=ep"],
     "resident ep, re-plan eplb": ["parallel=ep", "placement=replan", "placement.method=eplb"],
 }
@@ -43,10 +45,12 @@ def run(case: str, args: list[str], a, out: Path) -> dict:
     places = [r for r in rows if r["kind"] == "placement"]
     adopt_steps = {r["step"] for r in places}
     adopt_times = [r["step_s"] for r in rows if r["kind"] == "train" and r["step"] in adopt_steps]
-    return {"case": case, "median_step_s": statistics.median(steps), "replans": len(places),
+    return {"case": case, "median_step_s": statistics.median(steps), "mean_step_s": statistics.mean(steps),
+            "replans": len(places),
             "solve_s_mean": statistics.mean([r["solve_s"] for r in places]) if places else 0.0,
             "adopt_wait_s_max": max([r["adopt_wait_s"] for r in places], default=0.0),
             "adopt_step_s_mean": statistics.mean(adopt_times) if adopt_times else 0.0,
+            "deferred_steps_mean": statistics.mean([r["deferred_steps"] for r in places]) if places else 0.0,
             "migrated_MiB_rank0": sum(r.get("migrated_bytes_rank0", 0) for r in places) / 2**20,
             "final_loss": [r for r in rows if r["kind"] == "train"][-1]["loss"]}
 

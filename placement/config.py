@@ -26,7 +26,14 @@ class PlacementConfig:
     ema_decay: float = 0.5
     """Older statistics fade by this factor at every re-plan (0: only the last window counts)."""
     adopt_after_steps: int = 3
-    """Steps between the start of a solve (in the background) and the boundary where the plan is adopted."""
+    """Steps between the start of a solve (in the background) and the first boundary where the plan
+    may be adopted."""
+    wait_for_plan: bool = True
+    """True: every rank waits at adopt_after_steps for the solver, so the adoption step is the same in
+    every run. False: adopt at the first step boundary, from adopt_after_steps on, at which the
+    solver has finished (a one-flag broadcast per step while a plan is pending), so training never
+    stalls; that pays where the solver has cores of its own, not where it competes with the ranks
+    (bench/RESULTS.md, "Re-placement during training")."""
     align_owners: bool = True
     """FSSDP: each expert's owner is a GPU that the plan has compute it (an assignment that keeps
     every GPU's owned count), at start and at every re-plan, where the owned parameters and AdamW

@@ -147,30 +147,58 @@ def test_consolidated_export(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("parallel,align,method", [("fssdp", "true", "eplb"), ("fssdp", "false", "eplb"),
-                                                   ("ep", "true", "affinity")])
-def test_replacement_changes_no_math(tmp_path, parallel, align, method):
+@pytest.mark.parametrize("parallel,align,method,wait", [("fssdp", "true", "eplb", "true"), ("fssdp", "false", "eplb", "false"),
+                                                        ("ep", "true", "affinity", "true")])
+def test_replacement_changes_no_math(tmp_path, parallel, align, method, wait):
     base = [*SMOKE, "steps=16", f"logging.out_dir={tmp_path}", f"parallel={parallel}", "parallel.ep_size=2"]
     torchrun(2, [*base, "logging.run_name=off"])
     torchrun(2, [*base, "logging.run_name=on", "placement=replan", "placement.every_n_steps=4",
                  f"placement.method={method}", "placement.time_limit=10", "placement.adopt_after_steps=1",
-                 f"placement.align_owners={align}"])
+                 f"placement.align_owners={align}", f"placement.wait_for_plan={wait}"])
     off, on = _losses(tmp_path / "off"), _losses(tmp_path / "on")
     assert max(abs(off[s] - on[s]) for s in off) < 1e-5
     plans = sorted((tmp_path / "on/plans").glob("plan-*.json"))
-    assert len(plans) == 3  # solved at 4, 8, 12; adopted a step later
     records = [r for r in read_metrics(tmp_path / "on") if r["kind"] == "placement"]
-    assert [r["step"] for r in records] == [5, 9, 13] and all(r["solve_s"] >= 0 for r in records)
+    assert len(plans) == len(records) and all(r["solve_s"] >= 0 for r in records)
+    if wait == "true":  # solved at 4, 8, 12; adopted a step later, whatever the solver's time
+        assert [r["step"] for r in records] == [5, 9, 13] and not any(r["deferred_steps"] for r in records)
+    else:  # adopted once ready: from a step after the solve on, and the next solve only after that
+        assert records and all(r["step"] == r["solved_at"] + 1 + r["deferred_steps"] for r in records)
+        assert all(r["solved_at"] % 4 == 0 and r["deferred_steps"] >= 0 for r in records)
+        assert all(a["step"] <= b["solved_at"] for a, b in zip(records, records[1:]))
     # the heuristic is solved in the trainer's thread, the ILP in a spawned process
     assert {(r["method"], r["solved_in"]) for r in records} == {(method, "thread" if method == "eplb" else "process")}
     summary = json.loads((tmp_path / "on/summary.json").read_text())
-    assert len(summary["placement_history"]) == 3
+    assert len(summary["placement_history"]) == len(records)
     # the run directory's statistics and plans plot
     figs = tmp_path / "figs"
     proc = subprocess.run([sys.executable, "-m", "moesaic.placement.cli", "plot", "--run", str(tmp_path / "on"),
                            "--out", str(figs)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert (figs / "loads.png").stat().st_size > 2000 and len(list(figs.glob("plan_map_plan-*.png"))) == 3
+    assert (figs / "loads.png").stat().st_size > 2000 and len(list(figs.glob("plan_map_plan-*.png"))) == len(records)
+
+
+def test_a_pending_plan_is_adopted_once_the_solver_has_finished(tmp_path):
+    """Replanner._plan_ready on one process, with wait_for_plan=false: not while rank 0's solver
+    thread runs, then yes. With wait_for_plan (the default) always: the adoption waits for the thread."""
+    import threading
+
+    from moesaic.placement.config import PlacementConfig
+    from moesaic.trainer.dist import DistInfo
+    from moesaic.trainer.replan import Replanner
+
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
+    r = Replanner(PlacementConfig(every_n_steps=4, wait_for_plan=False), None, None, None, tmp_path, info, None)
+    finish = threading.Event()
+    r.thread = threading.Thread(target=finish.wait, daemon=True)
+    r.thread.start()
+    assert not r._plan_ready()
+    r.cfg = PlacementConfig(every_n_steps=4, wait_for_plan=True)
+    assert r._plan_ready()
+    r.cfg = PlacementConfig(every_n_steps=4, wait_for_plan=False)
+    finish.set()
+    r.thread.join()
+    assert r._plan_ready()
 
 
 @pytest.mark.slow

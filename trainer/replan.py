@@ -3,10 +3,12 @@
 Every `placement.every_n_steps`: the statistics recorded since the last solve are all-reduced and
 folded into an EMA (`placement.ema_decay`); rank 0 starts the solver (method, time limit, epsilon and
 the launcher's GPUs per node) in a background thread, so that training goes on (an ILP runs in a
-spawned process); after `placement.adopt_after_steps` more steps every rank adopts the broadcast plan
-at the same step boundary. Under FSSDP adoption moves only the owned shards whose owner changes
-(`placement.align_owners`; nothing when false); under resident EP the experts and their AdamW moments
-move with one all-to-all per layer. Each plan is written to <run dir>/plans/plan-<step>.json.
+spawned process). After `placement.adopt_after_steps` more steps every rank adopts the broadcast plan
+at the same boundary, waiting for the solver if need be; with `placement.wait_for_plan=false` at the
+first boundary from then on where the plan is ready.
+Under FSSDP adoption moves only the owned shards whose owner changes (`placement.align_owners`;
+nothing when false); under resident EP the experts and their AdamW moments move with one all-to-all
+per layer. Each plan is written to <run dir>/plans/plan-<step>.json.
 """
 
 from __future__ import annotations
@@ -70,8 +72,16 @@ class Replanner:
             self.adopt_at = done + self.cfg.adopt_after_steps
             if self.info.is_main:
                 self._start_solve(self.ema, done)
-        if self.adopt_at is not None and done == self.adopt_at:
+        if self.adopt_at is not None and done >= self.adopt_at and self._plan_ready():
             self._adopt(done)
+
+    def _plan_ready(self) -> bool:
+        """Whether to adopt at this boundary: rank 0's word that its solve has finished, broadcast
+        (a collective, at each step while a plan is pending), or always with wait_for_plan."""
+        if self.cfg.wait_for_plan:
+            return True
+        ready = self.info.is_main and (self.thread is None or not self.thread.is_alive())
+        return bool(broadcast_object(ready, self.info))
 
     def _start_solve(self, stats: RoutingStats, step: int) -> None:
         P = self.par.plan.num_gpus
@@ -109,8 +119,9 @@ class Replanner:
             self.thread.join()
         waited = time.perf_counter() - wait0
         result = broadcast_object(self.result if self.info.is_main else None, self.info)
-        self.adopt_at = None
-        record = {"kind": "placement", "step": done, "solve_s": result.get("seconds"), "adopt_wait_s": waited}
+        deferred, self.adopt_at = done - self.adopt_at, None
+        record = {"kind": "placement", "step": done, "solve_s": result.get("seconds"), "adopt_wait_s": waited,
+                  "deferred_steps": deferred}
         if "error" in result:
             record["error"] = result["error"]
             self.logger.log(record)
