@@ -92,8 +92,9 @@ def _run(nproc, tmp_path, name, args):
     (2, 2, "fssdp", "full", 2, GATHER),
     (4, 2, "fssdp", "full", 1, GATHER),  # 2 expert domains of 2 ranks
     (4, 2, "fssdp", "full", 1, [*GATHER, "parallel.reshard_after_forward=false"]),
+    (2, 2, "fssdp", "full", 1, [*GATHER, "compile=true"]),
 ], ids=["ep2-full-accum", "ep4-full", "fssdp2-attention", "fssdp2-full-in-place", "fssdp2-full-gather-accum",
-        "fssdp2x2-full-gather", "fssdp2x2-full-gather-kept"])
+        "fssdp2x2-full-gather", "fssdp2x2-full-gather-kept", "fssdp2-full-gather-compiled"])
 def test_distributed_training_is_unchanged(tmp_path, nproc, ep, parallel, mode, accum, extra):
     """8 AdamW steps with and without checkpointing: the same loss at every step, and the same
     parameters on every rank afterwards. EP's recomputed blocks run their all-to-alls again; FSSDP's
