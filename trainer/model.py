@@ -131,7 +131,8 @@ class Block(nn.Module):
             return self._forward(x, cos, sin)
         if self.activation_checkpoint == "full":
             # recompute the whole block, never stopping early: the MoE layer's all-to-alls must run in
-            # every rank's recomputation, however many tensors a rank's experts saved
+            # every rank's recomputation, however many tensors a rank's experts saved (a safeguard:
+            # today the combine after the last all-to-all saves tensors on every rank)
             with set_checkpoint_early_stop(False):
                 return checkpoint(self._forward, x, cos, sin, use_reentrant=False, preserve_rng_state=False)
         return self._ffn(checkpoint(self._attention, x, cos, sin, use_reentrant=False, preserve_rng_state=False))
