@@ -143,7 +143,6 @@ def main() -> None:
     ap.add_argument("--skip-big", action="store_true", help="only the demo model")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print("machine:", machine())
     small = demo(a.iters, a.batch, a.seq)
     print(table(small))

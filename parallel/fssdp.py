@@ -210,8 +210,7 @@ class FSSDPExperts(nn.Module):
             return
         if self._mat is None:
             raise RuntimeError("FSSDP: a layer was recomputed after its gradients had been sent to their owners")
-        if not self._mat.untyped_storage().nbytes():
-            self.regather()
+        self.regather()  # a no-op when the weights are in place (kept, or already gathered again)
 
     # -- sparse_reduce_scatter ------------------------------------------------------------------
     def sparse_reduce_scatter(self, async_op: bool = False) -> None:

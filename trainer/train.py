@@ -165,9 +165,8 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume) -> dict:
             save(done)
 
     wall = time.perf_counter() - t_start
-    rss = all_gather_object(round(peak_rss_mib(), 1), info)
-    gpu_peak = all_gather_object(round(torch.cuda.max_memory_allocated(info.device) / 2**20, 1)
-                                 if info.device.type == "cuda" else None, info)
+    gpu_mib = round(torch.cuda.max_memory_allocated(info.device) / 2**20, 1) if info.device.type == "cuda" else None
+    rss, gpu_peak = zip(*all_gather_object((round(peak_rss_mib(), 1), gpu_mib), info))  # one collective
     routing = recorder.stats(all_reduce=True)
     if info.is_main:
         np.savez(run_dir / "routing_stats.npz", **routing.to_npz_dict())
@@ -184,8 +183,8 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume) -> dict:
         "ep_size": ep if plan or par.deepspeed_moe_ep else 1,
         "expert_sharding": cfg.parallel.expert_sharding if plan else "deepspeed-moe" if par.deepspeed_moe_ep else "replicated",
         "plan": par.plan.to_dict() if par.plan is not None else None,
-        "placement_history": replanner.history, "reshard_history": resharder.history, "peak_rss_mib_per_rank": rss,
-        "peak_gpu_mib_per_rank": gpu_peak,  # torch.cuda.max_memory_allocated; None on CPU
+        "placement_history": replanner.history, "reshard_history": resharder.history, "peak_rss_mib_per_rank": list(rss),
+        "peak_gpu_mib_per_rank": list(gpu_peak),  # torch.cuda.max_memory_allocated; None on CPU
         "dynamic_replicas_added_mean": float(np.mean(dynamic.replicas_added)) if dynamic.replicas_added else 0.0,
         "run_dir": str(run_dir), "config": asdict(cfg), "compile": compile_stats() if cfg.compile else None,
     }
