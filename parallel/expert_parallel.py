@@ -260,7 +260,7 @@ def migrate_resident(model: nn.Module, optimizer: torch.optim.Optimizer, plan: P
         old: LayerPlan = moe.layer_plan
         new = LayerPlan(tuple(layer), old.ep_rank, old.ep_size)
         store: GroupedExperts = moe.experts
-        flat, moments = expert_state.pack(store, optimizer, len(old.local_experts))
+        flat, moments = expert_state.pack(store, optimizer)
         row_of = {e: i for i, e in enumerate(old.local_experts)}
         P, me = old.ep_size, old.ep_rank
         wanted = {d: [e for e, h in enumerate(new.holders) if d in h] for d in range(P)}

@@ -16,14 +16,14 @@ from moesaic.parallel.experts import expert_weight_shapes
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def pack(store, optimizer: torch.optim.Optimizer, n: int) -> tuple[torch.Tensor, bool]:
+def pack(store, optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, bool]:
     """(n, 3*F*D [x3]) rows of the store's weights, followed by both AdamW moments when they exist."""
     ws = [getattr(store, name) for name in NAMES]
     states = [optimizer.state.get(w, {}) for w in ws]
     moments = all("exp_avg" in s for s in states)
-    parts = [torch.cat([w.data.reshape(n, -1) for w in ws], 1)]
+    parts = [torch.cat([w.data.flatten(1) for w in ws], 1)]
     if moments:
-        parts += [torch.cat([s[m].reshape(n, -1) for s in states], 1) for m in MOMENTS]
+        parts += [torch.cat([s[m].flatten(1) for s in states], 1) for m in MOMENTS]
     return torch.cat(parts, 1), moments
 
 
@@ -58,7 +58,7 @@ def reshard_owners(model: nn.Module, optimizer: torch.optim.Optimizer, owners_LE
         owners = np.asarray(owners, dtype=np.int64)
         old_ids, rank, P = list(st.owned_ids), st.rank, st.P
         new_ids = [e for e in range(len(owners)) if owners[e] == rank]
-        flat, moments = pack(st, optimizer, len(old_ids))
+        flat, moments = pack(st, optimizer)
         # 1. rows to send: every owned expert whose new owner is another rank, by (destination, expert)
         sends = sorted((int(owners[e]), e) for e in old_ids if owners[e] != rank)
         recvs = sorted((int(st.owners[e]), e) for e in new_ids if st.owners[e] != rank)

@@ -12,10 +12,16 @@ way (`moesaic.parallel.kernels`); "torch" is the element-wise torch code below.
 
 from __future__ import annotations
 
+import functools
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
+GROUPED_MM_ALIGN = 16
+"""Bytes that each row of `torch._grouped_mm`'s operands must be a multiple of (checked since torch 2.9)."""
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -168,14 +174,38 @@ def grouped_swiglu(
     where w13[e] = [w1[e]; w3[e]].
 
     `counts_E` (int, sums to T) gives how many consecutive rows of x belong to each expert; an expert
-    with zero rows is fine. Runs in fp32/bf16/fp16 on CPU and bf16 on Hopper.
+    with zero rows is fine. Runs in fp32/bf16/fp16 on CPU and bf16 on Hopper. Where D or F breaks
+    `torch._grouped_mm`'s 16-byte rule (`grouped_mm_aligned`), it runs `looped_swiglu`, and says so once.
     """
     x_TD, w13_EGD, w2_EDF = autocast_cast(x_TD, w13_EGD, w2_EDF)
+    dim, ffn_dim = w2_EDF.shape[1:]
+    if not grouped_mm_aligned(dim, ffn_dim, x_TD.dtype):
+        return _unaligned_swiglu(x_TD, counts_E, w13_EGD, w2_EDF)
     if torch.compiler.is_compiling() and x_TD.dtype != torch.bfloat16:
         # torch.compile's shape check of _grouped_mm takes bf16 only (the CPU kernel takes any float):
         # other dtypes leave the compiled region for this call
         return _grouped_swiglu_eager(x_TD, counts_E, w13_EGD, w2_EDF, kernels)
     return _grouped_swiglu(x_TD, counts_E, w13_EGD, w2_EDF, kernels)
+
+
+def grouped_mm_aligned(dim: int, ffn_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the experts' rows (D and F elements of `dtype`) meet `torch._grouped_mm`'s 16-byte rule."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return dim * size % GROUPED_MM_ALIGN == 0 and ffn_dim * size % GROUPED_MM_ALIGN == 0
+
+
+@torch.compiler.disable
+def _unaligned_swiglu(x_TD, counts_E, w13_EGD, w2_EDF):
+    _warn_unaligned(*w2_EDF.shape[1:], x_TD.dtype)
+    return looped_swiglu(x_TD, counts_E, w13_EGD, w2_EDF)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_unaligned(dim: int, ffn_dim: int, dtype: torch.dtype) -> None:
+    per_row = GROUPED_MM_ALIGN // torch.empty((), dtype=dtype).element_size()
+    log.warning("model.dim (%d) and model.moe.ffn_dim (%d) in %s: torch._grouped_mm needs both to be multiples "
+                "of %d (16 bytes); these experts run as a per-expert loop instead (the same math, slower)",
+                dim, ffn_dim, str(dtype).removeprefix("torch."), per_row)
 
 
 class _SwiGLU13(torch.autograd.Function):

@@ -74,6 +74,8 @@ class FSSDPExperts(nn.Module):
         self._mat: torch.Tensor | None = None  # (n_compute, S) materialized leaf
         self._pending = None  # (work, recv buffer) of an issued gather
         self._grad_expected = False
+        self._released = False  # the materialized storage is freed (the same on every rank, even one
+        # that computes no expert and whose storage is always empty)
         self._rs_pending = None  # an issued sparse_reduce_scatter (work, recv, send)
         self.bytes = {"gather": 0, "reduce_scatter": 0}
         self.grad_scale = 1.0  # 1 / world size: expert gradients of the global mean loss
@@ -100,8 +102,7 @@ class FSSDPExperts(nn.Module):
 
     # -- sparse_all_gather ----------------------------------------------------------------------
     def _owned_flat(self) -> torch.Tensor:
-        n = len(self.owned_ids)
-        return torch.cat([self.w13_EGD.detach().reshape(n, -1), self.w2_EDF.detach().reshape(n, -1)], 1)
+        return torch.cat([self.w13_EGD.detach().flatten(1), self.w2_EDF.detach().flatten(1)], 1)
 
     def _issue_gather(self, async_op: bool):
         # 1. rows of the owned shard, ordered by (destination, expert)
@@ -133,10 +134,11 @@ class FSSDPExperts(nn.Module):
             self._grad_expected = torch.is_grad_enabled()
             self._prefetch_next()
             return
-        # gradient accumulation: what the previous micro-batch's backward left unsent goes first
+        # gradient accumulation: what the previous micro-batch's backward left unsent goes first (on
+        # every rank: one that computed no expert has no gradient, and sends its empty share)
         if self._rs_pending is not None:
             self.finish_reduce_scatter()
-        if self._mat is not None and self._mat.grad is not None:
+        if self._mat is not None and self._grad_expected:
             self.sparse_reduce_scatter()
         if self._mat is not None:  # a previous forward's weights (evaluation, no backward)
             _track(-self._mat.untyped_storage().nbytes())
@@ -147,6 +149,7 @@ class FSSDPExperts(nn.Module):
         else:
             flat = self._finish_gather(*self._issue_gather(async_op=False))
         self._mat = flat.requires_grad_(True)
+        self._released = False
         self._grad_expected = torch.is_grad_enabled()
         if self._grad_expected:
             self._mat.register_post_accumulate_grad_hook(self._grad_ready)
@@ -180,13 +183,14 @@ class FSSDPExperts(nn.Module):
         if self.reshard_after_forward and self._mat is not None and torch.is_grad_enabled():
             _track(-self._mat.untyped_storage().nbytes())
             self._mat.untyped_storage().resize_(0)
+            self._released = True
 
     def regather(self, async_op: bool = False) -> None:
         """Before the layer's backward: gather again into the freed storage (collective)."""
         if not self.reshard_after_forward or self._mat is None:
             return
-        if not async_op and self._pending is None and self._mat.untyped_storage().nbytes():
-            return  # already gathered again, for a recomputation (`restore`)
+        if not async_op and self._pending is None and not self._released:
+            return  # already gathered again, for a recomputation (`restore`), or never released
         if async_op:
             self._pending = self._issue_gather(async_op=True)
             return
@@ -199,6 +203,7 @@ class FSSDPExperts(nn.Module):
             _track(flat.numel() * flat.element_size())
         with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(self._mat):
             self._mat.copy_(flat)
+        self._released = False
         if self.prefetch and self.prev is not None:
             self.prev.regather(async_op=True)
 
@@ -261,9 +266,8 @@ class FSSDPExperts(nn.Module):
         if not (self.direct and self._grad_expected):
             return
         self._grad_expected = False
-        n = len(self.owned_ids)
         ws = (self.w13_EGD, self.w2_EDF)
-        owned = torch.cat([(w.grad if w.grad is not None else torch.zeros_like(w)).reshape(n, -1) for w in ws], 1)
+        owned = torch.cat([(w.grad if w.grad is not None else torch.zeros_like(w)).flatten(1) for w in ws], 1)
         self._install_grads(owned, accumulate=False)  # autograd has added up the micro-batches
 
     def _install_grads(self, owned: torch.Tensor, *, accumulate: bool) -> None:

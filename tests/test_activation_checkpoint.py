@@ -114,16 +114,19 @@ def test_distributed_training_is_unchanged(tmp_path, nproc, ep, parallel, mode, 
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_full_checkpointing_with_a_rank_that_computes_no_expert(tmp_path):
+@pytest.mark.parametrize("parallel,accum", [("ep", 1), ("fssdp", 2)])
+def test_full_checkpointing_with_a_rank_that_computes_no_expert(tmp_path, parallel, accum):
     """A plan that leaves rank 1 without experts in layer 0 and rank 0 in layer 1: that rank saves
     fewer tensors in the layer, and its recomputation must still run the layer's all-to-alls as the
-    other rank's does. (With early stop left on this also passes today: the combine after the last
-    all-to-all saves tensors on every rank. `full` turns early stop off as a safeguard.)"""
+    other rank's does. (With early stop left on, EP also passes: the combine after the last
+    all-to-all saves tensors on every rank. `full` turns early stop off as a safeguard.) Under FSSDP
+    that rank's gathered weights are empty, and it must re-gather exactly when the others do."""
     from moesaic.placement.plan import Placement
 
     plan = tmp_path / "lopsided.json"
     Placement(placement=(((0,),) * 4, ((1,),) * 4), num_gpus=2, gpus_per_node=2).save(plan)
-    args = ["parallel=ep", "parallel.ep_size=2", f"placement.plan={plan}", "parallel.timeout_s=120"]
+    args = [f"parallel={parallel}", "parallel.ep_size=2", f"placement.plan={plan}", "parallel.timeout_s=60",
+            "placement.align_owners=false", f"grad_accum_steps={accum}"]
     off, p_off, _ = _run(2, tmp_path, "off", args)
     on, p_on, _ = _run(2, tmp_path, "on", [*args, "parallel.activation_checkpoint=full"])
     assert max(abs(on[s] - off[s]) for s in off) < 1e-6, (on, off)

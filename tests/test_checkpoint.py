@@ -231,6 +231,24 @@ def test_killed_rank_restarts_and_finishes_like_an_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.dist
+@pytest.mark.parametrize("parallel", ["ep", "fssdp"])
+def test_an_error_on_one_rank_ends_the_run_at_once_and_keeps_the_last_checkpoint(tmp_path, parallel):
+    """Rank 1 raises at step 7, while the other ranks enter that step's all-to-alls. The run must end
+    with the error named, well within the collectives' timeout (300 s here): a rank that fails does
+    not wait in a barrier for ranks that wait for it. The checkpoint of step 5 stays."""
+    worker = str(__import__("pathlib").Path(__file__).parent / "workers/failing_rank.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--standalone", worker, "1", "6",
+           *SMOKE, "steps=10", f"parallel={parallel}", "parallel.timeout_s=300", f"logging.out_dir={tmp_path}",
+           "logging.run_name=failing", "checkpoint.every_n_steps=5"]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=child_env())
+    assert proc.returncode != 0 and time.monotonic() - t0 < 90, (time.monotonic() - t0, proc.stderr[-3000:])
+    assert "injected failure on rank 1 at step 6" in proc.stderr
+    assert [p.name for p in sorted((tmp_path / "failing/checkpoints").iterdir())] == ["step-00000005"]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
 def test_dynamic_replicas_and_resharding_change_no_math(tmp_path):
     base = [*SMOKE, "steps=16", f"logging.out_dir={tmp_path}", "parallel=fssdp"]
     torchrun(4, [*base, "logging.run_name=off"])

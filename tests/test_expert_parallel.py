@@ -65,6 +65,7 @@ def test_doctor_detects_a_wrong_result():
     (4, ["--ep", 2, "--plan", "replicated"]),  # expert data parallelism (edp 2) and replicas
     (4, ["--ep", 4, "--plan", "replicated", "--router", "sigmoid"]),  # aux-loss-free bias updates
     (4, ["--ep", 2, "--plan", "replicated", "--micro", 2]),  # gradient accumulation
+    (2, ["--ep", 2, "--plan", "replicated", "--ffn-dim", 10]),  # experts computed by the loop (unaligned)
 ])
 def test_adamw_steps_match_single_process(tmp_path, nproc, args):
     out = tmp_path / "report.json"
@@ -159,6 +160,10 @@ def test_plan_file_that_does_not_fit_is_named(tmp_path):
     (4, ["--ep", 2, "--plan", "contiguous", "--micro", 2]),  # every expert at its owner: computed in place
     (4, ["--ep", 4, "--plan", "replicated", "--align", "--change-plan-after", 2]),  # owners follow the plan
     (2, ["--ep", 2, "--plan", "random", "--align", "--micro", 2]),
+    (4, ["--ep", 4, "--plan", "replicated", "--ffn-dim", 10, "--change-plan-after", 2]),  # unaligned: the loop
+    # 2 experts on 4 ranks: rank 2 owns one and computes none, rank 3 owns and computes none
+    (4, ["--ep", 4, "--plan", "contiguous", "--num-experts", 2, "--change-plan-after", 2, "--micro", 2]),
+    (4, ["--ep", 4, "--plan", "contiguous", "--num-experts", 2, "--reshard-after", 2]),
 ])
 def test_fssdp_steps_match_single_process(tmp_path, nproc, args):
     out = tmp_path / "report.json"

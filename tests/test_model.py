@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moesaic.parallel.experts import GroupedExperts, combine_slots, gather_slots, grouped_swiglu, looped_swiglu
+from moesaic.parallel.experts import (GroupedExperts, _warn_unaligned, combine_slots, gather_slots, grouped_mm_aligned,
+                                      grouped_swiglu, looped_swiglu)
 from moesaic.parallel.moe import MoE, MoEConfig
 from moesaic.parallel.router import RouterConfig
 from moesaic.trainer.model import ModelConfig, Transformer
@@ -69,10 +70,11 @@ def test_swiglu13_backward_writes_what_autograd_computes():
     torch.testing.assert_close(ours, ref)
 
 
+@pytest.mark.parametrize("D,F_", [(16, 24), (30, 22)])  # (30, 22) breaks _grouped_mm's 16-byte rule
 @pytest.mark.parametrize("counts", [[5, 0, 7, 3], [0, 0, 0, 0], [0, 9, 0, 0], [1, 1, 1, 1]])
-def test_grouped_swiglu_equals_loop(counts):
+def test_grouped_swiglu_equals_loop(counts, D, F_):
     torch.manual_seed(1)
-    E, D, F_ = 4, 16, 24
+    E = 4
     n = sum(counts)
     w1, w3 = torch.randn(E, F_, D), torch.randn(E, F_, D)
     w13 = torch.cat([w1, w3], dim=1).requires_grad_()
@@ -97,6 +99,33 @@ def test_grouped_swiglu_equals_loop(counts):
     for e, k in enumerate(counts):
         if k == 0:  # an expert with no tokens gets an exact zero gradient
             assert grads[1][e].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_alignment_rule_is_torchs(dtype, caplog):
+    """`grouped_mm_aligned` says yes exactly where torch._grouped_mm takes the experts' shapes; where it
+    says no, the experts run as a loop, with one warning that names both dims and the rule."""
+    for D in range(4, 21, 2):
+        for F_ in range(4, 21, 2):
+            x, w13, w2 = torch.randn(6, D, dtype=dtype), torch.randn(2, 2 * F_, D, dtype=dtype), torch.randn(2, D, F_, dtype=dtype)
+            offs = torch.tensor([2, 6], dtype=torch.int32)
+            try:
+                h = torch._grouped_mm(x, w13.transpose(-2, -1), offs=offs)
+                torch._grouped_mm(h[:, :F_].contiguous(), w2.transpose(-2, -1), offs=offs)
+                accepted = True
+            except RuntimeError as e:
+                assert "16 bytes" in str(e)
+                accepted = False
+            assert grouped_mm_aligned(D, F_, dtype) == accepted, (D, F_, dtype)
+    caplog.set_level("WARNING", logger="moesaic.parallel.experts")
+    _warn_unaligned.cache_clear()  # (once per process: an earlier test may have been told already)
+    moe = MoE(30, MoEConfig(num_experts=3, top_k=2, ffn_dim=22))
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            moe(torch.randn(2, 5, 30))
+    rule = "multiples of 4" if dtype == torch.float32 else "multiples of 8"
+    warned = [r.getMessage() for r in caplog.records if "torch._grouped_mm needs" in r.getMessage()]
+    assert len(warned) == 1 and all("model.dim (30) and model.moe.ffn_dim (22)" in w and rule in w for w in warned)
 
 
 @pytest.mark.parametrize("T,K,drop", [(7, 2, 0), (7, 2, 5), (5, 1, 2), (6, 3, 0), (0, 2, 0)])

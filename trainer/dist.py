@@ -137,9 +137,11 @@ def init_distributed(pcfg: ParallelConfig) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, device, backend)
 
 
-def shutdown(info: DistInfo) -> None:
+def shutdown(info: DistInfo, *, barrier: bool = True) -> None:
+    """Leave the process group: after a barrier when every rank has finished, without one after an error."""
     if info.backend is not None and dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -24,14 +24,18 @@ def main(cfg: DictConfig) -> None:
         train_cfg = to_train_config(cfg)
         train(train_cfg)
     except ValueError as e:  # bad input: one line naming the field, no traceback
-        print(f"moesaic-train: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _error(e, 2)
     except FloatingPointError as e:  # a diverged run: say so plainly; the last checkpoint is kept
-        print(f"moesaic-train: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(3)
+        _error(e, 3)
     except TimeoutError as e:  # a rendezvous that never completed
-        print(f"moesaic-train: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(4)
+        _error(e, 4)
+
+
+def _error(e: Exception, code: int) -> None:
+    # one write per line, so that the ranks' lines do not interleave on a shared terminal
+    sys.stderr.write(f"moesaic-train: error: {e}\n")
+    sys.stderr.flush()
+    sys.exit(code)
 
 
 def _take_local_rank_arg() -> None:

@@ -63,9 +63,14 @@ def train(cfg: TrainConfig) -> dict:
                 pass
     info = init_distributed(cfg.parallel)
     try:
-        return _train(cfg, corpus, info, plan, resume)
-    finally:
-        shutdown(info)
+        result = _train(cfg, corpus, info, plan, resume)
+    except BaseException:
+        # no barrier: the other ranks may wait in a collective that this one will never join, and
+        # the launcher (torchrun, srun) stops them once this rank's error ends its process
+        shutdown(info, barrier=False)
+        raise
+    shutdown(info)
+    return result
 
 
 def _report_rank0(msg: str) -> None:

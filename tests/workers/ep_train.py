@@ -57,17 +57,19 @@ def main():
     ap.add_argument("--align", action="store_true", help="FSSDP owners follow the plan (placement.align_owners)")
     ap.add_argument("--micro", type=int, default=1, help="gradient accumulation: micro-batches per step")
     ap.add_argument("--bf16", action="store_true", help="forward passes (both sides) under bf16 autocast")
+    ap.add_argument("--ffn-dim", type=int, default=16, help="10: breaks torch._grouped_mm's 16-byte rule (the loop path)")
+    ap.add_argument("--num-experts", type=int, default=8, help="2 at 4 ranks: ranks that own and compute none")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     dist.init_process_group("gloo")
     W, rank = dist.get_world_size(), dist.get_rank()
     router = RouterConfig(score_func=a.router, bias_update_rate=0.01 if a.router == "sigmoid" else 0.0)
     mcfg = ModelConfig(dim=32, num_layers=3, num_heads=2, max_seq_len=32, num_dense_layers=1,
-                       moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=16, num_shared_experts=1, router=router))
+                       moe=MoEConfig(num_experts=a.num_experts, top_k=2, ffn_dim=a.ffn_dim, num_shared_experts=1, router=router))
     torch.manual_seed(0)
     model = Transformer(mcfg)
     ref = copy.deepcopy(model)
-    plan = make_plan(a.plan, 8, a.ep, seed=3, num_layers=mcfg.num_moe_layers)
+    plan = make_plan(a.plan, a.num_experts, a.ep, seed=3, num_layers=mcfg.num_moe_layers)
 
     class _Cfg:  # the fields parallelize reads
         class parallel:
@@ -89,7 +91,7 @@ def main():
     par = parallelize(model, _Cfg, DistInfo(rank, W, rank, torch.device("cpu"), "gloo"), plan)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-6, weight_decay=0.1)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, eps=1e-6, weight_decay=0.1)
-    recorder = RoutingRecorder(mcfg.num_moe_layers, 8, 2)
+    recorder = RoutingRecorder(mcfg.num_moe_layers, a.num_experts, 2)
     ref_ids = []
 
     def batch(r, step):
@@ -107,7 +109,7 @@ def main():
         if a.change_plan_after and step == a.change_plan_after:
             from moesaic.parallel.fssdp import set_fssdp_plan
 
-            new_plan = make_plan("replicated", 8, a.ep, seed=11, num_layers=mcfg.num_moe_layers)
+            new_plan = make_plan("replicated", a.num_experts, a.ep, seed=11, num_layers=mcfg.num_moe_layers)
             owners = None
             if a.align:  # as the re-planner does: owners move to GPUs that compute their experts
                 from moesaic.parallel.fssdp import reshard_owners
@@ -128,7 +130,7 @@ def main():
             from moesaic.parallel.fssdp import reshard_owners
             from moesaic.placement.dynamic import hecate_owners
 
-            loads = np.random.default_rng(5).random((mcfg.num_moe_layers, 8))
+            loads = np.random.default_rng(5).random((mcfg.num_moe_layers, a.num_experts))
             report["reshard_bytes"] = reshard_owners(model, opt, [hecate_owners(lo, a.ep, 2) for lo in loads])
         gather_before = _bytes(model, "gather")
         x, y = batch(rank, step)
@@ -202,13 +204,13 @@ def main():
     if rank == 0:
         ids = [torch.stack([torch.cat([step_ids[l] for step_ids in ref_ids[s * W:(s + 1) * W]]) for l in range(mcfg.num_moe_layers)], 1)
                for s in range(a.steps)]
-        full = RoutingStats.from_experts(torch.cat(ids).numpy(), 8)
+        full = RoutingStats.from_experts(torch.cat(ids).numpy(), a.num_experts)
         report["recorder_P_diff"] = float(np.abs(stats.P - full.P).max())
         report["recorder_W_diff"] = float(np.abs(stats.W - full.W).max())
         report["recorder_tokens"] = [stats.num_tokens, full.num_tokens]
         report["expert_params_local"] = [len(m.layer_plan.local_experts) for m in model.moe_layers()]
         report["expert_numel_all_ranks"] = int(owned)
-        report["expert_numel_one_copy"] = mcfg.num_moe_layers * 8 * 3 * mcfg.dim * mcfg.moe.ffn_dim
+        report["expert_numel_one_copy"] = mcfg.num_moe_layers * a.num_experts * 3 * mcfg.dim * mcfg.moe.ffn_dim
         report["num_domains"] = W // a.ep
         with open(a.out, "w") as f:
             json.dump(report, f)
