@@ -201,6 +201,22 @@ def test_a_pending_plan_is_adopted_once_the_solver_has_finished(tmp_path):
     assert r._plan_ready()
 
 
+def test_the_solver_process_answers_and_names_its_errors():
+    """Re-placement's ILPs run in a spawned process: its plan equals one solved here, and an error
+    there comes back as an error that names the cause (the trainer keeps its plan and logs it)."""
+    from moesaic.placement.stats import RoutingStats
+    from moesaic.placement.topology import Topology
+    from moesaic.placement.traces import synth
+    from moesaic.trainer.replan import _solve_in_process, _solve_to_dict
+
+    stats = RoutingStats.from_experts(synth("olmoe", 400, 3)[:, :3], 64)
+    args = ("affinity", stats, Topology(num_gpus=4, gpus_per_node=4), 0.1, 20.0, "highs", 0, None)
+    there, here = _solve_in_process(args), _solve_to_dict(*args)
+    assert there["placement"] == here["placement"] and there["meta"]["method"] == "affinity"
+    with pytest.raises(RuntimeError, match="in the solver process: .*slots"):
+        _solve_in_process(("eplb", stats, Topology(num_gpus=4, gpus_per_node=4), 0.1, 20.0, "highs", 0, 3))
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 def test_killed_rank_restarts_and_finishes_like_an_uninterrupted_run(tmp_path):

@@ -102,8 +102,7 @@ class Replanner:
                 if where == "thread":
                     plan_dict = _solve_to_dict(*args)
                 else:
-                    with mp.get_context("spawn").Pool(1) as pool:
-                        plan_dict = pool.apply(_solve_to_dict, args)
+                    plan_dict = _solve_in_process(args)
                 self.result = {"plan": plan_dict, "seconds": time.perf_counter() - t0, "solved_at": step,
                                "solved_in": where}
             except Exception as e:  # reported at adoption; training keeps the current plan
@@ -154,6 +153,37 @@ def _solve_to_dict(method, stats, topo, epsilon, time_limit, solver, seed, slots
                  solver=solver, seed=seed)
     plan.meta["solver_process_seconds"] = time.perf_counter() - t0
     return plan.to_dict()
+
+
+def _solve_in_process(args: tuple) -> dict:
+    """`_solve_to_dict(*args)` in a spawned process, its answer back through a pipe. (Not a Pool: its
+    queues' semaphores outlive it, and a rank that ends by os._exit leaves them to the resource
+    tracker, which warns of leaked semaphores.)"""
+    ctx = mp.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_solve_into, args=(send, args), name="moesaic-solver", daemon=True)
+    child.start()
+    send.close()  # the child holds the only writer: its death ends recv() with EOFError
+    try:
+        ok, value = receive.recv()
+    except EOFError:
+        child.join()
+        ok, value = False, f"it ended with exit code {child.exitcode} and no answer"
+    finally:
+        receive.close()
+        child.join()
+    if not ok:
+        raise RuntimeError(f"in the solver process: {value}")
+    return value
+
+
+def _solve_into(send, args: tuple) -> None:
+    try:
+        send.send((True, _solve_to_dict(*args)))
+    except Exception as e:
+        send.send((False, f"{type(e).__name__}: {e}"))
+    finally:
+        send.close()
 
 
 def _minus(a: RoutingStats, b: RoutingStats) -> RoutingStats:
