@@ -37,6 +37,7 @@ _COLLECTIVES = {
     "all_reduce": lambda P: 2 * (P - 1) / P,
     "reduce_scatter_tensor": lambda P: (P - 1) / P,
     "all_gather_into_tensor": lambda P: float(P - 1),  # of the input (one shard)
+    "all_gather_single": lambda P: float(P - 1),  # the same, under its torch 2.13 name
     "broadcast": lambda P: 1.0,
     "reduce": lambda P: 1.0,
 }
@@ -81,6 +82,8 @@ class CommCounter:
 
     def install(self) -> None:
         for name in ("all_to_all_single", *_COLLECTIVES):
+            if not hasattr(dist, name):  # all_gather_single is new in torch 2.13
+                continue
             orig = getattr(dist, name)
             setattr(dist, name, self._wrap(name, orig))
 

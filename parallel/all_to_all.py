@@ -46,3 +46,10 @@ def exchange_counts(send_counts: torch.Tensor, group=None) -> torch.Tensor:
     recv = torch.empty_like(send_counts)
     dist.all_to_all_single(recv, send_counts.contiguous(), group=group)
     return recv
+
+
+def all_gather_single(out: torch.Tensor, t: torch.Tensor, group=None) -> None:
+    """`out` = every rank's `t`, concatenated by rank: `dist.all_gather_single` where torch has it
+    (2.13, which deprecates `all_gather_into_tensor`), else `all_gather_into_tensor`."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, t, group=group)

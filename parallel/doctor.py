@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moesaic.parallel.all_to_all import all_gather_single
 from moesaic.parallel.expert_parallel import apply_expert_parallel, reduce_expert_grads
 from moesaic.parallel.experts import EXPERT_WEIGHTS, KERNELS
 from moesaic.parallel.kernels import unavailable
@@ -126,9 +127,9 @@ def ep_layer_check(name: str, plan_kind: str, cfg: MoEConfig, mesh, *, dim: int 
     mine = out[0].detach().contiguous()
     if inject_fault and rank == world - 1:  # proves the check can fail: perturb one rank's output
         mine = mine + 1e-3
-    dist.all_gather_into_tensor(outs, mine)
+    all_gather_single(outs, mine)
     xgrads = torch.empty(world * tokens, dim, device=device)
-    dist.all_gather_into_tensor(xgrads, x.grad.contiguous())
+    all_gather_single(xgrads, x.grad.contiguous())
     lp = moe.layer_plan
     full = {n: torch.zeros_like(getattr(ref.experts, n)) for n in EXPERT_WEIGHTS}
     if sharding == "fssdp":  # each expert's gradient lives at its owner only
@@ -174,8 +175,8 @@ def collectives_check(device: torch.device = torch.device("cpu")) -> list[dict]:
     dist.all_reduce(t)
     out.append({"check": "all_reduce", "ok": float(t) == world * (world + 1) / 2})
     g = torch.empty(world, device=device)
-    dist.all_gather_into_tensor(g, torch.tensor([float(rank)], device=device))
-    out.append({"check": "all_gather_into_tensor", "ok": g.tolist() == [float(r) for r in range(world)]})
+    all_gather_single(g, torch.tensor([float(rank)], device=device))
+    out.append({"check": "all_gather_single", "ok": g.tolist() == [float(r) for r in range(world)]})
     # uneven all_to_all_single: rank r sends (d + 1) rows of value r to rank d
     send = torch.cat([torch.full((d + 1, 3), float(rank), device=device) for d in range(world)])
     recv = torch.empty(world * (rank + 1), 3, device=device)
@@ -210,6 +211,8 @@ def suite(kind: str) -> list[tuple]:
             ("fssdp/no-remat", "replicated", base, None, "fssdp", False),
             ("fssdp/zero-token-rank", "zero-rank", base, None, "fssdp"),
             ("fssdp/capacity-1.0", "random", replace(base, capacity_factor=1.0), None, "fssdp"),
+            # beyond 2 ranks some own no expert and some compute none
+            ("fssdp/2-experts", "contiguous", replace(base, num_experts=2), None, "fssdp"),
         ]
     return [c + (None,) * (6 - len(c)) for c in checks]
 

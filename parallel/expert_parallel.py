@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moesaic.parallel.all_to_all import all_to_all, exchange_counts
+from moesaic.parallel.all_to_all import all_gather_single, all_to_all, exchange_counts
 from moesaic.parallel.experts import EXPERT_WEIGHTS, GroupedExperts, combine_slots, gather_slots
 from moesaic.parallel.router import RouterOutput, expert_counts
 from moesaic.placement.plan import Placement, check_fits
@@ -64,7 +64,7 @@ def capacity_keep(ids_N: torch.Tensor, num_experts: int, capacity_factor: float,
     if group is not None and dist.get_world_size(group) > 1:
         P = dist.get_world_size(group)
         rows = torch.empty(P * row.numel(), dtype=row.dtype, device=dev)
-        dist.all_gather_into_tensor(rows, row, group=group)
+        all_gather_single(rows, row, group=group)
         rows = rows.view(P, -1)
         me = dist.get_rank(group)
     else:
