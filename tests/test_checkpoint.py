@@ -219,6 +219,26 @@ def test_the_solver_process_answers_and_names_its_errors():
 
 @pytest.mark.slow
 @pytest.mark.dist
+def test_a_run_that_ends_during_a_solve_leaves_no_solver_behind(tmp_path):
+    """The affinity ILP started at step 6 (adopted at 9) is still running when the ranks exit: its process
+    follows them out, quietly (no broken pipe), and nothing it spawned outlives the run."""
+    import psutil
+
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           "-m", "moesaic.trainer", *SMOKE, "steps=7", "placement=affinity", "placement.every_n_steps=2",
+                           f"logging.out_dir={tmp_path}", "logging.run_name=r"],
+                          capture_output=True, text=True, timeout=120, env=child_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "BrokenPipeError" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    time.sleep(1.0)
+    spawned = [p for p in psutil.process_iter(["cmdline", "create_time"])
+               if p.info["create_time"] >= t0 - 1 and "multiprocessing.spawn" in " ".join(p.info["cmdline"] or [])]
+    assert not spawned, [p.info for p in spawned]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
 def test_killed_rank_restarts_and_finishes_like_an_uninterrupted_run(tmp_path):
     import psutil
 

@@ -161,7 +161,7 @@ def _solve_in_process(args: tuple) -> dict:
     tracker, which warns of leaked semaphores.)"""
     ctx = mp.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_solve_into, args=(send, args), name="moesaic-solver", daemon=True)
+    child = ctx.Process(target=_solve_into, args=(send, args, os.getpid()), name="moesaic-solver", daemon=True)
     child.start()
     send.close()  # the child holds the only writer: its death ends recv() with EOFError
     try:
@@ -177,13 +177,26 @@ def _solve_in_process(args: tuple) -> dict:
     return value
 
 
-def _solve_into(send, args: tuple) -> None:
+def _solve_into(send, args: tuple, parent: int) -> None:
+    # a rank that ends (by os._exit, a crash or a signal) while a solve is in flight leaves this
+    # process to itself: it follows the rank out rather than solve on for nobody
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
     try:
-        send.send((True, _solve_to_dict(*args)))
+        answer = (True, _solve_to_dict(*args))
     except Exception as e:
-        send.send((False, f"{type(e).__name__}: {e}"))
+        answer = (False, f"{type(e).__name__}: {e}")
+    try:
+        send.send(answer)
+    except OSError:  # the rank has gone
+        pass
     finally:
         send.close()
+
+
+def _exit_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os._exit(0)
 
 
 def _minus(a: RoutingStats, b: RoutingStats) -> RoutingStats:
