@@ -58,6 +58,18 @@ def _run_single(args, tmp_path):
     )
 
 
+def test_wandb_online_without_a_login_is_named(tmp_path):
+    """logging.wandb_mode=online where wandb has no credentials (no key, an empty home, no terminal)."""
+    env = {k: v for k, v in child_env(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config")).items()
+           if k != "WANDB_API_KEY"}
+    proc = subprocess.run([sys.executable, "-m", "moesaic.trainer", "experiment=smoke", "logging.wandb_mode=online",
+                           f"logging.out_dir={tmp_path}"], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "moesaic-train: error: logging.wandb_mode ('online'): wandb could not start the run" in proc.stderr
+    assert "logging.wandb_mode=offline" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_single_process_run_writes_the_run_directory(tmp_path):
     proc = _run_single(["experiment=smoke", "steps=10", "logging.run_name=one", f"logging.out_dir={tmp_path}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -132,6 +144,7 @@ def test_compiled_training_equals_eager(tmp_path):
         (["parallel.engine=deepspeed", "parallel.mixed_precision=bf16"],
          "parallel.mixed_precision ('bf16') with parallel.engine (deepspeed)"),
         (["compile=true", "parallel.engine=deepspeed"], "compile (True) with parallel.engine ('deepspeed')"),
+        (["parallel=ddp", "placement.plan=round_robin"], "placement.plan ('round_robin') needs expert parallelism"),
     ],
 )
 def test_bad_input_exits_with_one_named_line(args, message, tmp_path):

@@ -60,14 +60,22 @@ class RunLogger:
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb  # imported only when asked for
 
-            self._wandb = wandb.init(
-                mode=lc.wandb_mode,
-                dir=str(run_dir),
-                project=lc.wandb_project,
-                name=run_dir.name,
-                tags=list(lc.wandb_tags),
-                config=asdict(cfg),
-            )
+            try:
+                self._wandb = wandb.init(
+                    mode=lc.wandb_mode,
+                    dir=str(run_dir),
+                    project=lc.wandb_project,
+                    name=run_dir.name,
+                    tags=list(lc.wandb_tags),
+                    config=asdict(cfg),
+                )
+            except wandb.errors.Error as e:  # online without a login, or without a network
+                self._file.close()
+                raise ValueError(
+                    f"logging.wandb_mode ({lc.wandb_mode!r}): wandb could not start the run ({type(e).__name__}: "
+                    f"{e}). Log in (`wandb login`, or WANDB_API_KEY), or use logging.wandb_mode=offline "
+                    "(then `wandb sync`) or disabled"
+                ) from None
         if lc.progress:
             from tqdm import tqdm
 
