@@ -132,7 +132,7 @@ def test_consolidated_export(tmp_path):
     base = [*SMOKE, "steps=2", "optim.warmup_steps=1", f"logging.out_dir={tmp_path}", "logging.run_name=e",
             "checkpoint.every_n_steps=2"]
     assert _single(base, tmp_path).returncode == 0
-    out = export_consolidated(tmp_path / "e/checkpoints/step-00000002", tmp_path / "model.pt")
+    out = export_consolidated(str(tmp_path / "e/checkpoints/step-00000002"), str(tmp_path / "model.pt"))  # str or Path
     blob = torch.load(out, weights_only=True)
     cfg = ModelConfig(**blob["model_config"])
     model = Transformer(cfg)

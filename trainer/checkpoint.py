@@ -229,13 +229,14 @@ def load(path: Path, manifest: dict, *, model, optimizer, scheduler, info) -> No
         group["lr"] = lr  # loading a scheduler's state does not touch the optimizer's rates
 
 
-def export_consolidated(path: Path, out: Path) -> Path:
+def export_consolidated(path: str | Path, out: str | Path) -> Path:
     """One file with the whole model in the layout of an unsharded `Transformer` (for inference)."""
     import os
     import tempfile
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+    path, out = Path(path).expanduser(), Path(out).expanduser()
     manifest = verify(path)
     with tempfile.TemporaryDirectory() as tmp:
         flat_path = os.path.join(tmp, "flat.pt")
