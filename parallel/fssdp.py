@@ -74,8 +74,7 @@ class FSSDPExperts(nn.Module):
         self._mat: torch.Tensor | None = None  # (n_compute, S) materialized leaf
         self._pending = None  # (work, recv buffer) of an issued gather
         self._grad_expected = False
-        self._released = False  # the materialized storage is freed (the same on every rank, even one
-        # that computes no expert and whose storage is always empty)
+        self._released = False  # storage freed by release(): a flag, as an empty rank's storage is always empty
         self._rs_pending = None  # an issued sparse_reduce_scatter (work, recv, send)
         self.bytes = {"gather": 0, "reduce_scatter": 0}
         self.grad_scale = 1.0  # 1 / world size: expert gradients of the global mean loss
@@ -134,8 +133,7 @@ class FSSDPExperts(nn.Module):
             self._grad_expected = torch.is_grad_enabled()
             self._prefetch_next()
             return
-        # gradient accumulation: what the previous micro-batch's backward left unsent goes first (on
-        # every rank: one that computed no expert has no gradient, and sends its empty share)
+        # gradient accumulation: the previous micro-batch's unsent gradients go first, from every rank (empty if none)
         if self._rs_pending is not None:
             self.finish_reduce_scatter()
         if self._mat is not None and self._grad_expected:
@@ -208,9 +206,8 @@ class FSSDPExperts(nn.Module):
             self.prev.regather(async_op=True)
 
     def restore(self) -> None:
-        """Activation checkpointing recomputes the layer's forward inside backward, possibly before the
-        layer's backward trigger has run: gather the released weights again now (collective; the
-        trigger's own re-gather then finds them in place)."""
+        """Activation checkpointing recomputes the forward inside backward, maybe before the layer's
+        backward trigger: gather the released weights now (collective; the trigger's re-gather is then a no-op)."""
         if self.direct:
             return
         if self._mat is None:
