@@ -33,15 +33,25 @@ def _flat(ckpt_dir):
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_exact_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_exact_resume_is_bit_identical(tmp_path, nproc):
+    """At 2 ranks a resumed run is bit-identical. At 4, the first step after a resume sums the dense
+    gradients over the ranks in another order: DDP buckets every parameter together for its first
+    backward and in backward's order after it, and gloo's 4-rank sum depends on where an element
+    sits in the bucket. That step changes parameters by an ulp (7e-9 seen), and losses then agree to
+    about 3e-8 relative."""
     base = [*SMOKE, "steps=20", f"logging.out_dir={tmp_path}", "checkpoint.every_n_steps=10"]
-    torchrun(2, [*base, "logging.run_name=straight"])
-    torchrun(2, [*base, "logging.run_name=split", "stop_at_step=10"])
+    torchrun(nproc, [*base, "logging.run_name=straight"])
+    torchrun(nproc, [*base, "logging.run_name=split", "stop_at_step=10"])
     assert (tmp_path / "split/checkpoints/step-00000010/manifest.json").is_file()
-    torchrun(2, [*base, "logging.run_name=split", "checkpoint.resume=auto"])
+    torchrun(nproc, [*base, "logging.run_name=split", "checkpoint.resume=auto"])
     a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
     assert sorted(a) == sorted(b) == list(range(1, 21))
-    assert [a[s] for s in range(1, 21)] == [b[s] for s in range(1, 21)]  # bit-identical
+    if nproc == 2:
+        assert [a[s] for s in range(1, 21)] == [b[s] for s in range(1, 21)]  # bit-identical
+    else:
+        assert [a[s] for s in range(1, 12)] == [b[s] for s in range(1, 12)]  # up to the first resumed update
+        assert max(abs(a[s] - b[s]) / a[s] for s in range(12, 21)) < 1e-6, (a, b)
     assert json.loads((tmp_path / "split/summary.json").read_text())["start_step"] == 10
 
 
