@@ -190,8 +190,7 @@ def grouped_swiglu(
 
 def grouped_mm_aligned(dim: int, ffn_dim: int, dtype: torch.dtype) -> bool:
     """Whether the experts' rows (D and F elements of `dtype`) meet `torch._grouped_mm`'s 16-byte rule."""
-    size = torch.empty((), dtype=dtype).element_size()
-    return dim * size % GROUPED_MM_ALIGN == 0 and ffn_dim * size % GROUPED_MM_ALIGN == 0
+    return dim * dtype.itemsize % GROUPED_MM_ALIGN == 0 and ffn_dim * dtype.itemsize % GROUPED_MM_ALIGN == 0
 
 
 @torch.compiler.disable
@@ -202,7 +201,7 @@ def _unaligned_swiglu(x_TD, counts_E, w13_EGD, w2_EDF):
 
 @functools.lru_cache(maxsize=None)
 def _warn_unaligned(dim: int, ffn_dim: int, dtype: torch.dtype) -> None:
-    per_row = GROUPED_MM_ALIGN // torch.empty((), dtype=dtype).element_size()
+    per_row = GROUPED_MM_ALIGN // dtype.itemsize
     log.warning("model.dim (%d) and model.moe.ffn_dim (%d) in %s: torch._grouped_mm needs both to be multiples "
                 "of %d (16 bytes); these experts run as a per-expert loop instead (the same math, slower)",
                 dim, ffn_dim, str(dtype).removeprefix("torch."), per_row)

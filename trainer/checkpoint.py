@@ -231,12 +231,19 @@ def load(path: Path, manifest: dict, *, model, optimizer, scheduler, info) -> No
 
 def export_consolidated(path: str | Path, out: str | Path) -> Path:
     """One file with the whole model in the layout of an unsharded `Transformer` (for inference)."""
+    out = Path(out).expanduser()
+    torch.save(consolidated(path), out)
+    return out
+
+
+def consolidated(path: str | Path) -> dict:
+    """{"model": an unsharded `Transformer`'s state dict, "model_config", "step"} of a checkpoint folder."""
     import os
     import tempfile
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    path, out = Path(path).expanduser(), Path(out).expanduser()
+    path = Path(path).expanduser()
     manifest = verify(path)
     with tempfile.TemporaryDirectory() as tmp:
         flat_path = os.path.join(tmp, "flat.pt")
@@ -259,8 +266,7 @@ def export_consolidated(path: str | Path, out: str | Path) -> Path:
         if missing:
             raise CheckpointError(f"checkpoint {str(path)!r}: layer {li} lacks experts {missing}")
         model_sd[f"layers.{moe_layers[li]}.moe.experts.{n}"] = torch.stack([per[e] for e in range(E)])
-    torch.save({"model": model_sd, "model_config": manifest["model_config"], "step": manifest["step"]}, out)
-    return out
+    return {"model": model_sd, "model_config": manifest["model_config"], "step": manifest["step"]}
 
 
 def _barrier(info) -> None:

@@ -169,12 +169,13 @@ class TrainConfig:
             _check_deepspeed_moe(self)
         if self.model.moe.kernels == "triton":
             _check_triton_kernels(self)
-        if self.placement.plan != "contiguous" and self.parallel.ep_size == 1 and self.parallel.expert_sharding == "resident":
+        every_expert_everywhere = self.parallel.ep_size == 1 and self.parallel.expert_sharding == "resident"
+        if self.placement.plan != "contiguous" and every_expert_everywhere:
             raise ValueError(
                 f"placement.plan ({self.placement.plan!r}) needs expert parallelism: with parallel.ep_size (1) and "
                 "resident experts every rank holds every expert; set parallel.ep_size != 1 or parallel.expert_sharding=fssdp"
             )
-        if self.placement.every_n_steps and self.parallel.ep_size == 1 and self.parallel.expert_sharding == "resident":
+        if self.placement.every_n_steps and every_expert_everywhere:
             raise ValueError(
                 f"placement.every_n_steps ({self.placement.every_n_steps}) needs expert parallelism: "
                 "set parallel.ep_size != 1 or parallel.expert_sharding=fssdp"

@@ -167,13 +167,12 @@ def _solve_in_process(args: tuple) -> dict:
     try:
         ok, value = receive.recv()
     except EOFError:
-        child.join()
-        ok, value = False, f"it ended with exit code {child.exitcode} and no answer"
+        ok, value = False, None
     finally:
         receive.close()
         child.join()
     if not ok:
-        raise RuntimeError(f"in the solver process: {value}")
+        raise RuntimeError(f"in the solver process: {value or f'it ended with exit code {child.exitcode} and no answer'}")
     return value
 
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from moesaic.trainer.checkpoint import CheckpointError, export_consolidated
+from moesaic.trainer.checkpoint import CheckpointError, consolidated
 from moesaic.trainer.model import ModelConfig, Transformer
 
 
@@ -28,8 +27,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Transfor
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if path.is_dir():
-        with tempfile.TemporaryDirectory() as tmp:
-            blob = torch.load(export_consolidated(path, Path(tmp) / "model.pt"), weights_only=True)
+        blob = consolidated(path)
     else:
         try:
             blob = torch.load(path, weights_only=True, map_location="cpu")
@@ -81,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
-    for name, value, ok in (("--tokens", a.tokens, a.tokens >= 1), ("--temperature", a.temperature, a.temperature >= 0),
-                            ("--top-k", a.top_k, a.top_k >= 0), ("--samples", a.samples, a.samples >= 1)):
-        if not ok:
-            return _error(f"{name} ({value}) must be >= {0 if name in ('--temperature', '--top-k') else 1}")
+    for name, value, least in (("--tokens", a.tokens, 1), ("--temperature", a.temperature, 0), ("--top-k", a.top_k, 0),
+                               ("--samples", a.samples, 1)):
+        if value < least:
+            return _error(f"{name} ({value}) must be >= {least}")
     try:
         model = load_model(a.checkpoint, a.device)
     except (CheckpointError, ValueError) as e:
