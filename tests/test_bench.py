@@ -256,6 +256,15 @@ def test_replan_overhead_short(tmp_path):
     assert "re-plan eplb" in out
 
 
+@pytest.mark.slow
+@pytest.mark.dist
+def test_preempt_overhead_short(tmp_path):
+    out = run("preempt_overhead.py", "--nproc", 2, "--model", "tiny", "--steps", 20, "--reps", 1, "--calls", 50,
+              "--json", tmp_path / "p.json", timeout=600)
+    summary = json.loads((tmp_path / "p.json").read_text())["summary"]
+    assert "ratio_on_over_off" in out and summary["agreed_median_us"] > 0
+
+
 def test_master_adamw_accumulates_micro_batches_in_fp32():
     """Two bf16 micro-batch gradients summed in fp32 accumulators: the step equals torch's AdamW on
     the fp32 sum, which a bf16 sum would round away."""

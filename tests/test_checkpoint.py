@@ -227,6 +227,43 @@ def test_the_solver_process_answers_and_names_its_errors():
         _solve_in_process(("eplb", stats, Topology(num_gpus=4, gpus_per_node=4), 0.1, 20.0, "highs", 0, 3))
 
 
+def test_the_solver_process_outlives_the_signals_sent_to_its_rank():
+    """torchrun sends SIGTERM to a rank's whole process group, and SLURM to every process of a step:
+    the solver, started from the re-plan thread, must still answer (its rank is finishing a step and
+    writing a checkpoint). Signalled at once, while it still imports."""
+    import os
+    import threading
+
+    import psutil
+
+    from moesaic.placement.stats import RoutingStats
+    from moesaic.placement.topology import Topology
+    from moesaic.placement.traces import synth
+    from moesaic.trainer.replan import _solve_in_process
+
+    stats = RoutingStats.from_experts(synth("olmoe", 400, 3)[:, :3], 64)
+    answer = {}
+
+    def solve():
+        try:
+            answer.update(_solve_in_process(("affinity", stats, Topology(num_gpus=4, gpus_per_node=4), 0.1, 20.0,
+                                             "highs", 0, None)))
+        except RuntimeError as e:
+            answer["error"] = str(e)
+
+    solver = threading.Thread(target=solve, daemon=True)
+    solver.start()
+    deadline, child = time.time() + 30, None
+    while child is None and time.time() < deadline:
+        child = next((p for p in psutil.Process(os.getpid()).children() if "spawn_main" in " ".join(p.cmdline())), None)
+    assert child is not None
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        child.send_signal(sig)
+    solver.join(timeout=60)
+    assert "error" not in answer and answer["meta"]["method"] == "affinity", answer
+    assert not signal.pthread_sigmask(signal.SIG_BLOCK, [])  # this thread's mask is as it was
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 def test_a_run_that_ends_during_a_solve_leaves_no_solver_behind(tmp_path):

@@ -121,6 +121,32 @@ def test_srun_one_task_per_rank(slurm, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.dist
+def test_scancel_stops_the_job_with_a_checkpoint_and_a_new_job_resumes_it(slurm, tmp_path):
+    """`scancel` (as a preemption or the time limit) sends SIGTERM to every process of the step, and
+    SIGKILL KillWait (5 s on this cluster) later: the 4 ranks on 2 nodes stop after the same step with
+    its checkpoint, and a job submitted after it resumes from there."""
+    args = [*SMOKE, "steps=3000", "logging.log_every=1", "eval_every=0", f"logging.out_dir={tmp_path}", "logging.run_name=pre"]
+    env = dict(slurm, NPROC_PER_NODE="2")
+    job = _sbatch("train.sbatch", ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2"], args, env, tmp_path)
+    metrics, deadline = tmp_path / "pre/metrics.jsonl", time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5) and time.time() < deadline:
+        time.sleep(0.2)
+    subprocess.run(["scancel", job], env=slurm, check=True)
+    _wait(job, slurm, timeout=60)
+    log = (tmp_path / f"moesaic-{job}.out").read_text()
+    stopped = [ln for ln in log.splitlines() if ln.startswith("stopped by SIGTERM after step ")]
+    assert stopped, log[-3000:]
+    n = int(stopped[0].split("after step ")[1].split()[0])
+    assert [p.name for p in (tmp_path / "pre/checkpoints").iterdir()] == [f"step-{n:08d}"]
+    job = _sbatch("train.sbatch", ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2"],
+                  [*args, "checkpoint.resume=auto", f"stop_at_step={n + 2}"], env, tmp_path)
+    _wait(job, slurm)
+    summary = json.loads((tmp_path / "pre/summary.json").read_text())
+    assert summary["start_step"] == n and summary["stopped_at"] == n + 2 and summary["world_size"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.dist
 def test_hydra_sweep_through_submitit_on_slurm(slurm, tmp_path):
     cmd = [sys.executable, "-m", "moesaic.trainer", "-m", "launcher=submitit_slurm", *SMOKE,
            "model.moe.num_experts=4,8", f"logging.out_dir={tmp_path / 'runs'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]

@@ -15,11 +15,13 @@ world size, EP size or sharding: every rank reads only the experts it holds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import shutil
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -124,7 +126,8 @@ def save(ckpt_root: Path, step: int, *, model, optimizer, scheduler, cfg, info, 
         tmp.mkdir(parents=True, exist_ok=True)
     _barrier(info)
     sd = state_dict(model, optimizer, for_save=True)
-    dcp.save(sd, checkpoint_id=str(tmp), no_dist=info.backend is None)
+    with _single_process_is_meant(info):
+        dcp.save(sd, checkpoint_id=str(tmp), no_dist=info.backend is None)
     _barrier(info)
     if info.is_main:
         if plan is not None:
@@ -217,11 +220,21 @@ def _check_model(path: Path, manifest: dict, model_cfg) -> None:
     raise CheckpointError(f"checkpoint {str(path)!r} was written for another model config: {', '.join(diffs)}")
 
 
+@contextlib.contextmanager
+def _single_process_is_meant(info):
+    """torch warns that it is "assuming the intent" of one process even when no_dist=True says so."""
+    with warnings.catch_warnings():
+        if info.backend is None:
+            warnings.filterwarnings("ignore", message="torch.distributed is .*uninitialized, assuming the intent")
+        yield
+
+
 def load(path: Path, manifest: dict, *, model, optimizer, scheduler, info) -> None:
     """Fill the model, the expert shards this rank holds and the optimizer from `path` (collective)."""
     init_optimizer_state(optimizer)
     sd = state_dict(model, optimizer, for_save=False)
-    dcp.load(sd, checkpoint_id=str(path), no_dist=info.backend is None)
+    with _single_process_is_meant(info):
+        dcp.load(sd, checkpoint_id=str(path), no_dist=info.backend is None)
     for st in optimizer.state.values():
         st["step"].copy_(sd["optim.step"])
     scheduler.load_state_dict(manifest["scheduler"])

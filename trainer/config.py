@@ -9,6 +9,7 @@ from moesaic.parallel.config import ParallelConfig
 from moesaic.placement.config import PlacementConfig
 from moesaic.trainer.data import DataConfig
 from moesaic.trainer.model import ModelConfig
+from moesaic.trainer.preempt import check_signal_names
 
 
 @dataclass(kw_only=True)
@@ -90,8 +91,12 @@ class CheckpointConfig:
     """Keep the newest K checkpoints."""
     resume: str = "none"
     """`none`, `auto` (the newest checkpoint that verifies), or a checkpoint folder."""
+    on_signal: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals on which every rank finishes its step, a checkpoint is written and the run ends (exit
+    code 128 + the signal's number): SLURM's time limit and preemption, scancel, Kubernetes. [] turns it off."""
 
     def __post_init__(self) -> None:
+        check_signal_names(self.on_signal)
         if self.every_n_steps < 0:
             raise ValueError(f"checkpoint.every_n_steps ({self.every_n_steps}) must be >= 0")
         if self.keep_last < 1:

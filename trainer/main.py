@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from moesaic.parallel.process import exit_rank
 from moesaic.trainer.config import register_configs, to_train_config
+from moesaic.trainer.preempt import Preemption
 from moesaic.trainer.train import train
 
 register_configs()
@@ -22,13 +23,15 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     try:
         train_cfg = to_train_config(cfg)
-        train(train_cfg)
+        summary = train(train_cfg)
     except ValueError as e:  # bad input: one line naming the field, no traceback
         _error(e, 2)
     except FloatingPointError as e:  # a diverged run: say so plainly; the last checkpoint is kept
         _error(e, 3)
     except TimeoutError as e:  # a rendezvous that never completed
         _error(e, 4)
+    if summary["stopped_by"]:  # a checkpoint is written; say to the scheduler that the run did not finish
+        sys.exit(Preemption.exit_code(summary["stopped_by"]))
 
 
 def _error(e: Exception, code: int) -> None:

@@ -30,6 +30,7 @@ from moesaic.placement.solve import solve
 from moesaic.placement.stats import RoutingStats
 from moesaic.placement.topology import Topology
 from moesaic.trainer.dist import broadcast_object
+from moesaic.trainer.preempt import stop_signals_blocked
 
 HEURISTICS = ("eplb", "contiguous", "round_robin")  # solved in the trainer's thread; the ILPs in a process
 
@@ -162,7 +163,8 @@ def _solve_in_process(args: tuple) -> dict:
     ctx = mp.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_solve_into, args=(send, args, os.getpid()), name="moesaic-solver", daemon=True)
-    child.start()
+    with stop_signals_blocked():  # a SIGTERM to the rank's process group is the rank's to handle
+        child.start()
     send.close()  # the child holds the only writer: its death ends recv() with EOFError
     try:
         ok, value = receive.recv()

@@ -27,6 +27,7 @@ from moesaic.trainer.metrics import RunLogger, make_run_dir, peak_rss_mib
 from moesaic.trainer.model import Transformer
 from moesaic.trainer.parallelize import (apply_activation_checkpoint, apply_compile, compile_stats, parallelize,
                                         resolve_plan, world_size_from_env)
+from moesaic.trainer.preempt import Preemption
 from moesaic.trainer.replan import DynamicReplicas, Replanner, Resharder
 from moesaic.trainer.step import evaluate, flops_per_token, load_stats, train_step
 
@@ -63,7 +64,8 @@ def train(cfg: TrainConfig) -> dict:
                 pass
     info = init_distributed(cfg.parallel)
     try:
-        result = _train(cfg, corpus, info, plan, resume)
+        with Preemption(cfg.checkpoint.on_signal, info) as preempt:
+            result = _train(cfg, corpus, info, plan, resume, preempt)
     except BaseException:
         # no barrier: the other ranks may wait in a collective that this one will never join, and
         # the launcher (torchrun, srun) stops them once this rank's error ends its process
@@ -80,7 +82,7 @@ def _report_rank0(msg: str) -> None:
         print(f"moesaic: {msg}", flush=True)
 
 
-def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume) -> dict:
+def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Preemption) -> dict:
     run_dir = make_run_dir(cfg.logging.out_dir, cfg.logging.run_name, info)
     if info.is_main:
         from omegaconf import OmegaConf
@@ -127,17 +129,18 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume) -> dict:
     fpt = flops_per_token(cfg, counts["active"])
     end = cfg.stop_at_step or cfg.steps
     ckpt_root = checkpoint_root(cfg, run_dir)
-    history, best_val, val_loss, skipped = [], float("inf"), float("nan"), 0
+    history, best_val, val_loss, skipped, stopped_by = [], float("inf"), float("nan"), 0, None
     t_start = time.perf_counter()
     step_times: list[float] = []
 
-    def save(step: int) -> None:
+    def save(step: int) -> Path:
         t0 = time.perf_counter()
         routing = recorder.stats(all_reduce=True)
         path = ckpt.save(ckpt_root, step, model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg, info=info,
                          plan=par.plan, routing=routing, tokens=tokens_done, keep_last=cfg.checkpoint.keep_last,
                          extra_arrays=ckpt.replan_arrays(replanner, dynamic))
         logger.log({"kind": "checkpoint", "step": step, "path": str(path), "seconds": time.perf_counter() - t0})
+        return path
 
     if resume is not None and end == start:  # nothing to run: rewrite the checkpoint in this layout
         save(start)
@@ -166,8 +169,18 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume) -> dict:
         replanner.after_step(done)
         resharder.after_step(done)
         every = cfg.checkpoint.every_n_steps
-        if (every and done % every == 0) or (done == end and (every or cfg.stop_at_step)):
-            save(done)
+        saved = (every and done % every == 0) or (done == end and (every or cfg.stop_at_step))
+        path = save(done) if saved else None
+        if done < end and (stopped_by := preempt.agreed()):
+            if cfg.parallel.engine == "deepspeed":  # its checkpoints are not supported (refused by config)
+                logger.message(f"stopped by {stopped_by} after step {done} of {cfg.steps}; no checkpoint "
+                               f"(not supported with parallel.engine=deepspeed)")
+            else:
+                path = path or save(done)
+                logger.message(f"stopped by {stopped_by} after step {done} of {cfg.steps}; checkpoint {path}; "
+                               f"resume with checkpoint.resume=auto")
+            end = done
+            break
 
     wall = time.perf_counter() - t_start
     gpu_mib = round(torch.cuda.max_memory_allocated(info.device) / 2**20, 1) if info.device.type == "cuda" else None
@@ -181,7 +194,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume) -> dict:
         "val_bpb": val_loss / LN2, "best_val_bpb": best_val / LN2, "unigram_bpb": unigram,
         "val_vs_unigram": (val_loss / LN2) / unigram, "tokens_are_bytes": corpus.is_bytes,
         "final_train_loss": history[-1] if history else float("nan"),
-        "steps": cfg.steps, "steps_this_run": end - start, "start_step": start, "stopped_at": end,
+        "steps": cfg.steps, "steps_this_run": end - start, "start_step": start, "stopped_at": end, "stopped_by": stopped_by,
         "skipped_steps": skipped, "tokens": tokens_done, "wall_s": wall,
         "tokens_per_s": ran * tokens_per_step / wall, "median_step_s": steady[len(steady) // 2],
         "world_size": info.world_size, "backend": info.backend, "device": str(info.device), "params": counts,
@@ -203,7 +216,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume) -> dict:
         )
         if cfg.compile:
             logger.message(f"torch.compile: {summary['compile']['graphs']} graphs, {summary['compile']['graph_breaks']} graph breaks")
-    else:
+    elif stopped_by is None:
         logger.message(f"stopped at step {end} of {cfg.steps} (stop_at_step); resume with checkpoint.resume=auto")
     logger.close(summary)
     return summary

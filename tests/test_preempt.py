@@ -1,0 +1,144 @@
+"""Tier 4: a run told to stop by its scheduler (SIGTERM from torchrun, SLURM or Kubernetes; SIGUSR1
+from `sbatch --signal`) finishes the step in progress on every rank, writes a checkpoint of it, and
+resumes from it as if it had never stopped."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import child_env, read_metrics, torchrun
+
+SMOKE = ["experiment=smoke", "logging.log_every=1", "eval_every=0", "logging.progress=false"]
+
+
+def _train_losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"}
+
+
+def _start(nproc: int, args: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+           "-m", "moesaic.trainer", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+
+
+def _wait_for_step(proc: subprocess.Popen, run_dir, step: int, timeout: float = 120) -> None:
+    metrics, deadline = run_dir / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline:
+        if metrics.exists() and any(json.loads(line).get("step", 0) >= step for line in metrics.read_text().splitlines()):
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"the run never reached step {step}")
+
+
+def _workers(proc: subprocess.Popen) -> list:
+    import psutil
+
+    return sorted((p for p in psutil.Process(proc.pid).children(recursive=True) if "moesaic.trainer" in " ".join(p.cmdline())),
+                  key=lambda p: p.environ().get("RANK", ""))
+
+
+def _stopped_at(err: str, name: str) -> int:
+    line = next(ln for ln in err.splitlines() if ln.startswith(f"stopped by {name} after step "))
+    return int(line.split("after step ")[1].split()[0])
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_and_the_resume_is_exact(tmp_path):
+    """SIGUSR1 reaches rank 1 only (as `sbatch --signal=USR1@T` does with one srun task per rank, in
+    whatever order). Both ranks stop after the same step N, rank 0 writes the checkpoint of step N, and
+    each rank exits with 128 + 10. Resumed from it, the run's losses equal those of a run that never
+    stopped, bit for bit (2 ranks: resume is bit-exact there; see test_checkpoint)."""
+    base = [*SMOKE, "steps=3000", f"logging.out_dir={tmp_path}"]
+    proc = _start(2, [*base, "logging.run_name=stopped"])
+    _wait_for_step(proc, tmp_path / "stopped", 4)
+    _workers(proc)[1].send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "exitcode  : 138" in err, err[-3000:]
+    n = _stopped_at(out + err, "SIGUSR1")
+    assert 4 <= n < 3000
+    assert sorted(p.name for p in (tmp_path / "stopped/checkpoints").iterdir()) == [f"step-{n:08d}"]
+    summary = json.loads((tmp_path / "stopped/summary.json").read_text())
+    assert summary["stopped_by"] == "SIGUSR1" and summary["stopped_at"] == n
+    assert max(_train_losses(tmp_path / "stopped")) == n  # no rank ran a step past N
+
+    torchrun(2, [*base, "logging.run_name=stopped", "checkpoint.resume=auto", f"stop_at_step={n + 3}"])
+    torchrun(2, [*base, "logging.run_name=straight", f"stop_at_step={n + 3}"])
+    resumed, straight = _train_losses(tmp_path / "stopped"), _train_losses(tmp_path / "straight")
+    assert json.loads((tmp_path / "stopped/summary.json").read_text())["start_step"] == n
+    assert [resumed[s] for s in range(1, n + 4)] == [straight[s] for s in range(1, n + 4)]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_sigterm_to_torchrun_stops_every_rank_with_a_checkpoint(tmp_path):
+    """torchrun forwards its SIGTERM to each worker's process group (and kills them 30 s later): the 4
+    ranks, under EP with affinity re-placement every 2 steps (a solver process may be running and
+    receives the SIGTERM too), stop after one step with a checkpoint, and nothing is left running."""
+    run = tmp_path / "r"
+    proc = _start(4, [*SMOKE, "steps=3000", "parallel=ep", "placement=affinity", "placement.every_n_steps=2",
+                      f"logging.out_dir={tmp_path}", "logging.run_name=r"])
+    _wait_for_step(proc, run, 5)
+    workers = _workers(proc)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert time.monotonic() - t0 < 30, err[-3000:]  # before torchrun's SIGKILL
+    n = _stopped_at(out + err, "SIGTERM")
+    assert (run / f"checkpoints/step-{n:08d}/manifest.json").is_file()
+    assert json.loads((run / "summary.json").read_text())["stopped_by"] == "SIGTERM"
+    assert "in the solver process" not in err, err[-3000:]
+    assert not [w for w in workers if w.is_running() and w.status() != "zombie"]
+
+
+def test_repeated_signals_are_one_request_and_the_handlers_are_restored():
+    """SLURM signals every process of a step and torchrun forwards its own SIGTERM to each worker, so a
+    rank may receive a signal twice, or two kinds: the first one is the request, the rest change
+    nothing (they must not kill a rank that is writing its checkpoint). Outside the run, the handlers
+    are the ones that were there before."""
+    code = """
+import os, signal, torch
+from moesaic.trainer.dist import DistInfo
+from moesaic.trainer.preempt import Preemption
+info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
+with Preemption(["SIGUSR1", "SIGTERM"], info) as p:
+    assert p.agreed() is None
+    for sig in (signal.SIGUSR1, signal.SIGUSR1, signal.SIGTERM):
+        os.kill(os.getpid(), sig)
+    assert p.agreed() == "SIGUSR1"
+assert signal.getsignal(signal.SIGUSR1) == signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+print("alive", flush=True)
+os.kill(os.getpid(), signal.SIGUSR1)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=child_env())
+    assert proc.returncode == -signal.SIGUSR1 and proc.stdout == "alive\n", proc.stderr
+    assert proc.stderr.count("received") == 1, proc.stderr
+
+
+def test_signal_names_are_checked_before_a_rank_starts(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "moesaic.trainer", *SMOKE, "checkpoint.on_signal=[SIGTERM,SIGKILL]",
+                           f"logging.out_dir={tmp_path}"], capture_output=True, text=True, timeout=60, env=child_env())
+    assert proc.returncode == 2
+    assert "checkpoint.on_signal (['SIGTERM', 'SIGKILL']): 'SIGKILL' is not one of SIGTERM" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_deepspeed_engine_stops_on_sigterm_without_a_checkpoint(tmp_path):
+    """parallel.engine=deepspeed has no checkpoints (its config refuses them): a SIGTERM still stops
+    every rank after the same step, and says that nothing was written."""
+    proc = _start(2, [*SMOKE, "steps=3000", "parallel.engine=deepspeed", f"logging.out_dir={tmp_path}",
+                      "logging.run_name=ds"])
+    _wait_for_step(proc, tmp_path / "ds", 3, timeout=300)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    n = _stopped_at(out + err, "SIGTERM")
+    assert f"after step {n} of 3000; no checkpoint (not supported with parallel.engine=deepspeed)" in out + err
+    assert not (tmp_path / "ds/checkpoints").exists()
+    assert json.loads((tmp_path / "ds/summary.json").read_text())["stopped_at"] == n
