@@ -79,6 +79,8 @@ def test_single_process_run_writes_the_run_directory(tmp_path):
     assert summary["world_size"] == 1
     kinds = [r["kind"] for r in read_metrics(tmp_path / "one")]
     assert kinds.count("eval") == 1 and kinds.count("train") == 2
+    above = 100 * (summary["val_vs_unigram"] - 1)  # 10 steps: still above the unigram entropy
+    assert above > 0 and f"({above:.1f}% above); summary" in proc.stdout + proc.stderr
 
 
 def test_bf16_mixed_precision_trains_like_fp32(tmp_path):

@@ -209,10 +209,11 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
     if cfg.logging.dump_rank_params:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, run_dir / f"params-rank{info.rank}.pt")
     if end == cfg.steps:
+        gain = 100 * (1 - summary["val_vs_unigram"])
         logger.message(
             f"done: {end - start} steps in {wall:.1f}s, {summary['tokens_per_s']:,.0f} tokens/s; "
             f"val {summary['val_bpb']:.4f} {unit} vs unigram {unigram:.4f} "
-            f"({100 * (1 - summary['val_vs_unigram']):.1f}% below); summary {run_dir / 'summary.json'}"
+            f"({abs(gain):.1f}% {'below' if gain >= 0 else 'above'}); summary {run_dir / 'summary.json'}"
         )
         if cfg.compile:
             logger.message(f"torch.compile: {summary['compile']['graphs']} graphs, {summary['compile']['graph_breaks']} graph breaks")
