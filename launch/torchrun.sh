@@ -10,6 +10,9 @@ if [ -z "${NPROC_PER_NODE:-}" ]; then
 fi
 NNODES=${NNODES:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# torchrun (>= 2.9: its --signals-to-handle) passes these on to its workers, which stop after their
+# step with a checkpoint (checkpoint.on_signal); a SIGUSR1 would otherwise end torchrun itself at once
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 if [ "$NNODES" = 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
   exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC_PER_NODE" -m moesaic.trainer "$@"
 fi

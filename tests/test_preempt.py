@@ -142,3 +142,29 @@ def test_deepspeed_engine_stops_on_sigterm_without_a_checkpoint(tmp_path):
     assert f"after step {n} of 3000; no checkpoint (not supported with parallel.engine=deepspeed)" in out + err
     assert not (tmp_path / "ds/checkpoints").exists()
     assert json.loads((tmp_path / "ds/summary.json").read_text())["stopped_at"] == n
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_sigusr1_to_the_torchrun_wrapper_is_passed_on(tmp_path):
+    """torchrun dies of a SIGUSR1 unless PET_SIGNALS_TO_HANDLE (--signals-to-handle) names it, leaving its workers
+    orphaned; launch/torchrun.sh (and train.sbatch) name it, so `--signal=USR1@T` stops the run with a
+    checkpoint like SIGTERM does."""
+    from conftest import REPO
+
+    env = child_env(NPROC_PER_NODE="2", PYTHON=sys.executable)
+    env.pop("PET_SIGNALS_TO_HANDLE", None)
+    proc = subprocess.Popen(["bash", str(REPO / "launch/torchrun.sh"), *SMOKE, "steps=3000", f"logging.out_dir={tmp_path}",
+                             "logging.run_name=w"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _wait_for_step(proc, tmp_path / "w", 3)
+        workers = _workers(proc)
+        proc.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=60)
+        n = _stopped_at(out + err, "SIGUSR1")
+        assert (tmp_path / f"w/checkpoints/step-{n:08d}/manifest.json").is_file()
+    finally:
+        for w in workers if "workers" in locals() else []:
+            if w.is_running():
+                w.kill()
+        proc.kill()

@@ -10,10 +10,15 @@ signal twice: SLURM signals every process of a step, and torchrun forwards its o
 workers. Repeats change nothing; SIGKILL stops a rank at once (saves are atomic: the last complete
 checkpoint stays).
 
-Under torchrun the agent forwards SIGTERM to its workers and kills them 30 s later (torch's
-hard-coded close timeout), so the step in progress and the save must fit in 30 s. SLURM sends
-SIGKILL `KillWait` seconds (default 30) after the SIGTERM of a time limit; `--signal=TERM@120`
-sends it two minutes early instead.
+Under torchrun the agent forwards SIGTERM to its workers and kills them 30 s later (torch 2.13:
+`--shutdown-timeout`), so the step in progress and the save must fit in that time. torchrun passes
+on SIGUSR1 only where `--signals-to-handle` (PET_SIGNALS_TO_HANDLE, torch >= 2.9) names it, as the
+launch scripts do; otherwise SIGUSR1 ends torchrun itself. SLURM sends SIGKILL `KillWait` seconds
+(default 30) after the SIGTERM of a time limit; `--signal=TERM@120` sends a SIGTERM two minutes early.
+
+The price: a rank that waits in a collective for a rank that has crashed runs no Python handler
+until the wait ends, so the launcher's SIGTERM no longer ends it at once; the launcher's SIGKILL does,
+after the same timeout. (gloo notices a crashed peer by itself, within seconds.)
 """
 
 from __future__ import annotations
