@@ -81,3 +81,12 @@ def test_unknown_field_is_refused():
 
     with pytest.raises(ConfigCompositionException, match="num_expertz"):
         _compose("model.moe.num_expertz=4")
+
+
+def test_help_names_the_app_and_its_groups():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "moesaic.trainer", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("moesaic-train: train a Mixture-of-Experts"), proc.stdout[:300]
+    assert "placement: affinity, contiguous, replan" in proc.stdout and "on_signal:" in proc.stdout
