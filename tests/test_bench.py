@@ -265,6 +265,16 @@ def test_preempt_overhead_short(tmp_path):
     assert "ratio_on_over_off" in out and summary["agreed_median_us"] > 0
 
 
+@pytest.mark.slow
+@pytest.mark.dist
+def test_checkpoint_stall_short(tmp_path):
+    out = run("checkpoint_stall.py", "--nproc", 2, "--steps", 6, "--every", 3, "--reps", 1, "--model-args", "model=tiny",
+              "--json", tmp_path / "s.json", timeout=600)
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert "stall_ratio_async_over_blocking" in out and [r["mode"] for r in rows] == ["disabled", "async"]
+    assert rows[0]["final_train_loss"] == rows[1]["final_train_loss"]
+
+
 def test_master_adamw_accumulates_micro_batches_in_fp32():
     """Two bf16 micro-batch gradients summed in fp32 accumulators: the step equals torch's AdamW on
     the fp32 sum, which a bf16 sum would round away."""

@@ -80,10 +80,11 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_and_the_resum
 def test_sigterm_to_torchrun_stops_every_rank_with_a_checkpoint(tmp_path):
     """torchrun forwards its SIGTERM to each worker's process group (and kills them 30 s later): the 4
     ranks, under EP with affinity re-placement every 2 steps (a solver process may be running and
-    receives the SIGTERM too), stop after one step with a checkpoint, and nothing is left running."""
+    receives the SIGTERM too), stop after one step with a checkpoint (written asynchronously: the run
+    waits for it before it ends), and nothing is left running."""
     run = tmp_path / "r"
     proc = _start(4, [*SMOKE, "steps=3000", "parallel=ep", "placement=affinity", "placement.every_n_steps=2",
-                      f"logging.out_dir={tmp_path}", "logging.run_name=r"])
+                      "checkpoint.async_mode=async", f"logging.out_dir={tmp_path}", "logging.run_name=r"])
     _wait_for_step(proc, run, 5)
     workers = _workers(proc)
     t0 = time.monotonic()

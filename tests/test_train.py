@@ -147,6 +147,7 @@ def test_compiled_training_equals_eager(tmp_path):
          "parallel.mixed_precision ('bf16') with parallel.engine (deepspeed)"),
         (["compile=true", "parallel.engine=deepspeed"], "compile (True) with parallel.engine ('deepspeed')"),
         (["parallel=ddp", "placement.plan=round_robin"], "placement.plan ('round_robin') needs expert parallelism"),
+        (["checkpoint.async_mode=yes"], "checkpoint.async_mode ('yes') must be 'disabled' or 'async'"),
     ],
 )
 def test_bad_input_exits_with_one_named_line(args, message, tmp_path):

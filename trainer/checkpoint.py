@@ -119,42 +119,58 @@ def _sha256(path: Path) -> str:
 def save(ckpt_root: Path, step: int, *, model, optimizer, scheduler, cfg, info, plan=None, routing=None,
          tokens: int = 0, keep_last: int = 3, extra_arrays: dict | None = None) -> Path:
     """Collective: every rank writes its tensors; rank 0 writes the rest and renames atomically."""
+    tmp, final = begin(ckpt_root, step, info)
+    sd = state_dict(model, optimizer, for_save=True)
+    with _single_process_is_meant(info):
+        dcp.save(sd, checkpoint_id=str(tmp), no_dist=info.backend is None)
+    _barrier(info)
+    if info.is_main:
+        finish_on_rank0(tmp, final, **extras(step, model=model, scheduler=scheduler, cfg=cfg, info=info, plan=plan,
+                                             routing=routing, tokens=tokens, keep_last=keep_last, extra_arrays=extra_arrays))
+    _barrier(info)
+    return final
+
+
+def begin(ckpt_root: Path, step: int, info) -> tuple[Path, Path]:
+    """Collective: rank 0 makes an empty `step-N.tmp/`, which every rank then sees. (tmp, final)."""
     final = ckpt_root / f"step-{step:08d}"
     tmp = ckpt_root / f"step-{step:08d}.tmp"
     if info.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True, exist_ok=True)
     _barrier(info)
-    sd = state_dict(model, optimizer, for_save=True)
-    with _single_process_is_meant(info):
-        dcp.save(sd, checkpoint_id=str(tmp), no_dist=info.backend is None)
-    _barrier(info)
-    if info.is_main:
-        if plan is not None:
-            plan.save(tmp / "plan.json")
-        if routing is not None:
-            import numpy as np
+    return tmp, final
 
-            np.savez(tmp / "routing_stats.npz", **routing.to_npz_dict())
-        if extra_arrays:
-            import numpy as np
 
-            np.savez(tmp / "replan_state.npz", **extra_arrays)
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        manifest = {
-            "format": FORMAT, "step": step, "tokens": tokens, "time": time.time(),
-            "world_size": info.world_size, "ep_size": (cfg.parallel.ep_size or info.world_size),
-            "expert_sharding": cfg.parallel.expert_sharding, "model_hash": model_hash(cfg.model),
-            "model_config": asdict(cfg.model), "scheduler": scheduler.state_dict(), "files": files,
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in list_checkpoints(ckpt_root)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier(info)
-    return final
+def extras(step: int, *, model, scheduler, cfg, info, plan, routing, tokens, keep_last, extra_arrays) -> dict:
+    """What rank 0 writes beside the tensors, taken now (an async save writes it after training moved on)."""
+    import copy
+
+    return {"plan": plan, "routing": routing, "extra_arrays": copy.deepcopy(extra_arrays), "keep_last": keep_last,
+            "manifest": {"format": FORMAT, "step": step, "tokens": tokens, "time": time.time(),
+                         "world_size": info.world_size, "ep_size": (cfg.parallel.ep_size or info.world_size),
+                         "expert_sharding": cfg.parallel.expert_sharding, "model_hash": model_hash(cfg.model),
+                         "model_config": asdict(cfg.model), "scheduler": copy.deepcopy(scheduler.state_dict())}}
+
+
+def finish_on_rank0(tmp: Path, final: Path, *, plan, routing, extra_arrays, keep_last, manifest) -> None:
+    """Once every rank's tensors are in `tmp`: the plan, the statistics, the manifest (last, with the
+    sha256 of every file), the rename to the final name, and the pruning of old checkpoints."""
+    import numpy as np
+
+    if plan is not None:
+        plan.save(tmp / "plan.json")
+    if routing is not None:
+        np.savez(tmp / "routing_stats.npz", **routing.to_npz_dict())
+    if extra_arrays:
+        np.savez(tmp / "replan_state.npz", **extra_arrays)
+    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    (tmp / "manifest.json").write_text(json.dumps({**manifest, "files": files}, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in list_checkpoints(final.parent)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:

@@ -91,12 +91,17 @@ class CheckpointConfig:
     """Keep the newest K checkpoints."""
     resume: str = "none"
     """`none`, `auto` (the newest checkpoint that verifies), or a checkpoint folder."""
+    async_mode: str = "disabled"
+    """`disabled` (training waits for each write) or `async`: the tensors are copied to CPU memory
+    and written by a thread while training goes on (trainer/async_checkpoint.py)."""
     on_signal: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     """Signals on which every rank finishes its step, a checkpoint is written and the run ends (exit
     code 128 + the signal's number): SLURM's time limit and preemption, scancel, Kubernetes. [] turns it off."""
 
     def __post_init__(self) -> None:
         check_signal_names(self.on_signal)
+        if self.async_mode not in ("disabled", "async"):
+            raise ValueError(f"checkpoint.async_mode ({self.async_mode!r}) must be 'disabled' or 'async'")
         if self.every_n_steps < 0:
             raise ValueError(f"checkpoint.every_n_steps ({self.every_n_steps}) must be >= 0")
         if self.keep_last < 1:

@@ -30,8 +30,9 @@ def main(cfg: DictConfig) -> None:
         _error(e, 3)
     except TimeoutError as e:  # a rendezvous that never completed
         _error(e, 4)
-    if summary["stopped_by"]:  # a checkpoint is written; say to the scheduler that the run did not finish
-        sys.exit(Preemption.exit_code(summary["stopped_by"]))
+    if summary["stopped_by"]:  # the checkpoint is written; tell the scheduler that the run did not finish,
+        # and skip the interpreter's teardown as main_cli does (see moesaic.parallel.process): a sweep ends here too
+        exit_rank(Preemption.exit_code(summary["stopped_by"]))
 
 
 def _error(e: Exception, code: int) -> None:

@@ -20,6 +20,7 @@ import torch
 from moesaic.parallel.recorder import RoutingRecorder
 from moesaic.placement.plan import Placement, PlanError, check_fits
 from moesaic.trainer import checkpoint as ckpt
+from moesaic.trainer.async_checkpoint import AsyncCheckpointer
 from moesaic.trainer.config import TrainConfig
 from moesaic.trainer.data import check_vocab, load_corpus
 from moesaic.trainer.dist import DistInfo, all_gather_object, all_reduce_, init_distributed, shutdown
@@ -133,13 +134,17 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
     t_start = time.perf_counter()
     step_times: list[float] = []
 
+    writer = AsyncCheckpointer(info) if cfg.checkpoint.async_mode == "async" else None
+
     def save(step: int) -> Path:
         t0 = time.perf_counter()
         routing = recorder.stats(all_reduce=True)
-        path = ckpt.save(ckpt_root, step, model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg, info=info,
+        path = (writer.save if writer else ckpt.save)(ckpt_root, step, model=model, optimizer=optimizer,
+                                                      scheduler=scheduler, cfg=cfg, info=info,
                          plan=par.plan, routing=routing, tokens=tokens_done, keep_last=cfg.checkpoint.keep_last,
                          extra_arrays=ckpt.replan_arrays(replanner, dynamic))
-        logger.log({"kind": "checkpoint", "step": step, "path": str(path), "seconds": time.perf_counter() - t0})
+        logger.log({"kind": "checkpoint", "step": step, "path": str(path), "seconds": time.perf_counter() - t0,
+                    "async": writer is not None})
         return path
 
     if resume is not None and end == start:  # nothing to run: rewrite the checkpoint in this layout
@@ -182,6 +187,8 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
             end = done
             break
 
+    if writer:
+        writer.wait()  # the last checkpoint is complete before the run says it has stopped
     wall = time.perf_counter() - t_start
     gpu_mib = round(torch.cuda.max_memory_allocated(info.device) / 2**20, 1) if info.device.type == "cuda" else None
     rss, gpu_peak = zip(*all_gather_object((round(peak_rss_mib(), 1), gpu_mib), info))  # one collective
