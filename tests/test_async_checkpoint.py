@@ -83,3 +83,29 @@ def test_async_checkpoints_equal_blocking_ones_and_resume_exactly(tmp_path):
     assert _losses(tmp_path / "async") == _losses(tmp_path / "blocking")
     assert sorted(p.name for p in (tmp_path / "async/checkpoints").iterdir() if p.is_dir()) == [
         "step-00000004", "step-00000008", "step-00000012"]
+
+
+def test_a_failed_write_is_raised_at_the_next_wait_and_leaves_no_checkpoint(tmp_path, monkeypatch):
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    from moesaic.trainer.async_checkpoint import AsyncCheckpointer
+    from moesaic.trainer.checkpoint import list_checkpoints
+    from moesaic.trainer.config import TrainConfig
+    from moesaic.trainer.dist import DistInfo
+    from moesaic.trainer.model import Transformer
+
+    def full_disk(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full_disk)
+    cfg = TrainConfig()
+    model = Transformer(cfg.model)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
+    writer = AsyncCheckpointer(info)
+    writer.save(tmp_path, 3, model=model, optimizer=opt, scheduler=sched, cfg=cfg, info=info)
+    with pytest.raises(RuntimeError, match=r"asynchronous checkpoint write failed: rank 0: OSError: \[Errno 28\] No space left on device$"):
+        writer.wait()
+    assert list_checkpoints(tmp_path) == [] and (tmp_path / "step-00000003.tmp").is_dir()
+    writer.wait()  # reported once

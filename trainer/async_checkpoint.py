@@ -38,23 +38,18 @@ class AsyncCheckpointer:
             warnings.filterwarnings("ignore", message="torch.distributed is .*uninitialized, assuming the intent")
         self._done: threading.Event | None = None
         self._error: BaseException | None = None
-        self.staging_s: list[float] = []
 
     def save(self, ckpt_root: Path, step: int, *, model, optimizer, scheduler, cfg, info, plan=None, routing=None,
              tokens: int = 0, keep_last: int = 3, extra_arrays: dict | None = None) -> Path:
-        import time
-
         self.wait()  # (1)
         tmp, final = ckpt.begin(ckpt_root, step, info)  # (2)
         rest = ckpt.extras(step, model=model, scheduler=scheduler, cfg=cfg, info=info, plan=plan, routing=routing,
                            tokens=tokens, keep_last=keep_last, extra_arrays=extra_arrays) if info.is_main else None
-        t0 = time.perf_counter()
         sd = ckpt.state_dict(model, optimizer, for_save=True)
-        with ckpt._single_process_is_meant(info):
+        with ckpt.no_dist_warning_off(info):
             future = dcp.async_save(sd, checkpoint_id=str(tmp), process_group=self.group,  # (3), (4)
                                     no_dist=info.backend is None)
-        self.staging_s.append(time.perf_counter() - t0)
-        done, self._done, self._error = threading.Event(), None, None
+        done = self._done = threading.Event()
 
         def written(f) -> None:  # (5), in the writer's thread
             try:
@@ -66,7 +61,6 @@ class AsyncCheckpointer:
             finally:
                 done.set()
 
-        self._done = done
         future.add_done_callback(written)
         return final
 
@@ -77,4 +71,12 @@ class AsyncCheckpointer:
         self._done.wait()
         self._done, error, self._error = None, self._error, None
         if error is not None:
-            raise RuntimeError(f"the asynchronous checkpoint write failed: {type(error).__name__}: {error}") from error
+            raise RuntimeError(f"the asynchronous checkpoint write failed: {_cause(error)}") from error
+
+
+def _cause(error: BaseException) -> str:
+    """One line per failing rank (DCP's CheckpointException prints every traceback)."""
+    failures = getattr(error, "failures", None)
+    if not failures:
+        return f"{type(error).__name__}: {error}"
+    return "; ".join(f"rank {r}: {type(exc).__name__}: {exc}" for r, (exc, _trace) in sorted(failures.items()))

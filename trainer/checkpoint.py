@@ -121,7 +121,7 @@ def save(ckpt_root: Path, step: int, *, model, optimizer, scheduler, cfg, info, 
     """Collective: every rank writes its tensors; rank 0 writes the rest and renames atomically."""
     tmp, final = begin(ckpt_root, step, info)
     sd = state_dict(model, optimizer, for_save=True)
-    with _single_process_is_meant(info):
+    with no_dist_warning_off(info):
         dcp.save(sd, checkpoint_id=str(tmp), no_dist=info.backend is None)
     _barrier(info)
     if info.is_main:
@@ -237,7 +237,7 @@ def _check_model(path: Path, manifest: dict, model_cfg) -> None:
 
 
 @contextlib.contextmanager
-def _single_process_is_meant(info):
+def no_dist_warning_off(info):
     """torch warns that it is "assuming the intent" of one process even when no_dist=True says so."""
     with warnings.catch_warnings():
         if info.backend is None:
@@ -249,7 +249,7 @@ def load(path: Path, manifest: dict, *, model, optimizer, scheduler, info) -> No
     """Fill the model, the expert shards this rank holds and the optimizer from `path` (collective)."""
     init_optimizer_state(optimizer)
     sd = state_dict(model, optimizer, for_save=False)
-    with _single_process_is_meant(info):
+    with no_dist_warning_off(info):
         dcp.load(sd, checkpoint_id=str(path), no_dist=info.backend is None)
     for st in optimizer.state.values():
         st["step"].copy_(sd["optim.step"])

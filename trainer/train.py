@@ -139,10 +139,10 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
     def save(step: int) -> Path:
         t0 = time.perf_counter()
         routing = recorder.stats(all_reduce=True)
-        path = (writer.save if writer else ckpt.save)(ckpt_root, step, model=model, optimizer=optimizer,
-                                                      scheduler=scheduler, cfg=cfg, info=info,
-                         plan=par.plan, routing=routing, tokens=tokens_done, keep_last=cfg.checkpoint.keep_last,
-                         extra_arrays=ckpt.replan_arrays(replanner, dynamic))
+        write = writer.save if writer else ckpt.save
+        path = write(ckpt_root, step, model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg, info=info,
+                     plan=par.plan, routing=routing, tokens=tokens_done, keep_last=cfg.checkpoint.keep_last,
+                     extra_arrays=ckpt.replan_arrays(replanner, dynamic))
         logger.log({"kind": "checkpoint", "step": step, "path": str(path), "seconds": time.perf_counter() - t0,
                     "async": writer is not None})
         return path
