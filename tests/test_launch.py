@@ -121,13 +121,17 @@ def test_srun_one_task_per_rank(slurm, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_scancel_stops_the_job_with_a_checkpoint_and_a_new_job_resumes_it(slurm, tmp_path):
+@pytest.mark.parametrize("script,sbatch_args", [
+    ("train.sbatch", ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2"]),  # torchrun per node
+    ("train_srun.sbatch", ["--nodes=2", "--ntasks-per-node=2"]),  # the ranks themselves are the tasks
+])
+def test_scancel_stops_the_job_with_a_checkpoint_and_a_new_job_resumes_it(slurm, tmp_path, script, sbatch_args):
     """`scancel` (as a preemption or the time limit) sends SIGTERM to every process of the step, and
     SIGKILL KillWait (5 s on this cluster) later: the 4 ranks on 2 nodes stop after the same step with
     its checkpoint, and a job submitted after it resumes from there."""
     args = [*SMOKE, "steps=3000", "logging.log_every=1", "eval_every=0", f"logging.out_dir={tmp_path}", "logging.run_name=pre"]
     env = dict(slurm, NPROC_PER_NODE="2")
-    job = _sbatch("train.sbatch", ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2"], args, env, tmp_path)
+    job = _sbatch(script, sbatch_args, args, env, tmp_path)
     metrics, deadline = tmp_path / "pre/metrics.jsonl", time.time() + 300
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5) and time.time() < deadline:
         time.sleep(0.2)
@@ -138,8 +142,9 @@ def test_scancel_stops_the_job_with_a_checkpoint_and_a_new_job_resumes_it(slurm,
     assert stopped, log[-3000:]
     n = int(stopped[0].split("after step ")[1].split()[0])
     assert [p.name for p in (tmp_path / "pre/checkpoints").iterdir()] == [f"step-{n:08d}"]
-    job = _sbatch("train.sbatch", ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2"],
-                  [*args, "checkpoint.resume=auto", f"stop_at_step={n + 2}"], env, tmp_path)
+    if script == "train_srun.sbatch":  # srun reports each rank's own exit code: 128 + SIGTERM
+        assert "Exited with exit code 143" in log, log[-3000:]
+    job = _sbatch(script, sbatch_args, [*args, "checkpoint.resume=auto", f"stop_at_step={n + 2}"], env, tmp_path)
     _wait(job, slurm)
     summary = json.loads((tmp_path / "pre/summary.json").read_text())
     assert summary["start_step"] == n and summary["stopped_at"] == n + 2 and summary["world_size"] == 4
