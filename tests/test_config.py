@@ -90,3 +90,24 @@ def test_help_names_the_app_and_its_groups():
     proc = subprocess.run([sys.executable, "-m", "moesaic.trainer", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("moesaic-train: train a Mixture-of-Experts"), proc.stdout[:300]
     assert "placement: affinity, contiguous, replan" in proc.stdout and "on_signal:" in proc.stdout
+
+
+def test_requeue_defaults_name_the_run_and_resume_a_requeued_start(monkeypatch):
+    from moesaic.trainer.config import CheckpointConfig, LauncherConfig, LoggingConfig, TrainConfig
+    from moesaic.trainer.preempt import requeue_defaults
+
+    cfg = TrainConfig(launcher=LauncherConfig(name="slurm", requeue=True))
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert requeue_defaults(cfg) is cfg  # not under SLURM: nothing to do
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    first = requeue_defaults(cfg)
+    assert first.logging.run_name == "slurm-77" and first.checkpoint.resume == "none"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    again = requeue_defaults(cfg)
+    assert again.logging.run_name == "slurm-77" and again.checkpoint.resume == "auto"
+    named = TrainConfig(launcher=LauncherConfig(name="slurm", requeue=True), logging=LoggingConfig(run_name="mine"),
+                        checkpoint=CheckpointConfig(resume="none"))
+    assert requeue_defaults(named).logging.run_name == "mine"
+    off = TrainConfig(launcher=LauncherConfig(name="slurm"))
+    assert requeue_defaults(off) is off

@@ -152,6 +152,41 @@ def test_scancel_stops_the_job_with_a_checkpoint_and_a_new_job_resumes_it(slurm,
 
 @pytest.mark.slow
 @pytest.mark.dist
+def test_a_job_stopped_by_its_time_limit_signal_requeues_itself_and_finishes(slurm, tmp_path):
+    """launcher.requeue=true. `scancel --signal=TERM` signals the job's steps only, as the time
+    limit's `--signal=TERM@120` does: the ranks stop with a checkpoint, rank 0 requeues the job, and
+    the requeued job (same script, same overrides) resumes under the same run name and finishes.
+    SLURM holds a requeued job for about two minutes (BeginTime); the test releases it at once."""
+    steps = 400
+    args = [*SMOKE, f"steps={steps}", "logging.log_every=1", "eval_every=0", f"logging.out_dir={tmp_path}",
+            "launcher.requeue=true"]
+    job = _sbatch("train.sbatch", ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2", "--requeue"], args,
+                  dict(slurm, NPROC_PER_NODE="2"), tmp_path)
+    run = tmp_path / f"slurm-{job}"
+    deadline = time.time() + 300
+    while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 5):
+        assert time.time() < deadline, (tmp_path / f"moesaic-{job}.out").read_text()[-3000:]
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=TERM", job], env=slurm, check=True)
+    released = False
+    while time.time() < deadline:
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True, env=slurm).stdout.split()
+        if not state:
+            break
+        if state[0] == "PENDING" and not released:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
+            released = True
+        time.sleep(0.5)
+    log = (tmp_path / f"moesaic-{job}.out").read_text()
+    assert released and f"requeued SLURM job {job}" in log, log[-3000:]
+    n = int(next(ln for ln in log.splitlines() if ln.startswith("stopped by SIGTERM after step ")).split()[5])
+    summary = json.loads((run / "summary.json").read_text())
+    assert 0 < n < steps and summary["start_step"] == n and summary["stopped_at"] == steps, (n, summary["start_step"])
+    assert summary["stopped_by"] is None and f"resumed from {run}/checkpoints/step-{n:08d}" in log
+
+
+@pytest.mark.slow
+@pytest.mark.dist
 def test_hydra_sweep_through_submitit_on_slurm(slurm, tmp_path):
     cmd = [sys.executable, "-m", "moesaic.trainer", "-m", "launcher=submitit_slurm", *SMOKE,
            "model.moe.num_experts=4,8", f"logging.out_dir={tmp_path / 'runs'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from moesaic.parallel.process import exit_rank
 from moesaic.trainer.config import register_configs, to_train_config
-from moesaic.trainer.preempt import Preemption
+from moesaic.trainer.preempt import Preemption, requeue_defaults, requeue_job
 from moesaic.trainer.train import train
 
 register_configs()
@@ -22,7 +22,7 @@ register_configs()
 @hydra.main(version_base=None, config_path="pkg://moesaic.configs", config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
-        train_cfg = to_train_config(cfg)
+        train_cfg = requeue_defaults(to_train_config(cfg))
         summary = train(train_cfg)
     except ValueError as e:  # bad input: one line naming the field, no traceback
         _error(e, 2)
@@ -32,6 +32,8 @@ def main(cfg: DictConfig) -> None:
         _error(e, 4)
     if summary["stopped_by"]:  # the checkpoint is written; tell the scheduler that the run did not finish,
         # and skip the interpreter's teardown as main_cli does (see moesaic.parallel.process): a sweep ends here too
+        if train_cfg.launcher.requeue and os.environ.get("SLURM_JOB_ID") and os.environ.get("RANK", "0") == "0":
+            requeue_job()
         exit_rank(Preemption.exit_code(summary["stopped_by"]))
 
 

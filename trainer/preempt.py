@@ -106,3 +106,30 @@ def stop_signals_blocked():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def requeue_defaults(cfg):
+    """launcher.requeue under SLURM: a run name that survives the requeue (slurm-<job id>), and a
+    requeued start (SLURM_RESTART_COUNT > 0) that resumes, unless the config says otherwise."""
+    import dataclasses
+
+    job = os.environ.get("SLURM_JOB_ID")
+    if not (cfg.launcher.requeue and job):
+        return cfg
+    logging_cfg, ckpt_cfg = cfg.logging, cfg.checkpoint
+    if logging_cfg.run_name is None and ckpt_cfg.dir is None:
+        logging_cfg = dataclasses.replace(logging_cfg, run_name=f"slurm-{job}")
+    if int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and ckpt_cfg.resume == "none":
+        ckpt_cfg = dataclasses.replace(ckpt_cfg, resume="auto")
+    return dataclasses.replace(cfg, logging=logging_cfg, checkpoint=ckpt_cfg)
+
+
+def requeue_job() -> None:
+    """Rank 0, after every rank has written everything: put this SLURM job back in the queue."""
+    import subprocess
+
+    job = os.environ["SLURM_JOB_ID"]
+    out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    msg = f"requeued SLURM job {job}" if out.returncode == 0 else \
+        f"scontrol requeue {job} failed ({out.returncode}): {out.stderr.strip()}"
+    os.write(2, f"moesaic: {msg}\n".encode())
