@@ -16,6 +16,9 @@ on SIGUSR1 only where `--signals-to-handle` (PET_SIGNALS_TO_HANDLE, torch >= 2.9
 launch scripts do; otherwise SIGUSR1 ends torchrun itself. SLURM sends SIGKILL `KillWait` seconds
 (default 30) after the SIGTERM of a time limit; `--signal=TERM@120` sends a SIGTERM two minutes early.
 
+With launcher.requeue (SLURM), rank 0 then requeues the job, whose next start resumes under the same
+run name (`requeue_defaults`, `requeue_job`).
+
 The price: a rank that waits in a collective for a rank that has crashed runs no Python handler
 until the wait ends, so the launcher's SIGTERM no longer ends it at once; the launcher's SIGKILL does,
 after the same timeout. (gloo notices a crashed peer by itself, within seconds.)
@@ -129,7 +132,10 @@ def requeue_job() -> None:
     import subprocess
 
     job = os.environ["SLURM_JOB_ID"]
-    out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
-    msg = f"requeued SLURM job {job}" if out.returncode == 0 else \
-        f"scontrol requeue {job} failed ({out.returncode}): {out.stderr.strip()}"
+    try:
+        out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        msg = f"requeued SLURM job {job}" if out.returncode == 0 else \
+            f"scontrol requeue {job} failed ({out.returncode}): {out.stderr.strip()}"
+    except (OSError, subprocess.TimeoutExpired) as e:  # the checkpoint is written: say so, and exit as stopped
+        msg = f"scontrol requeue {job} failed: {e}"
     os.write(2, f"moesaic: {msg}\n".encode())
