@@ -47,6 +47,21 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """{step: train loss}; a resumed run's later lines win."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"}
+
+
+def flat_checkpoint(ckpt_dir: Path) -> dict:
+    """A DCP checkpoint folder as one flat state dict (through a .pt file beside it)."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = ckpt_dir.parent / (ckpt_dir.name + ".pt")
+    dcp_to_torch_save(str(ckpt_dir), str(out))
+    return torch.load(out, weights_only=True)
+
+
 @pytest.fixture
 def shared_dir() -> Path:
     return SHARED

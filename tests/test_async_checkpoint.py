@@ -1,28 +1,14 @@
 """Tier 4: `checkpoint.async_mode=async` writes the same checkpoints as a blocking save, of the state
 at the step it was asked for, while training goes on; a resume from one is exact."""
 
-import json
 import threading
 
 import pytest
 import torch
 
-from conftest import torchrun
+from conftest import flat_checkpoint, torchrun, train_losses
 
 SMOKE = ["experiment=smoke", "logging.log_every=1", "eval_every=0", "logging.progress=false"]
-
-
-def _flat(ckpt_dir):
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = ckpt_dir.parent / (ckpt_dir.name + ".pt")
-    dcp_to_torch_save(str(ckpt_dir), str(out))
-    return torch.load(out, weights_only=True)
-
-
-def _losses(run_dir) -> dict[int, float]:
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in lines if r["kind"] == "train"}
 
 
 def test_the_checkpoint_holds_the_state_of_its_step(tmp_path, monkeypatch):
@@ -59,7 +45,7 @@ def test_the_checkpoint_holds_the_state_of_its_step(tmp_path, monkeypatch):
     release.set()
     writer.wait()
     assert verify(path)["step"] == 7
-    saved = _flat(path)
+    saved = flat_checkpoint(path)
     for name, p in model.named_parameters():
         if ".experts." not in name:
             assert torch.equal(saved[f"model.{name}"], before[name]), name
@@ -76,11 +62,11 @@ def test_async_checkpoints_equal_blocking_ones_and_resume_exactly(tmp_path):
     torchrun(2, [*base, "logging.run_name=blocking"])
     torchrun(2, [*base, "logging.run_name=async", "checkpoint.async_mode=async", "stop_at_step=8"])
     for step in (4, 8):
-        a = _flat(tmp_path / f"async/checkpoints/step-{step:08d}")
-        b = _flat(tmp_path / f"blocking/checkpoints/step-{step:08d}")
+        a = flat_checkpoint(tmp_path / f"async/checkpoints/step-{step:08d}")
+        b = flat_checkpoint(tmp_path / f"blocking/checkpoints/step-{step:08d}")
         assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), step
     torchrun(2, [*base, "logging.run_name=async", "checkpoint.async_mode=async", "checkpoint.resume=auto"])
-    assert _losses(tmp_path / "async") == _losses(tmp_path / "blocking")
+    assert train_losses(tmp_path / "async") == train_losses(tmp_path / "blocking")
     assert sorted(p.name for p in (tmp_path / "async/checkpoints").iterdir() if p.is_dir()) == [
         "step-00000004", "step-00000008", "step-00000012"]
 

@@ -10,25 +10,9 @@ import time
 import pytest
 import torch
 
-from conftest import child_env, read_metrics, torchrun
+from conftest import child_env, flat_checkpoint, read_metrics, torchrun, train_losses
 
 SMOKE = ["experiment=smoke", "logging.log_every=1", "eval_every=0"]
-
-
-def _losses(run_dir, kind="train"):
-    out = {}
-    for r in read_metrics(run_dir):
-        if r["kind"] == kind:
-            out[r["step"]] = r["loss"]  # a resumed run's later lines win
-    return out
-
-
-def _flat(ckpt_dir):
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = ckpt_dir.parent / (ckpt_dir.name + ".pt")
-    dcp_to_torch_save(str(ckpt_dir), str(out))
-    return torch.load(out, weights_only=True)
 
 
 @pytest.mark.slow
@@ -45,7 +29,7 @@ def test_exact_resume_is_bit_identical(tmp_path, nproc):
     torchrun(nproc, [*base, "logging.run_name=split", "stop_at_step=10"])
     assert (tmp_path / "split/checkpoints/step-00000010/manifest.json").is_file()
     torchrun(nproc, [*base, "logging.run_name=split", "checkpoint.resume=auto"])
-    a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
+    a, b = train_losses(tmp_path / "straight"), train_losses(tmp_path / "split")
     assert sorted(a) == sorted(b) == list(range(1, 21))
     if nproc == 2:
         assert [a[s] for s in range(1, 21)] == [b[s] for s in range(1, 21)]  # bit-identical
@@ -63,7 +47,7 @@ def test_reshard_resume_across_world_and_ep_sizes(tmp_path):
     # 4 ranks, FSSDP over 4, batch 4 per rank: the reference run, straight to step 12
     torchrun(4, [*common, "logging.run_name=ref4", "stop_at_step=12", "parallel=fssdp", "batch_size=4",
                  "checkpoint.every_n_steps=0"])
-    ref = _losses(tmp_path / "ref4")
+    ref = train_losses(tmp_path / "ref4")
     # the same run, checkpointed at step 10
     torchrun(4, [*common, "logging.run_name=w4", "stop_at_step=10", "parallel=fssdp", "batch_size=4",
                  f"checkpoint.dir={ck}"])
@@ -77,7 +61,7 @@ def test_reshard_resume_across_world_and_ep_sizes(tmp_path):
         torchrun(nproc, [*common, f"logging.run_name={name}-conv", *par, f"batch_size={batch}",
                          f"checkpoint.resume={src}", "stop_at_step=10", f"checkpoint.dir={out}"])
         # ...which must hold every expert, parameter and AdamW moment once, unchanged
-        before, after = _flat(src), _flat(out / "step-00000010")
+        before, after = flat_checkpoint(src), flat_checkpoint(out / "step-00000010")
         assert before.keys() == after.keys()
         assert sum(k.startswith("optim.experts.") for k in before) == 2 * 4 * 3 * 2  # layers x experts x w x moments
         for k in before:
@@ -85,7 +69,7 @@ def test_reshard_resume_across_world_and_ep_sizes(tmp_path):
         # and training continues where the 4-rank run was
         torchrun(nproc, [*common, f"logging.run_name={name}", *par, f"batch_size={batch}",
                          f"checkpoint.resume={src}", "stop_at_step=12", "checkpoint.every_n_steps=0"])
-        got = _losses(tmp_path / name)
+        got = train_losses(tmp_path / name)
         # the first loss after resume is computed from the loaded weights: equal up to summation order
         assert abs(got[11] - ref[11]) < 1e-5, (name, got[11], ref[11])
         # the next follows an AdamW update, which amplifies ~1e-7 gradient differences of a different
@@ -165,7 +149,7 @@ def test_replacement_changes_no_math(tmp_path, parallel, align, method, wait):
     torchrun(2, [*base, "logging.run_name=on", "placement=replan", "placement.every_n_steps=4",
                  f"placement.method={method}", "placement.time_limit=10", "placement.adopt_after_steps=1",
                  f"placement.align_owners={align}", f"placement.wait_for_plan={wait}"])
-    off, on = _losses(tmp_path / "off"), _losses(tmp_path / "on")
+    off, on = train_losses(tmp_path / "off"), train_losses(tmp_path / "on")
     assert max(abs(off[s] - on[s]) for s in off) < 1e-5
     plans = sorted((tmp_path / "on/plans").glob("plan-*.json"))
     records = [r for r in read_metrics(tmp_path / "on") if r["kind"] == "placement"]
@@ -306,7 +290,7 @@ def test_killed_rank_restarts_and_finishes_like_an_uninterrupted_run(tmp_path):
     assert killed is not None, "the run never reached step 12"
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
-    clean, resumed = _losses(tmp_path / "clean"), _losses(tmp_path / "killed")
+    clean, resumed = train_losses(tmp_path / "clean"), train_losses(tmp_path / "killed")
     assert resumed[30] == clean[30]
     summary = json.loads((tmp_path / "killed/summary.json").read_text())
     assert 0 < summary["start_step"] <= 15  # restarted from a checkpoint, not from scratch
@@ -336,7 +320,7 @@ def test_dynamic_replicas_and_resharding_change_no_math(tmp_path):
     base = [*SMOKE, "steps=16", f"logging.out_dir={tmp_path}", "parallel=fssdp"]
     torchrun(4, [*base, "logging.run_name=off"])
     torchrun(4, [*base, "logging.run_name=dyn", "placement.dynamic_replicas=2", "parallel.reshard_every_n_steps=4"])
-    off, dyn = _losses(tmp_path / "off"), _losses(tmp_path / "dyn")
+    off, dyn = train_losses(tmp_path / "off"), train_losses(tmp_path / "dyn")
     assert max(abs(off[s] - dyn[s]) for s in off) < 1e-5
     summary = json.loads((tmp_path / "dyn/summary.json").read_text())
     assert summary["dynamic_replicas_added_mean"] > 0

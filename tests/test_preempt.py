@@ -10,13 +10,9 @@ import time
 
 import pytest
 
-from conftest import child_env, read_metrics, torchrun
+from conftest import child_env, torchrun, train_losses
 
 SMOKE = ["experiment=smoke", "logging.log_every=1", "eval_every=0", "logging.progress=false"]
-
-
-def _train_losses(run_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"}
 
 
 def _start(nproc: int, args: list[str]) -> subprocess.Popen:
@@ -66,11 +62,11 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_and_the_resum
     assert sorted(p.name for p in (tmp_path / "stopped/checkpoints").iterdir()) == [f"step-{n:08d}"]
     summary = json.loads((tmp_path / "stopped/summary.json").read_text())
     assert summary["stopped_by"] == "SIGUSR1" and summary["stopped_at"] == n
-    assert max(_train_losses(tmp_path / "stopped")) == n  # no rank ran a step past N
+    assert max(train_losses(tmp_path / "stopped")) == n  # no rank ran a step past N
 
     torchrun(2, [*base, "logging.run_name=stopped", "checkpoint.resume=auto", f"stop_at_step={n + 3}"])
     torchrun(2, [*base, "logging.run_name=straight", f"stop_at_step={n + 3}"])
-    resumed, straight = _train_losses(tmp_path / "stopped"), _train_losses(tmp_path / "straight")
+    resumed, straight = train_losses(tmp_path / "stopped"), train_losses(tmp_path / "straight")
     assert json.loads((tmp_path / "stopped/summary.json").read_text())["start_step"] == n
     assert [resumed[s] for s in range(1, n + 4)] == [straight[s] for s in range(1, n + 4)]
 

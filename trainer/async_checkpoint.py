@@ -35,7 +35,7 @@ class AsyncCheckpointer:
         self.info = info
         self.group = dist.new_group(backend="gloo") if info.backend is not None else None  # (4)
         if info.backend is None:  # the writer thread's save says it "assumes" one process: it is meant
-            warnings.filterwarnings("ignore", message="torch.distributed is .*uninitialized, assuming the intent")
+            warnings.filterwarnings("ignore", message=ckpt.NO_DIST_WARNING)
         self._done: threading.Event | None = None
         self._error: BaseException | None = None
 

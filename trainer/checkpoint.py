@@ -236,12 +236,15 @@ def _check_model(path: Path, manifest: dict, model_cfg) -> None:
     raise CheckpointError(f"checkpoint {str(path)!r} was written for another model config: {', '.join(diffs)}")
 
 
+NO_DIST_WARNING = "torch.distributed is .*uninitialized, assuming the intent"
+"""torch warns that it is "assuming the intent" of one process even when no_dist=True says so."""
+
+
 @contextlib.contextmanager
 def no_dist_warning_off(info):
-    """torch warns that it is "assuming the intent" of one process even when no_dist=True says so."""
     with warnings.catch_warnings():
         if info.backend is None:
-            warnings.filterwarnings("ignore", message="torch.distributed is .*uninitialized, assuming the intent")
+            warnings.filterwarnings("ignore", message=NO_DIST_WARNING)
         yield
 
 

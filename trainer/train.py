@@ -7,7 +7,6 @@ checked before one forms, so that bad input fails on every rank with one named e
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -174,16 +173,14 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
         replanner.after_step(done)
         resharder.after_step(done)
         every = cfg.checkpoint.every_n_steps
-        saved = (every and done % every == 0) or (done == end and (every or cfg.stop_at_step))
-        path = save(done) if saved else None
-        if done < end and (stopped_by := preempt.agreed()):
-            if cfg.parallel.engine == "deepspeed":  # its checkpoints are not supported (refused by config)
-                logger.message(f"stopped by {stopped_by} after step {done} of {cfg.steps}; no checkpoint "
-                               f"(not supported with parallel.engine=deepspeed)")
-            else:
-                path = path or save(done)
-                logger.message(f"stopped by {stopped_by} after step {done} of {cfg.steps}; checkpoint {path}; "
-                               f"resume with checkpoint.resume=auto")
+        stopped_by = preempt.agreed() if done < end else None
+        can_save = cfg.parallel.engine != "deepspeed"  # its checkpoints are refused by the config
+        if (every and done % every == 0) or (done == end and (every or cfg.stop_at_step)) or (stopped_by and can_save):
+            path = save(done)
+        if stopped_by:
+            logger.message(f"stopped by {stopped_by} after step {done} of {cfg.steps}; "
+                           + (f"checkpoint {path}; resume with checkpoint.resume=auto" if can_save
+                              else "no checkpoint (not supported with parallel.engine=deepspeed)"))
             end = done
             break
 
