@@ -5,6 +5,10 @@ DeepSpeed is handed a view of the model that registers only the dense parameters
 broadcasts, all-reduces or partitions an expert: its forward calls the whole model. deepspeed is
 imported here only (its first initialisation JIT-compiles a communication op, ~50 s on a 2-core
 machine; point TORCH_EXTENSIONS_DIR at a cache folder).
+
+Checkpoints hold the dense AdamW state unsharded, under the names the torch engine uses
+(`zero_moments` gathers it from ZeRO's partitions, `load_zero_state` scatters it back), so that a
+checkpoint written under either engine resumes under the other, at any world size.
 """
 
 from __future__ import annotations
@@ -62,3 +66,54 @@ def apply_deepspeed(model: nn.Module, expert_names: list[str], dense_optimizer: 
                                            config=config, dist_init_required=False)
     log.info("applied deepspeed: ZeRO stage %d over %d dense parameter tensors", zero_stage, len(dense))
     return engine
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def zero_moments(engine, params: dict[str, nn.Parameter]) -> dict[str, dict[str, torch.Tensor]]:
+    """Collective over the engine's data-parallel group: {name: {moment: the whole tensor}} of the
+    dense parameters (each rank holds a slice of each moment; one all-reduce per tensor assembles it).
+    Empty before the first optimizer step, when ZeRO has no state yet."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    zero = engine.optimizer
+    if any(flat not in zero.optimizer.state for flat in zero.single_partition_of_fp32_groups):
+        return {}
+    _link_moments(zero)
+    return {name: {m: safe_get_full_optimizer_state(p, m).reshape(p.shape) for m in MOMENTS} for name, p in params.items()}
+
+
+def zero_step(engine) -> torch.Tensor | None:
+    """AdamW's step count inside ZeRO (one per flat partition, all equal), or None before the first step."""
+    steps = [st["step"] for st in engine.optimizer.optimizer.state.values() if "step" in st]
+    return torch.as_tensor(steps[0]).clone().float() if steps else None
+
+
+def load_zero_state(engine, params: dict[str, nn.Parameter], moments: dict[str, dict[str, torch.Tensor]],
+                    step: torch.Tensor, global_steps: int) -> None:
+    """Local (every rank keeps its own slices): after the dense parameters were loaded in place, copy
+    them into ZeRO's fp32 partitions, create AdamW's state there as its first step would, fill each
+    rank's slice of the moments, and set the step counts (the caller sets the schedule)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    zero = engine.optimizer
+    base = zero.optimizer  # torch AdamW over one flat fp32 partition per parameter group
+    for name, p in params.items():
+        safe_set_full_fp32_param(p, p.data)
+    for flat in zero.single_partition_of_fp32_groups:
+        base.state[flat] = {"step": step.clone().float(), "exp_avg": torch.zeros_like(flat),
+                            "exp_avg_sq": torch.zeros_like(flat)}
+    _link_moments(zero)
+    for name, p in params.items():
+        for m in MOMENTS:
+            safe_set_full_optimizer_state(p, moments[name][m], m)
+    engine.global_steps, engine.global_samples = global_steps, global_steps * engine.train_batch_size()
+
+
+def _link_moments(zero) -> None:
+    """Point each parameter's slice at AdamW's state in its flat partition. DeepSpeed links them once,
+    after the step of the first parameter group, before the other groups have any state, so with
+    two groups (decay and no decay) the second group's slices would have no moments."""
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import child_env, free_port, read_metrics, torchrun
+from conftest import child_env, flat_checkpoint, free_port, read_metrics, torchrun, train_losses
 
 WORKERS = Path(__file__).resolve().parent / "workers"
 SMOKE = ["experiment=smoke", "logging.log_every=1", "steps=10", "optim.warmup_steps=2", "optim.grad_clip=0"]
@@ -55,12 +55,66 @@ def test_deepspeed_launcher_two_local_ranks(tmp_path):
     assert summary["world_size"] == 2 and summary["config"]["parallel"]["engine"] == "deepspeed"
 
 
-def test_deepspeed_with_checkpoints_is_refused_by_name():
-    from moesaic.trainer.config import CheckpointConfig, TrainConfig
+def test_deepspeed_moe_with_checkpoints_is_refused_by_name():
     from moesaic.parallel.config import ParallelConfig
+    from moesaic.trainer.config import CheckpointConfig, TrainConfig
+    from moesaic.trainer.model import ModelConfig
 
-    with pytest.raises(ValueError, match=r"with parallel.engine \(deepspeed\): checkpoints of DeepSpeed"):
-        TrainConfig(parallel=ParallelConfig(engine="deepspeed"), checkpoint=CheckpointConfig(every_n_steps=5))
+    with pytest.raises(ValueError, match=r"with model.moe_impl \(deepspeed\): DeepSpeed-MoE's layer is the baseline"):
+        TrainConfig(model=ModelConfig(moe_impl="deepspeed"), parallel=ParallelConfig(engine="deepspeed"),
+                    checkpoint=CheckpointConfig(every_n_steps=5))
+
+
+def _params(run) -> list[dict]:
+    import torch
+
+    return [torch.load(run / f"params-rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def _max_diff(a: list[dict], b: list[dict]) -> float:
+    return max(float((x[k] - y[k]).abs().max()) for x, y in zip(a, b) for k in x)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_deepspeed_resume_is_exact_and_its_checkpoint_resumes_under_the_torch_engine(tmp_path):
+    """ZeRO-1 holds each rank's slice of the dense AdamW moments. A checkpoint gathers them whole,
+    under the torch engine's names: resumed under DeepSpeed, or under the torch engine, the run goes
+    on as if it had never stopped (losses and every rank's parameters)."""
+    base = [*SMOKE, f"logging.out_dir={tmp_path}", "logging.dump_rank_params=true", "parallel.engine=deepspeed"]
+    torchrun(2, [*base, "logging.run_name=full"], timeout=600)
+    torchrun(2, [*base, "logging.run_name=part", "stop_at_step=5"], timeout=600)
+    step5 = tmp_path / "part/checkpoints/step-00000005"
+    flat = flat_checkpoint(step5)  # both of ZeRO's groups: with weight decay, and without (norms)
+    assert all(flat[k].abs().max() > 0 for k in ("optim.model.embed.weight.exp_avg", "optim.model.layers.0.ffn_norm.weight.exp_avg_sq"))
+    torchrun(2, [*base, "logging.run_name=part", "checkpoint.resume=auto"], timeout=600)
+    torchrun(2, [*SMOKE, f"logging.out_dir={tmp_path}", "logging.dump_rank_params=true", "logging.run_name=torch",
+                 f"checkpoint.resume={step5}"], timeout=600)
+    full = train_losses(tmp_path / "full")
+    for run in ("part", "torch"):
+        losses = train_losses(tmp_path / run)
+        assert max(abs(full[s] - losses[s]) for s in range(6, 11)) < 1e-6, (run, full, losses)
+        assert _max_diff(_params(tmp_path / "full"), _params(tmp_path / run)) < 1e-6, run
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_torch_engine_checkpoint_moves_into_zero2_at_another_world_size_and_back(tmp_path):
+    """A torch-engine checkpoint (2 ranks) loaded into ZeRO-2 at 4 ranks and written again holds the
+    same tensors; resumed under ZeRO-2 at 2 ranks, the run goes on as the torch engine's does."""
+    base = [*SMOKE, f"logging.out_dir={tmp_path}", "logging.dump_rank_params=true"]
+    zero2 = ["parallel.engine=deepspeed", "parallel.zero_stage=2"]
+    torchrun(2, [*base, "logging.run_name=torch"], timeout=600)
+    torchrun(2, [*base, "logging.run_name=part", "stop_at_step=5"], timeout=600)
+    step5 = tmp_path / "part/checkpoints/step-00000005"
+    torchrun(4, [*base, *zero2, "logging.run_name=w4", "stop_at_step=5", f"checkpoint.resume={step5}"], timeout=600)
+    a, b = flat_checkpoint(step5), flat_checkpoint(tmp_path / "w4/checkpoints/step-00000005")
+    assert sorted(a) == sorted(b) and any(k.startswith("optim.model.") for k in a)
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) == 0.0
+    torchrun(2, [*base, *zero2, "logging.run_name=part", "checkpoint.resume=auto"], timeout=600)
+    full, resumed = train_losses(tmp_path / "torch"), train_losses(tmp_path / "part")
+    assert max(abs(full[s] - resumed[s]) for s in range(6, 11)) < 1e-6, (full, resumed)
+    assert _max_diff(_params(tmp_path / "torch"), _params(tmp_path / "part")) < 1e-6
 
 
 @pytest.mark.slow

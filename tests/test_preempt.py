@@ -127,16 +127,37 @@ def test_signal_names_are_checked_before_a_rank_starts(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_deepspeed_engine_stops_on_sigterm_without_a_checkpoint(tmp_path):
-    """parallel.engine=deepspeed has no checkpoints (its config refuses them): a SIGTERM still stops
-    every rank after the same step, and says that nothing was written."""
-    proc = _start(2, [*SMOKE, "steps=3000", "parallel.engine=deepspeed", f"logging.out_dir={tmp_path}",
-                      "logging.run_name=ds"])
+def test_deepspeed_engine_stops_on_sigterm_with_a_checkpoint_and_resumes_exactly(tmp_path):
+    """parallel.engine=deepspeed (ZeRO-2 over the dense parameters) with async checkpoints: a SIGTERM
+    stops every rank after step N with a checkpoint, which holds ZeRO's moments gathered whole. The
+    resumed run's losses equal, bit for bit, those of a run that never stopped."""
+    base = [*SMOKE, "steps=3000", "parallel.engine=deepspeed", "parallel.zero_stage=2", "checkpoint.async_mode=async",
+            f"logging.out_dir={tmp_path}"]
+    proc = _start(2, [*base, "logging.run_name=ds"])
     _wait_for_step(proc, tmp_path / "ds", 3, timeout=300)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     n = _stopped_at(out + err, "SIGTERM")
-    assert f"after step {n} of 3000; no checkpoint (not supported with parallel.engine=deepspeed)" in out + err
+    assert f"after step {n} of 3000; checkpoint " in out + err, err[-3000:]
+    assert (tmp_path / f"ds/checkpoints/step-{n:08d}/manifest.json").is_file()
+    torchrun(2, [*base, "logging.run_name=ds", "checkpoint.resume=auto", f"stop_at_step={n + 3}"], timeout=600)
+    torchrun(2, [*base, "logging.run_name=straight", f"stop_at_step={n + 3}"], timeout=600)
+    resumed, straight = train_losses(tmp_path / "ds"), train_losses(tmp_path / "straight")
+    assert [resumed[s] for s in range(1, n + 4)] == [straight[s] for s in range(1, n + 4)]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_deepspeed_moe_stops_on_sigterm_without_a_checkpoint(tmp_path):
+    """model.moe_impl=deepspeed (the comparison baseline) has no checkpoints (its config refuses them):
+    a SIGTERM still stops every rank after the same step, and says that nothing was written."""
+    proc = _start(2, [*SMOKE, "steps=3000", "parallel=deepspeed_moe", "model.moe_impl=deepspeed",
+                      f"logging.out_dir={tmp_path}", "logging.run_name=ds"])
+    _wait_for_step(proc, tmp_path / "ds", 3, timeout=300)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    n = _stopped_at(out + err, "SIGTERM")
+    assert f"after step {n} of 3000; no checkpoint (not supported with model.moe_impl=deepspeed)" in out + err
     assert not (tmp_path / "ds/checkpoints").exists()
     assert json.loads((tmp_path / "ds/summary.json").read_text())["stopped_at"] == n
 

@@ -63,9 +63,11 @@ def _expert_ids(moe) -> tuple[list[int], list[bool]]:
     return lp.local_experts, [edp0 and lp.holders[e][0] == lp.ep_rank for e in lp.local_experts]
 
 
-def state_dict(model, optimizer, *, for_save: bool) -> dict[str, torch.Tensor]:
+def state_dict(model, optimizer, *, for_save: bool, engine=None) -> dict[str, torch.Tensor]:
     """Flat tensors keyed by global names. With for_save, experts this rank does not save are left out
-    (replicas); otherwise every expert this rank holds is listed (to be filled by a load)."""
+    (replicas); otherwise every expert this rank holds is listed (to be filled by a load). With a
+    DeepSpeed `engine` (engine=deepspeed), the dense moments are ZeRO's, gathered whole (collective)
+    for a save, or zeros for a load to fill; the names are the same as under the torch engine."""
     sd: dict[str, torch.Tensor] = {}
     expert_params = set()
     for li, moe in enumerate(model.moe_layers()):
@@ -82,19 +84,33 @@ def state_dict(model, optimizer, *, for_save: bool) -> dict[str, torch.Tensor]:
                 for m in _MOMENTS:
                     if m in state:
                         sd[f"optim.experts.{li}.{e}.{n}.{m}"] = part(state[m][i])
-    for name, p in model.named_parameters():
-        if id(p) in expert_params:
-            continue
+    dense = {name: p for name, p in model.named_parameters() if id(p) not in expert_params}
+    moments = _dense_moments(dense, optimizer, engine, for_save)
+    for name, p in dense.items():
         sd[f"model.{name}"] = p.data
         for m in _MOMENTS:
-            if m in optimizer.state.get(p, {}):
-                sd[f"optim.model.{name}.{m}"] = optimizer.state[p][m]
+            if m in moments.get(name, {}):
+                sd[f"optim.model.{name}.{m}"] = moments[name][m]
     for name, b in model.named_buffers():
         if ".dispatcher." not in name and name not in ("rope_cos", "rope_sin"):
             sd[f"buffer.{name}"] = b
     steps = [s["step"] for s in optimizer.state.values() if "step" in s]
+    if engine is not None:  # the loop's optimizer may hold no expert (ep_size 1): ZeRO counts the steps
+        from moesaic.parallel.deepspeed_engine import zero_step
+
+        steps = [s for s in [zero_step(engine)] if s is not None] or steps
     sd["optim.step"] = steps[0].clone() if steps else torch.zeros(())
     return sd
+
+
+def _dense_moments(dense: dict, optimizer, engine, for_save: bool) -> dict[str, dict[str, torch.Tensor]]:
+    if engine is None:
+        return {name: optimizer.state.get(p, {}) for name, p in dense.items()}
+    if not for_save:
+        return {name: {m: torch.zeros_like(p) for m in _MOMENTS} for name, p in dense.items()}
+    from moesaic.parallel.deepspeed_engine import zero_moments
+
+    return zero_moments(engine, dense)
 
 
 def init_optimizer_state(optimizer) -> None:
@@ -117,10 +133,10 @@ def _sha256(path: Path) -> str:
 
 
 def save(ckpt_root: Path, step: int, *, model, optimizer, scheduler, cfg, info, plan=None, routing=None,
-         tokens: int = 0, keep_last: int = 3, extra_arrays: dict | None = None) -> Path:
+         tokens: int = 0, keep_last: int = 3, extra_arrays: dict | None = None, engine=None) -> Path:
     """Collective: every rank writes its tensors; rank 0 writes the rest and renames atomically."""
     tmp, final = begin(ckpt_root, step, info)
-    sd = state_dict(model, optimizer, for_save=True)
+    sd = state_dict(model, optimizer, for_save=True, engine=engine)
     with no_dist_warning_off(info):
         dcp.save(sd, checkpoint_id=str(tmp), no_dist=info.backend is None)
     _barrier(info)
@@ -248,17 +264,35 @@ def no_dist_warning_off(info):
         yield
 
 
-def load(path: Path, manifest: dict, *, model, optimizer, scheduler, info) -> None:
-    """Fill the model, the expert shards this rank holds and the optimizer from `path` (collective)."""
+def load(path: Path, manifest: dict, *, model, optimizer, scheduler, info, engine=None) -> None:
+    """Fill the model, the expert shards this rank holds and the optimizer from `path` (collective).
+    With a DeepSpeed `engine`, the dense parameters' AdamW state goes into ZeRO's partitions."""
     init_optimizer_state(optimizer)
-    sd = state_dict(model, optimizer, for_save=False)
+    sd = state_dict(model, optimizer, for_save=False, engine=engine)
     with no_dist_warning_off(info):
         dcp.load(sd, checkpoint_id=str(path), no_dist=info.backend is None)
     for st in optimizer.state.values():
         st["step"].copy_(sd["optim.step"])
-    scheduler.load_state_dict(manifest["scheduler"])
-    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-        group["lr"] = lr  # loading a scheduler's state does not touch the optimizer's rates
+    restore_schedule(scheduler, manifest["scheduler"])
+    if engine is not None:
+        from moesaic.parallel.deepspeed_engine import load_zero_state
+
+        dense = {k[len("model."):]: None for k in sd if k.startswith("model.")}
+        params = {n: p for n, p in model.named_parameters() if n in dense}
+        moments = {n: {m: sd[f"optim.model.{n}.{m}"] for m in _MOMENTS} for n in params}
+        load_zero_state(engine, params, moments, sd["optim.step"], manifest["step"])
+        restore_schedule(engine.lr_scheduler, manifest["scheduler"])
+
+
+def restore_schedule(scheduler, state: dict) -> None:
+    """Set a LambdaLR schedule to the saved position and its optimizer's rates to match. Only the
+    position is taken: the engines group the parameters differently (the torch engine's optimizer
+    holds every parameter; under DeepSpeed, ZeRO's holds the dense ones and the loop's the experts)."""
+    scheduler.last_epoch = state["last_epoch"]
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def export_consolidated(path: str | Path, out: str | Path) -> Path:

@@ -105,7 +105,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
     start, tokens_done = 0, 0
     if resume is not None:
         path, manifest = resume
-        ckpt.load(path, manifest, model=model, optimizer=optimizer, scheduler=scheduler, info=info)
+        ckpt.load(path, manifest, model=model, optimizer=optimizer, scheduler=scheduler, info=info, engine=par.ds_engine)
         start, tokens_done = manifest["step"], manifest["tokens"]
         ckpt.restore_extras(path, recorder=recorder, replanner=replanner, info=info, dynamic=dynamic)
         logger.progress(start)
@@ -141,7 +141,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
         write = writer.save if writer else ckpt.save
         path = write(ckpt_root, step, model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg, info=info,
                      plan=par.plan, routing=routing, tokens=tokens_done, keep_last=cfg.checkpoint.keep_last,
-                     extra_arrays=ckpt.replan_arrays(replanner, dynamic))
+                     extra_arrays=ckpt.replan_arrays(replanner, dynamic), engine=par.ds_engine)
         logger.log({"kind": "checkpoint", "step": step, "path": str(path), "seconds": time.perf_counter() - t0,
                     "async": writer is not None})
         return path
@@ -174,13 +174,13 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
         resharder.after_step(done)
         every = cfg.checkpoint.every_n_steps
         stopped_by = preempt.agreed() if done < end else None
-        can_save = cfg.parallel.engine != "deepspeed"  # its checkpoints are refused by the config
+        can_save = not par.deepspeed_moe_ep  # DeepSpeed-MoE's checkpoints are refused by the config
         if (every and done % every == 0) or (done == end and (every or cfg.stop_at_step)) or (stopped_by and can_save):
             path = save(done)
         if stopped_by:
             logger.message(f"stopped by {stopped_by} after step {done} of {cfg.steps}; "
                            + (f"checkpoint {path}; resume with checkpoint.resume=auto" if can_save
-                              else "no checkpoint (not supported with parallel.engine=deepspeed)"))
+                              else "no checkpoint (not supported with model.moe_impl=deepspeed)"))
             end = done
             break
 
