@@ -9,6 +9,7 @@ process group forms.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,18 +174,8 @@ class Parallel:
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """The global gradient norm (each expert counted once), clipped to max_norm if > 0."""
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.ds_engine is not None:  # DeepSpeed clips the dense gradients; moesaic the experts'
-            names = set(self.expert_names)
-            params = [p for n, p in self.model.named_parameters() if n in names and p.grad is not None]
-            if not self.expert_parallel:
-                return torch.zeros(())
-            sq = (fssdp_grad_sq_norm if self.fssdp else expert_grad_sq_norm)(self.model, self.mesh)
-            dist.all_reduce(sq)
-            norm = torch.sqrt(sq)
-            if max_norm > 0 and float(norm) > max_norm:
-                for p in params:
-                    p.grad.mul_(max_norm / (float(norm) + 1e-6))
-            return norm.float()
+        if self.ds_engine is not None:
+            return self._clip_with_zero(max_norm)
         if not self.expert_parallel:
             if max_norm > 0:
                 return torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -200,6 +191,32 @@ class Parallel:
                 for p in params:
                     p.grad.mul_(coef)
         return norm.float()
+
+
+    def _clip_with_zero(self, max_norm: float) -> torch.Tensor:
+        """engine=deepspeed: one global norm over ZeRO's dense gradients and moesaic's experts, and one
+        coefficient for both, as under the torch engine. DeepSpeed-MoE's engine clips its whole model."""
+        if self.deepspeed_moe_ep:
+            return torch.zeros(())  # the loop reads the norm from DeepSpeed after its step
+        zero = self.ds_engine.optimizer
+        # 1. the dense gradients' norm, from ZeRO's reduced partitions (an all-reduce over its ranks)
+        dense = float(zero.scaled_global_norm()) / zero.loss_scale
+        # 2. the experts' norm, each expert counted once
+        expert_sq = torch.zeros((), dtype=torch.float64)
+        if self.expert_parallel:
+            expert_sq = (fssdp_grad_sq_norm if self.fssdp else expert_grad_sq_norm)(self.model, self.mesh)
+            dist.all_reduce(expert_sq)
+        norm = math.sqrt(dense ** 2 + float(expert_sq))
+        coef = max_norm / (norm + 1e-6) if max_norm > 0 else 1.0
+        # 3. ZeRO's step divides its gradients by (dense + 1e-6) / clip_grad when that exceeds 1: set
+        #    clip_grad so that the quotient is 1 / coef; moesaic scales the expert gradients by coef
+        zero.clip_grad = max_norm * (dense + 1e-6) / (norm + 1e-6) if coef < 1 else 0.0
+        if coef < 1:
+            names = set(self.expert_names)
+            for n, p in self.model.named_parameters():
+                if n in names and p.grad is not None:
+                    p.grad.mul_(coef)
+        return torch.tensor(norm)
 
 
 def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: Placement | None) -> Parallel:

@@ -82,10 +82,9 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
         )
     t2 = time.perf_counter()
     if par.ds_engine is not None:
-        par.ds_engine.step()  # the dense update (ZeRO) and its learning-rate schedule
-        dense_norm = par.ds_engine.get_global_grad_norm()
-        if dense_norm is not None:
-            grad_norm = math.sqrt(float(dense_norm) ** 2 + grad_norm ** 2)
+        par.ds_engine.step()  # the dense update (ZeRO, clipped by the global norm) and its learning-rate schedule
+        if par.deepspeed_moe_ep:  # DeepSpeed-MoE's engine owns every gradient and their norm
+            grad_norm = float(par.ds_engine.get_global_grad_norm() or 0.0)
     if not skipped:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
