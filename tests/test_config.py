@@ -111,3 +111,16 @@ def test_requeue_defaults_name_the_run_and_resume_a_requeued_start(monkeypatch):
     assert requeue_defaults(named).logging.run_name == "mine"
     off = TrainConfig(launcher=LauncherConfig(name="slurm"))
     assert requeue_defaults(off) is off
+
+
+def test_bad_input_is_one_line_and_hydra_full_error_adds_the_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    cmd = [sys.executable, "-m", "moesaic.trainer", "experiment=smoke", "optim.lr=-1", f"logging.out_dir={tmp_path}"]
+    plain = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=child_env(HYDRA_FULL_ERROR="0"))
+    assert plain.returncode == 2 and plain.stderr.strip() == "moesaic-train: error: optim.lr (-1.0) must be > 0", plain.stderr
+    full = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=child_env(HYDRA_FULL_ERROR="1"))
+    assert full.returncode == 1 and "Traceback" in full.stderr and "ValueError: optim.lr (-1.0) must be > 0" in full.stderr

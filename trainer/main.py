@@ -38,6 +38,10 @@ def main(cfg: DictConfig) -> None:
 
 
 def _error(e: Exception, code: int) -> None:
+    """One line per rank, the field and the rule, no traceback; HYDRA_FULL_ERROR=1 (Hydra's own switch)
+    lets the error through with its traceback, for an error that is a bug rather than bad input."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise e
     # one write per line, so that the ranks' lines do not interleave on a shared terminal
     sys.stderr.write(f"moesaic-train: error: {e}\n")
     sys.stderr.flush()
