@@ -328,3 +328,24 @@ def test_dynamic_replicas_and_resharding_change_no_math(tmp_path):
     assert sum(gathered) > 0  # replicas were really gathered from their owners
     reshards = [r for r in read_metrics(tmp_path / "dyn") if r["kind"] == "reshard"]
     assert [r["step"] for r in reshards] == [4, 8, 12, 16]  # owners followed the loads (Hecate Alg. 2)
+
+
+def test_the_schedule_resumes_at_its_step_with_the_rates_of_the_config():
+    """Only the schedule's position comes from the checkpoint: an optimizer with another number of
+    parameter groups (the engines group differently) and another optim.lr resumes at the same step."""
+    from moesaic.trainer.checkpoint import restore_schedule
+    from moesaic.trainer.config import OptimConfig
+    from moesaic.trainer.optim import lr_lambda
+
+    def schedule(lr: float, groups: int):
+        opt = torch.optim.AdamW([{"params": [torch.zeros(1, requires_grad=True)]} for _ in range(groups)], lr=lr)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(OptimConfig(lr=lr, warmup_steps=2), 10))
+
+    old = schedule(1e-3, 1)
+    for _ in range(5):
+        old.optimizer.step()
+        old.step()
+    new = schedule(2e-3, 2)
+    restore_schedule(new, old.state_dict())
+    assert new.last_epoch == 5 and new.get_last_lr() == [2 * old.get_last_lr()[0]] * 2
+    assert [g["lr"] for g in new.optimizer.param_groups] == new.get_last_lr()

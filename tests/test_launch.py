@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, child_env, free_port, read_metrics
+from conftest import REPO, child_env, free_port, read_metrics, train_losses
 
 CLUSTER = REPO / "launch" / "slurm" / "local_cluster.sh"
 SMOKE = ["experiment=smoke", "logging.log_every=5"]
@@ -196,6 +196,47 @@ def test_hydra_sweep_through_submitit_on_slurm(slurm, tmp_path):
     assert len(summaries) == 2
     assert sorted(s["config"]["model"]["moe"]["num_experts"] for s in summaries) == [4, 8]
     assert all(s["world_size"] == 2 and s["config"]["launcher"]["name"] == "submitit" for s in summaries)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_submitit_job_stopped_by_its_signal_requeues_itself_and_the_sweep_finishes(slurm, tmp_path):
+    """launcher=submitit_slurm: submitit's time-limit signal (SIGUSR2; `scancel --signal=USR2` here)
+    stops both ranks after the same step with a checkpoint, rank 0 requeues the job, and the requeued
+    job (the same point of the sweep) resumes as slurm-<job id> and finishes; the sweep returns 0."""
+    steps = 400
+    cmd = [sys.executable, "-m", "moesaic.trainer", "-m", "launcher=submitit_slurm", *SMOKE, f"steps={steps}",
+           "logging.log_every=1", "eval_every=0", f"logging.out_dir={tmp_path / 'runs'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    sweep = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=slurm, cwd=tmp_path)
+    deadline = time.time() + 400
+    while True:
+        found = list((tmp_path / "runs").glob("slurm-*/metrics.jsonl"))
+        if found and len(found[0].read_text().splitlines()) >= 5:
+            break
+        assert time.time() < deadline and sweep.poll() is None, sweep.communicate()[1][-3000:]
+        time.sleep(0.2)
+    run = found[0].parent
+    job = run.name.split("-", 1)[1]
+    subprocess.run(["scancel", "--signal=USR2", job], env=slurm, check=True)
+    released = False
+    while sweep.poll() is None:
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, env=slurm).stdout.split()
+        if state and state[0] == "PENDING" and not released:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
+            released = True
+        if time.time() > deadline:
+            sweep.kill()
+            subprocess.run(["scancel", job], env=slurm)
+            raise AssertionError("the sweep did not finish")
+        time.sleep(0.5)
+    out, err = sweep.communicate()
+    assert sweep.returncode == 0, err[-3000:]
+    logs = "".join(f.read_text(errors="replace") for f in (tmp_path / "sweep").rglob("*_log.*"))
+    n = int(next(ln for ln in logs.splitlines() if ln.startswith("stopped by SIGUSR2 after step ")).split()[5])
+    assert released and f"requeued SLURM job {job}" in logs, logs[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert 0 < n < steps and summary["start_step"] == n and summary["stopped_at"] == steps, (n, summary["start_step"])
+    assert sorted(train_losses(run)) == list(range(1, steps + 1))
 
 
 def test_missing_master_addr_is_named(tmp_path):

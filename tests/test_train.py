@@ -148,7 +148,7 @@ def test_compiled_training_equals_eager(tmp_path):
         (["compile=true", "parallel.engine=deepspeed"], "compile (True) with parallel.engine ('deepspeed')"),
         (["parallel=ddp", "placement.plan=round_robin"], "placement.plan ('round_robin') needs expert parallelism"),
         (["checkpoint.async_mode=yes"], "checkpoint.async_mode ('yes') must be 'disabled' or 'async'"),
-        (["launcher.requeue=true"], "launcher.requeue (True) needs launcher=slurm, not launcher.name ('local')"),
+        (["launcher.requeue=true"], "launcher.requeue (True) needs launcher=slurm or launcher=submitit_slurm, not launcher.name ('local')"),
     ],
 )
 def test_bad_input_exits_with_one_named_line(args, message, tmp_path):

@@ -277,8 +277,7 @@ def load(path: Path, manifest: dict, *, model, optimizer, scheduler, info, engin
     if engine is not None:
         from moesaic.parallel.deepspeed_engine import load_zero_state
 
-        dense = {k[len("model."):]: None for k in sd if k.startswith("model.")}
-        params = {n: p for n, p in model.named_parameters() if n in dense}
+        params = {n: p for n, p in model.named_parameters() if f"model.{n}" in sd}  # the dense ones
         moments = {n: {m: sd[f"optim.model.{n}.{m}"] for m in _MOMENTS} for n in params}
         load_zero_state(engine, params, moments, sd["optim.step"], manifest["step"])
         restore_schedule(engine.lr_scheduler, manifest["scheduler"])

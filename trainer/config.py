@@ -115,15 +115,17 @@ class LauncherConfig:
     name: str = "local"
     """`local` (torchrun or a single process), `slurm` (sbatch/srun) or `submitit`."""
     requeue: bool = False
-    """SLURM: a run stopped by a signal (the time limit's `--signal`, a preemption) requeues its job,
-    which resumes from the checkpoint it wrote. The run is then named slurm-<job id> unless
-    logging.run_name is set, and a requeued start resumes (checkpoint.resume=auto) unless told otherwise."""
+    """SLURM (sbatch, or submitit's SLURM executor): a run stopped by a signal (the time limit's
+    `--signal`, a preemption) requeues its job, which resumes from the checkpoint it wrote. The run is
+    then named slurm-<job id> unless logging.run_name is set, and a requeued start resumes
+    (checkpoint.resume=auto) unless told otherwise. launcher=submitit_slurm turns it on."""
 
     def __post_init__(self) -> None:
         if self.name not in ("local", "slurm", "submitit"):
             raise ValueError(f"launcher.name ({self.name!r}) must be one of 'local', 'slurm', 'submitit'")
-        if self.requeue and self.name != "slurm":
-            raise ValueError(f"launcher.requeue (True) needs launcher=slurm, not launcher.name ({self.name!r})")
+        if self.requeue and self.name == "local":
+            raise ValueError("launcher.requeue (True) needs launcher=slurm or launcher=submitit_slurm, "
+                             "not launcher.name ('local')")
 
 
 @dataclass(kw_only=True)

@@ -173,9 +173,9 @@ class Parallel:
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """The global gradient norm (each expert counted once), clipped to max_norm if > 0."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
         if self.ds_engine is not None:
             return self._clip_with_zero(max_norm)
+        params = [p for p in self.model.parameters() if p.grad is not None]
         if not self.expert_parallel:
             if max_norm > 0:
                 return torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -191,7 +191,6 @@ class Parallel:
                 for p in params:
                     p.grad.mul_(coef)
         return norm.float()
-
 
     def _clip_with_zero(self, max_norm: float) -> torch.Tensor:
         """engine=deepspeed: one global norm over ZeRO's dense gradients and moesaic's experts, and one
