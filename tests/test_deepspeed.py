@@ -105,8 +105,9 @@ def test_deepspeed_resume_is_exact_and_its_checkpoint_resumes_under_the_torch_en
 @pytest.mark.dist
 def test_a_torch_engine_checkpoint_moves_into_zero2_at_another_world_size_and_back(tmp_path):
     """A torch-engine checkpoint (2 ranks) loaded into ZeRO-2 at 4 ranks and written again holds the
-    same tensors; resumed under ZeRO-2 at 2 ranks, the run goes on as the torch engine's does."""
-    base = [*SMOKE, f"logging.out_dir={tmp_path}", "logging.dump_rank_params=true"]
+    same tensors; resumed under ZeRO-2 at 2 ranks, the run goes on as the torch engine's does (with
+    gradient accumulation, where DeepSpeed counts micro-steps)."""
+    base = [*SMOKE, f"logging.out_dir={tmp_path}", "logging.dump_rank_params=true", "grad_accum_steps=2"]
     zero2 = ["parallel.engine=deepspeed", "parallel.zero_stage=2"]
     torchrun(2, [*base, "logging.run_name=torch"], timeout=600)
     torchrun(2, [*base, "logging.run_name=part", "stop_at_step=5"], timeout=600)
