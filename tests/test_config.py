@@ -69,6 +69,8 @@ def test_experiment_overrides_root_values():
         (["parallel.backend=mpi"], r"parallel\.backend \('mpi'\) must be one of"),
         (["logging.wandb_mode=sometimes"], r"logging\.wandb_mode \('sometimes'\) must be one of"),
         (["model.num_dense_layers=9"], r"model\.num_dense_layers \(9\) must be in \[0, model\.num_layers \(4\)\]"),
+        (["logging.profile_steps=[5,3]"], r"logging\.profile_steps \(\[5, 3\]\) must be \[first, last\] with 1 <= first <= last <= steps \(250\)"),
+        (["logging.profile_steps=[1,300]"], r"logging\.profile_steps \(\[1, 300\]\) must be"),
     ],
 )
 def test_bad_config_gets_a_named_error(overrides, match):

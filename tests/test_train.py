@@ -58,6 +58,25 @@ def _run_single(args, tmp_path):
     )
 
 
+@pytest.mark.slow
+@pytest.mark.dist
+def test_profile_steps_write_a_trace_of_those_steps_on_every_rank(tmp_path):
+    """logging.profile_steps=[3,4]: each rank's Chrome trace holds steps 3 and 4 (not 2 or 5), the
+    loop's phases and the collectives; the operator table is written beside it. A run that stops
+    inside the window (stop_at_step=3 of [3,5]) writes what it recorded."""
+    base = ["experiment=smoke", "steps=6", "optim.warmup_steps=1", f"logging.out_dir={tmp_path}"]
+    torchrun(2, [*base, "logging.run_name=p", "logging.profile_steps=[3,4]"])
+    torchrun(2, [*base, "logging.run_name=s", "logging.profile_steps=[3,5]", "stop_at_step=3"])
+    for run, steps in (("p", {3, 4}), ("s", {3})):
+        for rank in (0, 1):
+            trace = json.loads((tmp_path / run / f"profile/rank{rank}.trace.json").read_text())
+            names = {e.get("name", "") for e in trace["traceEvents"]}
+            assert {n for n in names if n.startswith("moesaic.step.")} == {f"moesaic.step.{s}" for s in steps}
+            assert {"moesaic.forward_backward", "moesaic.reduce_grads", "moesaic.clip", "moesaic.update",
+                    "gloo:all_to_all", "gloo:all_reduce"} <= names, sorted(names)[:50]
+            assert "moesaic.forward_backward" in (tmp_path / run / f"profile/rank{rank}.txt").read_text()
+
+
 def test_wandb_online_without_a_login_is_named(tmp_path):
     """logging.wandb_mode=online where wandb has no credentials (no key, an empty home, no terminal)."""
     env = {k: v for k, v in child_env(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config")).items()

@@ -10,6 +10,7 @@ from moesaic.placement.config import PlacementConfig
 from moesaic.trainer.data import DataConfig
 from moesaic.trainer.model import ModelConfig
 from moesaic.trainer.preempt import check_signal_names
+from moesaic.trainer.profile import check_profile_steps
 
 
 @dataclass(kw_only=True)
@@ -69,6 +70,9 @@ class LoggingConfig:
     """At the end, every rank writes its parameters to params-rank<r>.pt (a cross-rank divergence check)."""
     peak_tflops: float = 0.0
     """Dense peak of one device (TFLOP/s) for the MFU estimate; 0 leaves MFU out."""
+    profile_steps: list[int] = field(default_factory=list)
+    """[first, last]: torch.profiler records these steps on every rank and writes a Chrome trace and an
+    operator table per rank to <run dir>/profile/ (trainer/profile.py). []: off."""
 
     def __post_init__(self) -> None:
         if self.log_every < 1:
@@ -174,6 +178,7 @@ class TrainConfig:
             raise ValueError(
                 f"model.vocab_size ({self.model.vocab_size}) must be >= 256 for byte-level data.source {self.data.source!r}"
             )
+        check_profile_steps(self.logging.profile_steps, self.steps)
         if self.optim.warmup_steps > self.steps:
             raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be <= steps ({self.steps})")
         if self.model.moe_impl == "deepspeed" and (self.checkpoint.every_n_steps or self.checkpoint.resume != "none"

@@ -9,6 +9,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+from torch.profiler import record_function
 
 from moesaic.trainer.config import TrainConfig
 from moesaic.trainer.data import TRAIN_STREAM, VAL_STREAM, sample_batch
@@ -48,27 +49,30 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
     t0 = time.perf_counter()
     stats = torch.zeros(3, dtype=torch.float64)  # ce, aux, z summed over micro-steps
     counts_LE, comm = None, {"a2a_bytes": 0, "dropped": 0}
-    for micro in range(cfg.grad_accum_steps):
-        x, y = sample_batch(corpus.train, cfg.batch_size, cfg.data.seq_len, seed=cfg.seed,
-                            stream=(TRAIN_STREAM, step, micro), rank=info.rank, world_size=info.world_size)
-        last = micro == cfg.grad_accum_steps - 1
-        with par.no_sync() if not last else nullcontext():
-            with precision(cfg, info.device):
-                out = par.train_model(x.to(info.device), y.to(info.device))
-            par.backward(out.loss, cfg.grad_accum_steps)
-        if par.ds_engine is not None and not last:
-            par.ds_engine.step()  # not an accumulation boundary: DeepSpeed only counts the micro-step
-        stats += torch.tensor([out.ce_loss.item(), out.aux_loss.item(), out.z_loss.item()], dtype=torch.float64)
-        c = out.tokens_per_expert_LE
-        if c is not None:
-            counts_LE = c.cpu() if counts_LE is None else counts_LE + c.cpu()
-        recorder.observe_model(model)
-        for moe in model.moe_layers():
-            comm["a2a_bytes"] += moe.dispatcher.counters.get("a2a_bytes", 0)
-            comm["dropped"] += moe.dispatcher.counters.get("dropped", 0)
+    with record_function("moesaic.forward_backward"):  # ranges that logging.profile_steps shows
+        for micro in range(cfg.grad_accum_steps):
+            x, y = sample_batch(corpus.train, cfg.batch_size, cfg.data.seq_len, seed=cfg.seed,
+                                stream=(TRAIN_STREAM, step, micro), rank=info.rank, world_size=info.world_size)
+            last = micro == cfg.grad_accum_steps - 1
+            with par.no_sync() if not last else nullcontext():
+                with precision(cfg, info.device):
+                    out = par.train_model(x.to(info.device), y.to(info.device))
+                par.backward(out.loss, cfg.grad_accum_steps)
+            if par.ds_engine is not None and not last:
+                par.ds_engine.step()  # not an accumulation boundary: DeepSpeed only counts the micro-step
+            stats += torch.tensor([out.ce_loss.item(), out.aux_loss.item(), out.z_loss.item()], dtype=torch.float64)
+            c = out.tokens_per_expert_LE
+            if c is not None:
+                counts_LE = c.cpu() if counts_LE is None else counts_LE + c.cpu()
+            recorder.observe_model(model)
+            for moe in model.moe_layers():
+                comm["a2a_bytes"] += moe.dispatcher.counters.get("a2a_bytes", 0)
+                comm["dropped"] += moe.dispatcher.counters.get("dropped", 0)
     t1 = time.perf_counter()
-    par.reduce_grads()
-    grad_norm = float(par.clip_grad_norm(cfg.optim.grad_clip))
+    with record_function("moesaic.reduce_grads"):
+        par.reduce_grads()
+    with record_function("moesaic.clip"):
+        grad_norm = float(par.clip_grad_norm(cfg.optim.grad_clip))
     stats /= cfg.grad_accum_steps
     all_reduce_(stats, info)
     stats /= info.world_size
@@ -81,14 +85,15 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
             "The last checkpoint is kept; on_nan=skip drops such steps instead"
         )
     t2 = time.perf_counter()
-    if par.ds_engine is not None:
-        par.ds_engine.step()  # the dense update (ZeRO, clipped by the global norm) and its learning-rate schedule
-        if par.deepspeed_moe_ep:  # DeepSpeed-MoE's engine owns every gradient and their norm
-            grad_norm = float(par.ds_engine.get_global_grad_norm() or 0.0)
-    if not skipped:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
+    with record_function("moesaic.update"):
+        if par.ds_engine is not None:
+            par.ds_engine.step()  # the dense update (ZeRO, clipped by the global norm) and its learning-rate schedule
+            if par.deepspeed_moe_ep:  # DeepSpeed-MoE's engine owns every gradient and their norm
+                grad_norm = float(par.ds_engine.get_global_grad_norm() or 0.0)
+        if not skipped:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
     comm["expert_grad_bytes"] = par.counters.get("expert_grad_bytes", 0)
     comm["expert_gather_bytes"] = par.counters.get("expert_gather_bytes", 0)
     result = StepResult(ce, aux, z, grad_norm, lr, skipped, counts_LE, comm)

@@ -28,6 +28,7 @@ from moesaic.trainer.model import Transformer
 from moesaic.trainer.parallelize import (apply_activation_checkpoint, apply_compile, compile_stats, parallelize,
                                         resolve_plan, world_size_from_env)
 from moesaic.trainer.preempt import Preemption
+from moesaic.trainer.profile import StepProfiler
 from moesaic.trainer.replan import DynamicReplicas, Replanner, Resharder
 from moesaic.trainer.step import evaluate, flops_per_token, load_stats, train_step
 
@@ -134,6 +135,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
     step_times: list[float] = []
 
     writer = AsyncCheckpointer(info) if cfg.checkpoint.async_mode == "async" else None
+    profiler = StepProfiler(cfg.logging.profile_steps, run_dir, info.rank, info.device)
 
     def save(step: int) -> Path:
         t0 = time.perf_counter()
@@ -150,11 +152,12 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
         save(start)
     for step in range(start, end):
         t0 = time.perf_counter()
-        dynamic.before_step()
-        r = train_step(step, cfg=cfg, corpus=corpus, par=par, recorder=recorder, optimizer=optimizer,
-                       scheduler=scheduler, info=info)
-        dynamic.after_step(r.global_counts(info) if dynamic.enabled else None)
         done = step + 1
+        with profiler.step(done):
+            dynamic.before_step()
+            r = train_step(step, cfg=cfg, corpus=corpus, par=par, recorder=recorder, optimizer=optimizer,
+                           scheduler=scheduler, info=info)
+            dynamic.after_step(r.global_counts(info) if dynamic.enabled else None)
         tokens_done += tokens_per_step
         skipped += int(r.skipped)
         dt = time.perf_counter() - t0
@@ -184,6 +187,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
             end = done
             break
 
+    profiler.close()  # a run that stopped inside the window writes what it recorded
     if writer:
         writer.wait()  # the last checkpoint is complete before the run says it has stopped
     wall = time.perf_counter() - t_start
