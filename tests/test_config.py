@@ -71,6 +71,8 @@ def test_experiment_overrides_root_values():
         (["model.num_dense_layers=9"], r"model\.num_dense_layers \(9\) must be in \[0, model\.num_layers \(4\)\]"),
         (["logging.profile_steps=[5,3]"], r"logging\.profile_steps \(\[5, 3\]\) must be \[first, last\] with 1 <= first <= last <= steps \(250\)"),
         (["logging.profile_steps=[1,300]"], r"logging\.profile_steps \(\[1, 300\]\) must be"),
+        (["optim.decay_type=step"], r"optim\.decay_type \('step'\) must be one of 'cosine', 'linear', 'sqrt'"),
+        (["optim.decay_ratio=1.5"], r"optim\.decay_ratio \(1\.5\) must be in \[0, 1\]"),
     ],
 )
 def test_bad_config_gets_a_named_error(overrides, match):

@@ -175,3 +175,21 @@ def test_bad_input_exits_with_one_named_line(args, message, tmp_path):
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("decay_type,at_80", [("cosine", 0.55), ("linear", 0.55), ("sqrt", 0.1 + 0.9 * (1 - 0.5 ** 0.5))])
+def test_warmup_stable_decay_schedule(decay_type, at_80):
+    """decay_ratio=0.2 of 100 steps after 10 of warmup: the rate rises to 1, stays there to step 82,
+    then decays over the last 18 steps to min_lr_ratio (halfway at step 91); the default (cosine,
+    decay_ratio 1) is the previous schedule, value for value."""
+    import math
+
+    from moesaic.trainer.config import OptimConfig
+    from moesaic.trainer.optim import lr_lambda
+
+    fn = lr_lambda(OptimConfig(warmup_steps=10, min_lr_ratio=0.1, decay_type=decay_type, decay_ratio=0.2), 100)
+    assert [fn(s) for s in (0, 9)] == [0.1, 1.0] and all(fn(s) == 1.0 for s in range(10, 82))
+    assert fn(82) == 1.0 and fn(91) == pytest.approx(at_80) and fn(100) == pytest.approx(0.1)
+    assert all(fn(s) > fn(s + 1) for s in range(82, 100))
+    cosine = lr_lambda(OptimConfig(warmup_steps=10, min_lr_ratio=0.1), 100)
+    assert [cosine(s) for s in range(10, 100)] == [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * ((s - 10) / 90))) for s in range(10, 100)]

@@ -15,14 +15,19 @@ from moesaic.trainer.profile import check_profile_steps
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    """AdamW with linear warmup, cosine decay, clipping."""
+    """AdamW with linear warmup, a decay (cosine by default; WSD with decay_ratio < 1), clipping."""
 
     lr: float = 3e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
-    """The cosine decays to lr * min_lr_ratio at the last step."""
+    """The decay ends at lr * min_lr_ratio at the last step."""
     warmup_steps: int = 20
     """Linear warmup from 0 to lr."""
+    decay_type: str = "cosine"
+    """The decay's shape: `cosine`, `linear` or `sqrt` (1 - sqrt of the progress, as MiniCPM's WSD)."""
+    decay_ratio: float = 1.0
+    """The fraction of the steps after warmup spent decaying, the last ones; before them the rate stays
+    at lr. 1: decay from the end of warmup on; e.g. 0.2: warmup-stable-decay (WSD); 0: constant."""
     weight_decay: float = 0.1
     """Decoupled weight decay on matrices (norms and embeddings excluded)."""
     beta1: float = 0.9
@@ -41,6 +46,10 @@ class OptimConfig:
             raise ValueError(f"optim.min_lr_ratio ({self.min_lr_ratio}) must be in [0, 1]")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps ({self.warmup_steps}) must be >= 0")
+        if self.decay_type not in ("cosine", "linear", "sqrt"):
+            raise ValueError(f"optim.decay_type ({self.decay_type!r}) must be one of 'cosine', 'linear', 'sqrt'")
+        if not 0 <= self.decay_ratio <= 1:
+            raise ValueError(f"optim.decay_ratio ({self.decay_ratio}) must be in [0, 1]")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"optim.{name} ({getattr(self, name)}) must be in [0, 1)")

@@ -1,4 +1,4 @@
-"""AdamW and the learning-rate schedule (linear warmup, cosine decay)."""
+"""AdamW and the learning-rate schedule (linear warmup, an optional stable phase, then a decay)."""
 
 from __future__ import annotations
 
@@ -24,13 +24,20 @@ def build_optimizer(model: torch.nn.Module, ocfg: OptimConfig) -> torch.optim.Ad
 
 
 def lr_lambda(ocfg: OptimConfig, total_steps: int):
-    """Linear warmup to 1, then cosine to min_lr_ratio at the last step."""
+    """Linear warmup to 1; then 1 until the last `decay_ratio` of the remaining steps (a
+    warmup-stable-decay schedule, WSD, when decay_ratio < 1); then `decay_type` down to min_lr_ratio at
+    the last step. The default (cosine, decay_ratio 1) decays from the end of warmup on."""
+    decay_steps = round(ocfg.decay_ratio * max(0, total_steps - ocfg.warmup_steps))
+    decay_start = total_steps - decay_steps
+    shape = {"cosine": lambda p: 0.5 * (1 + math.cos(math.pi * p)), "linear": lambda p: 1 - p,
+             "sqrt": lambda p: 1 - math.sqrt(p)}[ocfg.decay_type]
 
     def fn(step: int) -> float:
         if step < ocfg.warmup_steps:
             return (step + 1) / ocfg.warmup_steps
-        span = max(1, total_steps - ocfg.warmup_steps)
-        progress = min(1.0, (step - ocfg.warmup_steps) / span)
-        return ocfg.min_lr_ratio + (1 - ocfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, decay_steps))
+        return ocfg.min_lr_ratio + (1 - ocfg.min_lr_ratio) * shape(progress)
 
     return fn
