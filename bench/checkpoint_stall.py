@@ -59,8 +59,8 @@ def main() -> None:
         for rep in range(a.reps):
             for engine, mode in [(e, m) for e in a.engines for m in ("disabled", "async")]:
                 name = f"{engine}-{mode}-{rep}"
-                _run(a.nproc, [*a.model_args, f"parallel.engine={engine}", f"steps={a.steps}", "optim.warmup_steps=2", "eval_every=0",
-                               "logging=quiet", "logging.log_every=1", f"logging.out_dir={tmp}",
+                _run(a.nproc, [*a.model_args, f"parallel.engine={engine}", f"steps={a.steps}", "optim.warmup_steps=2",
+                               "eval_every=0", "logging=quiet", "logging.log_every=1", f"logging.out_dir={tmp}",
                                f"logging.run_name={name}", f"checkpoint.every_n_steps={a.every}",
                                f"checkpoint.async_mode={mode}", "checkpoint.keep_last=1"])
                 run = Path(tmp) / name

@@ -6,7 +6,8 @@ chrome://tracing) and `rank<r>.txt` (the operators' table, by self time). Each p
 range, `moesaic.step.<n>`, around the loop's phases (`train_step`'s `moesaic.forward_backward`,
 `moesaic.reduce_grads`, `moesaic.clip`, `moesaic.update`); the collectives appear under their own
 names (gloo's or NCCL's `all_to_all`, `all_reduce`, ...). On a GPU the kernels are recorded too.
-A run that stops inside the window (a signal, `stop_at_step`) writes what it recorded.
+A run that stops inside the window (a signal, `stop_at_step`) writes what it recorded. With the
+profiler off, a range costs 4.5 us on dev-cpu: 18 us per step, against the demo's 95 ms steps.
 """
 
 from __future__ import annotations
