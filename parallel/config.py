@@ -68,10 +68,5 @@ class ParallelConfig:
                              f"{', '.join(map(repr, ACTIVATION_CHECKPOINT))}")
         if self.mixed_precision not in ("none", "bf16"):
             raise ValueError(f"parallel.mixed_precision ({self.mixed_precision!r}) must be one of 'none', 'bf16'")
-        if self.mixed_precision != "none" and self.engine == "deepspeed":
-            raise ValueError(
-                f"parallel.mixed_precision ({self.mixed_precision!r}) with parallel.engine (deepspeed): DeepSpeed's own "
-                "bf16 mode is not wired in; use parallel.engine=torch, or mixed_precision=none"
-            )
         if self.timeout_s <= 0:
             raise ValueError(f"parallel.timeout_s ({self.timeout_s}) must be > 0")

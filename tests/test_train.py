@@ -162,8 +162,6 @@ def test_compiled_training_equals_eager(tmp_path):
         (["logging.out_dir=/proc/no-such"], "logging.out_dir ('/proc/no-such') is not writable"),
         (["data=text", "data.path=/nowhere"], "data.path ('/nowhere') does not exist"),
         (["parallel.mixed_precision=fp16"], "parallel.mixed_precision ('fp16') must be one of 'none', 'bf16'"),
-        (["parallel.engine=deepspeed", "parallel.mixed_precision=bf16"],
-         "parallel.mixed_precision ('bf16') with parallel.engine (deepspeed)"),
         (["compile=true", "parallel.engine=deepspeed"], "compile (True) with parallel.engine ('deepspeed')"),
         (["parallel=ddp", "placement.plan=round_robin"], "placement.plan ('round_robin') needs expert parallelism"),
         (["checkpoint.async_mode=yes"], "checkpoint.async_mode ('yes') must be 'disabled' or 'async'"),
