@@ -64,8 +64,11 @@ def test_bad_modes_are_named():
         ParallelConfig(activation_checkpoint="some")
     from moesaic.trainer.config import TrainConfig
 
-    with pytest.raises(ValueError, match=r"activation_checkpoint \('attention'\) with parallel.engine \('deepspeed'\)"):
-        TrainConfig(parallel=ParallelConfig(activation_checkpoint="attention", engine="deepspeed"))
+    from moesaic.trainer.model import ModelConfig
+
+    with pytest.raises(ValueError, match=r"activation_checkpoint \('attention'\) with model.moe_impl \('deepspeed'\)"):
+        TrainConfig(parallel=ParallelConfig(activation_checkpoint="attention", engine="deepspeed"),
+                    model=ModelConfig(moe_impl="deepspeed"))
 
 
 SMOKE = ["experiment=smoke", "logging.log_every=1", "eval_every=0", "steps=8", "logging.dump_rank_params=true"]

@@ -220,18 +220,13 @@ class TrainConfig:
             raise ValueError(
                 f"parallel.reshard_every_n_steps ({self.parallel.reshard_every_n_steps}) needs parallel.expert_sharding=fssdp"
             )
-        if self.compile and (self.parallel.engine == "deepspeed" or self.model.moe_impl == "deepspeed"):
-            raise ValueError(
-                f"compile ({self.compile}) with parallel.engine ({self.parallel.engine!r}) / model.moe_impl "
-                f"({self.model.moe_impl!r}): DeepSpeed's engine and MoE layer are not compiled; use compile=false"
-            )
-        if self.parallel.activation_checkpoint != "none" and (self.parallel.engine == "deepspeed"
-                                                             or self.model.moe_impl == "deepspeed"):
-            raise ValueError(
-                f"parallel.activation_checkpoint ({self.parallel.activation_checkpoint!r}) with parallel.engine "
-                f"({self.parallel.engine!r}) / model.moe_impl ({self.model.moe_impl!r}): not checked under DeepSpeed's "
-                "engine; use activation_checkpoint=none"
-            )
+        if self.compile and self.model.moe_impl == "deepspeed":
+            raise ValueError(f"compile ({self.compile}) with model.moe_impl ('deepspeed'): DeepSpeed-MoE's layer is "
+                             "the comparison baseline and runs as DeepSpeed ships it; use compile=false")
+        if self.parallel.activation_checkpoint != "none" and self.model.moe_impl == "deepspeed":
+            raise ValueError(f"parallel.activation_checkpoint ({self.parallel.activation_checkpoint!r}) with "
+                             "model.moe_impl ('deepspeed'): DeepSpeed-MoE's layer is the comparison baseline and runs "
+                             "as DeepSpeed ships it; use activation_checkpoint=none")
         if self.on_nan not in ("stop", "skip"):
             raise ValueError(f"on_nan ({self.on_nan!r}) must be 'stop' or 'skip'")
         if self.stop_at_step < 0 or self.stop_at_step > self.steps:
