@@ -54,14 +54,15 @@ def deepspeed_config(*, zero_stage: int, micro_batch: int, grad_accum: int, grad
 
 
 def apply_deepspeed(model: nn.Module, expert_names: list[str], dense_optimizer: torch.optim.Optimizer, dense_scheduler, *,
-                    zero_stage: int, micro_batch: int, grad_accum: int, grad_clip: float):
-    """Returns the DeepSpeed engine over the dense parameters."""
+                    zero_stage: int, micro_batch: int, grad_accum: int):
+    """Returns the DeepSpeed engine over the dense parameters. It does not clip: moesaic clips the dense
+    and the expert gradients by one global norm (the trainer's `Parallel.clip_grad_norm`)."""
     import deepspeed
 
     ignored = set(expert_names)
     dense = [n for n, _ in model.named_parameters() if n not in ignored]
     view = DenseView(model, dense)
-    config = deepspeed_config(zero_stage=zero_stage, micro_batch=micro_batch, grad_accum=grad_accum, grad_clip=grad_clip)
+    config = deepspeed_config(zero_stage=zero_stage, micro_batch=micro_batch, grad_accum=grad_accum, grad_clip=0.0)
     engine, _, _, _ = deepspeed.initialize(model=view, optimizer=dense_optimizer, lr_scheduler=dense_scheduler,
                                            config=config, dist_init_required=False)
     log.info("applied deepspeed: ZeRO stage %d over %d dense parameter tensors", zero_stage, len(dense))
@@ -71,13 +72,21 @@ def apply_deepspeed(model: nn.Module, expert_names: list[str], dense_optimizer: 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
+def zero_optimizer(engine):
+    """ZeRO's optimizer (stages 1 and 2), or None at stage 0, where DeepSpeed steps the torch AdamW."""
+    return engine.optimizer if hasattr(engine.optimizer, "single_partition_of_fp32_groups") else None
+
+
 def zero_moments(engine, params: dict[str, nn.Parameter]) -> dict[str, dict[str, torch.Tensor]]:
     """Collective over the engine's data-parallel group: {name: {moment: the whole tensor}} of the
     dense parameters (each rank holds a slice of each moment; one all-reduce per tensor assembles it).
     Empty before the first optimizer step, when ZeRO has no state yet."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    zero = engine.optimizer
+    zero = zero_optimizer(engine)
+    if zero is None:  # stage 0: every rank holds the whole state
+        state = engine.optimizer.state
+        return {name: {m: state[p][m] for m in MOMENTS} for name, p in params.items() if p in state}
     if any(flat not in zero.optimizer.state for flat in zero.single_partition_of_fp32_groups):
         return {}
     _link_moments(zero)
@@ -86,7 +95,8 @@ def zero_moments(engine, params: dict[str, nn.Parameter]) -> dict[str, dict[str,
 
 def zero_step(engine) -> torch.Tensor | None:
     """AdamW's step count inside ZeRO (one per flat partition, all equal), or None before the first step."""
-    steps = [st["step"] for st in engine.optimizer.optimizer.state.values() if "step" in st]
+    zero = zero_optimizer(engine)
+    steps = [st["step"] for st in (zero.optimizer if zero else engine.optimizer).state.values() if "step" in st]
     return torch.as_tensor(steps[0]).clone().float() if steps else None
 
 
@@ -97,7 +107,12 @@ def load_zero_state(engine, params: dict[str, nn.Parameter], moments: dict[str, 
     rank's slice of the moments, and set the step counts (the caller sets the schedule)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    zero = engine.optimizer
+    zero = zero_optimizer(engine)
+    engine.global_steps, engine.global_samples = global_steps, global_steps * engine.train_batch_size()
+    if zero is None:  # stage 0: the torch AdamW over the dense parameters, whole on every rank
+        for name, p in params.items():
+            engine.optimizer.state[p] = {"step": step.clone().float(), **{m: moments[name][m].clone() for m in MOMENTS}}
+        return
     base = zero.optimizer  # torch AdamW over one flat fp32 partition per parameter group
     for name, p in params.items():
         safe_set_full_fp32_param(p, p.data)
@@ -108,7 +123,6 @@ def load_zero_state(engine, params: dict[str, nn.Parameter], moments: dict[str, 
     for name, p in params.items():
         for m in MOMENTS:
             safe_set_full_optimizer_state(p, moments[name][m], m)
-    engine.global_steps, engine.global_samples = global_steps, global_steps * engine.train_batch_size()
 
 
 def _link_moments(zero) -> None:

@@ -20,7 +20,7 @@ def _losses(run):
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("stage,clip", [(1, 0.0), (1, 1.0), (2, 1.0)])
+@pytest.mark.parametrize("stage,clip", [(1, 0.0), (0, 1.0), (1, 1.0), (2, 1.0)])
 def test_deepspeed_engine_matches_torch_engine(tmp_path, stage, clip):
     """The same losses and gradient norms as the torch engine. With clipping (the smoke model's norms
     are 1.3 to 2.2), one global norm over ZeRO's dense gradients and the experts scales both."""
@@ -113,11 +113,13 @@ def _max_diff(a: list[dict], b: list[dict]) -> float:
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_deepspeed_resume_is_exact_and_its_checkpoint_resumes_under_the_torch_engine(tmp_path):
-    """ZeRO-1 holds each rank's slice of the dense AdamW moments. A checkpoint gathers them whole,
-    under the torch engine's names: resumed under DeepSpeed, or under the torch engine, the run goes
-    on as if it had never stopped (losses and every rank's parameters)."""
-    base = [*SMOKE, f"logging.out_dir={tmp_path}", "logging.dump_rank_params=true", "parallel.engine=deepspeed"]
+@pytest.mark.parametrize("stage", [0, 1])
+def test_deepspeed_resume_is_exact_and_its_checkpoint_resumes_under_the_torch_engine(tmp_path, stage):
+    """ZeRO-1 holds each rank's slice of the dense AdamW moments (stage 0: all of them). A checkpoint
+    gathers them whole, under the torch engine's names: resumed under DeepSpeed, or under the torch
+    engine, the run goes on as if it had never stopped (losses and every rank's parameters)."""
+    base = [*SMOKE, f"logging.out_dir={tmp_path}", "logging.dump_rank_params=true", "parallel.engine=deepspeed",
+            f"parallel.zero_stage={stage}"]
     torchrun(2, [*base, "logging.run_name=full"], timeout=600)
     torchrun(2, [*base, "logging.run_name=part", "stop_at_step=5"], timeout=600)
     step5 = tmp_path / "part/checkpoints/step-00000005"

@@ -122,7 +122,7 @@ class Parallel:
         dense_sched = torch.optim.lr_scheduler.LambdaLR(dense_opt, lr_lambda(o, cfg.steps))
         self.ds_engine = apply_deepspeed(self.model, self.expert_names, dense_opt, dense_sched,
                                          zero_stage=cfg.parallel.zero_stage, micro_batch=cfg.batch_size,
-                                         grad_accum=cfg.grad_accum_steps, grad_clip=o.grad_clip)
+                                         grad_accum=cfg.grad_accum_steps)
         self.train_model = self.ds_engine
         expert_opt = adamw(experts) if experts else torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=o.lr)
         return expert_opt, torch.optim.lr_scheduler.LambdaLR(expert_opt, lr_lambda(o, cfg.steps))
@@ -193,27 +193,36 @@ class Parallel:
         return norm.float()
 
     def _clip_with_zero(self, max_norm: float) -> torch.Tensor:
-        """engine=deepspeed: one global norm over ZeRO's dense gradients and moesaic's experts, and one
-        coefficient for both, as under the torch engine. DeepSpeed-MoE's engine clips its whole model."""
+        """engine=deepspeed: one global norm over the dense gradients (in ZeRO's partitions at stages 1
+        and 2) and the experts', and one coefficient for both, as under the torch engine. DeepSpeed's
+        own clipping is off; DeepSpeed-MoE's engine clips its whole model itself."""
+        from moesaic.parallel.deepspeed_engine import zero_optimizer
+
         if self.deepspeed_moe_ep:
             return torch.zeros(())  # the loop reads the norm from DeepSpeed after its step
-        zero = self.ds_engine.optimizer
-        # 1. the dense gradients' norm, from ZeRO's reduced partitions (an all-reduce over its ranks)
-        dense = float(zero.scaled_global_norm()) / zero.loss_scale
+        zero = zero_optimizer(self.ds_engine)
+        names = set(self.expert_names)
+        # 1. the dense gradients' norm: from ZeRO's reduced partitions (an all-reduce over its ranks), or
+        #    at stage 0 from the dense gradients, which DeepSpeed's backward has already averaged
+        if zero is not None:
+            dense_sq = (float(zero.scaled_global_norm()) / zero.loss_scale) ** 2
+        else:
+            dense_sq = float(sum((p.grad.double() ** 2).sum() for n, p in self.model.named_parameters()
+                                 if n not in names and p.grad is not None))
         # 2. the experts' norm, each expert counted once
         expert_sq = torch.zeros((), dtype=torch.float64)
         if self.expert_parallel:
             expert_sq = (fssdp_grad_sq_norm if self.fssdp else expert_grad_sq_norm)(self.model, self.mesh)
             dist.all_reduce(expert_sq)
-        norm = math.sqrt(dense ** 2 + float(expert_sq))
+        norm = math.sqrt(dense_sq + float(expert_sq))
         coef = max_norm / (norm + 1e-6) if max_norm > 0 else 1.0
         # 3. ZeRO's step divides its gradients by (dense + 1e-6) / clip_grad when that exceeds 1: set
-        #    clip_grad so that the quotient is 1 / coef; moesaic scales the expert gradients by coef
-        zero.clip_grad = max_norm * (dense + 1e-6) / (norm + 1e-6) if coef < 1 else 0.0
+        #    clip_grad so that the quotient is 1 / coef; moesaic scales the other gradients by coef
+        if zero is not None:
+            zero.clip_grad = max_norm * (math.sqrt(dense_sq) + 1e-6) / (norm + 1e-6) if coef < 1 else 0.0
         if coef < 1:
-            names = set(self.expert_names)
             for n, p in self.model.named_parameters():
-                if n in names and p.grad is not None:
+                if p.grad is not None and (n in names or zero is None):
                     p.grad.mul_(coef)
         return torch.tensor(norm)
 
