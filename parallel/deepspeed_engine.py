@@ -79,8 +79,9 @@ def zero_optimizer(engine):
 
 def zero_moments(engine, params: dict[str, nn.Parameter]) -> dict[str, dict[str, torch.Tensor]]:
     """Collective over the engine's data-parallel group: {name: {moment: the whole tensor}} of the
-    dense parameters (each rank holds a slice of each moment; one all-reduce per tensor assembles it).
-    Empty before the first optimizer step, when ZeRO has no state yet."""
+    dense parameters (each rank holds a slice of each moment; one all-reduce per tensor assembles it,
+    and it goes to host memory at once, so that a GPU holds one whole moment at a time beyond its
+    slices). Empty before the first optimizer step, when ZeRO has no state yet."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
     zero = zero_optimizer(engine)
@@ -90,7 +91,8 @@ def zero_moments(engine, params: dict[str, nn.Parameter]) -> dict[str, dict[str,
     if any(flat not in zero.optimizer.state for flat in zero.single_partition_of_fp32_groups):
         return {}
     _link_moments(zero)
-    return {name: {m: safe_get_full_optimizer_state(p, m).reshape(p.shape) for m in MOMENTS} for name, p in params.items()}
+    return {name: {m: safe_get_full_optimizer_state(p, m).reshape(p.shape).cpu() for m in MOMENTS}
+            for name, p in params.items()}
 
 
 def zero_step(engine) -> torch.Tensor | None:
