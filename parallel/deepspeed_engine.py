@@ -113,7 +113,8 @@ def load_zero_state(engine, params: dict[str, nn.Parameter], moments: dict[str, 
     engine.global_steps, engine.global_samples = global_steps, global_steps * engine.train_batch_size()
     if zero is None:  # stage 0: the torch AdamW over the dense parameters, whole on every rank
         for name, p in params.items():
-            engine.optimizer.state[p] = {"step": step.clone().float(), **{m: moments[name][m].clone() for m in MOMENTS}}
+            engine.optimizer.state[p] = {"step": step.clone().float(), **{m: moments[name][m].to(p.device, copy=True)
+                                                                         for m in MOMENTS}}
         return
     base = zero.optimizer  # torch AdamW over one flat fp32 partition per parameter group
     for name, p in params.items():

@@ -106,8 +106,8 @@ def state_dict(model, optimizer, *, for_save: bool, engine=None) -> dict[str, to
 def _dense_moments(dense: dict, optimizer, engine, for_save: bool) -> dict[str, dict[str, torch.Tensor]]:
     if engine is None:
         return {name: optimizer.state.get(p, {}) for name, p in dense.items()}
-    if not for_save:
-        return {name: {m: torch.zeros_like(p) for m in _MOMENTS} for name, p in dense.items()}
+    if not for_save:  # in host memory: the engine copies each rank's slices from there
+        return {name: {m: torch.zeros_like(p, device="cpu") for m in _MOMENTS} for name, p in dense.items()}
     from moesaic.parallel.deepspeed_engine import zero_moments
 
     return zero_moments(engine, dense)
