@@ -63,7 +63,7 @@ class StepProfiler:
         prof.__exit__(None, None, None)
         self.out.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(self.out / f"rank{self.rank}.trace.json"))
-        sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        sort = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         (self.out / f"rank{self.rank}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40))
         if self.rank == 0:
             log.info("profile of steps %d-%d written to %s", self.first, self.last, self.out)
