@@ -128,14 +128,19 @@ def requeue_defaults(cfg):
 
 
 def requeue_job() -> None:
-    """Rank 0, after every rank has written everything: put this SLURM job back in the queue."""
+    """Rank 0, after every rank has written everything: put this SLURM job back in the queue. The
+    requeue ends the job step at once, and with it the forwarding of the step's output, so the line
+    that says so is written before; only a failure is reported after. The stop signals stay blocked
+    from here on (the rank exits right after) so that the requeue's own SIGTERM cannot cut it short."""
     import subprocess
 
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.Signals[n] for n in CATCHABLE})
     job = os.environ["SLURM_JOB_ID"]
+    os.write(2, f"moesaic: requeueing SLURM job {job} (scontrol requeue); it resumes from the checkpoint\n".encode())
     try:
         out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
-        msg = f"requeued SLURM job {job}" if out.returncode == 0 else \
-            f"scontrol requeue {job} failed ({out.returncode}): {out.stderr.strip()}"
+        failure = None if out.returncode == 0 else f"failed ({out.returncode}): {out.stderr.strip()}"
     except (OSError, subprocess.TimeoutExpired) as e:  # the checkpoint is written: say so, and exit as stopped
-        msg = f"scontrol requeue {job} failed: {e}"
-    os.write(2, f"moesaic: {msg}\n".encode())
+        failure = f"failed: {e}"
+    if failure:
+        os.write(2, f"moesaic: scontrol requeue {job} {failure}\n".encode())
