@@ -227,7 +227,7 @@ def test_a_submitit_job_stopped_by_its_signal_requeues_itself_and_the_sweep_fini
         if finished is None and (run / "summary.json").exists() and released and not state:
             finished = time.time()
         # submitit's watcher in the sweep process sometimes takes minutes to see a requeued job end
-        # (2 of 9 runs here; the job itself had finished): the job's outcome is what is checked below
+        # (2 of 11 runs here; the job itself had finished): the job's outcome is what is checked below
         if time.time() > deadline or (finished and time.time() > finished + 60):
             sweep.kill()
             subprocess.run(["scancel", job], env=slurm)
