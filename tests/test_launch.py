@@ -198,6 +198,13 @@ def test_hydra_sweep_through_submitit_on_slurm(slurm, tmp_path):
     assert all(s["world_size"] == 2 and s["config"]["launcher"]["name"] == "submitit" for s in summaries)
 
 
+def _final_summary(run: Path, steps: int) -> bool:
+    try:
+        return json.loads((run / "summary.json").read_text())["stopped_at"] == steps
+    except (OSError, ValueError, KeyError):  # not written yet, or being written
+        return False
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 def test_a_submitit_job_stopped_by_its_signal_requeues_itself_and_the_sweep_finishes(slurm, tmp_path):
@@ -221,10 +228,10 @@ def test_a_submitit_job_stopped_by_its_signal_requeues_itself_and_the_sweep_fini
     released, finished = False, None
     while sweep.poll() is None:
         state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, env=slurm).stdout.split()
-        if state and state[0] == "PENDING" and not released:
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
+        if state and state[0] == "PENDING":  # again each time: a release before the requeue sets its hold is lost
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm)
             released = True
-        if finished is None and (run / "summary.json").exists() and released and not state:
+        if finished is None and _final_summary(run, steps):
             finished = time.time()
         # submitit's watcher in the sweep process sometimes takes minutes to see a requeued job end
         # (2 of 11 runs here; the job itself had finished): the job's outcome is what is checked below
