@@ -38,6 +38,7 @@ from moesaic.trainer.dist import DistInfo, all_reduce_
 
 log = logging.getLogger(__name__)
 CATCHABLE = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT")
+_STOP_SIGNALS = {signal.Signals[n] for n in CATCHABLE}
 
 
 def check_signal_names(names: list[str], field: str = "checkpoint.on_signal") -> None:
@@ -104,7 +105,7 @@ def stop_signals_blocked():
     # spawn starts this tracker on first use, and its start unblocks SIGINT and SIGTERM in the calling
     # thread (Python 3.11's ensure_running): start it before blocking them
     resource_tracker.ensure_running()
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.Signals[n] for n in CATCHABLE})
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         yield
     finally:
@@ -134,7 +135,7 @@ def requeue_job() -> None:
     from here on (the rank exits right after) so that the requeue's own SIGTERM cannot cut it short."""
     import subprocess
 
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.Signals[n] for n in CATCHABLE})
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     job = os.environ["SLURM_JOB_ID"]
     os.write(2, f"moesaic: requeueing SLURM job {job} (scontrol requeue); it resumes from the checkpoint\n".encode())
     try:
