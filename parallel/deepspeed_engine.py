@@ -69,6 +69,34 @@ def apply_deepspeed(model: nn.Module, expert_names: list[str], dense_optimizer: 
     return engine
 
 
+def boundary_step(engine, *, skip: bool) -> bool:
+    """`engine.step()` at an accumulation boundary. With `skip` (on_nan=skip dropped this step) the
+    update is dropped whole: the parameters, AdamW's moments and its step count stay as they were.
+    The learning-rate schedule moves on either way, one position per optimizer step, as under the
+    torch engine (DeepSpeed holds its schedule back on a step that it skips). Returns whether
+    DeepSpeed applied the update."""
+    zero = zero_optimizer(engine)
+    if skip and zero is None:
+        # 1. stage 0: DeepSpeed steps the torch AdamW, which leaves a parameter without a gradient alone
+        for p in engine.module.parameters():
+            p.grad = None
+    elif skip:
+        # 1. ZeRO: one non-finite value in a rank's gradient partition sends every rank down
+        #    DeepSpeed's overflow path (an all-reduce of the flag; no update; the gradients cleared)
+        grads = [g for group in zero.averaged_gradients.values() for g in group or () if g is not None and g.numel()]
+        if grads:
+            grads[0].view(-1)[0] = float("nan")
+    # 2. the update, or DeepSpeed's skip
+    engine.step()
+    applied = bool(engine.was_step_applied())
+    if skip and zero is not None and applied:
+        raise RuntimeError("DeepSpeed applied a step that on_nan=skip dropped: no rank holds a ZeRO gradient partition")
+    # 3. the schedule's position counts optimizer steps, skipped ones included
+    if not applied and engine.lr_scheduler is not None:
+        engine.lr_scheduler.step()
+    return applied
+
+
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 

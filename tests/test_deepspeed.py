@@ -81,6 +81,29 @@ def test_deepspeed_never_holds_an_expert(stage):
 
 @pytest.mark.slow
 @pytest.mark.dist
+@pytest.mark.parametrize("engine,stage,fault", [("torch", 0, "logits"), ("torch", 0, "expert_grad"),
+                                                ("deepspeed", 0, "logits"), ("deepspeed", 1, "logits"),
+                                                ("deepspeed", 2, "expert_grad")])
+def test_a_skipped_step_changes_nothing_and_the_schedules_move_on(engine, stage, fault):
+    """on_nan=skip, with one rank's logits or one expert's gradient made NaN at the third of 5 steps:
+    every rank skips that step; the parameters, both AdamW states and their step counts are unchanged;
+    the dense and the expert learning rates follow the schedule by optimizer step; later steps train.
+    Before the fix, DeepSpeed at stage 0 applied the NaN update, at ZeRO 1/2 it held the dense
+    schedule back one step, and with finite dense gradients (an expert's NaN) ZeRO applied the step."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(WORKERS / "nan_skip.py"), engine, str(stage), fault]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=child_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert report["skipped"] == [False, False, True, False, False]
+    assert report["params_unchanged"] and report["state_unchanged"] and report["state_entries"] > 0
+    assert report["finite_after"]
+    for lrs, expected in zip(report["lrs"], report["expected_lrs"]):
+        assert lrs == pytest.approx([expected] * len(lrs), rel=1e-12), report["lrs"]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
 def test_deepspeed_launcher_two_local_ranks(tmp_path):
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "moesaic.trainer",

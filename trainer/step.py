@@ -87,9 +87,13 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
     t2 = time.perf_counter()
     with record_function("moesaic.update"):
         if par.ds_engine is not None:
-            par.ds_engine.step()  # the dense update (ZeRO, clipped by the global norm) and its learning-rate schedule
+            from moesaic.parallel.deepspeed_engine import boundary_step
+
+            # the dense update (ZeRO, clipped by the global norm) and its learning-rate schedule
+            applied = boundary_step(par.ds_engine, skip=skipped)
             if par.deepspeed_moe_ep:  # DeepSpeed-MoE's engine owns every gradient and their norm
                 grad_norm = float(par.ds_engine.get_global_grad_norm() or 0.0)
+                skipped = skipped or not applied
         if not skipped:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
