@@ -107,10 +107,13 @@ def test_distributed_training_is_unchanged(tmp_path, nproc, ep, parallel, mode, 
     on, p_on, gathered_on = _run(nproc, tmp_path, "on", [*args, f"parallel.activation_checkpoint={mode}"])
     assert sorted(on) == list(range(1, 9))
     assert max(abs(on[s] - off[s]) for s in off) < 1e-6, (on, off)
+    # compiled, the recomputed graph fuses otherwise than the original: 1.2e-6 measured after 8 steps
+    # on dev-cpu (an earlier CI machine stayed under 1e-6); eager runs are equal
+    atol = 1e-5 if "compile=true" in extra else 1e-6
     for rank, (a, b) in enumerate(zip(p_on, p_off)):
         assert a.keys() == b.keys()
         for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {k}")
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=atol, msg=f"rank {rank}: {k}")
     if extra:  # the gather path ran, and checkpointing added no gathers to it
         assert gathered_on == gathered_off > 0
 
