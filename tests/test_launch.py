@@ -156,7 +156,10 @@ def test_a_job_stopped_by_its_time_limit_signal_requeues_itself_and_finishes(slu
     """launcher.requeue=true. `scancel --signal=TERM` signals the job's steps only, as the time
     limit's `--signal=TERM@120` does: the ranks stop with a checkpoint, rank 0 requeues the job, and
     the requeued job (same script, same overrides) resumes under the same run name and finishes.
-    SLURM holds a requeued job for about two minutes (BeginTime); the test releases it at once."""
+    SLURM holds a requeued job until the credentials of its last run expire (`cred_expire`: 120 s by
+    default, 15 s in the local cluster). Releasing it sooner (`scontrol update StartTime=now`), as
+    this test once did, let SLURM start it on a node that still refused the revoked credential, and
+    SLURM ended it ("Killing non-startable batch job: Job credential revoked")."""
     steps = 400
     args = [*SMOKE, f"steps={steps}", "logging.log_every=1", "eval_every=0", f"logging.out_dir={tmp_path}",
             "launcher.requeue=true"]
@@ -168,17 +171,15 @@ def test_a_job_stopped_by_its_time_limit_signal_requeues_itself_and_finishes(slu
         assert time.time() < deadline, (tmp_path / f"moesaic-{job}.out").read_text()[-3000:]
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=TERM", job], env=slurm, check=True)
-    released = False
+    pending = False
     while time.time() < deadline:
         state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True, env=slurm).stdout.split()
         if not state:
             break
-        if state[0] == "PENDING" and not released:
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
-            released = True
+        pending |= state[0] == "PENDING"
         time.sleep(0.5)
     log = (tmp_path / f"moesaic-{job}.out").read_text()
-    assert released and f"requeueing SLURM job {job}" in log, log[-3000:]
+    assert pending and f"requeueing SLURM job {job}" in log, log[-3000:]
     n = int(next(ln for ln in log.splitlines() if ln.startswith("stopped by SIGTERM after step ")).split()[5])
     summary = json.loads((run / "summary.json").read_text())
     assert 0 < n < steps and summary["start_step"] == n and summary["stopped_at"] == steps, (n, summary["start_step"])
@@ -225,29 +226,27 @@ def test_a_submitit_job_stopped_by_its_signal_requeues_itself_and_the_sweep_fini
     run = found[0].parent
     job = run.name.split("-", 1)[1]
     subprocess.run(["scancel", "--signal=USR2", job], env=slurm, check=True)
-    released, finished = False, None
+    pending, finished = False, None
     while sweep.poll() is None:
         state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, env=slurm).stdout.split()
-        if state and state[0] == "PENDING":  # again each time: a release before the requeue sets its hold is lost
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm)
-            released = True
+        pending |= bool(state) and state[0] == "PENDING"  # held until cred_expire (the sbatch test says why)
         if finished is None and _final_summary(run, steps):
             finished = time.time()
-        # submitit's watcher in the sweep process sometimes takes minutes to see a requeued job end
-        # (2 of 11 runs here; the job itself had finished): the job's outcome is what is checked below
+        # a safeguard: the sweep returned within 1 s of the final summary in 8 of 8 runs once the
+        # test stopped releasing the requeued job early; it is asserted below
         if time.time() > deadline or (finished and time.time() > finished + 60):
             sweep.kill()
             subprocess.run(["scancel", job], env=slurm)
             break
         time.sleep(0.5)
     out, err = sweep.communicate()
-    assert sweep.returncode in (0, -9), err[-3000:]
     logs = "".join(f.read_text(errors="replace") for f in (tmp_path / "sweep").rglob("*_log.*"))
     n = int(next(ln for ln in logs.splitlines() if ln.startswith("stopped by SIGUSR2 after step ")).split()[5])
-    assert released and f"requeueing SLURM job {job}" in logs, logs[-3000:]
+    assert pending and f"requeueing SLURM job {job}" in logs, logs[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert 0 < n < steps and summary["start_step"] == n and summary["stopped_at"] == steps, (n, summary["start_step"])
     assert sorted(train_losses(run)) == list(range(1, steps + 1))
+    assert sweep.returncode == 0, ("the sweep did not return within 60 s of the job's end", err[-3000:])
 
 
 def test_missing_master_addr_is_named(tmp_path):

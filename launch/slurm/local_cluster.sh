@@ -38,6 +38,7 @@ SlurmctldHost=localhost
 SlurmctldPort=16817
 SlurmUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=15
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/run/slurmctld.pid
