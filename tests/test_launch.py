@@ -232,8 +232,8 @@ def test_a_submitit_job_stopped_by_its_signal_requeues_itself_and_the_sweep_fini
         pending |= bool(state) and state[0] == "PENDING"  # held until cred_expire (the sbatch test says why)
         if finished is None and _final_summary(run, steps):
             finished = time.time()
-        # a safeguard: in 7 of 8 reproductions the sweep returned within 1 s of the job's final summary;
-        # the eighth job had been released early and ended by SLURM (the sbatch test says why). Asserted below
+        # a safeguard: in 8 of 9 reproductions the sweep returned within 1 s of the job's final summary;
+        # the ninth job had been released early and ended by SLURM (the sbatch test says why). Asserted below
         if time.time() > deadline or (finished and time.time() > finished + 60):
             sweep.kill()
             subprocess.run(["scancel", job], env=slurm)
