@@ -1,10 +1,10 @@
 """torchrun worker: on_nan=skip drops a step whole. At one step, rank 1 alone turns its logits into
 NaN (`logits`: every gradient follows), or one expert's weight gradient (`expert_grad`: the loss and
 the dense gradients stay finite, the global norm does not). Hooks inject the fault; they stand in
-for no part of the trainer. Every rank must skip
-that step alike: the parameters, the optimizer state (the experts' AdamW, and the dense AdamW inside
-DeepSpeed's engine under engine=deepspeed) and the step counts stay as they were, while the learning-
-rate schedules (the dense one and the experts') move on together, and the steps after it train.
+for no part of the trainer. Every rank must skip that step alike: the parameters, the optimizer state
+(the experts' AdamW, and the dense AdamW inside DeepSpeed's engine under engine=deepspeed) and the
+step counts stay as they were, while the learning-rate schedules (the dense one and the experts')
+move on together, and the steps after it train.
 
 argv: engine (torch | deepspeed), ZeRO stage, fault (logits | expert_grad). Prints one JSON line on rank 0."""
 
@@ -37,7 +37,8 @@ def main():
                                         moe={"num_experts": 4, "top_k": 2, "ffn_dim": 16}),
                       data=DataConfig(seq_len=32, max_bytes=2_000_000), steps=STEPS, batch_size=2, on_nan="skip",
                       optim=OptimConfig(warmup_steps=2, grad_clip=1.0),
-                      parallel=ParallelConfig(ep_size=0, expert_sharding="fssdp" if fault == "logits" else "resident", engine=engine, zero_stage=stage))
+                      parallel=ParallelConfig(ep_size=0, expert_sharding="fssdp" if fault == "logits" else "resident",
+                                              engine=engine, zero_stage=stage))
     corpus = load_corpus(cfg.data)
     info = DistInfo(rank, W, rank, torch.device("cpu"), "gloo")
     torch.manual_seed(cfg.seed)
@@ -51,13 +52,15 @@ def main():
     else:  # resident experts: the parameter's gradient is the one reduced and clipped
         model.layers[-1].moe.experts.w2_EDF.register_hook(lambda g: g * float("nan") if poison["on"] and rank == 1 else g)
 
+    experts = set(par.expert_names)
+
     def snapshot():
         params = {n: p.detach().clone() for n, p in model.named_parameters()}
         state = [(k, v.clone()) for st in opt.state.values() for k, v in st.items()]
         if par.ds_engine is not None:
             from moesaic.parallel.deepspeed_engine import zero_moments, zero_step
 
-            dense = {n: p for n, p in model.named_parameters() if n not in set(par.expert_names)}
+            dense = {n: p for n, p in model.named_parameters() if n not in experts}
             moments = zero_moments(par.ds_engine, dense)  # a collective: every rank calls it
             state += [(f"{n}.{m}", t.clone()) for n, ms in sorted(moments.items()) for m, t in ms.items()]
             state.append(("zero_step", zero_step(par.ds_engine)))
