@@ -181,7 +181,8 @@ def traffic_rows(shapes: dict, tokens: int) -> list[dict]:
 
     rows, meta = [], torch.device("meta")
     for name, s in shapes.items():
-        experts = GroupedExperts(s["experts"], s["dim"], s["ffn"]).to(device=meta, dtype=torch.bfloat16)
+        with meta:  # built on meta: Mixtral's experts would take 5.6 GB of fp32 on the host, then be thrown away
+            experts = GroupedExperts(s["experts"], s["dim"], s["ffn"]).to(dtype=torch.bfloat16)
         x = torch.empty(tokens, s["dim"], device=meta, dtype=torch.bfloat16, requires_grad=True)
         ids = torch.empty(tokens, s["top_k"], dtype=torch.long, device=meta)
         route = RouterOutput(expert_ids_TK=ids, weights_TK=torch.empty(ids.shape, device=meta, dtype=torch.bfloat16),

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pulp
-from scipy.optimize import linear_sum_assignment
 
 from moesaic.placement import ilp
 from moesaic.placement.balance import balance_layer, check_slots, default_slots, items_of, replicate
@@ -202,6 +201,8 @@ class Search:
 
     def solve_layer(self, l: int, *, use_next: bool = True) -> np.ndarray:
         """The best feasible placement of layer l found for its cost matrix (neighbours fixed)."""
+        from scipy.optimize import linear_sum_assignment  # here, not at import: scipy.optimize costs every rank 0.3 s
+
         p = self.p
         e_R, w_R, cap, S = p.expert_LR[l], p.weight_LR[l], p.cap_L[l], p.S
         r_E = np.bincount(e_R, minlength=self.E)

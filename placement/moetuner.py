@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import pulp
-from scipy.optimize import linear_sum_assignment
 
 from moesaic.placement import ilp
 from moesaic.placement.balance import balance_layer, check_slots, default_slots, items_of, replicate
@@ -64,6 +63,8 @@ def ilp1_cluster(load_E: np.ndarray, r_E: np.ndarray, topo: Topology, S: int, *,
 def ilp2_map(W: np.ndarray, cluster_LR: list[np.ndarray], e_LR: list[np.ndarray], topo: Topology) -> list[np.ndarray]:
     """(L,) lists of (R,) GPU per item: clusters of layer 0 on GPUs in order, then each next layer's
     clusters assigned to GPUs to minimise sum flow(gpu h at l -> cluster c at l+1) * hop[h, g]."""
+    from scipy.optimize import linear_sum_assignment
+
     G, hop = topo.num_gpus, topo.hop_matrix()
     gpu_LR = [cluster_LR[0].copy()]
     for l in range(len(cluster_LR) - 1):

@@ -9,7 +9,6 @@ C (E, G) the cost of putting an expert on a GPU, cap the load limit per GPU.
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 
 def loads(gpu_R, w_R, G):
@@ -80,6 +79,8 @@ def swap_descent(gpu_R, e_R, w_R, C, cap, G, max_iter: int = 100_000) -> np.ndar
 def balanced_kmeans(X_RF: np.ndarray, G: int, S: int, rng: np.random.Generator, iters: int = 20) -> np.ndarray:
     """(R,) cluster of each row, exactly S rows per cluster: k-means whose assignment step is a
     transportation problem (linear_sum_assignment on the slot-expanded distances)."""
+    from scipy.optimize import linear_sum_assignment
+
     R = X_RF.shape[0]
     centers = X_RF[rng.choice(R, size=G, replace=False)]
     labels = np.zeros(R, dtype=np.int64)
