@@ -76,10 +76,13 @@ def boundary_step(engine, *, skip: bool) -> bool:
     torch engine (DeepSpeed holds its schedule back on a step that it skips). Returns whether
     DeepSpeed applied the update."""
     zero = zero_optimizer(engine)
+    clip = engine._config.gradient_clipping
     if skip and zero is None:
-        # 1. stage 0: DeepSpeed steps the torch AdamW, which leaves a parameter without a gradient alone
+        # 1. stage 0: DeepSpeed steps the torch AdamW, which leaves a parameter without a gradient alone.
+        #    DeepSpeed's own clipping (on for DeepSpeed-MoE) has nothing to clip then, and would fail
         for p in engine.module.parameters():
             p.grad = None
+        engine._config.gradient_clipping = 0.0
     elif skip:
         # 1. ZeRO: one non-finite value in a rank's gradient partition sends every rank down
         #    DeepSpeed's overflow path (an all-reduce of the flag; no update; the gradients cleared)
@@ -87,7 +90,10 @@ def boundary_step(engine, *, skip: bool) -> bool:
         if grads:
             grads[0].view(-1)[0] = float("nan")
     # 2. the update, or DeepSpeed's skip
-    engine.step()
+    try:
+        engine.step()
+    finally:
+        engine._config.gradient_clipping = clip
     applied = bool(engine.was_step_applied())
     if skip and zero is not None and applied:
         raise RuntimeError("DeepSpeed applied a step that on_nan=skip dropped: no rank holds a ZeRO gradient partition")

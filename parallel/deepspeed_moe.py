@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from moesaic.parallel.moe import MoE, SwiGLU
@@ -146,3 +147,15 @@ def initialize_deepspeed_moe(model: nn.Module, optimizer, scheduler, *, zero_sta
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
                                            dist_init_required=False)
     return engine
+
+
+def grads_finite(params) -> bool:
+    """Collective over the world: whether every rank's gradients are finite. A NaN in one rank's expert
+    gradient reaches only that expert's replicas, so the flag is all-reduced over every rank."""
+    bad = torch.zeros(1)
+    for p in params:
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            bad.fill_(1.0)
+            break
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad)

@@ -81,22 +81,30 @@ def test_deepspeed_never_holds_an_expert(stage):
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("engine,stage,fault", [("torch", 0, "logits"), ("torch", 0, "expert_grad"),
-                                                ("deepspeed", 0, "logits"), ("deepspeed", 1, "logits"),
-                                                ("deepspeed", 2, "expert_grad")])
-def test_a_skipped_step_changes_nothing_and_the_schedules_move_on(engine, stage, fault):
+@pytest.mark.parametrize("engine,stage,fault,on_nan", [
+    ("torch", 0, "logits", "skip"), ("torch", 0, "expert_grad", "skip"), ("deepspeed", 0, "logits", "skip"),
+    ("deepspeed", 1, "logits", "skip"), ("deepspeed", 2, "expert_grad", "skip"),
+    ("deepspeed-moe", 0, "expert_grad", "skip"), ("deepspeed-moe", 2, "expert_grad", "skip"),
+    ("deepspeed-moe", 2, "expert_grad", "stop")])
+def test_a_skipped_step_changes_nothing_and_the_schedules_move_on(engine, stage, fault, on_nan):
     """on_nan=skip, with one rank's logits or one expert's gradient made NaN at the third of 5 steps:
     every rank skips that step; the parameters, both AdamW states and their step counts are unchanged;
     the dense and the expert learning rates follow the schedule by optimizer step; later steps train.
     Before the fix, DeepSpeed at stage 0 applied the NaN update, at ZeRO 1/2 it held the dense
-    schedule back one step, and with finite dense gradients (an expert's NaN) ZeRO applied the step."""
+    schedule back one step, and with finite dense gradients (an expert's NaN) ZeRO applied the step.
+    DeepSpeed-MoE (model.moe_impl=deepspeed), whose engine owns the experts too: at stage 0 it applied
+    an expert's NaN gradient, and with on_nan=stop the run went on past a step that ZeRO-2 skipped."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(WORKERS / "nan_skip.py"), engine, str(stage), fault]
+           str(WORKERS / "nan_skip.py"), engine, str(stage), fault, on_nan]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=child_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
-    assert report["skipped"] == [False, False, True, False, False]
     assert report["params_unchanged"] and report["state_unchanged"] and report["state_entries"] > 0
+    if on_nan == "stop":  # every rank stops at the poisoned step, nothing changed
+        assert report["stopped"]["step"] == 2 and "non-finite" in report["stopped"]["message"], report
+        assert report["skipped"] == [False, False, True]
+        return
+    assert report["skipped"] == [False, False, True, False, False] and report["stopped"] is None
     assert report["finite_after"]
     for lrs, expected in zip(report["lrs"], report["expected_lrs"]):
         assert lrs == pytest.approx([expected] * len(lrs), rel=1e-12), report["lrs"]

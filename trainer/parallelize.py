@@ -197,10 +197,15 @@ class Parallel:
         and 2) and the experts', and one coefficient for both, as under the torch engine. DeepSpeed's
         own clipping is off; DeepSpeed-MoE's engine clips its whole model itself."""
         from moesaic.parallel.deepspeed_engine import zero_optimizer
+        from moesaic.parallel.deepspeed_moe import grads_finite
 
-        if self.deepspeed_moe_ep:
-            return torch.zeros(())  # the loop reads the norm from DeepSpeed after its step
         zero = zero_optimizer(self.ds_engine)
+        if self.deepspeed_moe_ep:
+            # the loop reads the norm from DeepSpeed after its step. ZeRO 1/2 skip a step whose gradients
+            # are not finite (their overflow check); at stage 0 DeepSpeed would apply it, so look here
+            if zero is None and not grads_finite(self.model.parameters()):
+                return torch.tensor(float("nan"))
+            return torch.zeros(())
         names = set(self.expert_names)
         # 1. the dense gradients' norm: from ZeRO's reduced partitions (an all-reduce over its ranks), or
         #    at stage 0 from the dense gradients, which DeepSpeed's backward has already averaged

@@ -80,10 +80,7 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
     lr = scheduler.get_last_lr()[0]
     skipped = not (math.isfinite(ce) and math.isfinite(grad_norm))
     if skipped and cfg.on_nan == "stop":
-        raise FloatingPointError(
-            f"non-finite loss ({ce}) or gradient norm ({grad_norm}) at step {step + 1} (lr {lr:.3g}); stopping. "
-            "The last checkpoint is kept; on_nan=skip drops such steps instead"
-        )
+        raise diverged(step, ce, grad_norm, lr)
     t2 = time.perf_counter()
     with record_function("moesaic.update"):
         if par.ds_engine is not None:
@@ -93,6 +90,8 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
             applied = boundary_step(par.ds_engine, skip=skipped)
             if par.deepspeed_moe_ep:  # DeepSpeed-MoE's engine owns every gradient and their norm
                 grad_norm = float(par.ds_engine.get_global_grad_norm() or 0.0)
+                if not applied and cfg.on_nan == "stop":  # ZeRO's overflow check skipped it: nothing changed
+                    raise diverged(step, ce, float("nan"), lr)
                 skipped = skipped or not applied
         if not skipped:
             optimizer.step()
@@ -107,6 +106,12 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
     t3 = time.perf_counter()
     result.phase_s = {"forward_backward_s": t1 - t0, "reduce_clip_s": t2 - t1, "update_s": t3 - t2}
     return result
+
+
+def diverged(step: int, ce: float, grad_norm: float, lr: float) -> FloatingPointError:
+    return FloatingPointError(
+        f"non-finite loss ({ce}) or gradient norm ({grad_norm}) at step {step + 1} (lr {lr:.3g}); stopping. "
+        "The last checkpoint is kept; on_nan=skip drops such steps instead")
 
 
 @torch.no_grad()
