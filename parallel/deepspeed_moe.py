@@ -149,13 +149,13 @@ def initialize_deepspeed_moe(model: nn.Module, optimizer, scheduler, *, zero_sta
     return engine
 
 
-def grads_finite(params) -> bool:
+def grads_finite(params, device: torch.device) -> bool:
     """Collective over the world: whether every rank's gradients are finite. A NaN in one rank's expert
-    gradient reaches only that expert's replicas, so the flag is all-reduced over every rank."""
-    bad = torch.zeros(1)
-    for p in params:
-        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-            bad.fill_(1.0)
-            break
+    gradient reaches only that expert's replicas, so the flag is all-reduced over every rank. One host
+    sync: the flags are reduced on `device` (NCCL's device on a GPU)."""
+    ok = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    bad = torch.zeros(1, device=device)
+    if ok:
+        bad += (~torch.stack(ok).all()).to(device=device, dtype=bad.dtype)
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return not bool(bad)

@@ -35,8 +35,8 @@ class SolveReport:
 @functools.cache
 def available_solvers() -> tuple[str, ...]:
     """The solvers PuLP can run here, best first. Asked once per process: PuLP's probe runs
-    `shutil.which` over PATH for each of its dozen solvers, which cost 17% of an affinity solve's
-    time when it was asked before each of its ~1,000 small ILPs."""
+    `shutil.which` over PATH for each of its dozen solvers: 17% of an affinity solve's time in a
+    profile, when it was asked before each of the solve's ~1,000 small ILPs."""
     names = pulp.listSolvers(onlyAvailable=True)
     out = []
     if "HiGHS" in names:

@@ -203,7 +203,7 @@ class Parallel:
         if self.deepspeed_moe_ep:
             # the loop reads the norm from DeepSpeed after its step. ZeRO 1/2 skip a step whose gradients
             # are not finite (their overflow check); at stage 0 DeepSpeed would apply it, so look here
-            if zero is None and not grads_finite(self.model.parameters()):
+            if zero is None and not grads_finite(self.model.parameters(), self.info.device):
                 return torch.tensor(float("nan"))
             return torch.zeros(())
         names = set(self.expert_names)
