@@ -197,10 +197,11 @@ class Parallel:
         and 2) and the experts', and one coefficient for both, as under the torch engine. DeepSpeed's
         own clipping is off; DeepSpeed-MoE's engine clips its whole model itself."""
         from moesaic.parallel.deepspeed_engine import zero_optimizer
-        from moesaic.parallel.deepspeed_moe import grads_finite
 
         zero = zero_optimizer(self.ds_engine)
         if self.deepspeed_moe_ep:
+            from moesaic.parallel.deepspeed_moe import grads_finite
+
             # the loop reads the norm from DeepSpeed after its step. ZeRO 1/2 skip a step whose gradients
             # are not finite (their overflow check); at stage 0 DeepSpeed would apply it, so look here
             if zero is None and not grads_finite(self.model.parameters(), self.info.device):

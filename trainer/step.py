@@ -90,9 +90,9 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
             applied = boundary_step(par.ds_engine, skip=skipped)
             if par.deepspeed_moe_ep:  # DeepSpeed-MoE's engine owns every gradient and their norm
                 grad_norm = float(par.ds_engine.get_global_grad_norm() or 0.0)
-                if not applied and cfg.on_nan == "stop":  # ZeRO's overflow check skipped it: nothing changed
-                    raise diverged(step, ce, float("nan"), lr)
                 skipped = skipped or not applied
+                if skipped and cfg.on_nan == "stop":  # ZeRO's overflow check skipped it: nothing changed
+                    raise diverged(step, ce, grad_norm, lr)
         if not skipped:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
