@@ -9,6 +9,9 @@ endif
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moesaic-installed
 NPROC ?= 4
+# pytest-xdist workers for `make test`: 2 keeps both cores of the development machine busy while
+# one test's ranks wait (on a rendezvous, a checkpoint, SLURM); TEST_WORKERS=0 runs in one process
+TEST_WORKERS ?= 2
 export OMP_NUM_THREADS ?= 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export WANDB_SILENT ?= true
@@ -30,11 +33,11 @@ demo: install
 
 ## The whole test suite (CI runs this).
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 ## Everything but the multi-process tests.
 test-fast: install
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache build *.egg-info

@@ -2,6 +2,7 @@
 handling, re-placement during training, and recovery from a killed rank."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -255,16 +256,22 @@ def test_a_run_that_ends_during_a_solve_leaves_no_solver_behind(tmp_path):
     follows them out, quietly (no broken pipe), and nothing it spawned outlives the run."""
     import psutil
 
-    t0 = time.time()
+    mark = f"{os.getpid()}-{time.time()}"  # inherited by all this run spawns, and by nothing of another test's
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                            "-m", "moesaic.trainer", *SMOKE, "steps=7", "placement=affinity", "placement.every_n_steps=2",
                            f"logging.out_dir={tmp_path}", "logging.run_name=r"],
-                          capture_output=True, text=True, timeout=120, env=child_env())
+                          capture_output=True, text=True, timeout=120, env=child_env(MOESAIC_TEST_RUN=mark))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "BrokenPipeError" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     time.sleep(1.0)
-    spawned = [p for p in psutil.process_iter(["cmdline", "create_time"])
-               if p.info["create_time"] >= t0 - 1 and "multiprocessing.spawn" in " ".join(p.info["cmdline"] or [])]
+
+    def of_this_run(p):
+        try:
+            return p.environ().get("MOESAIC_TEST_RUN") == mark
+        except (psutil.Error, OSError):  # gone, or not ours to read
+            return False
+
+    spawned = [p for p in psutil.process_iter(["cmdline"]) if of_this_run(p)]
     assert not spawned, [p.info for p in spawned]
 
 
