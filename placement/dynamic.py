@@ -94,13 +94,16 @@ def aligned_owners(plan: Placement, current_LE: np.ndarray) -> np.ndarray:
     optimizer memory), and as many experts as possible keep their current owner (fewest moves). An
     expert whose plan leaves no such GPU free keeps an owner that does not compute it, preferably its
     current one, and is gathered as before. One assignment problem per layer (deterministic)."""
-    from scipy.optimize import linear_sum_assignment
-
     current_LE = np.asarray(current_LE, dtype=np.int64)
     G = plan.num_gpus
     out = np.empty((plan.num_layers, plan.num_experts()), dtype=np.int64)
     for l, layer in enumerate(plan.placement):
         cur = current_LE[l]
+        if all(cur[e] in gpus for e, gpus in enumerate(layer)):  # cost 0: every owner stays (no scipy import)
+            out[l] = cur
+            continue
+        from scipy.optimize import linear_sum_assignment
+
         cols = np.repeat(np.arange(G), np.bincount(cur, minlength=G))  # one column per owned slot
         # lexicographic: first the fewest experts gathered every step, then the fewest moved once
         cost = np.zeros((len(layer), len(cols)))

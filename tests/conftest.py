@@ -65,3 +65,13 @@ def flat_checkpoint(ckpt_dir: Path) -> dict:
 @pytest.fixture
 def shared_dir() -> Path:
     return SHARED
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test`), hand out the longest work first, so that a worker does not
+    start the SLURM file or a slow end-to-end test while the other has nothing left: the SLURM group,
+    then the tests marked slow, then the rest, each in file order. One process (`-n 0`) keeps the
+    file order."""
+    if not hasattr(config, "workerinput"):
+        return
+    items.sort(key=lambda it: (it.get_closest_marker("xdist_group") is None, it.get_closest_marker("slow") is None))
