@@ -33,11 +33,11 @@ demo: install
 
 ## The whole test suite (CI runs this).
 test: install
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 ## Everything but the multi-process tests.
 test-fast: install
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache build *.egg-info

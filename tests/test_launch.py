@@ -17,9 +17,6 @@ from conftest import REPO, child_env, free_port, read_metrics, train_losses
 
 CLUSTER = REPO / "launch" / "slurm" / "local_cluster.sh"
 SMOKE = ["experiment=smoke", "logging.log_every=5"]
-# one pytest-xdist worker runs this whole file: the local SLURM cluster has 2 nodes, and a test's
-# job would wait behind another test's instead of starting
-pytestmark = pytest.mark.xdist_group("slurm")
 
 
 def _slurm_ok(env) -> bool:
