@@ -79,7 +79,8 @@ def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
     class Scheduler(LoadScopeScheduling):
-        """One unit of work per test, except one per file in ONE_WORKER_FILES (handed out first)."""
+        """One unit of work per test, except one per file in ONE_WORKER_FILES (xdist hands out the
+        units with the most tests first)."""
 
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]

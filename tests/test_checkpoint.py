@@ -253,10 +253,12 @@ def test_the_solver_process_outlives_the_signals_sent_to_its_rank():
 @pytest.mark.dist
 def test_a_run_that_ends_during_a_solve_leaves_no_solver_behind(tmp_path):
     """The affinity ILP started at step 6 (adopted at 9) is still running when the ranks exit: its process
-    follows them out, quietly (no broken pipe), and nothing it spawned outlives the run."""
+    follows them out, quietly (no broken pipe), and nothing it spawned outlives the run. (A gap: on
+    dev-cpu this tiny solve is gone within the 1 s wait even without the solver's watch on its rank,
+    so the check of leftovers passes either way; bench/RESULTS.md, eleventh session.)"""
     import psutil
 
-    mark = f"{os.getpid()}-{time.time()}"  # inherited by all this run spawns, and by nothing of another test's
+    mark = f"{os.getpid()}-{time.time()}"  # every process this run starts inherits it; no other test's does
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                            "-m", "moesaic.trainer", *SMOKE, "steps=7", "placement=affinity", "placement.every_n_steps=2",
                            f"logging.out_dir={tmp_path}", "logging.run_name=r"],
