@@ -45,6 +45,13 @@ class ParallelConfig:
     """`none` (fp32) or `bf16`: forward and backward run under torch.autocast in bfloat16 (matmuls,
     attention, the experts' grouped GEMMs, and the tokens that the all-to-all moves), while the
     parameters, gradients, their reductions and AdamW's state stay fp32 (the master weights)."""
+    ddp_bucket_order: str = "fixed"
+    """The order in which DDP packs the dense gradients into its buckets (engine=torch). `fixed`: the
+    parameters' reverse registration order, which backward roughly follows, set by one all-zero
+    backward before the first step, so that every step of every run, resumed or not, uses the same
+    buckets. `backward`: DDP's own, one bucket for a run's first backward and then the order that
+    backward produced. A sum over more than 2 ranks depends on where an element sits in its bucket,
+    so under `backward` a resumed run is not bit-identical to an uninterrupted one (an ulp apart)."""
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "gloo", "nccl"):
@@ -68,5 +75,7 @@ class ParallelConfig:
                              f"{', '.join(map(repr, ACTIVATION_CHECKPOINT))}")
         if self.mixed_precision not in ("none", "bf16"):
             raise ValueError(f"parallel.mixed_precision ({self.mixed_precision!r}) must be one of 'none', 'bf16'")
+        if self.ddp_bucket_order not in ("fixed", "backward"):
+            raise ValueError(f"parallel.ddp_bucket_order ({self.ddp_bucket_order!r}) must be one of 'fixed', 'backward'")
         if self.timeout_s <= 0:
             raise ValueError(f"parallel.timeout_s ({self.timeout_s}) must be > 0")

@@ -186,3 +186,25 @@ def test_moe_block_equals_naive_per_token_reference(score_func):
     torch.testing.assert_close(y.reshape(-1, 16), ref, rtol=1e-5, atol=1e-6)
     if score_func == "sigmoid":
         torch.testing.assert_close(route.weights_TK.sum(-1), torch.ones(10))
+
+
+@pytest.mark.parametrize("name", ["tiny", "default", "fine_grained"])
+def test_backward_gives_gradients_in_reverse_registration_order(name):
+    """`parallel.ddp_bucket_order=fixed` packs DDP's buckets in reverse registration order. For each
+    shipped model that is the order in which a real backward produces the gradients, so the buckets
+    are the ones DDP would have built from that backward, and its reductions overlap backward as before."""
+    from hydra import compose, initialize_config_module
+
+    from moesaic.trainer.config import register_configs, to_train_config
+
+    register_configs()
+    with initialize_config_module(config_module="moesaic.configs", version_base=None):
+        cfg = to_train_config(compose(config_name="config", overrides=[f"model={name}"])).model
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    order = []
+    for n, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, n=n: order.append(n))
+    x = torch.randint(0, cfg.vocab_size, (2, 32))
+    model(x, torch.roll(x, -1, 1)).loss.backward()
+    assert order == [n for n, _ in model.named_parameters()][::-1]

@@ -162,6 +162,7 @@ def test_compiled_training_equals_eager(tmp_path):
         (["logging.out_dir=/proc/no-such"], "logging.out_dir ('/proc/no-such') is not writable"),
         (["data=text", "data.path=/nowhere"], "data.path ('/nowhere') does not exist"),
         (["parallel.mixed_precision=fp16"], "parallel.mixed_precision ('fp16') must be one of 'none', 'bf16'"),
+        (["parallel.ddp_bucket_order=forward"], "parallel.ddp_bucket_order ('forward') must be one of 'fixed', 'backward'"),
         (["compile=true", "parallel=deepspeed_moe", "model.moe_impl=deepspeed"], "compile (True) with model.moe_impl ('deepspeed')"),
         (["parallel=ddp", "placement.plan=round_robin"], "placement.plan ('round_robin') needs expert parallelism"),
         (["checkpoint.async_mode=yes"], "checkpoint.async_mode ('yes') must be 'disabled' or 'async'"),

@@ -269,7 +269,41 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
     if pc.engine == "deepspeed":  # the engine is built with the optimizer (build_optimizer)
         return Parallel(model, model, info, mesh, plan, pc.expert_sharding, expert_names=ignored, align_owners=align)
     ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    if pc.ddp_bucket_order == "fixed":
+        fix_ddp_buckets(ddp)
     return Parallel(model, ddp, info, mesh, plan, pc.expert_sharding, expert_names=ignored, align_owners=align)
+
+
+def fix_ddp_buckets(ddp: DDP) -> None:
+    """Set DDP's buckets before the first step, to the dense parameters in reverse registration order.
+
+    DDP reduces a run's first backward in one bucket, and rebuilds its buckets in the order that this
+    backward produced the gradients. A resumed run starts a new first backward, and a sum over more
+    than 2 ranks depends on where an element sits in its bucket, so its next step differed from the
+    uninterrupted run's by an ulp. Here the first backward is of an all-zero loss built so that the
+    gradients come in reverse registration order: the same in every run. The model's forward does not
+    run, so no routing, statistics or random numbers are touched; the cost is one all-reduce of zeros.
+    """
+    params = [p for n, p in ddp.module.named_parameters() if p.requires_grad and n not in ddp.parameters_to_ignore]
+
+    def zero_loss() -> torch.Tensor:
+        # autograd runs the newest node first: each term added last gives its gradient first
+        loss = params[0].sum() * 0
+        for p in params[1:]:
+            loss = loss + p.sum() * 0
+        return loss
+
+    own = ddp.module.__dict__.get("forward")  # an instance's own forward, if it has one
+    ddp.module.forward = zero_loss  # what DDP's forward calls, for this one call
+    try:
+        ddp().backward()
+    finally:
+        if own is None:
+            del ddp.module.forward
+        else:
+            ddp.module.forward = own
+    for p in params:
+        p.grad = None
 
 
 def apply_activation_checkpoint(model: torch.nn.Module, mode: str) -> None:
