@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moesaic.parallel.config import ParallelConfig
 from moesaic.parallel.process import finish_rank
 from moesaic.parallel.doctor import make_plan
 from moesaic.parallel.moe import MoEConfig
@@ -72,12 +73,7 @@ def main():
     plan = make_plan(a.plan, a.num_experts, a.ep, seed=3, num_layers=mcfg.num_moe_layers)
 
     class _Cfg:  # the fields parallelize reads
-        class parallel:
-            ep_size = a.ep
-            expert_sharding = a.sharding
-            reshard_after_forward = not a.no_remat
-            prefetch = True
-            engine = "torch"
+        parallel = ParallelConfig(ep_size=a.ep, expert_sharding=a.sharding, reshard_after_forward=not a.no_remat)
 
         class placement:
             align_owners = a.align

@@ -7,6 +7,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from moesaic.parallel.config import ParallelConfig
 from moesaic.parallel.process import finish_rank
 from moesaic.parallel.doctor import make_plan
 from moesaic.parallel.fssdp import fssdp_reduce_scatter
@@ -25,12 +26,7 @@ def main():
     report = {"plan": plan.to_dict(), "dim": 32, "ffn": 16}
     for sharding in ("resident", "fssdp"):
         class _Cfg:
-            class parallel:
-                ep_size = W
-                expert_sharding = sharding
-                reshard_after_forward = True
-                prefetch = True
-                engine = "torch"
+            parallel = ParallelConfig(ep_size=W, expert_sharding=sharding)
 
             class model:
                 moe_impl = "moesaic"
