@@ -1,0 +1,36 @@
+"""A rank stand-in that ends by os._exit (as `moesaic-train` does) while its re-placement solver is
+in the middle of a long solve. The solve is real: the affinity ILP on synthetic routing statistics
+(8 layers, 64 experts, 2 GPUs, dense inter-layer flows) that keep the search going past a minute, far longer than the test
+waits. The solver process must notice that its rank has gone and leave.
+
+argv: seconds to wait before exiting, the solve's time limit in seconds. Prints the solver's pid."""
+
+import multiprocessing
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+
+from moesaic.placement.stats import RoutingStats
+from moesaic.placement.topology import Topology
+from moesaic.trainer.replan import _solve_in_process
+
+
+def main() -> None:
+    wait_s, time_limit = float(sys.argv[1]), float(sys.argv[2])
+    rng = np.random.default_rng(0)
+    L, E = 8, 64
+    P = rng.dirichlet(np.full(E, 0.5), size=L) * 1e5
+    W = rng.dirichlet(np.full(E, 0.3), size=(L - 1, E)) * P[:-1, :, None]
+    stats = RoutingStats(P, W, 1e5, 2, [])
+    args = ("affinity", stats, Topology(num_gpus=2), 0.05, time_limit, "highs", 0)
+    threading.Thread(target=_solve_in_process, args=(args,), daemon=True).start()
+    time.sleep(wait_s)
+    print(" ".join(str(c.pid) for c in multiprocessing.active_children()), flush=True)  # alive, mid-solve
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
