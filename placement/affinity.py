@@ -87,7 +87,11 @@ class Problem:
 
 
 def build_problem(stats: RoutingStats, topo: Topology, S: int, epsilon: float, *, solver: str = "highs",
-                  exact_balance_max_vars: int = 256) -> Problem:
+                  exact_balance_max_vars: int = 256, deadline: float | None = None) -> Problem:
+    """The per-layer replicas, best packings and load caps. Layers of at most `exact_balance_max_vars`
+    expert-GPU pairs get an exact balance ILP, each with an equal share of the time left before
+    `deadline` (a `time.perf_counter()` value; None: 10 s each). `balance_exact` is False unless every
+    layer's packing was proven optimal."""
     E, G = stats.num_experts, topo.num_gpus
     check_slots(E, G, S)
     experts, weights, caps, bests, packs, exact = [], [], [], [], [], True
@@ -98,7 +102,11 @@ def build_problem(stats: RoutingStats, topo: Topology, S: int, epsilon: float, *
         w_R = P[e_R] / r[e_R]
         gpu_R = balance_layer(P, r, topo, S)
         if E * G <= exact_balance_max_vars and P.sum() > 0:
-            gpu_R = _exact_balance(e_R, w_R, r, G, S, gpu_R, solver)
+            limit = 10.0
+            if deadline is not None:
+                limit = min(limit, max(0.05, (deadline - time.perf_counter()) / (stats.num_layers - l)))
+            gpu_R, optimal = _exact_balance(e_R, w_R, r, G, S, gpu_R, solver, limit)
+            exact = exact and optimal
         else:
             exact = False
         load = np.bincount(gpu_R, weights=w_R, minlength=G)
@@ -112,8 +120,10 @@ def build_problem(stats: RoutingStats, topo: Topology, S: int, epsilon: float, *
     return Problem(stats.W, topo.hop_matrix(), S, experts, weights, np.array(caps), np.array(bests), packs, exact)
 
 
-def _exact_balance(e_R, w_R, r_E, G, S, start_gpu_R, solver) -> np.ndarray:
-    """Minimum max-load packing by ILP (tiny layers): the exact b_l."""
+def _exact_balance(e_R, w_R, r_E, G, S, start_gpu_R, solver, time_limit: float) -> tuple[np.ndarray, bool]:
+    """Minimum max-load packing by ILP (tiny layers): the exact b_l. Returns the packing, and whether
+    the ILP proved it optimal within `time_limit` seconds (otherwise the better of its best packing and
+    the start)."""
     E = len(r_E)
     w_E = np.zeros(E)
     w_E[e_R] = w_R
@@ -126,13 +136,15 @@ def _exact_balance(e_R, w_R, r_E, G, S, start_gpu_R, solver) -> np.ndarray:
     for g in range(G):
         prob += pulp.lpSum(x[e, g] for e in range(E)) == S
         prob += pulp.lpSum(float(w_E[e]) * x[e, g] for e in range(E)) <= t
-    rep = ilp.solve(prob, solver=solver, time_limit=10, gap=1e-9)
+    rep = ilp.solve(prob, solver=solver, time_limit=time_limit, gap=1e-9)
     if rep.status not in ("optimal", "feasible"):
-        return start_gpu_R
+        return start_gpu_R, False
     holds = np.array([[x[e, g].value() > 0.5 for g in range(G)] for e in range(E)])
     out = _items_from_holds(holds, e_R)
     start = np.bincount(start_gpu_R, weights=w_R, minlength=G).max()
-    return out if np.bincount(out, weights=w_R, minlength=G).max() <= start else start_gpu_R
+    if np.bincount(out, weights=w_R, minlength=G).max() <= start:
+        return out, rep.status == "optimal"
+    return start_gpu_R, False
 
 
 def _items_from_holds(holds_EG: np.ndarray, e_R: np.ndarray) -> np.ndarray:
@@ -294,7 +306,8 @@ def affinity(stats: RoutingStats, topo: Topology, slots_per_gpu: int | None = No
     deadline = t0 + opts.time_limit
     E, G = stats.num_experts, topo.num_gpus
     S = slots_per_gpu or default_slots(E, G)
-    prob = build_problem(stats, topo, S, opts.epsilon, solver=opts.solver)
+    # the exact balance bounds may take up to half of the budget; the search has the rest
+    prob = build_problem(stats, topo, S, opts.epsilon, solver=opts.solver, deadline=t0 + opts.time_limit / 2)
     rng = np.random.default_rng(opts.seed)
     best = None
     runs = []

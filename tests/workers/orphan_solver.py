@@ -1,7 +1,8 @@
 """A rank stand-in that ends by os._exit (as `moesaic-train` does) while its re-placement solver is
 in the middle of a long solve. The solve is real: the affinity ILP on synthetic routing statistics
-(8 layers, 64 experts, 2 GPUs, dense inter-layer flows) that keep the search going past a minute, far longer than the test
-waits. The solver process must notice that its rank has gone and leave.
+(8 layers, 64 experts, 2 GPUs, dense inter-layer flows), whose exact balance ILPs alone take half
+the time limit, far longer than the test waits. The solver process must notice that its rank has
+gone and leave.
 
 argv: seconds to wait before exiting, the solve's time limit in seconds. Prints the solver's pid."""
 
