@@ -298,13 +298,13 @@ def test_a_run_that_ends_during_a_solve_leaves_no_solver_behind(tmp_path):
 
 @pytest.mark.slow
 def test_a_solver_whose_rank_ends_mid_solve_leaves_with_it(tmp_path):
-    """A rank leaves by os._exit 6 s into an affinity solve with a 60 s time limit, on routing
+    """A rank leaves by os._exit 3 s into an affinity solve with a 60 s time limit, on routing
     statistics that keep it busy for over 30 s (33 s measured alone). The solver's watch on its rank
     (`trainer/replan.py: _exit_with`) ends it within the 10 s wait; without the watch it would solve
     on for nobody, and this test fails (checked by removing the watch)."""
     mark = f"{os.getpid()}-{time.time()}"
     worker = Path(__file__).parent / "workers" / "orphan_solver.py"
-    code, out, err = _run_to_files([sys.executable, str(worker), "6", "60"], tmp_path, mark)
+    code, out, err = _run_to_files([sys.executable, str(worker), "3", "60"], tmp_path, mark)
     left = _left_behind(mark, within_s=10)
     for p in left:
         p.kill()

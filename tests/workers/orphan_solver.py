@@ -4,7 +4,7 @@ in the middle of a long solve. The solve is real: the affinity ILP on synthetic 
 the time limit, far longer than the test waits. The solver process must notice that its rank has
 gone and leave.
 
-argv: seconds to wait before exiting, the solve's time limit in seconds. Prints the solver's pid."""
+argv: seconds to wait, once the solver has started, before exiting; the solve's time limit in seconds. Prints the solver's pid."""
 
 import multiprocessing
 import os
@@ -28,6 +28,11 @@ def main() -> None:
     stats = RoutingStats(P, W, 1e5, 2, [])
     args = ("affinity", stats, Topology(num_gpus=2), 0.05, time_limit, "highs", 0)
     threading.Thread(target=_solve_in_process, args=(args,), daemon=True).start()
+    # the solver is a child once its start() returns: after its imports, and after it has read the
+    # statistics through a pipe (which takes seconds on a busy machine); then give it wait_s to solve
+    deadline = time.time() + 120
+    while not multiprocessing.active_children() and time.time() < deadline:
+        time.sleep(0.1)
     time.sleep(wait_s)
     print(" ".join(str(c.pid) for c in multiprocessing.active_children()), flush=True)  # alive, mid-solve
     os._exit(0)
