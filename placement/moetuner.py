@@ -86,7 +86,9 @@ def ilp2_map(W: np.ndarray, cluster_LR: list[np.ndarray], e_LR: list[np.ndarray]
 
 
 def moetuner(stats: RoutingStats, topo: Topology, slots_per_gpu: int | None = None, *, solver: str = "highs",
-             time_limit_per_layer: float = 2.0) -> Placement:
+             time_limit_per_layer: float = 2.0, time_limit: float | None = None) -> Placement:
+    """`time_limit_per_layer` caps each layer's ILP1; `time_limit` (None: no cap) is the whole solve's
+    budget: a layer gets at most its share of what is left, so model building and ILP2 count too."""
     t0 = time.perf_counter()
     E, G = stats.num_experts, topo.num_gpus
     S = slots_per_gpu or default_slots(E, G)
@@ -94,7 +96,11 @@ def moetuner(stats: RoutingStats, topo: Topology, slots_per_gpu: int | None = No
     clusters, items, statuses = [], [], []
     for l in range(stats.num_layers):
         r = replicate(stats.P[l], G * S, G)
-        c, status = ilp1_cluster(stats.P[l], r, topo, S, solver=solver, time_limit=time_limit_per_layer)
+        limit = time_limit_per_layer
+        if time_limit is not None:  # ILP2 is one assignment per layer pair, milliseconds: no share
+            left = t0 + time_limit - time.perf_counter()
+            limit = min(limit, max(0.05, left / (stats.num_layers - l)))
+        c, status = ilp1_cluster(stats.P[l], r, topo, S, solver=solver, time_limit=limit)
         clusters.append(c)
         items.append(items_of(r))
         statuses.append(status)

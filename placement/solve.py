@@ -23,8 +23,7 @@ def solve(method: str, stats: RoutingStats, topo: Topology, *, slots_per_gpu: in
         plan = affinity(stats, topo, slots_per_gpu,
                         AffinityOptions(epsilon=epsilon, time_limit=time_limit, solver=solver, seed=seed))
     elif method == "moetuner":
-        per_layer = min(2.0, time_limit / stats.num_layers)  # its cluster ILPs, one per layer, take the time
-        plan = moetuner(stats, topo, slots_per_gpu, solver=solver, time_limit_per_layer=per_layer)
+        plan = moetuner(stats, topo, slots_per_gpu, solver=solver, time_limit=time_limit)
     else:
         plan = {"eplb": eplb, "contiguous": contiguous, "round_robin": round_robin}[method](stats, topo, slots_per_gpu)
     plan.meta.setdefault("seconds", time.perf_counter() - t0)

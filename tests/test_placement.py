@@ -13,6 +13,7 @@ from moesaic.placement.baselines import contiguous, eplb, round_robin
 from moesaic.placement.exact import brute_force, monolithic
 from moesaic.placement.metrics import cross_gpu_share, gpu_loads, hop_cost, load_ratio, max_pair_traffic
 from moesaic.placement.traces import Preset, load_hdmoe_json, load_npz, save_npz
+from workers.synthetic_stats import dense_stats
 
 
 def test_stats_from_experts_by_hand():
@@ -184,11 +185,7 @@ def test_ilp_solvers_keep_to_their_time_limit():
     now they share at most half of it. With a 2 s limit, the bound of 10 s leaves room for a busy machine.
     `best_balance_exact` now says whether every layer's packing was proven optimal; it used to be True
     after a time-limited ILP too."""
-    rng = np.random.default_rng(0)
-    L, E = 8, 64
-    P = rng.dirichlet(np.full(E, 0.5), size=L) * 1e5
-    W = rng.dirichlet(np.full(E, 0.3), size=(L - 1, E)) * P[:-1, :, None]
-    stats = RoutingStats(P, W, 1e5, 2, [])
+    stats = dense_stats(8, 64)
     t0 = time.perf_counter()
     plan = affinity(stats, Topology(num_gpus=2), options=AffinityOptions(time_limit=2))
     assert time.perf_counter() - t0 < 10

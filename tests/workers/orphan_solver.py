@@ -12,21 +12,15 @@ import sys
 import threading
 import time
 
-import numpy as np
+from synthetic_stats import dense_stats  # this folder is the script's, so it is on sys.path
 
-from moesaic.placement.stats import RoutingStats
 from moesaic.placement.topology import Topology
 from moesaic.trainer.replan import _solve_in_process
 
 
 def main() -> None:
     wait_s, time_limit = float(sys.argv[1]), float(sys.argv[2])
-    rng = np.random.default_rng(0)
-    L, E = 8, 64
-    P = rng.dirichlet(np.full(E, 0.5), size=L) * 1e5
-    W = rng.dirichlet(np.full(E, 0.3), size=(L - 1, E)) * P[:-1, :, None]
-    stats = RoutingStats(P, W, 1e5, 2, [])
-    args = ("affinity", stats, Topology(num_gpus=2), 0.05, time_limit, "highs", 0)
+    args = ("affinity", dense_stats(8, 64), Topology(num_gpus=2), 0.05, time_limit, "highs", 0)
     threading.Thread(target=_solve_in_process, args=(args,), daemon=True).start()
     # the solver is a child once its start() returns: after its imports, and after it has read the
     # statistics through a pipe (which takes seconds on a busy machine); then give it wait_s to solve
