@@ -29,6 +29,12 @@ from moesaic.placement.swaps import balanced_kmeans, repair, swap_descent
 from moesaic.placement.topology import Topology
 
 
+# The per-layer ILP starts from the swap search's feasible placement, so HiGHS's feasibility jump
+# heuristic (on by default, and 4 of a small layer's 6 ms) has nothing to find. Off, the same plans
+# come 2.2x sooner on the Mixtral traces at 4 GPUs (bench/RESULTS.md, thirteenth session).
+LAYER_ILP_HIGHS_OPTIONS = {"mip_heuristic_run_feasibility_jump": False}
+
+
 @dataclass(kw_only=True)
 class AffinityOptions:
     """Knobs of the affinity solver."""
@@ -276,7 +282,8 @@ class Search:
         for (e, g), v in x.items():
             v.setInitialValue(int(held[e, g]))
         limit = min(self.opts.ilp_time_limit, max(0.1, self.deadline - time.perf_counter()))
-        rep = ilp.solve(prob, solver=self.opts.solver, time_limit=limit, gap=self.opts.gap, warm_start=True)
+        rep = ilp.solve(prob, solver=self.opts.solver, time_limit=limit, gap=self.opts.gap, warm_start=True,
+                        highs_options=LAYER_ILP_HIGHS_OPTIONS)
         self.ilp_reports.append(rep.status)
         if rep.status not in ("optimal", "feasible"):
             return None

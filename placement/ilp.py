@@ -86,8 +86,10 @@ class _WarmHiGHS(pulp.HiGHS):
 
 
 def solve(prob: pulp.LpProblem, *, solver: str = "highs", time_limit: float | None = None,
-          gap: float | None = None, warm_start: bool = False, threads: int | None = None) -> SolveReport:
-    """Solve `prob` in place. With warm_start, variables' `setInitialValue` values seed the search."""
+          gap: float | None = None, warm_start: bool = False, threads: int | None = None,
+          highs_options: dict | None = None) -> SolveReport:
+    """Solve `prob` in place. With warm_start, variables' `setInitialValue` values seed the search.
+    `highs_options` are HiGHS option names and values (CBC ignores them)."""
     if solver not in SOLVERS:
         raise ValueError(f"solver ({solver!r}) must be one of {', '.join(SOLVERS)}")
     avail = available_solvers()
@@ -99,7 +101,7 @@ def solve(prob: pulp.LpProblem, *, solver: str = "highs", time_limit: float | No
     if solver == "highs":
         _quiet_highs_banner()
         cls = _WarmHiGHS if warm_start else pulp.HiGHS
-        s = cls(msg=False, timeLimit=time_limit, gapRel=gap, threads=threads)
+        s = cls(msg=False, timeLimit=time_limit, gapRel=gap, threads=threads, **(highs_options or {}))
         prob.solve(s)
         info = prob.solverModel.getInfo()
         bound = float(info.mip_dual_bound) if _is_mip(prob) else None
