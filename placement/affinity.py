@@ -226,15 +226,18 @@ class Search:
         r_E = np.bincount(e_R, minlength=self.E)
         C = self.cost_matrix(l, use_next=use_next) / np.maximum(r_E, 1)[:, None]
         # 1. transportation problem on the slot-expanded matrix (exact without load and replica rules)
-        rows, cols = linear_sum_assignment(np.repeat(C[e_R], S, axis=1))
+        C_RS = np.repeat(C[e_R], S, axis=1)
+        rows, cols = linear_sum_assignment(C_RS)
         lsa = np.empty(len(e_R), dtype=np.int64)
         lsa[rows] = cols // S
+        bound = float(C_RS[rows, cols].sum())  # no placement of layer l costs less
         # 2. restore the load tolerance and the replica rule by swaps, then descend by swaps
         best = swap_descent(repair(lsa, e_R, w_R, C, cap, self.G), e_R, w_R, C, cap, self.G)
         if best is None:  # the repair got stuck: descend from the current (feasible) placement
             best = swap_descent(self.gpu[l], e_R, w_R, C, cap, self.G)
-        # 3. per-layer ILP polish, warm-started from the swap solution
-        if self.E * self.G <= self.opts.ilp_max_vars and time.perf_counter() < self.deadline:
+        # 3. per-layer ILP polish, warm-started from the swap solution, unless that meets the bound
+        proven = C[e_R, best].sum() <= bound + 1e-9 * max(1.0, abs(bound))
+        if not proven and self.E * self.G <= self.opts.ilp_max_vars and time.perf_counter() < self.deadline:
             polished = self._ilp(C, e_R, w_R, r_E, cap, best)
             if polished is not None and C[e_R, polished].sum() < C[e_R, best].sum() - 1e-12:
                 best = polished
