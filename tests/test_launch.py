@@ -160,7 +160,7 @@ def test_a_job_stopped_by_its_time_limit_signal_requeues_itself_and_finishes(slu
     default, 15 s in the local cluster). Releasing it sooner (`scontrol update StartTime=now`), as
     this test once did, let SLURM start it on a node that still refused the revoked credential, and
     SLURM ended it ("Killing non-startable batch job: Job credential revoked")."""
-    steps = 400
+    steps = 150  # the signal comes after step 5: 145 steps of margin (60 ms each at 4 quiet ranks)
     args = [*SMOKE, f"steps={steps}", "logging.log_every=1", "eval_every=0", f"logging.out_dir={tmp_path}",
             "launcher.requeue=true"]
     job = _sbatch("train.sbatch", ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2", "--requeue"], args,
@@ -212,7 +212,7 @@ def test_a_submitit_job_stopped_by_its_signal_requeues_itself_and_the_sweep_fini
     """launcher=submitit_slurm: submitit's time-limit signal (SIGUSR2; `scancel --signal=USR2` here)
     stops both ranks after the same step with a checkpoint, rank 0 requeues the job, and the requeued
     job (the same point of the sweep) resumes as slurm-<job id> and finishes; the sweep returns 0."""
-    steps = 400
+    steps = 250  # the signal comes after step 5: 245 steps of margin (24 ms each at 2 quiet ranks)
     cmd = [sys.executable, "-m", "moesaic.trainer", "-m", "launcher=submitit_slurm", *SMOKE, f"steps={steps}",
            "logging.log_every=1", "eval_every=0", f"logging.out_dir={tmp_path / 'runs'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     sweep = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=slurm, cwd=tmp_path)
