@@ -251,9 +251,12 @@ def test_fssdp_memory_one_step(tmp_path):
 @pytest.mark.slow
 @pytest.mark.dist
 def test_replan_overhead_short(tmp_path):
-    out = run("replan_overhead.py", "--steps", 8, "--every", 4, "--repeats", 1, "--cases", "fssdp, fixed plan",
-              "fssdp, re-plan eplb", "--json", tmp_path / "o.json", timeout=600)
+    out = run("replan_overhead.py", "--nproc", 2, "--steps", 8, "--every", 4, "--repeats", 1, "--cases",
+              "fssdp, fixed plan", "fssdp, re-plan eplb", "--json", tmp_path / "o.json", timeout=600)
     assert "re-plan eplb" in out
+    fixed, replan = json.loads((tmp_path / "o.json").read_text())["rows"]
+    assert fixed["replans"] == 0 and replan["replans"] >= 1 and replan["migrated_MiB_rank0"] > 0
+    assert abs(fixed["final_loss"] - replan["final_loss"]) < 1e-5  # a new plan changes no math
 
 
 @pytest.mark.slow
