@@ -87,35 +87,35 @@ def _run(nproc, tmp_path, name, args):
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("nproc,ep,parallel,mode,accum,extra", [
-    (2, 2, "ep", "full", 2, []),
-    (4, 4, "ep", "full", 1, []),
-    (2, 2, "fssdp", "attention", 1, []),
-    (2, 2, "fssdp", "full", 1, []),  # owners aligned to the plan: every layer computes in place
-    (2, 2, "fssdp", "full", 2, GATHER),
-    (4, 2, "fssdp", "full", 1, GATHER),  # 2 expert domains of 2 ranks
-    (4, 2, "fssdp", "full", 1, [*GATHER, "parallel.reshard_after_forward=false"]),
-    (2, 2, "fssdp", "full", 1, [*GATHER, "compile=true"]),
-], ids=["ep2-full-accum", "ep4-full", "fssdp2-attention", "fssdp2-full-in-place", "fssdp2-full-gather-accum",
+@pytest.mark.parametrize("nproc,ep,parallel,modes,accum,extra", [
+    (2, 2, "ep", ["full"], 2, []),
+    (4, 4, "ep", ["full"], 1, []),
+    (2, 2, "fssdp", ["attention", "full"], 1, []),  # full: owners aligned to the plan, every layer in place
+    (2, 2, "fssdp", ["full"], 2, GATHER),
+    (4, 2, "fssdp", ["full"], 1, GATHER),  # 2 expert domains of 2 ranks
+    (4, 2, "fssdp", ["full"], 1, [*GATHER, "parallel.reshard_after_forward=false"]),
+    (2, 2, "fssdp", ["full"], 1, [*GATHER, "compile=true"]),
+], ids=["ep2-full-accum", "ep4-full", "fssdp2-attention-and-full-in-place", "fssdp2-full-gather-accum",
         "fssdp2x2-full-gather", "fssdp2x2-full-gather-kept", "fssdp2-full-gather-compiled"])
-def test_distributed_training_is_unchanged(tmp_path, nproc, ep, parallel, mode, accum, extra):
+def test_distributed_training_is_unchanged(tmp_path, nproc, ep, parallel, modes, accum, extra):
     """8 AdamW steps with and without checkpointing: the same loss at every step, and the same
     parameters on every rank afterwards. EP's recomputed blocks run their all-to-alls again; FSSDP's
     recomputed layers compute with the weights that their backward re-gathers."""
     args = [f"parallel={parallel}", f"parallel.ep_size={ep}", f"grad_accum_steps={accum}", *extra]
     off, p_off, gathered_off = _run(nproc, tmp_path, "off", args)
-    on, p_on, gathered_on = _run(nproc, tmp_path, "on", [*args, f"parallel.activation_checkpoint={mode}"])
-    assert sorted(on) == list(range(1, 9))
-    assert max(abs(on[s] - off[s]) for s in off) < 1e-6, (on, off)
-    # compiled, the recomputed graph fuses otherwise than the original: 1.2e-6 measured after 8 steps
-    # on dev-cpu (an earlier CI machine stayed under 1e-6); eager runs are equal
-    atol = 1e-5 if "compile=true" in extra else 1e-6
-    for rank, (a, b) in enumerate(zip(p_on, p_off)):
-        assert a.keys() == b.keys()
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=atol, msg=f"rank {rank}: {k}")
-    if extra:  # the gather path ran, and checkpointing added no gathers to it
-        assert gathered_on == gathered_off > 0
+    for mode in modes:
+        on, p_on, gathered_on = _run(nproc, tmp_path, mode, [*args, f"parallel.activation_checkpoint={mode}"])
+        assert sorted(on) == list(range(1, 9))
+        assert max(abs(on[s] - off[s]) for s in off) < 1e-6, (mode, on, off)
+        # compiled, the recomputed graph fuses otherwise than the original: 1.2e-6 measured after 8 steps
+        # on dev-cpu (an earlier CI machine stayed under 1e-6); eager runs are equal
+        atol = 1e-5 if "compile=true" in extra else 1e-6
+        for rank, (a, b) in enumerate(zip(p_on, p_off)):
+            assert a.keys() == b.keys()
+            for k in a:
+                torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=atol, msg=f"{mode}, rank {rank}: {k}")
+        if extra:  # the gather path ran, and checkpointing added no gathers to it
+            assert gathered_on == gathered_off > 0
 
 
 @pytest.mark.slow
