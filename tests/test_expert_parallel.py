@@ -109,11 +109,11 @@ def test_bf16_autocast_steps_track_single_process(tmp_path, nproc, args):
 @pytest.mark.dist
 @pytest.mark.parametrize("parallel", ["ep", "fssdp"])
 def test_trainer_with_ep4_learns(tmp_path, parallel):
-    torchrun(4, [f"parallel={parallel}", "parallel.ep_size=4", "steps=40", "eval_every=0", "eval_batches=2", "logging=quiet",
-                 f"logging.out_dir={tmp_path}", "logging.run_name=ep4", "logging.log_every=10"])
+    torchrun(4, [f"parallel={parallel}", "parallel.ep_size=4", "steps=20", "eval_every=0", "eval_batches=2", "logging=quiet",
+                 f"logging.out_dir={tmp_path}", "logging.run_name=ep4", "logging.log_every=5"])
     run = tmp_path / "ep4"
     train = [r for r in read_metrics(run) if r["kind"] == "train"]
-    assert train[-1]["loss"] < train[0]["loss"] - 0.3, [r["loss"] for r in train]
+    assert train[-1]["loss"] < train[0]["loss"] - 0.3, [r["loss"] for r in train]  # 4.62 -> 3.13 measured (ep)
     assert all(r["a2a_bytes"] > 0 for r in train)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["ep_size"] == 4 and summary["plan"]["num_gpus"] == 4
