@@ -29,11 +29,12 @@ def machine() -> dict:
             info["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    for mod in ("numpy", "scipy", "pulp", "highspy"):
+    from importlib import metadata
+
+    for mod in ("numpy", "scipy", "pulp", "highspy"):  # the installed distribution's version
         try:
-            m = __import__(mod)
-            info[mod] = getattr(m, "__version__", "?")
-        except ImportError:
+            info[mod] = metadata.version(mod)
+        except metadata.PackageNotFoundError:
             pass
     return info
 
