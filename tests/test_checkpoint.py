@@ -21,7 +21,7 @@ SMOKE = ["experiment=smoke", "logging.log_every=1", "eval_every=0"]
 @pytest.mark.dist
 @pytest.mark.parametrize("nproc,order", [(2, "fixed"), (4, "fixed"), (4, "backward")])
 def test_exact_resume_is_bit_identical(tmp_path, nproc, order):
-    """A run stopped at step 10 and resumed gives the uninterrupted run's losses, bit for bit, under
+    """A run resumed from step 10's checkpoint gives the uninterrupted run's losses, bit for bit, under
     the default `parallel.ddp_bucket_order=fixed`. Under `backward` (DDP's own buckets) at 4 ranks it
     does not, which shows what `fixed` is for: the first step after a resume sums the dense gradients
     in another order. DDP buckets every parameter together for a run's first backward and in
