@@ -108,9 +108,7 @@ def build_problem(stats: RoutingStats, topo: Topology, S: int, epsilon: float, *
         w_R = P[e_R] / r[e_R]
         gpu_R = balance_layer(P, r, topo, S)
         if E * G <= exact_balance_max_vars and P.sum() > 0:
-            limit = 10.0
-            if deadline is not None:
-                limit = min(limit, max(0.05, (deadline - time.perf_counter()) / (stats.num_layers - l)))
+            limit = 10.0 if deadline is None else ilp.share_of(deadline, stats.num_layers - l, 10.0)
             gpu_R, optimal = _exact_balance(e_R, w_R, r, G, S, gpu_R, solver, limit)
             exact = exact and optimal
         else:
@@ -236,10 +234,11 @@ class Search:
         if best is None:  # the repair got stuck: descend from the current (feasible) placement
             best = swap_descent(self.gpu[l], e_R, w_R, C, cap, self.G)
         # 3. per-layer ILP polish, warm-started from the swap solution, unless that meets the bound
-        proven = C[e_R, best].sum() <= bound + 1e-9 * max(1.0, abs(bound))
+        best_cost = C[e_R, best].sum()
+        proven = best_cost <= bound + 1e-9 * max(1.0, abs(bound))
         if not proven and self.E * self.G <= self.opts.ilp_max_vars and time.perf_counter() < self.deadline:
             polished = self._ilp(C, e_R, w_R, r_E, cap, best)
-            if polished is not None and C[e_R, polished].sum() < C[e_R, best].sum() - 1e-12:
+            if polished is not None and C[e_R, polished].sum() < best_cost - 1e-12:
                 best = polished
         return best
 

@@ -85,6 +85,12 @@ class _WarmHiGHS(pulp.HiGHS):
         lp.solverModel.run()
 
 
+def share_of(deadline: float, parts_left: int, cap: float, floor: float = 0.05) -> float:
+    """Time limit for the next of `parts_left` solves that share what is left until `deadline` (a
+    `time.perf_counter()` value), at most `cap` seconds and at least `floor`."""
+    return min(cap, max(floor, (deadline - time.perf_counter()) / parts_left))
+
+
 def solve(prob: pulp.LpProblem, *, solver: str = "highs", time_limit: float | None = None,
           gap: float | None = None, warm_start: bool = False, threads: int | None = None,
           highs_options: dict | None = None) -> SolveReport:

@@ -96,10 +96,9 @@ def moetuner(stats: RoutingStats, topo: Topology, slots_per_gpu: int | None = No
     clusters, items, statuses = [], [], []
     for l in range(stats.num_layers):
         r = replicate(stats.P[l], G * S, G)
-        limit = time_limit_per_layer
-        if time_limit is not None:  # ILP2 is one assignment per layer pair, milliseconds: no share
-            left = t0 + time_limit - time.perf_counter()
-            limit = min(limit, max(0.05, left / (stats.num_layers - l)))
+        limit = time_limit_per_layer  # ILP2 is one assignment per layer pair, milliseconds: no share
+        if time_limit is not None:
+            limit = ilp.share_of(t0 + time_limit, stats.num_layers - l, time_limit_per_layer)
         c, status = ilp1_cluster(stats.P[l], r, topo, S, solver=solver, time_limit=limit)
         clusters.append(c)
         items.append(items_of(r))
