@@ -10,8 +10,8 @@ keeps moesaic's block interface: forward returns (output, RouterOutput), `dispat
 `last_route` for the routing recorder.
 
 What differs from moesaic's layer, and stays different because it is DeepSpeed's math:
-- the top-k weights are renormalised over the chosen experts (moesaic's softmax router uses the
-  raw probabilities);
+- the top-k weights are renormalised over the chosen experts, where moesaic's softmax router uses
+  the raw probabilities unless `model.moe.router.route_norm=true` (Mixtral's router);
 - the aux loss is GShard's, E^2 * mean_e(mean gate prob * top-1 fraction), and there is no z-loss;
 - dropless means every expert's buffer is padded to the largest expert's load in the EP group, and
   the padding travels in the all-to-all.

@@ -200,8 +200,12 @@ def suite(kind: str) -> list[tuple]:
     checks += [(f"fssdp/{p}", p, base, None, "fssdp") for p in ("contiguous", "random", "replicated")]
     if kind == "full":
         sig = replace(base, router=RouterConfig(score_func="sigmoid"))
+        grouped = replace(base, router=RouterConfig(score_func="sigmoid", route_scale=2.5, num_expert_groups=4,
+                                                    num_limited_groups=2))
         checks += [
             ("ep/sigmoid+bias", "random", sig, "random"),
+            ("ep/groups+bias", "replicated", grouped, "random"),
+            ("ep/softmax-renormalised", "random", replace(base, router=RouterConfig(route_norm=True)), None),
             ("ep/top1", "replicated", replace(base, top_k=1), None),
             ("ep/zero-token-expert", "random", base, "starve-last"),
             ("ep/zero-token-rank", "zero-rank", base, None),

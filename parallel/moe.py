@@ -50,6 +50,7 @@ class MoEConfig:
             raise ValueError(
                 f"model.moe.top_k ({self.top_k}) must be <= model.moe.num_experts ({self.num_experts})"
             )
+        self.router.check_experts(self.num_experts, self.top_k)
         if self.ffn_dim < 1:
             raise ValueError(f"model.moe.ffn_dim ({self.ffn_dim}) must be >= 1")
         if self.capacity_factor < 0:
@@ -121,7 +122,7 @@ class MoE(nn.Module):
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         if torch.is_autocast_enabled(x_TD.device.type):  # tokens travel and meet the experts in bf16
             x_TD = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
-        route = self.router(x_TD)
+        route = self.router(x_TD, seq_len=x_BSD.shape[1] if x_BSD.dim() == 3 else None)
         out_TD = self.dispatcher(x_TD, route, self.experts)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)

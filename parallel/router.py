@@ -17,10 +17,30 @@ class RouterConfig:
     """How tokens pick experts."""
 
     score_func: str = "softmax"
-    """`softmax` over all experts, then top-k (Mixtral); `sigmoid` per expert with the top-k weights
-    normalised to sum to one (DeepSeek-V3)."""
+    """`softmax` over all experts, then top-k (Switch, GShard, DeepSeek-V2; Mixtral and Qwen3-MoE with
+    `route_norm: true`); `sigmoid` per expert (DeepSeek-V3)."""
+    route_norm: bool | None = None
+    """Renormalise each token's top-k weights to sum to one. null: as the score function's models do,
+    true for sigmoid (DeepSeek-V3) and false for softmax (the raw probabilities, Switch and GShard).
+    true with softmax is Mixtral's and Qwen3-MoE's router."""
+    route_scale: float = 1.0
+    """Multiplies the combine weights after any renormalisation (DeepSeek-V3's routed_scaling_factor,
+    2.5; DeepSeek-V2's, 16)."""
+    num_expert_groups: int = 0
+    """Group-limited routing, DeepSeek-V2's and V3's node-limited routing: the experts form this many
+    groups of consecutive ids, and each token chooses its top-k among the experts of its
+    `num_limited_groups` best groups only. 0: off."""
+    num_limited_groups: int = 0
+    """Groups each token may route to (with num_expert_groups)."""
+    group_score: str = "top2_sum"
+    """How a group ranks for a token: `top2_sum`, the sum of its two best selection scores
+    (DeepSeek-V3), or `max`, its best one (DeepSeek-V2). Selection scores include the balancing bias."""
     aux_loss_coef: float = 0.01
     """Coefficient of the Switch-Transformer load-balancing loss E * sum_e f_e * p_e."""
+    aux_loss_scope: str = "micro_batch"
+    """The tokens that f_e and p_e are counted over: `micro_batch`, this rank's tokens (Switch); or
+    `sequence`, each sequence on its own, then the mean over sequences (DeepSeek-V3's complementary
+    sequence-wise balance loss, Megatron's seq_aux_loss)."""
     z_loss_coef: float = 0.001
     """Coefficient of the router z-loss mean(logsumexp(logits)^2) (ST-MoE)."""
     bias_update_rate: float = 0.0
@@ -37,6 +57,46 @@ class RouterConfig:
             value = getattr(self, name)
             if value < 0:
                 raise ValueError(f"model.moe.router.{name} ({value}) must be >= 0")
+        if not self.route_scale > 0:
+            raise ValueError(f"model.moe.router.route_scale ({self.route_scale}) must be > 0")
+        if self.aux_loss_scope not in AUX_LOSS_SCOPES:
+            raise ValueError(f"model.moe.router.aux_loss_scope ({self.aux_loss_scope!r}) must be one of "
+                             f"{', '.join(map(repr, AUX_LOSS_SCOPES))}")
+        if self.group_score not in GROUP_SCORES:
+            raise ValueError(f"model.moe.router.group_score ({self.group_score!r}) must be one of "
+                             f"{', '.join(map(repr, GROUP_SCORES))}")
+        G, M = self.num_expert_groups, self.num_limited_groups
+        if G < 0 or M < 0:
+            raise ValueError(f"model.moe.router.num_expert_groups ({G}) and num_limited_groups ({M}) must be >= 0")
+        if G and not 1 <= M <= G:
+            raise ValueError(f"model.moe.router.num_limited_groups ({M}) must be in [1, num_expert_groups ({G})] "
+                             "when num_expert_groups is set")
+        if M and not G:
+            raise ValueError(f"model.moe.router.num_limited_groups ({M}) needs model.moe.router.num_expert_groups")
+
+    @property
+    def normalized(self) -> bool:
+        """Whether the top-k weights are renormalised (`route_norm` resolved)."""
+        return self.score_func == "sigmoid" if self.route_norm is None else bool(self.route_norm)
+
+    def check_experts(self, num_experts: int, top_k: int) -> None:
+        """The rules that tie group-limited routing to the layer's experts (called by MoEConfig)."""
+        G, M = self.num_expert_groups, self.num_limited_groups
+        if not G:
+            return
+        if num_experts % G:
+            raise ValueError(f"model.moe.router.num_expert_groups ({G}) must divide model.moe.num_experts ({num_experts})")
+        per_group = num_experts // G
+        if top_k > M * per_group:
+            raise ValueError(f"model.moe.top_k ({top_k}) must be <= num_limited_groups x experts per group "
+                             f"({M} x {per_group}) of model.moe.router")
+        if self.group_score == "top2_sum" and per_group < 2:
+            raise ValueError(f"model.moe.router.group_score ('top2_sum') needs >= 2 experts per group; "
+                             f"num_experts ({num_experts}) / num_expert_groups ({G}) is {per_group}: use group_score=max")
+
+
+GROUP_SCORES = ("top2_sum", "max")
+AUX_LOSS_SCOPES = ("micro_batch", "sequence")
 
 
 @dataclass
@@ -48,6 +108,23 @@ class RouterOutput:
     aux_loss: torch.Tensor  # scalar, unscaled
     z_loss: torch.Tensor  # scalar, unscaled
     tokens_per_expert_E: torch.Tensor  # int64, token-slots routed to each expert
+
+
+def limit_to_groups(select_TE: torch.Tensor, num_groups: int, num_limited: int, group_score: str) -> torch.Tensor:
+    """Selection scores with every expert outside each token's `num_limited` best groups set to -inf.
+
+    Groups are consecutive expert ids (E / num_groups each). A group's score for a token is the sum of
+    its two best selection scores (`top2_sum`, DeepSeek-V3) or its best one (`max`, DeepSeek-V2).
+    """
+    T, E = select_TE.shape
+    select_TGX = select_TE.view(T, num_groups, E // num_groups)
+    if group_score == "top2_sum":
+        group_TG = select_TGX.topk(2, dim=-1).values.sum(dim=-1)
+    else:
+        group_TG = select_TGX.amax(dim=-1)
+    chosen_TM = group_TG.topk(num_limited, dim=-1).indices
+    outside_TG = torch.ones_like(group_TG, dtype=torch.bool).scatter_(1, chosen_TM, False)
+    return select_TGX.masked_fill(outside_TG.unsqueeze(-1), float("-inf")).view(T, E)
 
 
 def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -66,21 +143,34 @@ class TopKRouter(nn.Module):
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.register_buffer("bias_E", torch.zeros(num_experts))  # selection-only bias (aux-loss-free)
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> RouterOutput:
+        """x_TD: the tokens, sequence after sequence, `seq_len` each (needed for aux_loss_scope=sequence)."""
+        cfg = self.cfg
         logits_TE = self.gate(x_TD).float()
-        scores_TE = logits_TE.softmax(dim=-1) if self.cfg.score_func == "softmax" else logits_TE.sigmoid()
-        ids_TK = (scores_TE.detach() + self.bias_E).topk(self.top_k, dim=-1).indices
+        scores_TE = logits_TE.softmax(dim=-1) if cfg.score_func == "softmax" else logits_TE.sigmoid()
+        # 1. selection: the scores plus the balancing bias, limited to each token's best groups
+        select_TE = scores_TE.detach() + self.bias_E
+        if cfg.num_expert_groups:
+            select_TE = limit_to_groups(select_TE, cfg.num_expert_groups, cfg.num_limited_groups, cfg.group_score)
+        ids_TK = select_TE.topk(self.top_k, dim=-1).indices
+        # 2. combine weights: the chosen experts' scores (never the bias), renormalised and scaled
         weights_TK = scores_TE.gather(1, ids_TK)
-        if self.cfg.score_func == "sigmoid":
+        if cfg.normalized:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        if cfg.route_scale != 1.0:
+            weights_TK = weights_TK * cfg.route_scale
 
         num_tokens = x_TD.shape[0]
         counts_E = expert_counts(ids_TK.flatten(), self.num_experts)
         if num_tokens > 0:
-            # Switch aux loss: E * sum_e (fraction of slots routed to e) * (mean probability of e).
-            probs_TE = scores_TE if self.cfg.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
-            frac_E = counts_E.to(probs_TE.dtype) / (num_tokens * self.top_k)
-            aux = self.num_experts * (frac_E * probs_TE.mean(dim=0)).sum()
+            # Switch aux loss: E * sum_e (fraction of slots routed to e) * (mean probability of e),
+            # over the micro-batch, or per sequence and then averaged (DeepSeek-V3)
+            probs_TE = scores_TE if cfg.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
+            if cfg.aux_loss_scope == "sequence":
+                aux = self._sequence_aux(ids_TK, probs_TE, seq_len)
+            else:
+                frac_E = counts_E.to(probs_TE.dtype) / (num_tokens * self.top_k)
+                aux = self.num_experts * (frac_E * probs_TE.mean(dim=0)).sum()
             z = torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
         else:
             aux = z = logits_TE.sum() * 0.0
@@ -91,6 +181,18 @@ class TopKRouter(nn.Module):
             z_loss=z,
             tokens_per_expert_E=counts_E,
         )
+
+    def _sequence_aux(self, ids_TK: torch.Tensor, probs_TE: torch.Tensor, seq_len: int | None) -> torch.Tensor:
+        T, E = probs_TE.shape
+        if seq_len is None or seq_len < 1 or T % seq_len:
+            raise ValueError(f"aux_loss_scope='sequence' needs the tokens as whole sequences: {T} tokens, "
+                             f"seq_len {seq_len}")
+        B = T // seq_len
+        ids_BN = ids_TK.reshape(B, seq_len * self.top_k)
+        counts_BE = torch.zeros(B, E, dtype=probs_TE.dtype, device=probs_TE.device).scatter_add_(
+            1, ids_BN, torch.ones_like(ids_BN, dtype=probs_TE.dtype))
+        frac_BE = counts_BE / (seq_len * self.top_k)
+        return E * (frac_BE * probs_TE.view(B, seq_len, E).mean(dim=1)).sum(dim=1).mean()
 
     @torch.no_grad()
     def update_bias(self, global_counts_E: torch.Tensor) -> None:

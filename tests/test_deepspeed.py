@@ -239,6 +239,11 @@ def test_trainer_runs_deepspeed_moe(tmp_path):
     ({"parallel": {"engine": "deepspeed", "expert_sharding": "fssdp"}}, r"parallel.expert_sharding \('fssdp'\)"),
     ({"parallel": {"engine": "deepspeed"}, "capacity": 1.25}, r"model.moe.capacity_factor \(1.25\) must be 0"),
     ({"parallel": {"engine": "deepspeed"}, "plan": "round_robin"}, r"placement.plan \('round_robin'\)"),
+    ({"parallel": {"engine": "deepspeed"}, "router": {"route_scale": 2.5}}, r"model.moe.router.route_scale \(2.5\) must be 1"),
+    ({"parallel": {"engine": "deepspeed"}, "router": {"num_expert_groups": 4, "num_limited_groups": 2}},
+     r"model.moe.router.num_expert_groups \(4\) must be 0"),
+    ({"parallel": {"engine": "deepspeed"}, "router": {"aux_loss_scope": "sequence"}},
+     r"model.moe.router.aux_loss_scope \('sequence'\) must be 'micro_batch'"),
 ])
 def test_deepspeed_moe_refuses_what_it_cannot_do(override, field):
     from moesaic.parallel.config import ParallelConfig
@@ -246,7 +251,8 @@ def test_deepspeed_moe_refuses_what_it_cannot_do(override, field):
     from moesaic.trainer.config import TrainConfig
     from moesaic.trainer.model import ModelConfig
 
-    model = ModelConfig(moe_impl="deepspeed", moe={"capacity_factor": override.get("capacity", 0.0)})
+    model = ModelConfig(moe_impl="deepspeed", moe={"capacity_factor": override.get("capacity", 0.0),
+                                                   "router": override.get("router", {})})
     with pytest.raises(ValueError, match=field + r".* with model.moe_impl \(deepspeed\)"):
         TrainConfig(model=model, parallel=ParallelConfig(**override["parallel"]),
                     placement=PlacementConfig(plan=override.get("plan", "contiguous")))

@@ -43,6 +43,7 @@ def test_doctor_full_suite_matches_reference(nproc):
     names = [r["check"] for r in report["results"]]
     assert "ep/capacity-1.0" in names and "ep/zero-token-rank" in names and "all_to_all_single (uneven)" in names
     assert "fssdp/replicated" in names and "fssdp/no-remat" in names and "fssdp/2-experts" in names
+    assert "ep/groups+bias" in names and "ep/softmax-renormalised" in names
     for r in report["results"]:
         if "max_rel_diff" in r:
             assert r["max_rel_diff"] < 1e-5 and r["dropped"] == r["dropped_ref"], r
@@ -64,6 +65,7 @@ def test_doctor_detects_a_wrong_result():
     (4, ["--ep", 4, "--plan", "random"]),
     (4, ["--ep", 2, "--plan", "replicated"]),  # expert data parallelism (edp 2) and replicas
     (4, ["--ep", 4, "--plan", "replicated", "--router", "sigmoid"]),  # aux-loss-free bias updates
+    (4, ["--ep", 4, "--plan", "random", "--router", "grouped"]),  # group-limited routing, scaled weights
     (4, ["--ep", 2, "--plan", "replicated", "--micro", 2]),  # gradient accumulation
     (2, ["--ep", 2, "--plan", "replicated", "--ffn-dim", 10]),  # experts computed by the loop (unaligned)
 ])
@@ -155,6 +157,7 @@ def test_plan_file_that_does_not_fit_is_named(tmp_path):
     (4, ["--ep", 4, "--plan", "random", "--no-remat", "--change-plan-after", 2]),
     (4, ["--ep", 4, "--plan", "replicated", "--change-plan-after", 2]),
     (4, ["--ep", 2, "--plan", "replicated", "--router", "sigmoid", "--change-plan-after", 2]),  # two expert domains
+    (2, ["--ep", 2, "--plan", "replicated", "--router", "grouped", "--change-plan-after", 2]),
     (4, ["--ep", 4, "--plan", "replicated", "--reshard-after", 2]),  # owners move (Hecate Alg. 2)
     (4, ["--ep", 4, "--plan", "replicated", "--micro", 2]),  # gradient accumulation: nothing left unsent
     (4, ["--ep", 2, "--plan", "contiguous", "--micro", 2]),  # every expert at its owner: computed in place

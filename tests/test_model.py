@@ -188,7 +188,7 @@ def test_moe_block_equals_naive_per_token_reference(score_func):
         torch.testing.assert_close(route.weights_TK.sum(-1), torch.ones(10))
 
 
-@pytest.mark.parametrize("name", ["tiny", "default", "fine_grained"])
+@pytest.mark.parametrize("name", ["tiny", "default", "fine_grained", "grouped"])
 def test_backward_gives_gradients_in_reverse_registration_order(name):
     """`parallel.ddp_bucket_order=fixed` packs DDP's buckets in reverse registration order. For each
     shipped model that is the order in which a real backward produces the gradients, so the buckets

@@ -40,9 +40,23 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names it and says why."""
 
 
+_ROUTER_SINCE_V1 = {"route_norm": None, "route_scale": 1.0, "num_expert_groups": 0, "num_limited_groups": 0,
+                    "group_score": "top2_sum", "aux_loss_scope": "micro_batch"}
+"""Router fields added after the first checkpoints, at the values that compute what those did."""
+
+
 def _identity(model_cfg: dict) -> dict:
-    """The model config without what does not change the model's math (which kernels compute it)."""
+    """The model config without what does not change the model's math: which kernels compute it, and
+    router fields at the values that checkpoints from before those fields existed computed with
+    (route_norm is compared resolved: null for sigmoid is true; group_score only with groups)."""
     moe = {k: v for k, v in model_cfg.get("moe", {}).items() if k != "kernels"}
+    if "router" in moe:
+        router = dict(moe["router"])
+        if router.get("route_norm") is not None and router["route_norm"] == (router.get("score_func") == "sigmoid"):
+            router["route_norm"] = None
+        if not router.get("num_expert_groups"):  # without groups, how they would rank changes nothing
+            router.pop("group_score", None)
+        moe["router"] = {k: v for k, v in router.items() if not (k in _ROUTER_SINCE_V1 and v == _ROUTER_SINCE_V1[k])}
     return {**model_cfg, "moe": moe}
 
 

@@ -247,14 +247,19 @@ def _check_deepspeed_moe(cfg: "TrainConfig") -> None:
         (m.kernels == "torch", f"model.moe.kernels ({m.kernels!r}) must be 'torch'"),
         (m.router.score_func == "softmax", f"model.moe.router.score_func ({m.router.score_func!r}) must be 'softmax'"),
         (m.router.bias_update_rate == 0, f"model.moe.router.bias_update_rate ({m.router.bias_update_rate}) must be 0"),
+        (m.router.route_scale == 1, f"model.moe.router.route_scale ({m.router.route_scale}) must be 1"),
+        (not m.router.num_expert_groups, f"model.moe.router.num_expert_groups ({m.router.num_expert_groups}) must be 0"),
+        (m.router.aux_loss_scope == "micro_batch",
+         f"model.moe.router.aux_loss_scope ({m.router.aux_loss_scope!r}) must be 'micro_batch'"),
         (cfg.placement.plan == "contiguous", f"placement.plan ({cfg.placement.plan!r}) must be 'contiguous'"),
         (not cfg.placement.every_n_steps, f"placement.every_n_steps ({cfg.placement.every_n_steps}) must be 0"),
         (not cfg.placement.dynamic_replicas, f"placement.dynamic_replicas ({cfg.placement.dynamic_replicas}) must be 0"),
     ]
     for ok, rule in rules:
         if not ok:
-            raise ValueError(f"{rule} with model.moe_impl (deepspeed): DeepSpeed-MoE places experts contiguously, "
-                             "without drops or re-placement")
+            raise ValueError(f"{rule} with model.moe_impl (deepspeed): DeepSpeed-MoE's layer routes by softmax "
+                             "top-k without groups or scaling, and places experts contiguously, without drops or "
+                             "re-placement")
 
 
 def _check_triton_kernels(cfg: "TrainConfig") -> None:

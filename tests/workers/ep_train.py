@@ -49,7 +49,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ep", type=int, required=True)
     ap.add_argument("--plan", default="random")
-    ap.add_argument("--router", default="softmax")
+    ap.add_argument("--router", default="softmax", choices=["softmax", "sigmoid", "grouped"])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--sharding", default="resident", choices=["resident", "fssdp"])
     ap.add_argument("--no-remat", action="store_true")
@@ -64,7 +64,12 @@ def main():
     a = ap.parse_args()
     dist.init_process_group("gloo")
     W, rank = dist.get_world_size(), dist.get_rank()
-    router = RouterConfig(score_func=a.router, bias_update_rate=0.01 if a.router == "sigmoid" else 0.0)
+    router = {"softmax": RouterConfig(),
+              "sigmoid": RouterConfig(score_func="sigmoid", bias_update_rate=0.01),
+              # DeepSeek-V3's router: 4 groups of 2 experts, each token in its best 2, weights x2.5,
+              # the balance loss per sequence
+              "grouped": RouterConfig(score_func="sigmoid", bias_update_rate=0.01, route_scale=2.5,
+                                      num_expert_groups=4, num_limited_groups=2, aux_loss_scope="sequence")}[a.router]
     mcfg = ModelConfig(dim=32, num_layers=3, num_heads=2, max_seq_len=32, num_dense_layers=1,
                        moe=MoEConfig(num_experts=a.num_experts, top_k=2, ffn_dim=a.ffn_dim, num_shared_experts=1, router=router))
     torch.manual_seed(0)
