@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issues #4 and #8 as prepared runs for a lent H100/H200 (the device tool):
-#   bash bench/gpu_check.sh [next|layer|trainer|baseline]   # JSON and one log under $OUT (or bench/results)
+#   bash bench/gpu_check.sh [first|next|layer|trainer|baseline]   # JSON and one log under $OUT (or bench/results)
 # The library stores w13 = [w1; w3] since the fourth session; `--variant w1w3` (bench/gpu_variants.py)
 # is the layout before it, and `--variant fused` is `model.moe.kernels=triton`. The parts that
 # produced the second session's tables (overlap, ablate, confirm, w13check) are in git history
@@ -12,6 +12,9 @@
 # layer (about 4 minutes, one call): the Triton layer in bf16 against the loop, every grouped GEMM
 # of the layer alone, and the layer eager and compiled (torch and Triton kernels, w1w3, loop dW)
 # with kernel profiles.
+# first (about 10 minutes, one call; run this when a session gets one device call): what decides #4 and
+# #8 part 2: the Triton layer checked in bf16, the layer table eager and compiled (torch and Triton
+# kernels), whole steps at batch 8 with and without the Triton kernels, and the router options' cost.
 # trainer (about 5 minutes; first `bash bench/fetch_wheels.sh` here, and carry [".whl"]):
 # moesaic-doctor on one NCCL rank, the trainer's demo model in bf16 eager and compiled (FSSDP, EP,
 # DDP, FSSDP with the Triton kernels, and FSSDP with full activation checkpointing), and gpu_train's
@@ -23,7 +26,7 @@
 # pulp, hydra or wandb; the scripts import moesaic from this checkout). Each script prints and
 # writes every finished run as it goes, so a part cut off keeps those.
 set -u
-PART=${1:-next}
+PART=${1:-first}
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -65,6 +68,18 @@ curves_part() {  # the w13 loss question: bf16 against fp32, then 60-step curves
   python3 bench/loss_curves.py "$OUT"/gpu_train_curve_{blocks,blocks_again,w1w3,bf16m}.json 2>&1 | tee -a "$LOG"
   python3 bench/loss_curves.py "$OUT"/gpu_train_curve_{blocks_warm,w1w3_warm}.json 2>&1 | tee -a "$LOG"
 }
+if [ "$PART" = first ]; then
+  echo "## $(date +%T) the Triton layer against the loop (bf16)" | tee -a "$LOG"
+  timeout 90 python3 bench/fused_moe.py 2>&1 | tee -a "$LOG"
+  echo "## $(date +%T) expert layer: torch and Triton kernels, w1w3, eager and compiled" | tee -a "$LOG"
+  timeout 240 python3 bench/gpu_moe_layer.py --compiled --iters 10 --json "$OUT/gpu_moe_layer_fused.json" 2>&1 | tee -a "$LOG"
+  train gpu_train_best 100 --compile blocks --overlap-optimizer equal --batch 8
+  train gpu_train_best_fused 150 --compile blocks --overlap-optimizer equal --variant fused --batch 8
+  echo "## $(date +%T) router options" | tee -a "$LOG"
+  timeout 30 python3 bench/router_cost.py --json "$OUT/router_cost.json" 2>&1 | tee -a "$LOG"
+  echo "## $(date +%T) done" | tee -a "$LOG"
+  exit 0
+fi
 if [ "$PART" = next ] || [ "$PART" = layer ]; then
   if [ "$PART" = next ]; then steps_part; curves_part; else layer_part; fi
   echo "## $(date +%T) done" | tee -a "$LOG"
@@ -107,5 +122,5 @@ if [ "$PART" = baseline ]; then
   echo "## $(date +%T) done" | tee -a "$LOG"
   exit 0
 fi
-echo "gpu_check.sh: unknown part ($PART): next, layer, trainer or baseline" >&2
+echo "gpu_check.sh: unknown part ($PART): first, next, layer, trainer or baseline" >&2
 exit 2

@@ -21,6 +21,11 @@ class ParallelConfig:
     expert_sharding: str = "resident"
     """`resident` (each rank keeps the full weights of the experts it computes) or `fssdp` (Hecate:
     each expert has one owner; the computing ranks gather it every step)."""
+    token_dedup: bool = False
+    """Expert parallelism and FSSDP: send each token once to each rank that computes any of its experts
+    (DeepEP's dispatch), and sum its experts' weighted outputs there before one row goes back, instead
+    of one row per token-slot each way (Megatron's and DeepSpeed's all-to-all). Fewer bytes where a
+    token's experts share ranks; the same math (parallel/token_dedup.py)."""
     reshard_after_forward: bool = True
     """FSSDP re-materialization: free gathered expert weights after a layer's forward pass and gather
     them again for its backward pass."""

@@ -90,7 +90,7 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 def ep_layer_check(name: str, plan_kind: str, cfg: MoEConfig, mesh, *, dim: int = 32, tokens: int = 24, seed: int = 0,
                    bias: str | None = None, tol: float = 1e-5, inject_fault: bool = False,
-                   sharding: str = "resident", remat: bool = True) -> dict:
+                   sharding: str = "resident", remat: bool = True, token_dedup: bool = False) -> dict:
     """One EP (or FSSDP) layer against the reference: outputs, input gradients, expert and gate
     gradients. Under FSSDP the expert gradients are read at the owners after sparse_reduce_scatter."""
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -107,9 +107,9 @@ def ep_layer_check(name: str, plan_kind: str, cfg: MoEConfig, mesh, *, dim: int 
     plan = make_plan(plan_kind, cfg.num_experts, world, seed)
     if sharding == "fssdp":
         apply_fssdp(_OneLayer(moe), mesh, plan, capacity_factor=cfg.capacity_factor, reshard_after_forward=remat,
-                    grad_scale=1.0)  # the loss is a plain sum over ranks
+                    grad_scale=1.0, token_dedup=token_dedup)  # the loss is a plain sum over ranks
     else:
-        apply_expert_parallel(_OneLayer(moe), mesh, plan, capacity_factor=cfg.capacity_factor)
+        apply_expert_parallel(_OneLayer(moe), mesh, plan, capacity_factor=cfg.capacity_factor, token_dedup=token_dedup)
 
     def data(r):
         g = torch.Generator().manual_seed(seed * 1000 + r)
@@ -194,10 +194,12 @@ def collectives_check(device: torch.device = torch.device("cpu")) -> list[dict]:
 
 
 def suite(kind: str) -> list[tuple]:
-    """(name, plan kind, MoE config, router bias, sharding, re-materialization)."""
+    """(name, plan kind, MoE config, router bias, sharding, re-materialization, token dedup)."""
     base = MoEConfig(num_experts=8, top_k=2, ffn_dim=16)
+    fine = MoEConfig(num_experts=16, top_k=4, ffn_dim=8, num_shared_experts=1)
     checks = [(f"ep/{p}", p, base, None) for p in ("contiguous", "random", "replicated")]
     checks += [(f"fssdp/{p}", p, base, None, "fssdp") for p in ("contiguous", "random", "replicated")]
+    checks += [("ep/token-dedup", "replicated", fine, None, None, None, True)]
     if kind == "full":
         sig = replace(base, router=RouterConfig(score_func="sigmoid"))
         grouped = replace(base, router=RouterConfig(score_func="sigmoid", route_scale=2.5, num_expert_groups=4,
@@ -211,14 +213,17 @@ def suite(kind: str) -> list[tuple]:
             ("ep/zero-token-rank", "zero-rank", base, None),
             ("ep/capacity-1.0", "replicated", replace(base, capacity_factor=1.0), None),
             ("ep/capacity-0.5-top1", "random", replace(base, top_k=1, capacity_factor=0.5), None),
-            ("ep/shared+fine-grained", "random", MoEConfig(num_experts=16, top_k=4, ffn_dim=8, num_shared_experts=1), None),
+            ("ep/shared+fine-grained", "random", fine, None),
+            ("ep/token-dedup-capacity-1.0", "random", replace(fine, capacity_factor=1.0), None, None, None, True),
+            ("ep/token-dedup-zero-token-rank", "zero-rank", base, "starve-last", None, None, True),
+            ("fssdp/token-dedup", "replicated", fine, None, "fssdp", None, True),
             ("fssdp/no-remat", "replicated", base, None, "fssdp", False),
             ("fssdp/zero-token-rank", "zero-rank", base, None, "fssdp"),
             ("fssdp/capacity-1.0", "random", replace(base, capacity_factor=1.0), None, "fssdp"),
             # beyond 2 ranks some own no expert and some compute none
             ("fssdp/2-experts", "contiguous", replace(base, num_experts=2), None, "fssdp"),
         ]
-    return [c + (None,) * (6 - len(c)) for c in checks]
+    return [c + (None,) * (7 - len(c)) for c in checks]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,10 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = collectives_check(device)
         mesh = _mesh(dist.get_world_size(), device)
-        for name, plan_kind, cfg, bias, sharding, remat in suite(a.suite):
+        for name, plan_kind, cfg, bias, sharding, remat, dedup in suite(a.suite):
             cfg = replace(cfg, kernels=a.kernels)
             results.append(ep_layer_check(name, plan_kind, cfg, mesh, bias=bias, tol=a.tol, inject_fault=a.inject_fault,
-                                          sharding=sharding or "resident", remat=remat is not False))
+                                          sharding=sharding or "resident", remat=remat is not False,
+                                          token_dedup=bool(dedup)))
         ok = all(r["ok"] for r in results)
         if dist.get_rank() == 0:
             if a.json:

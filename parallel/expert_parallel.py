@@ -23,6 +23,7 @@ from torch import nn
 from moesaic.parallel.all_to_all import all_gather_single, all_to_all, exchange_counts
 from moesaic.parallel.experts import EXPERT_WEIGHTS, GroupedExperts, combine_slots, gather_slots
 from moesaic.parallel.router import RouterOutput, expert_counts
+from moesaic.parallel.token_dedup import dedup_dispatch
 from moesaic.placement.plan import Placement, check_fits
 
 log = logging.getLogger(__name__)
@@ -86,9 +87,10 @@ class ExpertParallelDispatcher(nn.Module):
     """route -> permute by destination -> exchange counts -> all-to-all -> group by local expert ->
     grouped GEMM -> reverse all-to-all -> un-permute -> weighted combine."""
 
-    def __init__(self, plan: LayerPlan, group, *, capacity_factor: float = 0.0):
+    def __init__(self, plan: LayerPlan, group, *, capacity_factor: float = 0.0, token_dedup: bool = False):
         super().__init__()
         self.plan, self.group, self.capacity_factor = plan, group, capacity_factor
+        self.token_dedup = token_dedup  # each token once per destination rank (parallel/token_dedup.py)
         pad, n, local = plan.tables()
         self.register_buffer("holders_pad", pad, persistent=False)
         self.register_buffer("num_holders", n, persistent=False)
@@ -107,8 +109,13 @@ class ExpertParallelDispatcher(nn.Module):
         # 2. pick each slot's destination: a local replica, else replicas in turn by slot index
         pick = self.holders_pad[ids_N, slot % self.num_holders[ids_N]]
         dest_N = torch.where(self.is_local[ids_N], torch.full_like(pick, me), pick)
-        # 3. permute the kept slots by (destination, expert): the receiver's local experts are id-sorted
         kept = torch.nonzero(keep_N).flatten()
+        if self.token_dedup:
+            out_TD, self.counters = dedup_dispatch(x_TD, route.weights_TK, ids_N, dest_N, kept, experts,
+                                                   self.local_experts, me, P, E, self.group, _source_to_expert_major)
+            self.counters["dropped"] = int((~keep_N).sum())
+            return out_TD
+        # 3. permute the kept slots by (destination, expert): the receiver's local experts are id-sorted
         order = kept[torch.argsort(dest_N[kept] * E + ids_N[kept], stable=True)]
         x_send = gather_slots(x_TD, order, K, experts.kernels)
         # 4. exchange the (destination, expert) counts
@@ -158,7 +165,8 @@ def layer_plans(plan: Placement, ep_rank: int) -> list[LayerPlan]:
     return [LayerPlan(tuple(layer), ep_rank, plan.num_gpus) for layer in plan.placement]
 
 
-def apply_expert_parallel(model: nn.Module, mesh, plan: Placement, *, capacity_factor: float = 0.0) -> list[str]:
+def apply_expert_parallel(model: nn.Module, mesh, plan: Placement, *, capacity_factor: float = 0.0,
+                          token_dedup: bool = False) -> list[str]:
     """Keep on this rank only the experts that `plan` gives its EP rank, and route tokens to the others
     by all-to-all. `mesh` is a 2-D DeviceMesh ("edp", "ep"). Returns the names of the expert
     parameters and plan buffers, which differ across ranks (to keep them out of DDP). The model
@@ -177,7 +185,8 @@ def apply_expert_parallel(model: nn.Module, mesh, plan: Placement, *, capacity_f
                 getattr(sub, name).copy_(getattr(full, name)[local])
         sub.expert_ids = local
         moe.experts = sub
-        moe.dispatcher = ExpertParallelDispatcher(lp, ep_group, capacity_factor=capacity_factor).to(dev)
+        moe.dispatcher = ExpertParallelDispatcher(lp, ep_group, capacity_factor=capacity_factor,
+                                                  token_dedup=token_dedup).to(dev)
         moe.layer_plan = lp
     names += [n for n, _ in model.named_parameters() if ".experts." in n]
     names += [n for n, _ in model.named_buffers() if ".dispatcher." in n]  # per-rank plan tables
@@ -286,6 +295,7 @@ def migrate_resident(model: nn.Module, optimizer: torch.optim.Optimizer, plan: P
         sub.expert_ids = new.local_experts
         moe.experts = sub
         old_dispatcher = moe.dispatcher
-        moe.dispatcher = ExpertParallelDispatcher(new, old_dispatcher.group, capacity_factor=old_dispatcher.capacity_factor)
+        moe.dispatcher = ExpertParallelDispatcher(new, old_dispatcher.group, capacity_factor=old_dispatcher.capacity_factor,
+                                                  token_dedup=old_dispatcher.token_dedup)
         moe.layer_plan = new
     return sent

@@ -320,7 +320,8 @@ class FSSDPDispatcher(ExpertParallelDispatcher):
 
 
 def apply_fssdp(model: nn.Module, mesh, plan: Placement, *, reshard_after_forward: bool = True, prefetch: bool = True,
-                capacity_factor: float = 0.0, owners: np.ndarray | None = None, grad_scale: float | None = None) -> list[str]:
+                capacity_factor: float = 0.0, owners: np.ndarray | None = None, grad_scale: float | None = None,
+                token_dedup: bool = False) -> list[str]:
     """Shard every MoE layer's experts over the "ep" axis of `mesh` (one owner per expert: `owners`,
     (E,) for every layer or (L, E); default even contiguous shards) and compute them where `plan` says.
     The model must hold every expert, as built (identical on every rank).
@@ -343,7 +344,7 @@ def apply_fssdp(model: nn.Module, mesh, plan: Placement, *, reshard_after_forwar
         store.grad_scale = 1.0 / dist.get_world_size() if grad_scale is None else grad_scale
         store.edp_group = mesh.get_group("edp") if mesh.ndim > 1 else None
         moe.experts = store
-        moe.dispatcher = FSSDPDispatcher(lp, ep_group, capacity_factor=capacity_factor)
+        moe.dispatcher = FSSDPDispatcher(lp, ep_group, capacity_factor=capacity_factor, token_dedup=token_dedup)
         moe.layer_plan = lp
         stores.append(store)
     for a, b in zip(stores, stores[1:]):
@@ -365,7 +366,7 @@ def set_fssdp_plan(model: nn.Module, plan: Placement) -> None:
         moe.experts.set_plan(lp)
         moe.layer_plan = lp
         old = moe.dispatcher
-        moe.dispatcher = FSSDPDispatcher(lp, old.group, capacity_factor=old.capacity_factor)
+        moe.dispatcher = FSSDPDispatcher(lp, old.group, capacity_factor=old.capacity_factor, token_dedup=old.token_dedup)
 
 
 def fssdp_reduce_scatter(model: nn.Module) -> None:

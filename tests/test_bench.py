@@ -305,3 +305,23 @@ def test_master_adamw_accumulates_micro_batches_in_fp32():
     ref.step()
     assert torch.allclose(mine.masters[0], q, atol=1e-7) and mine.masters[0].grad is None
     assert torch.equal(p.detach(), q.detach().to(torch.bfloat16))
+
+
+def test_router_cost_tiny(tmp_path):
+    out = run("router_cost.py", "--tokens", 256, "--dim", 32, "--seq-len", 64, "--iters", 1, "--json", tmp_path / "r.json")
+    assert "| deepseek-v3-like | sigmoid + bias, groups" in out
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    for r in rows:  # 8 groups, 4 allowed: the limit holds, and without it tokens spread wider
+        assert r["max"] <= 4 if "groups" in r["router"] else r["max"] > 4, r
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_token_dedup_bench_tiny(tmp_path):
+    out = run("token_dedup.py", "--nproc", 2, "--steps", 3, "--rounds", 1, "--models", "tiny", "--extra", "experiment=smoke",
+              "--json", tmp_path / "t.json", timeout=600)
+    assert "| synthetic deepseek-v3" in out and "| tiny  | token_dedup" in out
+    r = json.loads((tmp_path / "t.json").read_text())
+    assert all(0 < x["rows per slot"] <= 1 for x in r["routing"])
+    slots, dedup = r["train"]
+    assert dedup["a2a MiB/step"] < slots["a2a MiB/step"] and abs(dedup["last loss"] - slots["last loss"]) < 1e-4

@@ -66,6 +66,8 @@ def test_doctor_detects_a_wrong_result():
     (4, ["--ep", 2, "--plan", "replicated"]),  # expert data parallelism (edp 2) and replicas
     (4, ["--ep", 4, "--plan", "replicated", "--router", "sigmoid"]),  # aux-loss-free bias updates
     (4, ["--ep", 4, "--plan", "random", "--router", "grouped"]),  # group-limited routing, scaled weights
+    (4, ["--ep", 4, "--plan", "replicated", "--num-experts", 16, "--dedup"]),  # each token once per rank
+    (4, ["--ep", 2, "--plan", "random", "--dedup", "--micro", 2]),  # edp 2, accumulation
     (4, ["--ep", 2, "--plan", "replicated", "--micro", 2]),  # gradient accumulation
     (2, ["--ep", 2, "--plan", "replicated", "--ffn-dim", 10]),  # experts computed by the loop (unaligned)
 ])
@@ -81,6 +83,8 @@ def test_adamw_steps_match_single_process(tmp_path, nproc, args):
         assert s["max_param_diff"] < 1e-5, s
     assert report["recorder_P_diff"] == 0 and report["recorder_W_diff"] == 0
     assert report["recorder_tokens"][0] == report["recorder_tokens"][1] > 0
+    if "--dedup" in args:  # a token whose experts share a rank went there once
+        assert all(0 < s["rows_sent"] < s["slots_sent"] for s in report["steps"]), report["steps"]
 
 
 @pytest.mark.slow
@@ -157,7 +161,7 @@ def test_plan_file_that_does_not_fit_is_named(tmp_path):
     (4, ["--ep", 4, "--plan", "random", "--no-remat", "--change-plan-after", 2]),
     (4, ["--ep", 4, "--plan", "replicated", "--change-plan-after", 2]),
     (4, ["--ep", 2, "--plan", "replicated", "--router", "sigmoid", "--change-plan-after", 2]),  # two expert domains
-    (2, ["--ep", 2, "--plan", "replicated", "--router", "grouped", "--change-plan-after", 2]),
+    (2, ["--ep", 2, "--plan", "replicated", "--router", "grouped", "--change-plan-after", 2, "--dedup"]),
     (4, ["--ep", 4, "--plan", "replicated", "--reshard-after", 2]),  # owners move (Hecate Alg. 2)
     (4, ["--ep", 4, "--plan", "replicated", "--micro", 2]),  # gradient accumulation: nothing left unsent
     (4, ["--ep", 2, "--plan", "contiguous", "--micro", 2]),  # every expert at its owner: computed in place
@@ -188,3 +192,25 @@ def test_fssdp_steps_match_single_process(tmp_path, nproc, args):
     # one global copy: the owned expert tensors over all ranks add up to every expert once per domain
     assert report["expert_numel_all_ranks"] == report["expert_numel_one_copy"] * report["num_domains"]
     assert report["recorder_P_diff"] == 0 and report["recorder_W_diff"] == 0
+    if "--dedup" in args:
+        assert all(0 < s["rows_sent"] < s["slots_sent"] for s in steps), steps
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_token_dedup_trains_as_slots_do_and_moves_fewer_bytes(tmp_path):
+    """parallel.token_dedup under the trainer (FSSDP, 2 ranks, 16 experts top-4, model=grouped's
+    router): the same losses as one row per token-slot, within float rounding (the combine sums in
+    another order), and fewer all-to-all bytes."""
+    common = ["experiment=smoke", "model=grouped", "model.dim=32", "model.moe.num_experts=16", "model.moe.ffn_dim=16",
+              "model.moe.router.num_expert_groups=4", "model.moe.router.num_limited_groups=2", "steps=8",
+              "optim.warmup_steps=2", "logging.log_every=1", f"logging.out_dir={tmp_path}"]
+    runs = {}
+    for dedup in (False, True):
+        torchrun(2, [*common, f"logging.run_name=dedup-{dedup}", f"parallel.token_dedup={dedup}"])
+        runs[dedup] = [r for r in read_metrics(tmp_path / f"dedup-{dedup}") if r["kind"] == "train"]
+    slots, rows = runs[False], runs[True]
+    assert [r["step"] for r in slots] == [r["step"] for r in rows] == list(range(1, 9))
+    for a, b in zip(slots, rows):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 * abs(a["loss"]), (a["loss"], b["loss"])
+        assert 0 < b["a2a_bytes"] < a["a2a_bytes"], (a["a2a_bytes"], b["a2a_bytes"])

@@ -216,6 +216,11 @@ class TrainConfig:
                 f"placement.dynamic_replicas ({self.placement.dynamic_replicas}) needs parallel.expert_sharding=fssdp: "
                 "only there does a per-step plan change move nothing"
             )
+        if self.parallel.token_dedup and every_expert_everywhere:
+            raise ValueError(
+                f"parallel.token_dedup ({self.parallel.token_dedup}) needs expert parallelism: with parallel.ep_size (1) "
+                "and resident experts no token leaves its rank; set parallel.ep_size != 1 or parallel.expert_sharding=fssdp"
+            )
         if self.parallel.reshard_every_n_steps and self.parallel.expert_sharding != "fssdp":
             raise ValueError(
                 f"parallel.reshard_every_n_steps ({self.parallel.reshard_every_n_steps}) needs parallel.expert_sharding=fssdp"
@@ -251,6 +256,7 @@ def _check_deepspeed_moe(cfg: "TrainConfig") -> None:
         (not m.router.num_expert_groups, f"model.moe.router.num_expert_groups ({m.router.num_expert_groups}) must be 0"),
         (m.router.aux_loss_scope == "micro_batch",
          f"model.moe.router.aux_loss_scope ({m.router.aux_loss_scope!r}) must be 'micro_batch'"),
+        (not p.token_dedup, f"parallel.token_dedup ({p.token_dedup}) must be false"),
         (cfg.placement.plan == "contiguous", f"placement.plan ({cfg.placement.plan!r}) must be 'contiguous'"),
         (not cfg.placement.every_n_steps, f"placement.every_n_steps ({cfg.placement.every_n_steps}) must be 0"),
         (not cfg.placement.dynamic_replicas, f"placement.dynamic_replicas ({cfg.placement.dynamic_replicas}) must be 0"),

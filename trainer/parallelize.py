@@ -261,9 +261,9 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
                 even = np.tile(even_owners(plan.num_experts(), ep), (plan.num_layers, 1))
                 owners = aligned_owners(plan, even)  # a fresh model holds every expert: this moves nothing
             ignored = apply_fssdp(model, mesh, plan, reshard_after_forward=pc.reshard_after_forward,
-                                  prefetch=pc.prefetch, capacity_factor=cf, owners=owners)
+                                  prefetch=pc.prefetch, capacity_factor=cf, owners=owners, token_dedup=pc.token_dedup)
         else:
-            ignored = apply_expert_parallel(model, mesh, plan, capacity_factor=cf)
+            ignored = apply_expert_parallel(model, mesh, plan, capacity_factor=cf, token_dedup=pc.token_dedup)
         DDP._set_params_and_buffers_to_ignore_for_model(model, ignored)
     align = plan is not None and pc.expert_sharding == "fssdp" and align_owners(cfg)
     if pc.engine == "deepspeed":  # the engine is built with the optimizer (build_optimizer)

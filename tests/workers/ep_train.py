@@ -60,6 +60,7 @@ def main():
     ap.add_argument("--bf16", action="store_true", help="forward passes (both sides) under bf16 autocast")
     ap.add_argument("--ffn-dim", type=int, default=16, help="10: breaks torch._grouped_mm's 16-byte rule (the loop path)")
     ap.add_argument("--num-experts", type=int, default=8, help="2 at 4 ranks: ranks that own and compute none")
+    ap.add_argument("--dedup", action="store_true", help="parallel.token_dedup: each token once per destination rank")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     dist.init_process_group("gloo")
@@ -78,7 +79,8 @@ def main():
     plan = make_plan(a.plan, a.num_experts, a.ep, seed=3, num_layers=mcfg.num_moe_layers)
 
     class _Cfg:  # the fields parallelize reads
-        parallel = ParallelConfig(ep_size=a.ep, expert_sharding=a.sharding, reshard_after_forward=not a.no_remat)
+        parallel = ParallelConfig(ep_size=a.ep, expert_sharding=a.sharding, reshard_after_forward=not a.no_remat,
+                                  token_dedup=a.dedup)
 
         class placement:
             align_owners = a.align
@@ -151,6 +153,9 @@ def main():
         dist.all_reduce(counts)
         for m, c in zip(model.moe_layers(), counts):
             m.router.update_bias(c)
+        moved = torch.tensor([[m.dispatcher.counters.get(k, 0) for k in ("tokens_sent", "slots_sent")]
+                              for m in model.moe_layers()], dtype=torch.float64).sum(0)
+        dist.all_reduce(moved)  # rows and token-slots that left their rank (the last micro-batch's)
         loss = torch.tensor([sum(losses) / a.micro], dtype=torch.float64)
         dist.all_reduce(loss)
         gbytes = torch.tensor([_bytes(model, "gather") - gather_before], dtype=torch.float64)
@@ -195,7 +200,8 @@ def main():
                 diffs[f"moe{li}.{n}"] = float((full - getattr(ref.moe_layers()[li].experts, n).detach()).abs().max())
             report["steps"].append({"loss": float(loss) / W, "ref_loss": float(total), "norm": float(norm),
                                     "ref_norm": float(ref_norm), "max_param_diff": max(diffs.values()),
-                                    "gather_bytes": float(gbytes),
+                                    "gather_bytes": float(gbytes), "rows_sent": float(moved[0]),
+                                    "slots_sent": float(moved[1]),
                                     "worst": max(diffs, key=diffs.get)})
     report["expert_input_dtypes"] = sorted(seen_dtypes)
     report["param_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
