@@ -100,10 +100,11 @@ def dedup_dispatch(x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_N: torch.Te
     recv_PE, recv_rows_P = recv[:, :E], recv[:, E]
     rows_in, rows_out = rows_P.tolist(), recv_rows_P.tolist()
     slots_in, slots_out = send_PE.sum(1).tolist(), recv_PE.sum(1).tolist()
-    # 4. the rows, and each slot's row index and weight, to the expert ranks
+    # 4. the rows to the expert ranks; then each slot's row index and weight, as one float64 pair
+    #    (exact for both; the weight's gradient comes back through the same all-to-all)
     x_recv = all_to_all(gather_slots(x_TD, row_slot, K, experts.kernels), rows_out, rows_in, group)
-    rel_recv = all_to_all(rel_S, slots_out, slots_in, group)
-    w_recv = all_to_all(w_S, slots_out, slots_in, group)
+    meta = all_to_all(torch.stack([rel_S.double(), w_S.double()], 1), slots_out, slots_in, group)
+    rel_recv, w_recv = meta[:, 0].long(), meta[:, 1].to(x_TD.dtype)
     # 5. expand rows to slots, regroup expert-major, grouped GEMM, weigh, sum each row's slots
     src_S = torch.repeat_interleave(torch.arange(P, device=dev), recv_PE.sum(1), output_size=rel_recv.numel())
     recv_row_start = torch.cumsum(recv_rows_P, 0) - recv_rows_P
@@ -128,8 +129,8 @@ def dedup_dispatch(x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_N: torch.Te
         "tokens_sent": rows_away,
         "tokens_received": sum(c for s, c in enumerate(rows_out) if s != me),
         "slots_sent": slots_away,
-        # the rows each way, and each slot's row index (int64) and weight on the way out
-        "a2a_bytes": 2 * row_bytes * rows_away + (8 + w_S.element_size()) * slots_away,
+        # the rows each way, and each slot's (row index, weight) on the way out
+        "a2a_bytes": 2 * row_bytes * rows_away + meta.element_size() * 2 * slots_away,
         "tokens_per_local_expert": cnt_PL.sum(0).tolist(),
     }
     return out_TD, counters

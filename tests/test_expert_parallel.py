@@ -92,6 +92,7 @@ def test_adamw_steps_match_single_process(tmp_path, nproc, args):
 @pytest.mark.parametrize("nproc,args", [
     (2, ["--ep", 2, "--plan", "replicated"]),
     (4, ["--ep", 2, "--plan", "replicated", "--sharding", "fssdp"]),
+    (2, ["--ep", 2, "--plan", "replicated", "--num-experts", 16, "--dedup"]),  # weights travel in float64
 ])
 def test_bf16_autocast_steps_track_single_process(tmp_path, nproc, args):
     """parallel.mixed_precision=bf16: both sides under bf16 autocast, fp32 master weights. bf16
