@@ -23,7 +23,7 @@ from torch import nn
 from moesaic.parallel.all_to_all import all_gather_single, all_to_all, exchange_counts
 from moesaic.parallel.experts import EXPERT_WEIGHTS, GroupedExperts, combine_slots, gather_slots
 from moesaic.parallel.router import RouterOutput, expert_counts
-from moesaic.parallel.token_dedup import dedup_dispatch
+from moesaic.parallel.token_dedup import dedup_dispatch, local_index_table
 from moesaic.placement.plan import Placement, check_fits
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,8 @@ class ExpertParallelDispatcher(nn.Module):
         super().__init__()
         self.plan, self.group, self.capacity_factor = plan, group, capacity_factor
         self.token_dedup = token_dedup  # each token once per destination rank (parallel/token_dedup.py)
+        if token_dedup:
+            self.register_buffer("local_index_PE", local_index_table(plan.holders, plan.ep_size), persistent=False)
         pad, n, local = plan.tables()
         self.register_buffer("holders_pad", pad, persistent=False)
         self.register_buffer("num_holders", n, persistent=False)
@@ -111,8 +113,8 @@ class ExpertParallelDispatcher(nn.Module):
         dest_N = torch.where(self.is_local[ids_N], torch.full_like(pick, me), pick)
         kept = torch.nonzero(keep_N).flatten()
         if self.token_dedup:
-            out_TD, self.counters = dedup_dispatch(x_TD, route.weights_TK, ids_N, dest_N, kept, experts,
-                                                   self.local_experts, me, P, E, self.group, _source_to_expert_major)
+            out_TD, self.counters = dedup_dispatch(x_TD, route.weights_TK, dest_N, kept, self.local_index_PE, ids_N,
+                                                   experts, len(self.local_experts), me, P, self.group)
             self.counters["dropped"] = int((~keep_N).sum())
             return out_TD
         # 3. permute the kept slots by (destination, expert): the receiver's local experts are id-sorted

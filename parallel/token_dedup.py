@@ -1,15 +1,19 @@
 """Token-deduplicated dispatch (`parallel.token_dedup`): each token travels once to each rank that
 computes any of its experts, as DeepEP dispatches, instead of once per token-slot as Megatron's and
-DeepSpeed's all-to-all do. The expert rank expands the row to the token's slots there, computes them,
-and sums their weighted outputs, so one row goes back as well. The slots' combine weights travel with
-the rows (one value per slot), and their gradients come back the same way.
+DeepSpeed's all-to-all do. The expert rank copies the row to the token's slots there, computes them,
+and sums their weighted outputs, so one row goes back as well.
+
+Each row carries its slots beside the token: K columns of combine weights (their gradients come back
+through the same all-to-all) and K columns holding the destination's local expert index of each slot
+(-1 where the row has fewer slots), stored bit for bit in the row's dtype. So a layer moves one
+all-to-all each way, as the per-slot dispatch does, with 2K more columns per row.
 
 A token whose k experts sit on r distinct ranks moves r rows each way instead of k: fewer bytes where
-fine-grained experts share ranks (e.g. 64 experts, top-6, 8 ranks: 4.5 distinct ranks per token on
-uniform routing). The math is the layer's; only the order of the combine's sum changes.
+fine-grained experts share ranks (bench/token_dedup.py). The math is the layer's; only the order of
+the combine's sum changes.
 
 Legend: T local tokens, K top-k, N = T*K token-slots, D model dim, E experts, P ep ranks,
-R rows (one per token and destination rank), S slots received, J the most slots one row has here.
+R rows (one per token and destination rank), J the most slots one received row has.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ import torch
 
 from moesaic.parallel.all_to_all import all_to_all, exchange_counts
 from moesaic.parallel.experts import combine_slots, gather_slots, put_rows, take_rows
+from moesaic.parallel.router import expert_counts
+
+_INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class _RowsToSlots(torch.autograd.Function):
-    """slots_SD = rows_RD[row_S]: each received row copied to its slots. The backward sums each row's
-    slot gradients through a (R, J) layout (slot s at row_S * J + pos_S): no atomics, deterministic."""
+    """slots = rows[row_S]: each received row copied to its slots. The backward sums each row's slot
+    gradients through a (R, J) layout (slot s at row_S * J + pos_S): no atomics, deterministic."""
 
     @staticmethod
     def forward(ctx, rows_RD, row_S, pos_S, J):
@@ -37,7 +44,7 @@ class _RowsToSlots(torch.autograd.Function):
 
 
 class _SlotsToRows(torch.autograd.Function):
-    """rows_RD[r] = sum of the slots of row r (the adjoint of `_RowsToSlots`)."""
+    """rows[r] = the sum of row r's slots (the adjoint of `_RowsToSlots`)."""
 
     @staticmethod
     def forward(ctx, slots_SD, row_S, pos_S, R, J):
@@ -52,85 +59,74 @@ class _SlotsToRows(torch.autograd.Function):
 
 def _sum_into_rows(slots_SD, row_S, pos_S, R, J):
     D = slots_SD.shape[-1]
+    if J == 1:  # one slot per row: a permutation
+        return put_rows(slots_SD.new_empty(R, D), row_S, slots_SD)
     buf = put_rows(slots_SD.new_zeros(R * J, D), row_S * J + pos_S, slots_SD.contiguous())
     return buf.view(R, J, D).sum(1)
 
 
-def _positions(row_S: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Each slot's index among the slots of its row (0, 1, ...), and the most slots one row has."""
-    if row_S.numel() == 0:
-        return row_S.clone(), 1
-    order = torch.argsort(row_S, stable=True)
-    sorted_rows = row_S[order]
-    new_run = torch.ones_like(sorted_rows, dtype=torch.bool)
-    new_run[1:] = sorted_rows[1:] != sorted_rows[:-1]
-    idx = torch.arange(row_S.numel(), device=row_S.device)
-    run_start = torch.cummax(torch.where(new_run, idx, torch.zeros_like(idx)), 0).values
-    pos = torch.empty_like(row_S)
-    pos[order] = idx - run_start
-    return pos, int(pos.max()) + 1
+def local_index_table(holders, num_ranks: int) -> torch.Tensor:
+    """(P, E) int64: expert e's index among rank d's local experts (sorted by id), -1 where d lacks e."""
+    table = torch.full((num_ranks, len(holders)), -1, dtype=torch.int64)
+    for d in range(num_ranks):
+        mine = [e for e, h in enumerate(holders) if d in h]
+        table[d, mine] = torch.arange(len(mine))
+    return table
 
 
-def dedup_dispatch(x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_N: torch.Tensor, dest_N: torch.Tensor,
-                   kept: torch.Tensor, experts, local_experts: list[int], me: int, P: int, E: int, group,
-                   source_to_expert_major) -> tuple[torch.Tensor, dict]:
+def dedup_dispatch(x_TD: torch.Tensor, weights_TK: torch.Tensor, dest_N: torch.Tensor, kept: torch.Tensor,
+                   local_index_PE: torch.Tensor, ids_N: torch.Tensor, experts, num_local: int, me: int, P: int,
+                   group) -> tuple[torch.Tensor, dict]:
     """The layer's output (T, D) and its counters, sending each (token, destination rank) once."""
     T, K = weights_TK.shape
-    dev = ids_N.device
+    D, dev, dtype = x_TD.shape[-1], ids_N.device, x_TD.dtype
     # 1. rows: one per (destination, token), ordered by destination then token; the first kept slot of
-    #    each pair names it (slot ids are token-major, so sorting by (dest, slot) groups the pairs)
+    #    each pair names it (slot ids are token-major, so sorting by (dest, slot) groups a pair's slots)
     by_pair = kept[torch.argsort(dest_N[kept] * (T * K) + kept, stable=True)]
     tok, dst = by_pair // K, dest_N[by_pair]
     first = torch.ones_like(by_pair, dtype=torch.bool)
     first[1:] = (tok[1:] != tok[:-1]) | (dst[1:] != dst[:-1])
     row_slot = by_pair[first]
-    row_of_slot = torch.full((T * K,), -1, dtype=torch.int64, device=dev)
-    row_of_slot[by_pair] = torch.cumsum(first.long(), 0) - 1
+    R = row_slot.numel()
+    row_of = torch.cumsum(first.long(), 0) - 1
+    idx = torch.arange(by_pair.numel(), device=dev)
+    pos = idx - torch.cummax(torch.where(first, idx, torch.zeros_like(idx)), 0).values  # slot's place in its row
+    # 2. each row's slots: the destination's local expert index and the combine weight, K columns each
+    at = row_of * K + pos
+    lid_RK = torch.full((R * K,), -1, dtype=torch.int64, device=dev).index_put_((at,), local_index_PE[dst, ids_N[by_pair]])
+    w_RK = torch.zeros(R * K, dtype=dtype, device=dev).index_put((at,), weights_TK.reshape(-1)[by_pair].to(dtype))
+    as_int = _INT_OF_SIZE[x_TD.element_size()]
+    payload = torch.cat([gather_slots(x_TD, row_slot, K, experts.kernels), w_RK.view(R, K),
+                         lid_RK.to(as_int).view(dtype).view(R, K)], 1)
+    # 3. exchange the row counts, then the rows to the expert ranks
     rows_P = torch.zeros(P, dtype=torch.int64, device=dev).index_add_(0, dst[first], torch.ones_like(row_slot))
-    row_start_P = torch.cumsum(rows_P, 0) - rows_P
-    # 2. slots: ordered by (destination, expert) as the receiver's experts want them; each names its row
-    #    within its destination's block, and carries its combine weight
-    order = kept[torch.argsort(dest_N[kept] * E + ids_N[kept], stable=True)]
-    rel_S = row_of_slot[order] - row_start_P[dest_N[order]]
-    w_S = weights_TK.reshape(-1)[order].to(x_TD.dtype)
-    # 3. exchange the (destination, expert) slot counts and the row counts, in one all-to-all
-    send_PE = torch.zeros(P, E, dtype=torch.int64, device=dev)
-    send_PE.index_put_((dest_N[order], ids_N[order]), torch.ones_like(order), accumulate=True)
-    recv = exchange_counts(torch.cat([send_PE, rows_P[:, None]], 1), group)
-    recv_PE, recv_rows_P = recv[:, :E], recv[:, E]
-    rows_in, rows_out = rows_P.tolist(), recv_rows_P.tolist()
-    slots_in, slots_out = send_PE.sum(1).tolist(), recv_PE.sum(1).tolist()
-    # 4. the rows to the expert ranks; then each slot's row index and weight, as one float64 pair
-    #    (exact for both; the weight's gradient comes back through the same all-to-all)
-    x_recv = all_to_all(gather_slots(x_TD, row_slot, K, experts.kernels), rows_out, rows_in, group)
-    meta = all_to_all(torch.stack([rel_S.double(), w_S.double()], 1), slots_out, slots_in, group)
-    rel_recv, w_recv = meta[:, 0].long(), meta[:, 1].to(x_TD.dtype)
-    # 5. expand rows to slots, regroup expert-major, grouped GEMM, weigh, sum each row's slots
-    src_S = torch.repeat_interleave(torch.arange(P, device=dev), recv_PE.sum(1), output_size=rel_recv.numel())
-    recv_row_start = torch.cumsum(recv_rows_P, 0) - recv_rows_P
-    row_S = rel_recv + recv_row_start[src_S]
-    pos_S, J = _positions(row_S)
-    x_slots = _RowsToSlots.apply(x_recv, row_S, pos_S, J)
-    cnt_PL = recv_PE[:, local_experts]
-    if len(local_experts):
-        perm = source_to_expert_major(cnt_PL)
-        y = experts(x_slots[perm], cnt_PL.sum(0))
-        y_slots = torch.empty_like(y).index_copy(0, perm, y)
-    else:  # this rank computes no expert in this layer: it receives nothing
-        y_slots = x_slots
-    y_rows = _SlotsToRows.apply(y_slots * w_recv[:, None], row_S, pos_S, x_recv.shape[0], J)
-    # 6. one row per (token, rank) back home; a token's output is the sum of its rows
+    rows_in = rows_P.tolist()
+    rows_out = exchange_counts(rows_P[:, None], group)[:, 0].tolist()
+    recv = all_to_all(payload, rows_out, rows_in, group)
+    x_recv, w_recv = recv[:, :D], recv[:, D:D + K]
+    lid_recv = recv[:, D + K:].detach().contiguous().view(as_int).long()
+    # 4. the received slots expert-major (sources in rank order within an expert), grouped GEMM,
+    #    weigh, and sum each row's slots
+    Rr = x_recv.shape[0]
+    flat = lid_recv.flatten()
+    sel = torch.nonzero(flat >= 0).flatten()
+    o = sel[torch.argsort(flat[sel] * max(Rr, 1) + sel // K, stable=True)]
+    row_S, pos_S = o // K, o % K
+    J = int((lid_recv >= 0).sum(1).max()) if Rr else 1
+    counts_L = expert_counts(flat[o], num_local)
+    x_S = _RowsToSlots.apply(x_recv, row_S, pos_S, J)
+    y_S = experts(x_S, counts_L) if num_local else x_S  # a rank with no expert here receives nothing
+    y_rows = _SlotsToRows.apply(y_S * w_recv.reshape(-1)[o][:, None], row_S, pos_S, Rr, J)
+    # 5. one row per (token, rank) back home; a token's output is the sum of its rows
     y_back = all_to_all(y_rows, rows_in, rows_out, group)
     out_TD = combine_slots(y_back, row_slot, torch.ones_like(weights_TK, dtype=y_back.dtype), experts.kernels)
-    row_bytes = x_TD.shape[-1] * x_TD.element_size()
     rows_away = sum(c for d, c in enumerate(rows_in) if d != me)
-    slots_away = sum(c for d, c in enumerate(slots_in) if d != me)
     counters = {
         "tokens_sent": rows_away,
         "tokens_received": sum(c for s, c in enumerate(rows_out) if s != me),
-        "slots_sent": slots_away,
-        # the rows each way, and each slot's (row index, weight) on the way out
-        "a2a_bytes": 2 * row_bytes * rows_away + meta.element_size() * 2 * slots_away,
-        "tokens_per_local_expert": cnt_PL.sum(0).tolist(),
+        "slots_sent": int((dst != me).sum()),
+        # one row each way, the outgoing one with its 2K slot columns
+        "a2a_bytes": (2 * D + 2 * K) * x_TD.element_size() * rows_away,
+        "tokens_per_local_expert": counts_L.tolist(),
     }
     return out_TD, counters
