@@ -85,7 +85,8 @@ def capacity_keep(ids_N: torch.Tensor, num_experts: int, capacity_factor: float,
 
 class ExpertParallelDispatcher(nn.Module):
     """route -> permute by destination -> exchange counts -> all-to-all -> group by local expert ->
-    grouped GEMM -> reverse all-to-all -> un-permute -> weighted combine."""
+    grouped GEMM -> reverse all-to-all -> un-permute -> weighted combine. With `token_dedup`, one row
+    per (token, destination rank) each way instead (`moesaic.parallel.token_dedup`)."""
 
     def __init__(self, plan: LayerPlan, group, *, capacity_factor: float = 0.0, token_dedup: bool = False):
         super().__init__()
