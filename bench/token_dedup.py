@@ -68,7 +68,7 @@ def train(model: str, dedup: bool, a, out_dir: Path) -> dict:
     train_rows = [json.loads(x) for x in (out_dir / name / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in train_rows if r["kind"] == "train"]
     return {"steps_s": [r["step_s"] for r in train_rows[2:]], "a2a_bytes": [r["a2a_bytes"] for r in train_rows],
-            "loss": train_rows[-1]["loss"]}
+            "losses": [r["loss"] for r in train_rows]}
 
 
 def main() -> None:
@@ -102,9 +102,10 @@ def main() -> None:
                 base = base or (step, mib)
                 trained.append({"model": model, "dispatch": "token_dedup" if dedup else "per slot",
                                 "median step (s)": step, "vs per slot": step / base[0], "a2a MiB/step": mib,
-                                "bytes vs per slot": mib / base[1], "last loss": rs[0]["loss"]})
+                                "bytes vs per slot": mib / base[1], "last loss": rs[0]["losses"][-1],
+                                "losses": rs[0]["losses"], "a2a_bytes": rs[0]["a2a_bytes"]})
         print(f"\n## the trainer, {a.nproc} gloo ranks, FSSDP, {a.steps} steps x {a.rounds} rounds (interleaved)")
-        print(table(trained))
+        print(table(trained, [k for k in trained[0] if k not in ("losses", "a2a_bytes")]))
     write_json(a.json, {"machine": machine(), "args": vars(a), "routing": routing, "train": trained})
 
 
