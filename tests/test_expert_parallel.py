@@ -195,4 +195,3 @@ def test_fssdp_steps_match_single_process(tmp_path, nproc, args):
     assert report["recorder_P_diff"] == 0 and report["recorder_W_diff"] == 0
     if "--dedup" in args:
         assert all(0 < s["rows_sent"] < s["slots_sent"] for s in steps), steps
-
