@@ -113,10 +113,11 @@ class ExpertParallelDispatcher(nn.Module):
         pick = self.holders_pad[ids_N, slot % self.num_holders[ids_N]]
         dest_N = torch.where(self.is_local[ids_N], torch.full_like(pick, me), pick)
         kept = torch.nonzero(keep_N).flatten()
+        dropped = T * K - kept.numel()
         if self.token_dedup:
             out_TD, self.counters = dedup_dispatch(x_TD, route.weights_TK, dest_N, kept, self.local_index_PE, ids_N,
                                                    experts, len(self.local_experts), me, P, self.group)
-            self.counters["dropped"] = int((~keep_N).sum())
+            self.counters["dropped"] = dropped
             return out_TD
         # 3. permute the kept slots by (destination, expert): the receiver's local experts are id-sorted
         order = kept[torch.argsort(dest_N[kept] * E + ids_N[kept], stable=True)]
@@ -144,7 +145,7 @@ class ExpertParallelDispatcher(nn.Module):
             "tokens_sent": sum(c for d, c in enumerate(in_splits) if d != me),
             "tokens_received": sum(c for s, c in enumerate(out_splits) if s != me),
             "a2a_bytes": 2 * row_bytes * sum(c for d, c in enumerate(in_splits) if d != me),
-            "dropped": int((~keep_N).sum()),
+            "dropped": dropped,
             "tokens_per_local_expert": cnt_PL.sum(0).tolist(),
         }
         return out_TD

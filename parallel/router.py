@@ -77,7 +77,7 @@ class RouterConfig:
     @property
     def normalized(self) -> bool:
         """Whether the top-k weights are renormalised (`route_norm` resolved)."""
-        return self.score_func == "sigmoid" if self.route_norm is None else bool(self.route_norm)
+        return resolved_route_norm(self.score_func, self.route_norm)
 
     def check_experts(self, num_experts: int, top_k: int) -> None:
         """The rules that tie group-limited routing to the layer's experts (called by MoEConfig)."""
@@ -96,6 +96,11 @@ class RouterConfig:
 
 
 GROUP_SCORES = ("top2_sum", "max")
+
+
+def resolved_route_norm(score_func: str, route_norm: bool | None) -> bool:
+    """`route_norm`, with null resolved as the score function's models do (sigmoid: true, softmax: false)."""
+    return score_func == "sigmoid" if route_norm is None else bool(route_norm)
 AUX_LOSS_SCOPES = ("micro_batch", "sequence")
 
 

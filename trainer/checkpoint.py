@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from moesaic.parallel.router import resolved_route_norm
+
 log = logging.getLogger(__name__)
 FORMAT = "moesaic.checkpoint/v1"
 # checkpoint names of the expert tensors (torchtitan's), and where each lives: (parameter, half of w13)
@@ -52,8 +54,9 @@ def _identity(model_cfg: dict) -> dict:
     moe = {k: v for k, v in model_cfg.get("moe", {}).items() if k != "kernels"}
     if "router" in moe:
         router = dict(moe["router"])
-        if router.get("route_norm") is not None and router["route_norm"] == (router.get("score_func") == "sigmoid"):
-            router["route_norm"] = None
+        score_func = router.get("score_func", "softmax")
+        if router.get("route_norm") is not None and router["route_norm"] == resolved_route_norm(score_func, None):
+            router["route_norm"] = None  # said out loud, the score function's own default
         if not router.get("num_expert_groups"):  # without groups, how they would rank changes nothing
             router.pop("group_score", None)
         moe["router"] = {k: v for k, v in router.items() if not (k in _ROUTER_SINCE_V1 and v == _ROUTER_SINCE_V1[k])}
