@@ -3,7 +3,7 @@
     moesaic-place solve --trace a.json b.json --gpus 4 --method affinity --out plan.json
     moesaic-place eval --trace c.json --plan plan.json [--json]
     moesaic-place compare --fit a.json b.json --eval c.json --gpus 4 [--json]
-    moesaic-place synth --preset deepseek-v3 --tokens 100000 --seed 0 --out trace.npz
+    moesaic-place synth --preset deepseek-v3 --tokens 100000 --seed 0 --out trace.npz [--expert-groups 8 --limited-groups 4]
     moesaic-place plot --plan plan.json --trace c.json --out figs/
     moesaic-place plot --run outputs/<run> --out figs/
 """
@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 
 from moesaic.placement import ilp
-from moesaic.placement.metrics import evaluate
+from moesaic.placement.metrics import evaluate, nodes_per_token
 from moesaic.placement.plan import Placement
 from moesaic.placement.solve import METHODS, solve
 from moesaic.placement.topology import Topology
-from moesaic.placement.traces import PRESETS, save_npz, stats_from_traces, synth
+from moesaic.placement.traces import PRESETS, load_trace, save_npz, stats_from_traces, synth
 
 
 def _topology_args(p: argparse.ArgumentParser, gpus_required: bool = True) -> None:
@@ -35,15 +35,19 @@ def _solver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds for the affinity solver")
     p.add_argument("--solver", choices=ilp.SOLVERS, default="highs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--expert-groups", type=int, default=1,
+                   help="the router's expert groups: eplb packs whole groups onto nodes (DeepSeek's hierarchical policy)")
 
 
 def _topo(a) -> Topology:
     return Topology(num_gpus=a.gpus, gpus_per_node=a.gpus_per_node, inter_node_cost=a.inter_node_cost)
 
 
-def _row(name: str, m: dict, seconds: float | None = None) -> dict:
+def _row(name: str, m: dict, seconds: float | None = None, nodes: float | None = None) -> dict:
     keep = ("cross_gpu_share", "hop_cost", "load_max", "load_mean", "max_pair_traffic")
     out = {"method": name, **{k: m[k] for k in keep}}
+    if nodes is not None:
+        out["nodes_per_token"] = nodes
     if seconds is not None:
         out["solve_seconds"] = seconds
     return out
@@ -61,14 +65,22 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _nodes(plan: Placement, paths: list[str]) -> float | None:
+    """Mean nodes per token over the traces' tokens and layers; None within one node."""
+    if plan.num_gpus == plan.gpus_per_node:
+        return None
+    traces = [load_trace(p) for p in paths]
+    return float(sum(nodes_per_token(plan, t).mean() * len(t) for t in traces) / sum(len(t) for t in traces))
+
+
 def cmd_solve(a) -> int:
     stats = stats_from_traces(a.trace)
     plan = solve(a.method, stats, _topo(a), slots_per_gpu=a.slots_per_gpu, epsilon=a.epsilon,
-                 time_limit=a.time_limit, solver=a.solver, seed=a.seed)
+                 time_limit=a.time_limit, solver=a.solver, seed=a.seed, num_groups=a.expert_groups)
     plan.save(a.out)
     m = evaluate(plan, stats, _topo(a))
     print(f"wrote {a.out}: method {a.method}, status {plan.meta.get('status')}, {plan.meta.get('seconds', 0):.2f}s")
-    _print_table([_row(a.method, m)])
+    _print_table([_row(a.method, m, nodes=_nodes(plan, a.trace))])
     return 0
 
 
@@ -78,7 +90,7 @@ def cmd_eval(a) -> int:
     for path in a.plan:
         plan = Placement.load(path)
         topo = Topology(num_gpus=plan.num_gpus, gpus_per_node=plan.gpus_per_node, inter_node_cost=a.inter_node_cost)
-        rows.append(_row(f"{Path(path).name}", evaluate(plan, stats, topo)))
+        rows.append(_row(f"{Path(path).name}", evaluate(plan, stats, topo), nodes=_nodes(plan, a.trace)))
     if a.json:
         print(json.dumps(rows, indent=1))
     else:
@@ -91,8 +103,9 @@ def cmd_compare(a) -> int:
     rows = []
     for method in a.methods:
         plan = solve(method, fit, topo, slots_per_gpu=a.slots_per_gpu, epsilon=a.epsilon,
-                     time_limit=a.time_limit, solver=a.solver, seed=a.seed)
-        rows.append(_row(method, evaluate(plan, ev, topo), round(float(plan.meta.get("seconds", 0.0)), 3)))
+                     time_limit=a.time_limit, solver=a.solver, seed=a.seed, num_groups=a.expert_groups)
+        rows.append(_row(method, evaluate(plan, ev, topo), round(float(plan.meta.get("seconds", 0.0)), 3),
+                         nodes=_nodes(plan, a.eval)))
     if a.json:
         print(json.dumps(rows, indent=1))
     else:
@@ -101,8 +114,10 @@ def cmd_compare(a) -> int:
 
 
 def cmd_synth(a) -> int:
-    ex = synth(a.preset, a.tokens, a.seed, skew=a.skew, affinity=a.affinity)
-    save_npz(a.out, ex, meta={"preset": a.preset, "tokens": a.tokens, "seed": a.seed, "skew": a.skew, "affinity": a.affinity})
+    ex = synth(a.preset, a.tokens, a.seed, skew=a.skew, affinity=a.affinity, expert_groups=a.expert_groups,
+               limited_groups=a.limited_groups)
+    save_npz(a.out, ex, meta={"preset": a.preset, "tokens": a.tokens, "seed": a.seed, "skew": a.skew, "affinity": a.affinity,
+                              "expert_groups": a.expert_groups, "limited_groups": a.limited_groups})
     print(f"wrote {a.out}: {ex.shape[0]} tokens x {ex.shape[1]} layers x top-{ex.shape[2]}")
     return 0
 
@@ -163,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skew", type=float, default=None, help="Zipf exponent of expert popularity")
     p.add_argument("--affinity", type=float, default=None, help="strength of the planted inter-layer affinity")
+    p.add_argument("--expert-groups", type=int, default=0, help="group-limited routing: experts in this many groups")
+    p.add_argument("--limited-groups", type=int, default=0, help="group-limited routing: groups each token may use")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_synth)
     p = sub.add_parser("plot", help="PNG figures of plans on traces, or of a training run directory")

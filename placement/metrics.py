@@ -6,7 +6,11 @@
 - load on a GPU: the sum over the experts it holds of P[l, e] / replicas(e); a plan's load figure is
   the worst layer's max over mean (the mean across layers is reported too);
 - max pair traffic (MoETuner's tail measure): the largest flow between two distinct GPUs in a layer
-  transition, with each pair's flow split evenly over the cheapest GPU pairs that serve it.
+  transition, with each pair's flow split evenly over the cheapest GPU pairs that serve it;
+- nodes per token (from traces, not statistics): the nodes that serve a token's top-k experts in a
+  layer, where a replicated expert adds no node when one already chosen holds it (else its first).
+  Dispatch that sends a token once per node (DeepSeek-V3's) crosses the inter-node network that
+  many times, less the token's own node.
 """
 
 from __future__ import annotations
@@ -87,6 +91,30 @@ def max_pair_traffic(plan: Placement, stats: RoutingStats, topo: Topology) -> np
         total = stats.W[l].sum()
         out.append(T.max() / total if total > 0 else 0.0)
     return np.array(out)
+
+
+def nodes_per_token(plan: Placement, experts_TLK: np.ndarray) -> np.ndarray:
+    """(L,) mean number of nodes that serve a token's top-k experts, per layer (see the legend)."""
+    T, L, K = experts_TLK.shape
+    if L != plan.num_layers:
+        raise ValueError(f"plan has {plan.num_layers} layers, the trace {L}")
+    N = plan.num_gpus // plan.gpus_per_node
+    out = np.zeros(L)
+    for l in range(L):
+        holds = plan.holds(l)
+        if int(experts_TLK[:, l].max(initial=-1)) >= holds.shape[0]:
+            raise ValueError(f"the trace routes to expert {int(experts_TLK[:, l].max())} at layer {l}; "
+                             f"the plan has {holds.shape[0]} experts")
+        node_EN = holds.reshape(holds.shape[0], N, plan.gpus_per_node).any(2)
+        served_TKN = node_EN[experts_TLK[:, l].astype(np.int64)]
+        single_TK = served_TKN.sum(2) == 1
+        chosen = (served_TKN & single_TK[:, :, None]).any(1)  # (T, N): nodes with the only copy of some expert
+        for k in range(K):  # replicated experts, in routing order: a chosen node if it has one
+            need = ~single_TK[:, k] & ~(served_TKN[:, k] & chosen).any(1)
+            first = served_TKN[need, k].argmax(1)
+            chosen[np.flatnonzero(need), first] = True
+        out[l] = chosen.sum(1).mean()
+    return out
 
 
 def evaluate(plan: Placement, stats: RoutingStats, topo: Topology | None = None) -> dict:

@@ -3,7 +3,8 @@
 From routing traces (per-token top-k per layer) and a plan it computes, per MoE layer:
 - the token all-to-all traffic matrix (each token lives on its data-parallel home GPU; each slot goes
   to a local replica if there is one, otherwise replicas in turn by slot index, as the trainer's
-  dispatcher does), split into intra-node and inter-node bytes, and its time;
+  dispatcher does; one row per slot, per token and GPU (`parallel.token_dedup`), or per token and
+  node (DeepEP's two stages)), split into intra-node and inter-node bytes, and its time;
 - the expert compute time of the most loaded GPU;
 - FSSDP's sparse gather and reduce-scatter bytes (each expert from its owner to every other GPU
   that computes it) and their time, overlapped with the previous layer's compute;
@@ -79,18 +80,54 @@ def destinations(experts_TK: np.ndarray, home_T: np.ndarray, local_T: np.ndarray
     return np.where(held[experts_TK, home_T[:, None]], home_T[:, None], pick)
 
 
-def token_bytes(experts_TLK: np.ndarray, plan: Placement, shape: Shape) -> np.ndarray:
-    """(L, G, G) bytes sent from GPU g to GPU h by one forward dispatch (the combine sends as much
-    back). The diagonal (a GPU's own slots) is zero."""
+DISPATCHES = ("slot", "gpu", "node")
+
+
+def token_rows(experts_TLK: np.ndarray, plan: Placement, dispatch: str = "slot") -> np.ndarray:
+    """(L, G, G) rows sent from GPU g to GPU h by one forward dispatch. `slot`: one row per
+    token-slot (Megatron, DeepSpeed, moesaic's default); `gpu`: one per (token, destination GPU)
+    (`parallel.token_dedup`); `node`: DeepEP's two stages, not in moesaic's trainer: one row per
+    (token, remote node) to the GPU there with the home GPU's local index, which forwards it once to
+    each other GPU of its node that computes the token, and one per (token, GPU) within the home
+    node. The diagonal is zero."""
+    if dispatch not in DISPATCHES:
+        raise ValueError(f"dispatch ({dispatch!r}) must be one of {', '.join(DISPATCHES)}")
     T, L, K = experts_TLK.shape
-    G = plan.num_gpus
+    G, gpn = plan.num_gpus, plan.gpus_per_node
     home, local = home_of(T, G)
+    tok_N = np.repeat(np.arange(T), K)
     out = np.zeros((L, G, G))
     for l in range(L):
-        dest = destinations(experts_TLK[:, l], home, local, plan.placement[l], G)
-        np.add.at(out[l], (np.repeat(home, K), dest.ravel()), shape.dim * shape.bytes_per_el)
+        dest_N = destinations(experts_TLK[:, l], home, local, plan.placement[l], G).ravel()
+        src_N = home[tok_N]
+        if dispatch != "slot":  # a token's slots to one GPU share a row
+            keep = np.unique(tok_N * G + dest_N, return_index=True)[1]
+            tok, src, dest = tok_N[keep], src_N[keep], dest_N[keep]
+        else:
+            tok, src, dest = tok_N, src_N, dest_N
+        if dispatch == "node":
+            remote = dest // gpn != src // gpn
+            peer = (dest // gpn) * gpn + src % gpn  # the remote node's GPU with the home GPU's local index
+            first = np.unique(tok[remote] * G + peer[remote], return_index=True)[1]
+            np.add.at(out[l], (src[remote][first], peer[remote][first]), 1.0)  # 1. across nodes, once per node
+            np.add.at(out[l], (peer[remote], dest[remote]), 1.0)  # 2. forwarded within it (diagonal: none)
+            np.add.at(out[l], (src[~remote], dest[~remote]), 1.0)
+        else:
+            np.add.at(out[l], (src, dest), 1.0)
         np.fill_diagonal(out[l], 0.0)
     return out
+
+
+def row_bytes(shape: Shape, top_k: int, dispatch: str = "slot") -> tuple[int, int]:
+    """Bytes of one dispatched row and of one combined row: the token, plus, when a row serves
+    several slots, its K combine weights and K local expert indices on the way out."""
+    d = shape.dim * shape.bytes_per_el
+    return (d + 2 * top_k * shape.bytes_per_el if dispatch != "slot" else d), d
+
+
+def token_bytes(experts_TLK: np.ndarray, plan: Placement, shape: Shape, dispatch: str = "slot") -> np.ndarray:
+    """(L, G, G) bytes sent from GPU g to GPU h by one forward dispatch (see `token_rows`)."""
+    return token_rows(experts_TLK, plan, dispatch) * row_bytes(shape, experts_TLK.shape[2], dispatch)[0]
 
 
 def gather_bytes(plan: Placement, owners_LE: np.ndarray, shape: Shape) -> np.ndarray:
@@ -116,11 +153,13 @@ def _time(bytes_GG: np.ndarray, cluster: Cluster) -> float:
 
 
 def simulate(experts_TLK: np.ndarray, plan: Placement, cluster: Cluster, shape: Shape, *, fssdp: bool = False,
-             owners_LE: np.ndarray | None = None, remat: bool = True) -> dict:
-    """One training step's MoE part under `plan` (resident EP, or FSSDP with `owners_LE`)."""
+             owners_LE: np.ndarray | None = None, remat: bool = True, dispatch: str = "slot") -> dict:
+    """One training step's MoE part under `plan` (resident EP, or FSSDP with `owners_LE`), its tokens
+    dispatched as `token_rows` describes."""
     T, L, K = experts_TLK.shape
     G = plan.num_gpus
-    tok = token_bytes(experts_TLK, plan, shape)
+    rows = token_rows(experts_TLK, plan, dispatch)
+    out_b, back_b = row_bytes(shape, K, dispatch)
     home, local = home_of(T, G)
     res = {"a2a_bytes": 0.0, "a2a_inter_bytes": 0.0, "param_bytes": 0.0, "a2a_s": 0.0, "param_s": 0.0, "compute_s": 0.0}
     node = np.arange(G) // cluster.gpus_per_node
@@ -131,9 +170,9 @@ def simulate(experts_TLK: np.ndarray, plan: Placement, cluster: Cluster, shape: 
         dest = destinations(experts_TLK[:, l], home, local, plan.placement[l], G)
         slots = np.bincount(dest.ravel(), minlength=G)
         compute = slots.max() * flops_per_slot / (cluster.expert_tflops * 1e12)
-        a2a = 4 * _time(tok[l], cluster)  # dispatch and combine, forward and backward
-        res["a2a_bytes"] += 2 * tok[l].sum()
-        res["a2a_inter_bytes"] += 2 * (tok[l] * (node[:, None] != node[None, :])).sum()
+        a2a = 2 * (_time(rows[l] * out_b, cluster) + _time(rows[l] * back_b, cluster))  # fwd and bwd
+        res["a2a_bytes"] += (out_b + back_b) * rows[l].sum()
+        res["a2a_inter_bytes"] += (out_b + back_b) * (rows[l] * (node[:, None] != node[None, :])).sum()
         res["compute_s"] += compute
         res["a2a_s"] += a2a
         if fssdp:

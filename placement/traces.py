@@ -128,12 +128,16 @@ def stats_from_traces(paths: list[str | Path], num_experts: int | None = None) -
 
 
 def synth(preset: str | Preset, num_tokens: int, seed: int, *, skew: float | None = None,
-          affinity: float | None = None, sample_seed: int | None = None, chunk: int = 16384) -> np.ndarray:
+          affinity: float | None = None, sample_seed: int | None = None, chunk: int = 16384,
+          expert_groups: int = 0, limited_groups: int = 0) -> np.ndarray:
     """A synthetic trace [T, L, K] (int16). Per layer, expert popularity is Zipf(skew) over a random
     order. Experts fall into hidden groups; with probability mass `affinity`, a token's next-layer
     choice follows the groups of its current experts (the planted inter-layer affinity).
     `seed` fixes the model (popularities and groups); `sample_seed` (default: seed) the tokens, so
-    two traces of one model with different sample seeds are a fit set and a held-out set."""
+    two traces of one model with different sample seeds are a fit set and a held-out set.
+    `expert_groups` n with `limited_groups` M: group-limited routing (DeepSeek-V2/V3): experts
+    [k E/n, (k+1) E/n) form group k, a group scores the sum of its two best perturbed probabilities,
+    and each token takes its top-k among the experts of its M best groups."""
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise TraceError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -145,6 +149,7 @@ def synth(preset: str | Preset, num_tokens: int, seed: int, *, skew: float | Non
     if num_tokens < 1:
         raise TraceError(f"tokens ({num_tokens}) must be >= 1")
     L, E, K = preset.num_layers, preset.num_experts, preset.top_k
+    _check_expert_groups(expert_groups, limited_groups, E, K)
     rng = np.random.default_rng(seed)
     num_groups = max(2, E // 8)
     pops, group_probs, groups = [], [], []
@@ -172,8 +177,31 @@ def synth(preset: str | Preset, num_tokens: int, seed: int, *, skew: float | Non
                 probs = (1 - a) * pops[l] + a * (gcount @ group_probs[l])
             u = np.maximum(rng.random((n, E), dtype=np.float32), np.float32(1e-12))
             scores = np.log(np.maximum(probs, 1e-30)).astype(np.float32) - np.log(-np.log(u))
+            if expert_groups:
+                scores = _limit_to_groups(scores, expert_groups, limited_groups)
             ids = np.argpartition(-scores, K - 1, axis=1)[:, :K]
             order = np.argsort(-np.take_along_axis(scores, ids, 1), axis=1)
             ids = np.take_along_axis(ids, order, 1)
             out[start : start + n, l] = ids
     return out
+
+
+def _check_expert_groups(n: int, m: int, num_experts: int, top_k: int) -> None:
+    if n == 0 and m == 0:
+        return
+    if n < 1 or num_experts % n:
+        raise TraceError(f"expert_groups ({n}) must divide the experts ({num_experts})")
+    if not 1 <= m <= n or m * (num_experts // n) < top_k:
+        raise TraceError(f"limited_groups ({m}) must be in [1, expert_groups ({n})] and its groups must hold "
+                         f"top-k ({top_k}) experts ({num_experts // n} per group)")
+
+
+def _limit_to_groups(scores_NE: np.ndarray, n: int, m: int) -> np.ndarray:
+    """Scores of the experts outside each token's m best groups (top-2 sum of exp(score)) set to -inf."""
+    N, E = scores_NE.shape
+    grouped = np.exp(scores_NE - scores_NE.max(1, keepdims=True)).reshape(N, n, E // n)
+    best2 = -np.partition(-grouped, min(1, E // n - 1), axis=2)[:, :, :2].sum(2) if E // n > 1 else grouped[:, :, 0]
+    keep = np.argpartition(-best2, m - 1, axis=1)[:, :m]
+    mask = np.zeros((N, n), dtype=bool)
+    np.put_along_axis(mask, keep, True, axis=1)
+    return np.where(np.repeat(mask, E // n, axis=1), scores_NE, -np.inf).astype(np.float32)

@@ -333,3 +333,18 @@ def test_token_dedup_bench_tiny(tmp_path):
     for a, b in zip(slots["losses"], dedup["losses"]):
         assert abs(a - b) < 1e-5 * abs(a), (slots["losses"], dedup["losses"])
     assert all(0 < b < a for a, b in zip(slots["a2a_bytes"], dedup["a2a_bytes"])), (slots["a2a_bytes"], dedup["a2a_bytes"])
+
+
+def test_expert_groups_tiny(tmp_path):
+    out = run("expert_groups.py", "--tokens", 300, "--layers", 2, "--gpus", 16, 64, "--extra-slots", 0,
+              "--json", tmp_path / "g.json")
+    assert "| group-limited | 64" in out and "| eplb + groups | hierarchical" in out
+    rows = {(r["routing"], r["GPUs"], r["plan"]): r for r in json.loads((tmp_path / "g.json").read_text())["rows"]}
+    # group-limited routing, whole groups on nodes: at most the 4 groups' nodes; spread globally, more
+    assert rows["group-limited", 64, "eplb + groups"]["nodes_per_token"] <= 4
+    assert rows["group-limited", 64, "eplb"]["nodes_per_token"] > 4.5
+    assert rows["free", 64, "eplb + groups"]["nodes_per_token"] > 4.5  # without the routing limit, no help
+    # dispatch once per node (simulated): fewer inter-node bytes with the groups on nodes; per slot, the same
+    g, flat = rows["group-limited", 64, "eplb + groups"], rows["group-limited", 64, "eplb"]
+    assert g["inter_GB_node"] < 0.85 * flat["inter_GB_node"] and g["inter_GB_node"] < g["inter_GB_gpu"] <= g["inter_GB_slot"]
+    assert g["inter_GB_slot"] == pytest.approx(flat["inter_GB_slot"], rel=0.05)

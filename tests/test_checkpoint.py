@@ -9,9 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from moesaic.placement.plan import Placement
 from conftest import child_env, flat_checkpoint, read_metrics, torchrun, train_losses
 
 SMOKE = ["experiment=smoke", "logging.log_every=1", "eval_every=0"]
@@ -145,12 +147,17 @@ def test_consolidated_export(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("parallel,align,method,wait", [("fssdp", "true", "eplb", "true"), ("fssdp", "false", "eplb", "false"),
+@pytest.mark.parametrize("parallel,align,method,wait", [("fssdp", "true", "eplb-groups", "true"), ("fssdp", "false", "eplb", "false"),
                                                         ("ep", "true", "affinity", "true")])
 def test_replacement_changes_no_math(tmp_path, parallel, align, method, wait):
     base = [*SMOKE, "steps=16", f"logging.out_dir={tmp_path}", f"parallel={parallel}", "parallel.ep_size=2"]
+    groups = method == "eplb-groups"  # group-limited routing (2 groups of 2 experts, 1 per token), 2 nodes of 1 GPU
+    if groups:
+        method = "eplb"
+        base += ["model.moe.router.num_expert_groups=2", "model.moe.router.num_limited_groups=1"]
     torchrun(2, [*base, "logging.run_name=off"])
     torchrun(2, [*base, "logging.run_name=on", "placement=replan", "placement.every_n_steps=4",
+                 *(["placement.gpus_per_node=1"] if groups else []),
                  f"placement.method={method}", "placement.time_limit=10", "placement.adopt_after_steps=1",
                  f"placement.align_owners={align}", f"placement.wait_for_plan={wait}"])
     off, on = train_losses(tmp_path / "off"), train_losses(tmp_path / "on")
@@ -164,6 +171,12 @@ def test_replacement_changes_no_math(tmp_path, parallel, align, method, wait):
         assert records and all(r["step"] == r["solved_at"] + 1 + r["deferred_steps"] for r in records)
         assert all(r["solved_at"] % 4 == 0 and r["deferred_steps"] >= 0 for r in records)
         assert all(a["step"] <= b["solved_at"] for a, b in zip(records, records[1:]))
+    if groups:  # DeepSeek's hierarchical EPLB: each group's experts on one node
+        for path in plans:
+            plan = Placement.load(path)
+            assert plan.meta["policy"] == "hierarchical" and plan.meta["expert_groups"] == 2
+            for l in range(plan.num_layers):
+                assert [sorted(set(np.flatnonzero(plan.holds(l)[2 * k: 2 * k + 2].any(0)))) for k in (0, 1)] in ([[0], [1]], [[1], [0]])
     # the heuristic is solved in the trainer's thread, the ILP in a spawned process
     assert {(r["method"], r["solved_in"]) for r in records} == {(method, "thread" if method == "eplb" else "process")}
     summary = json.loads((tmp_path / "on/summary.json").read_text())

@@ -152,6 +152,11 @@ def test_plan_file_that_does_not_fit_is_named(tmp_path):
     cfg = TrainConfig(parallel=ParallelConfig(ep_size=4), placement=PlacementConfig(plan=str(path)))
     with pytest.raises(ValueError, match=r"does not fit: plan has 2 layers, but the model has 4 MoE layers"):
         resolve_plan(cfg, 4)
+    cfg = TrainConfig(parallel=ParallelConfig(ep_size=4), placement=PlacementConfig(gpus_per_node=3))
+    with pytest.raises(ValueError, match=r"placement.gpus_per_node \(3\) must divide the expert-parallel size \(4\)"):
+        resolve_plan(cfg, 8)
+    with pytest.raises(ValueError, match=r"placement.gpus_per_node \(-1\) must be >= 0"):
+        PlacementConfig(gpus_per_node=-1)
 
 
 @pytest.mark.slow

@@ -40,6 +40,24 @@ def test_cli_synth_solve_eval_compare_plot(tmp_path):
     assert all((figs / n).stat().st_size > 2000 for n in names)
 
 
+def test_cli_expert_groups(tmp_path):
+    """Group-limited synthetic routing, then eplb with and without the groups on 4 nodes: the plan
+    that packs whole groups onto nodes serves each token from at most its 2 groups' nodes."""
+    t = tmp_path / "g.npz"
+    place("synth", "--preset", "olmoe", "--tokens", 1500, "--seed", 1, "--expert-groups", 8, "--limited-groups", 2, "--out", t)
+    common = ["--fit", t, "--eval", t, "--gpus", 16, "--gpus-per-node", 4, "--methods", "eplb", "contiguous", "--json"]
+    flat = {r["method"]: r for r in json.loads(place("compare", *common).stdout)}
+    grouped = {r["method"]: r for r in json.loads(place("compare", *common, "--expert-groups", 8).stdout)}
+    assert grouped["eplb"]["nodes_per_token"] <= 2 < flat["eplb"]["nodes_per_token"]
+    grouped["contiguous"].pop("solve_seconds"), flat["contiguous"].pop("solve_seconds")
+    assert grouped["contiguous"] == flat["contiguous"]  # only eplb reads the groups
+    plan = tmp_path / "p.json"
+    place("solve", "--trace", t, "--gpus", 16, "--gpus-per-node", 4, "--method", "eplb", "--expert-groups", 8, "--out", plan)
+    assert json.loads(plan.read_text())["meta"]["policy"] == "hierarchical"
+    bad = place("synth", "--preset", "olmoe", "--tokens", 10, "--expert-groups", 7, "--limited-groups", 1, "--out", t, check=False)
+    assert bad.returncode == 2 and "expert_groups (7) must divide the experts (64)" in bad.stderr
+
+
 @pytest.mark.parametrize(
     "content,args,message",
     [

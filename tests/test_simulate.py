@@ -11,7 +11,8 @@ import pytest
 
 from conftest import child_env
 from moesaic.placement.plan import Placement
-from moesaic.placement.simulate import CLUSTERS, Shape, coherent_inference, destinations, gather_bytes, simulate, token_bytes
+from moesaic.placement.simulate import (CLUSTERS, Shape, coherent_inference, destinations, gather_bytes, row_bytes, simulate,
+                                       token_bytes, token_rows)
 
 WORKERS = Path(__file__).resolve().parent / "workers"
 
@@ -38,6 +39,30 @@ def test_token_bytes_and_gather_bytes_by_hand():
     assert inf["cross_gpu_share"] == 1.0
 
 
+def test_token_rows_per_slot_gpu_and_node_by_hand():
+    plan = Placement(2, 2, [[(1,), (1,), (0,)]])
+    ex = np.array([[[0, 1]], [[2, 0]]])  # token 0 (home 0): both experts on GPU 1; token 1 (home 1): GPU 0 and home
+    assert token_rows(ex, plan)[0].tolist() == [[0, 2], [1, 0]]
+    assert token_rows(ex, plan, "gpu")[0].tolist() == [[0, 1], [1, 0]]
+    shape = Shape(dim=4, ffn=8, bytes_per_el=2)
+    assert row_bytes(shape, 2, "gpu") == (8 + 8, 8) and row_bytes(shape, 2) == (8, 8)
+    res = simulate(ex, plan, CLUSTERS["h100-nvlink-ib400"], shape, dispatch="gpu")
+    assert res["a2a_bytes"] == 2 * (16 + 8)  # 2 rows out with their 2K slot columns, 2 back
+    assert simulate(ex, plan, CLUSTERS["h100-nvlink-ib400"], shape)["a2a_bytes"] == 3 * (8 + 8)
+    # two nodes of 2 GPUs, expert e on GPU e + 1 (mod 4), token t at home on GPU t, top-3
+    four = Placement(4, 2, [[(1,), (2,), (3,), (0,)]])
+    ex = np.array([[[0, 1, 2]], [[3, 0, 1]], [[3, 0, 1]], [[3, 0, 1]]])  # GPUs {1, 2, 3}, then {0, 1, 2}
+    gpu, node = token_rows(ex, four, "gpu")[0], token_rows(ex, four, "node")[0]
+    assert gpu.tolist() == [[0, 1, 1, 1], [1, 0, 1, 0], [1, 1, 0, 0], [1, 1, 1, 0]]
+    # per node: token 0: 0->1 in its node, 0->2 across (GPU 2 has GPU 0's local index), 2->3 forwarded;
+    # token 1: 1->0, 1->3 across, 3->2; token 2: 2->0 across, 0->1; token 3: 3->1 across, 1->0, 3->2
+    assert node.tolist() == [[0, 2, 1, 0], [2, 0, 0, 1], [1, 0, 0, 1], [0, 1, 2, 0]]
+    cross = (np.arange(4)[:, None] // 2) != (np.arange(4)[None, :] // 2)
+    assert (gpu * cross).sum() == 7 and (node * cross).sum() == 4
+    with pytest.raises(ValueError, match=r"dispatch \('deepep'\) must be one of slot, gpu, node"):
+        token_rows(ex, four, "deepep")
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 def test_simulated_bytes_equal_the_trainers_counters(tmp_path):
@@ -50,13 +75,18 @@ def test_simulated_bytes_equal_the_trainers_counters(tmp_path):
     r = json.loads(out.read_text())
     plan = Placement.from_dict(r["plan"])
     shape = Shape(dim=r["dim"], ffn=r["ffn"], bytes_per_el=4)  # the CPU run is fp32
-    for sharding in ("resident", "fssdp"):
-        ranks = r[sharding]
+    for case in ("resident", "fssdp", "resident-dedup"):
+        ranks = r[case]
         trace = np.concatenate([np.array(rk["ids"]).transpose(1, 0, 2) for rk in ranks])  # (T, L, K), rank order
-        tok = token_bytes(trace, plan, shape)
+        dedup = case.endswith("dedup")
+        rows = token_rows(trace, plan, "gpu" if dedup else "slot")
+        out_b, back_b = row_bytes(shape, 2, "gpu" if dedup else "slot")
+        assert out_b == (32 + 4 * dedup) * 4 and back_b == 32 * 4
         for rank, rk in enumerate(ranks):
             for layer in range(plan.num_layers):
-                assert rk["a2a"][layer] == 2 * tok[layer][rank].sum(), (sharding, rank, layer)
+                assert rk["a2a"][layer] == (out_b + back_b) * rows[layer][rank].sum(), (case, rank, layer)
+        if dedup:  # a token whose 2 experts share a GPU sends one row there
+            assert rows.sum() < token_rows(trace, plan).sum()
     owners = np.tile(even_owners(8, 4), (plan.num_layers, 1))
     par = gather_bytes(plan, owners, shape)
     for rank, rk in enumerate(r["fssdp"]):

@@ -47,6 +47,9 @@ def resolve_plan(cfg: TrainConfig, world_size: int) -> Placement | None:
     if slots and not E <= slots * ep <= E * ep:
         raise ValueError(f"placement.slots_per_gpu ({slots}) must be between ceil(experts / GPUs) "
                          f"({-(-E // ep)}) and experts ({E}) for {E} experts on {ep} GPUs")
+    gpn = cfg.placement.gpus_per_node
+    if gpn and ep % gpn:
+        raise ValueError(f"placement.gpus_per_node ({gpn}) must divide the expert-parallel size ({ep})")
     L = cfg.model.num_moe_layers
     source = cfg.placement.plan
     if source in ("contiguous", "round_robin"):

@@ -86,10 +86,13 @@ class Replanner:
 
     def _start_solve(self, stats: RoutingStats, step: int) -> None:
         P = self.par.plan.num_gpus
-        topo = Topology(num_gpus=P, gpus_per_node=launcher_gpus_per_node(P), inter_node_cost=self.cfg.inter_node_cost)
+        gpn = self.cfg.gpus_per_node or launcher_gpus_per_node(P)
+        topo = Topology(num_gpus=P, gpus_per_node=gpn, inter_node_cost=self.cfg.inter_node_cost)
 
+        # the router's expert groups: eplb packs whole groups onto nodes (node-limited routing)
+        groups = max(1, self.par.model.moe_layers()[0].cfg.router.num_expert_groups)
         args = (self.cfg.method, stats, topo, self.cfg.epsilon, self.cfg.time_limit, self.cfg.solver, step,
-                self.cfg.slots_per_gpu or None)
+                self.cfg.slots_per_gpu or None, groups)
 
         where = "thread" if self.cfg.method in HEURISTICS else "process"
 
@@ -148,10 +151,10 @@ class Replanner:
         self.logger.log(record)
 
 
-def _solve_to_dict(method, stats, topo, epsilon, time_limit, solver, seed, slots_per_gpu=None) -> dict:
+def _solve_to_dict(method, stats, topo, epsilon, time_limit, solver, seed, slots_per_gpu=None, num_groups=1) -> dict:
     t0 = time.perf_counter()
     plan = solve(method, stats, topo, slots_per_gpu=slots_per_gpu, epsilon=epsilon, time_limit=time_limit,
-                 solver=solver, seed=seed)
+                 solver=solver, seed=seed, num_groups=num_groups)
     plan.meta["solver_process_seconds"] = time.perf_counter() - t0
     return plan.to_dict()
 

@@ -1,4 +1,5 @@
-"""torchrun worker: one forward and backward of a small model under resident EP and under FSSDP,
+"""torchrun worker: one forward and backward of a small model under resident EP, FSSDP, and
+resident EP with token-deduplicated dispatch,
 reporting the routing of every rank and the byte counters of every rank (rank 0 writes JSON)."""
 
 import json
@@ -24,9 +25,11 @@ def main():
     mcfg = ModelConfig(dim=32, num_layers=3, num_heads=2, max_seq_len=32, moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=16))
     plan = make_plan("replicated", 8, W, seed=2, num_layers=3)
     report = {"plan": plan.to_dict(), "dim": 32, "ffn": 16}
-    for sharding in ("resident", "fssdp"):
+    for case in ("resident", "fssdp", "resident-dedup"):
+        sharding = case.split("-")[0]
+
         class _Cfg:
-            parallel = ParallelConfig(ep_size=W, expert_sharding=sharding)
+            parallel = ParallelConfig(ep_size=W, expert_sharding=sharding, token_dedup=case.endswith("dedup"))
 
             class model:
                 moe_impl = "moesaic"
@@ -47,7 +50,7 @@ def main():
         gather = [getattr(m.experts, "bytes", {}).get("gather", 0) for m in model.moe_layers()]
         allv = [None] * W
         dist.all_gather_object(allv, {"ids": ids, "a2a": a2a, "gather": gather})
-        report[sharding] = allv
+        report[case] = allv
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(report, f)
