@@ -26,6 +26,15 @@ class ParallelConfig:
     (DeepEP's dispatch), and sum its experts' weighted outputs there before one row goes back, instead
     of one row per token-slot each way (Megatron's and DeepSpeed's all-to-all). Fewer bytes where a
     token's experts share ranks; the same math (parallel/token_dedup.py)."""
+    node_dispatch: bool = False
+    """With token_dedup, across nodes in two stages (DeepSeek-V3's dispatch, DeepEP's internode
+    kernels): each token once over the network to each node that computes any of its experts, to the
+    GPU there with its own in-node index, which forwards it once to each GPU of its node that needs it;
+    the results return the same way (parallel/node_dispatch.py)."""
+    gpus_per_node: int = 0
+    """GPUs per node of the expert-parallel domain, for node_dispatch and the placement solvers (0:
+    torchrun's LOCAL_WORLD_SIZE, or SLURM's tasks per node). With the router's expert groups, eplb
+    packs whole groups onto nodes."""
     reshard_after_forward: bool = True
     """FSSDP re-materialization: free gathered expert weights after a layer's forward pass and gather
     them again for its backward pass."""
@@ -71,6 +80,11 @@ class ParallelConfig:
             )
         if self.engine not in ("torch", "deepspeed"):
             raise ValueError(f"parallel.engine ({self.engine!r}) must be one of 'torch', 'deepspeed'")
+        if self.gpus_per_node < 0:
+            raise ValueError(f"parallel.gpus_per_node ({self.gpus_per_node}) must be >= 0 (0: from the launcher)")
+        if self.node_dispatch and not self.token_dedup:
+            raise ValueError(f"parallel.node_dispatch ({self.node_dispatch}) needs parallel.token_dedup (true): "
+                             "both stages send a token once per destination")
         if self.reshard_every_n_steps < 0:
             raise ValueError(f"parallel.reshard_every_n_steps ({self.reshard_every_n_steps}) must be >= 0")
         if self.zero_stage not in (0, 1, 2):

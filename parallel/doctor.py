@@ -30,6 +30,7 @@ from moesaic.parallel.experts import EXPERT_WEIGHTS, KERNELS
 from moesaic.parallel.kernels import unavailable
 from moesaic.parallel.fssdp import apply_fssdp, fssdp_reduce_scatter
 from moesaic.parallel.moe import MoE, MoEConfig
+from moesaic.parallel.node_dispatch import NodeGroups, node_groups
 from moesaic.parallel.router import RouterConfig
 from moesaic.placement.plan import Placement
 
@@ -90,7 +91,7 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 def ep_layer_check(name: str, plan_kind: str, cfg: MoEConfig, mesh, *, dim: int = 32, tokens: int = 24, seed: int = 0,
                    bias: str | None = None, tol: float = 1e-5, inject_fault: bool = False,
-                   sharding: str = "resident", remat: bool = True, token_dedup: bool = False) -> dict:
+                   sharding: str = "resident", remat: bool = True, token_dedup=False) -> dict:
     """One EP (or FSSDP) layer against the reference: outputs, input gradients, expert and gate
     gradients. Under FSSDP the expert gradients are read at the owners after sparse_reduce_scatter."""
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -147,6 +148,13 @@ def ep_layer_check(name: str, plan_kind: str, cfg: MoEConfig, mesh, *, dim: int 
     dist.all_reduce(gate)
     dropped = torch.tensor([moe.dispatcher.counters["dropped"]], device=device)
     dist.all_reduce(dropped)
+    # node dispatch ran its first stage (the counter exists on that path only) and sent rows across nodes
+    inter = torch.tensor([moe.dispatcher.counters.get("a2a_inter_node_bytes", -1)], device=device)
+    least = inter.clone()
+    dist.all_reduce(least, op=dist.ReduceOp.MIN)
+    node_path_ok = not isinstance(token_dedup, NodeGroups) or int(least) >= 0
+    dist.all_reduce(inter, op=dist.ReduceOp.MAX)
+    node_path_ok = node_path_ok and (not isinstance(token_dedup, NodeGroups) or token_dedup.gpus_per_node == world or int(inter) > 0)
     result = None
     if rank == 0:
         xs, ups = zip(*(data(r) for r in range(world)))
@@ -161,7 +169,9 @@ def ep_layer_check(name: str, plan_kind: str, cfg: MoEConfig, mesh, *, dim: int 
         ref_dropped = ref.dispatcher.counters["dropped"]
         result = {"check": name, "plan": plan_kind, "sharding": sharding, "world": world, "max_abs_diff": {k: v[0] for k, v in diffs.items()},
                   "max_rel_diff": worst, "dropped": int(dropped), "dropped_ref": ref_dropped,
-                  "ok": bool(worst <= tol and int(dropped) == ref_dropped)}
+                  "ok": bool(worst <= tol and int(dropped) == ref_dropped and node_path_ok)}
+        if isinstance(token_dedup, NodeGroups):
+            result["inter_node_bytes_max_rank"] = int(inter)
     box = [result]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -199,7 +209,8 @@ def suite(kind: str) -> list[tuple]:
     fine = MoEConfig(num_experts=16, top_k=4, ffn_dim=8, num_shared_experts=1)
     checks = [(f"ep/{p}", p, base, None) for p in ("contiguous", "random", "replicated")]
     checks += [(f"fssdp/{p}", p, base, None, "fssdp") for p in ("contiguous", "random", "replicated")]
-    checks += [("ep/token-dedup", "replicated", fine, None, None, None, True)]
+    checks += [("ep/token-dedup", "replicated", fine, None, None, None, True),
+               ("ep/node-dispatch", "replicated", fine, None, None, None, "node")]
     if kind == "full":
         sig = replace(base, router=RouterConfig(score_func="sigmoid"))
         grouped = replace(base, router=RouterConfig(score_func="sigmoid", route_scale=2.5, num_expert_groups=4,
@@ -217,6 +228,10 @@ def suite(kind: str) -> list[tuple]:
             ("ep/token-dedup-capacity-1.0", "random", replace(fine, capacity_factor=1.0), None, None, None, True),
             ("ep/token-dedup-zero-token-rank", "zero-rank", base, "starve-last", None, None, True),
             ("fssdp/token-dedup", "replicated", fine, None, "fssdp", None, True),
+            ("ep/node-dispatch-groups+bias", "random", replace(grouped, top_k=3), "random", None, None, "node"),
+            ("ep/node-dispatch-capacity-1.0", "random", replace(fine, capacity_factor=1.0), None, None, None, "node"),
+            ("ep/node-dispatch-zero-token-rank", "zero-rank", base, "starve-last", None, None, "node"),
+            ("fssdp/node-dispatch", "replicated", fine, None, "fssdp", None, "node"),
             ("fssdp/no-remat", "replicated", base, None, "fssdp", False),
             ("fssdp/zero-token-rank", "zero-rank", base, None, "fssdp"),
             ("fssdp/capacity-1.0", "random", replace(base, capacity_factor=1.0), None, "fssdp"),
@@ -254,11 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = collectives_check(device)
         mesh = _mesh(dist.get_world_size(), device)
+        # node dispatch: nodes of 2 ranks where the world has 4 or more (of 1 at 2 ranks): both stages run
+        world = dist.get_world_size()
+        nodes = node_groups(mesh, 2 if world >= 4 and world % 2 == 0 else 1)
         for name, plan_kind, cfg, bias, sharding, remat, dedup in suite(a.suite):
             cfg = replace(cfg, kernels=a.kernels)
             results.append(ep_layer_check(name, plan_kind, cfg, mesh, bias=bias, tol=a.tol, inject_fault=a.inject_fault,
                                           sharding=sharding or "resident", remat=remat is not False,
-                                          token_dedup=bool(dedup)))
+                                          token_dedup=nodes if dedup == "node" else bool(dedup)))
         ok = all(r["ok"] for r in results)
         if dist.get_rank() == 0:
             if a.json:

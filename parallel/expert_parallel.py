@@ -23,6 +23,7 @@ from torch import nn
 from moesaic.parallel.all_to_all import all_gather_single, all_to_all, exchange_counts
 from moesaic.parallel.experts import EXPERT_WEIGHTS, GroupedExperts, combine_slots, gather_slots
 from moesaic.parallel.router import RouterOutput, expert_counts
+from moesaic.parallel.node_dispatch import NodeGroups, node_dispatch
 from moesaic.parallel.token_dedup import dedup_dispatch, local_index_table
 from moesaic.placement.plan import Placement, check_fits
 
@@ -85,13 +86,15 @@ def capacity_keep(ids_N: torch.Tensor, num_experts: int, capacity_factor: float,
 
 class ExpertParallelDispatcher(nn.Module):
     """route -> permute by destination -> exchange counts -> all-to-all -> group by local expert ->
-    grouped GEMM -> reverse all-to-all -> un-permute -> weighted combine. With `token_dedup`, one row
-    per (token, destination rank) each way instead (`moesaic.parallel.token_dedup`)."""
+    grouped GEMM -> reverse all-to-all -> un-permute -> weighted combine. With `token_dedup` (True),
+    one row per (token, destination rank) each way instead (`moesaic.parallel.token_dedup`); with a
+    `NodeGroups`, one per (token, destination node) across nodes, then per (token, rank) within
+    (`moesaic.parallel.node_dispatch`)."""
 
-    def __init__(self, plan: LayerPlan, group, *, capacity_factor: float = 0.0, token_dedup: bool = False):
+    def __init__(self, plan: LayerPlan, group, *, capacity_factor: float = 0.0, token_dedup: bool | NodeGroups = False):
         super().__init__()
         self.plan, self.group, self.capacity_factor = plan, group, capacity_factor
-        self.token_dedup = token_dedup  # each token once per destination rank (parallel/token_dedup.py)
+        self.token_dedup = token_dedup  # False, True or NodeGroups (kept as given: a new plan's dispatcher takes it)
         if token_dedup:
             self.register_buffer("local_index_PE", local_index_table(plan.holders, plan.ep_size), persistent=False)
         pad, n, local = plan.tables()
@@ -114,6 +117,13 @@ class ExpertParallelDispatcher(nn.Module):
         dest_N = torch.where(self.is_local[ids_N], torch.full_like(pick, me), pick)
         kept = torch.nonzero(keep_N).flatten()
         dropped = T * K - kept.numel()
+        if isinstance(self.token_dedup, NodeGroups):
+            ng = self.token_dedup
+            out_TD, self.counters = node_dispatch(x_TD, route.weights_TK, dest_N, kept, self.local_index_PE, ids_N,
+                                                  experts, len(self.local_experts), me, P, ng.gpus_per_node, ng.rail,
+                                                  ng.node)
+            self.counters["dropped"] = dropped
+            return out_TD
         if self.token_dedup:
             out_TD, self.counters = dedup_dispatch(x_TD, route.weights_TK, dest_N, kept, self.local_index_PE, ids_N,
                                                    experts, len(self.local_experts), me, P, self.group)
@@ -170,7 +180,7 @@ def layer_plans(plan: Placement, ep_rank: int) -> list[LayerPlan]:
 
 
 def apply_expert_parallel(model: nn.Module, mesh, plan: Placement, *, capacity_factor: float = 0.0,
-                          token_dedup: bool = False) -> list[str]:
+                          token_dedup: bool | NodeGroups = False) -> list[str]:
     """Keep on this rank only the experts that `plan` gives its EP rank, and route tokens to the others
     by all-to-all. `mesh` is a 2-D DeviceMesh ("edp", "ep"). Returns the names of the expert
     parameters and plan buffers, which differ across ranks (to keep them out of DDP). The model

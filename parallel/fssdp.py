@@ -321,10 +321,11 @@ class FSSDPDispatcher(ExpertParallelDispatcher):
 
 def apply_fssdp(model: nn.Module, mesh, plan: Placement, *, reshard_after_forward: bool = True, prefetch: bool = True,
                 capacity_factor: float = 0.0, owners: np.ndarray | None = None, grad_scale: float | None = None,
-                token_dedup: bool = False) -> list[str]:
+                token_dedup=False) -> list[str]:
     """Shard every MoE layer's experts over the "ep" axis of `mesh` (one owner per expert: `owners`,
     (E,) for every layer or (L, E); default even contiguous shards) and compute them where `plan` says.
-    The model must hold every expert, as built (identical on every rank).
+    The model must hold every expert, as built (identical on every rank). `token_dedup`: False, True
+    or `NodeGroups`, as `ExpertParallelDispatcher` takes it.
     Returns the names of the parameters and buffers that differ across ranks (keep them out of DDP)."""
     ep_group, rank = mesh.get_group("ep"), mesh.get_local_rank("ep")
     P = mesh.size(-1)

@@ -45,10 +45,6 @@ class PlacementConfig:
     more slots hold replicas of hot experts (under FSSDP they cost gather bytes, not resident memory)."""
     inter_node_cost: float = 2.0
     """Hop cost across nodes relative to 1 within a node."""
-    gpus_per_node: int = 0
-    """GPUs per node of the expert-parallel domain, as the solvers see it (0: torchrun's
-    LOCAL_WORLD_SIZE or SLURM's tasks per node). With the router's expert groups, eplb packs whole
-    groups onto nodes."""
     dynamic_replicas: int = 0
     """FSSDP only: each step, add up to this many replicas per layer of the experts predicted hot
     (Hecate's Algorithm 1) on top of the current plan; 0 turns it off."""
@@ -70,8 +66,6 @@ class PlacementConfig:
             raise ValueError(f"placement.time_limit ({self.time_limit}) must be > 0")
         if self.slots_per_gpu < 0:
             raise ValueError(f"placement.slots_per_gpu ({self.slots_per_gpu}) must be >= 0 (0: ceil(experts / GPUs))")
-        if self.gpus_per_node < 0:
-            raise ValueError(f"placement.gpus_per_node ({self.gpus_per_node}) must be >= 0 (0: from the launcher)")
         if self.dynamic_replicas < 0:
             raise ValueError(f"placement.dynamic_replicas ({self.dynamic_replicas}) must be >= 0")
         if self.predictor_window < 1:

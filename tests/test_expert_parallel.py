@@ -68,6 +68,8 @@ def test_doctor_detects_a_wrong_result():
     (4, ["--ep", 4, "--plan", "random", "--router", "grouped"]),  # group-limited routing, scaled weights
     (4, ["--ep", 4, "--plan", "replicated", "--num-experts", 16, "--dedup"]),  # each token once per rank
     (4, ["--ep", 2, "--plan", "random", "--dedup", "--micro", 2]),  # edp 2, accumulation
+    # 2 nodes of 2 ranks: once per node across, once per rank within (DeepEP); grouped routing
+    (4, ["--ep", 4, "--plan", "replicated", "--num-experts", 16, "--router", "grouped", "--node-dispatch", 2]),
     (4, ["--ep", 2, "--plan", "replicated", "--micro", 2]),  # gradient accumulation
     (2, ["--ep", 2, "--plan", "replicated", "--ffn-dim", 10]),  # experts computed by the loop (unaligned)
 ])
@@ -83,8 +85,10 @@ def test_adamw_steps_match_single_process(tmp_path, nproc, args):
         assert s["max_param_diff"] < 1e-5, s
     assert report["recorder_P_diff"] == 0 and report["recorder_W_diff"] == 0
     assert report["recorder_tokens"][0] == report["recorder_tokens"][1] > 0
-    if "--dedup" in args:  # a token whose experts share a rank went there once
+    if "--dedup" in args or "--node-dispatch" in args:  # a token whose experts share a rank (node) went there once
         assert all(0 < s["rows_sent"] < s["slots_sent"] for s in report["steps"]), report["steps"]
+    if "--node-dispatch" in args:
+        assert all(s["inter_node_bytes"] > 0 for s in report["steps"])
 
 
 @pytest.mark.slow
@@ -152,11 +156,13 @@ def test_plan_file_that_does_not_fit_is_named(tmp_path):
     cfg = TrainConfig(parallel=ParallelConfig(ep_size=4), placement=PlacementConfig(plan=str(path)))
     with pytest.raises(ValueError, match=r"does not fit: plan has 2 layers, but the model has 4 MoE layers"):
         resolve_plan(cfg, 4)
-    cfg = TrainConfig(parallel=ParallelConfig(ep_size=4), placement=PlacementConfig(gpus_per_node=3))
-    with pytest.raises(ValueError, match=r"placement.gpus_per_node \(3\) must divide the expert-parallel size \(4\)"):
+    cfg = TrainConfig(parallel=ParallelConfig(ep_size=4, gpus_per_node=3))
+    with pytest.raises(ValueError, match=r"parallel.gpus_per_node \(3\) must divide the expert-parallel size \(4\)"):
         resolve_plan(cfg, 8)
-    with pytest.raises(ValueError, match=r"placement.gpus_per_node \(-1\) must be >= 0"):
-        PlacementConfig(gpus_per_node=-1)
+    with pytest.raises(ValueError, match=r"parallel.gpus_per_node \(-1\) must be >= 0"):
+        ParallelConfig(gpus_per_node=-1)
+    with pytest.raises(ValueError, match=r"parallel.node_dispatch \(True\) needs parallel.token_dedup \(true\)"):
+        ParallelConfig(node_dispatch=True)
 
 
 @pytest.mark.slow
@@ -168,6 +174,7 @@ def test_plan_file_that_does_not_fit_is_named(tmp_path):
     (4, ["--ep", 4, "--plan", "replicated", "--change-plan-after", 2]),
     (4, ["--ep", 2, "--plan", "replicated", "--router", "sigmoid", "--change-plan-after", 2]),  # two expert domains
     (2, ["--ep", 2, "--plan", "replicated", "--router", "grouped", "--change-plan-after", 2, "--dedup"]),
+    (4, ["--ep", 4, "--plan", "replicated", "--router", "grouped", "--change-plan-after", 2, "--node-dispatch", 2]),
     (4, ["--ep", 4, "--plan", "replicated", "--reshard-after", 2]),  # owners move (Hecate Alg. 2)
     (4, ["--ep", 4, "--plan", "replicated", "--micro", 2]),  # gradient accumulation: nothing left unsent
     (4, ["--ep", 2, "--plan", "contiguous", "--micro", 2]),  # every expert at its owner: computed in place
@@ -198,5 +205,5 @@ def test_fssdp_steps_match_single_process(tmp_path, nproc, args):
     # one global copy: the owned expert tensors over all ranks add up to every expert once per domain
     assert report["expert_numel_all_ranks"] == report["expert_numel_one_copy"] * report["num_domains"]
     assert report["recorder_P_diff"] == 0 and report["recorder_W_diff"] == 0
-    if "--dedup" in args:
+    if "--dedup" in args or "--node-dispatch" in args:
         assert all(0 < s["rows_sent"] < s["slots_sent"] for s in steps), steps

@@ -145,6 +145,18 @@ def shutdown(info: DistInfo, *, barrier: bool = True) -> None:
         dist.destroy_process_group()
 
 
+def launcher_gpus_per_node(num_gpus: int) -> int:
+    """GPUs per node of the EP domain, from torchrun's or SLURM's environment (1 node if unknown)."""
+    for var in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_GPUS_ON_NODE"):
+        try:
+            n = int(os.environ.get(var, "0").split("(")[0])
+        except ValueError:
+            continue
+        if 0 < n < num_gpus and num_gpus % n == 0:
+            return n
+    return num_gpus
+
+
 def broadcast_object(obj, info: DistInfo, src: int = 0):
     if info.backend is None:
         return obj

@@ -24,7 +24,7 @@ from moesaic.parallel.fssdp import apply_fssdp, fssdp_bytes, fssdp_grad_sq_norm,
 from moesaic.placement.baselines import static_plan
 from moesaic.placement.plan import Placement, PlanError, check_fits
 from moesaic.trainer.config import TrainConfig
-from moesaic.trainer.dist import DistInfo
+from moesaic.trainer.dist import DistInfo, launcher_gpus_per_node
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,9 @@ def resolve_plan(cfg: TrainConfig, world_size: int) -> Placement | None:
     if slots and not E <= slots * ep <= E * ep:
         raise ValueError(f"placement.slots_per_gpu ({slots}) must be between ceil(experts / GPUs) "
                          f"({-(-E // ep)}) and experts ({E}) for {E} experts on {ep} GPUs")
-    gpn = cfg.placement.gpus_per_node
+    gpn = cfg.parallel.gpus_per_node
     if gpn and ep % gpn:
-        raise ValueError(f"placement.gpus_per_node ({gpn}) must divide the expert-parallel size ({ep})")
+        raise ValueError(f"parallel.gpus_per_node ({gpn}) must divide the expert-parallel size ({ep})")
     L = cfg.model.num_moe_layers
     source = cfg.placement.plan
     if source in ("contiguous", "round_robin"):
@@ -96,6 +96,7 @@ class Parallel:
     ds_engine: object = None  # the DeepSpeed engine over the dense parameters (engine=deepspeed)
     deepspeed_moe_ep: int = 0  # model.moe_impl=deepspeed: DeepSpeed-MoE's ep_size (its engine owns everything)
     align_owners: bool = False  # FSSDP: owners follow each new plan (placement.align_owners)
+    gpus_per_node: int = 0  # of the EP domain: parallel.gpus_per_node, else the launcher's (the solvers' nodes)
 
     def build_optimizer(self, cfg: TrainConfig):
         """(optimizer, scheduler) that the loop steps. Under engine=deepspeed they cover the experts
@@ -240,7 +241,7 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
     """Apply expert parallelism or FSSDP (per the plan) and DDP; the model must hold every expert."""
     if info.backend is None:
         return Parallel(model, model, info)
-    mesh = None
+    mesh, gpn = None, 0
     ignored: list[str] = []
     pc = cfg.parallel
     if cfg.model.moe_impl == "deepspeed":
@@ -255,6 +256,12 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
         ep = pc.ep_size or info.world_size
         mesh = init_device_mesh(info.device.type, (info.world_size // ep, ep), mesh_dim_names=("edp", "ep"))
         cf = cfg.model.moe.capacity_factor
+        gpn = pc.gpus_per_node or launcher_gpus_per_node(ep)
+        dedup = pc.token_dedup
+        if pc.node_dispatch:
+            from moesaic.parallel.node_dispatch import node_groups
+
+            dedup = node_groups(mesh, gpn)
         if pc.expert_sharding == "fssdp":
             owners = None
             if align_owners(cfg):
@@ -264,17 +271,19 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
                 even = np.tile(even_owners(plan.num_experts(), ep), (plan.num_layers, 1))
                 owners = aligned_owners(plan, even)  # a fresh model holds every expert: this moves nothing
             ignored = apply_fssdp(model, mesh, plan, reshard_after_forward=pc.reshard_after_forward,
-                                  prefetch=pc.prefetch, capacity_factor=cf, owners=owners, token_dedup=pc.token_dedup)
+                                  prefetch=pc.prefetch, capacity_factor=cf, owners=owners, token_dedup=dedup)
         else:
-            ignored = apply_expert_parallel(model, mesh, plan, capacity_factor=cf, token_dedup=pc.token_dedup)
+            ignored = apply_expert_parallel(model, mesh, plan, capacity_factor=cf, token_dedup=dedup)
         DDP._set_params_and_buffers_to_ignore_for_model(model, ignored)
     align = plan is not None and pc.expert_sharding == "fssdp" and align_owners(cfg)
     if pc.engine == "deepspeed":  # the engine is built with the optimizer (build_optimizer)
-        return Parallel(model, model, info, mesh, plan, pc.expert_sharding, expert_names=ignored, align_owners=align)
+        return Parallel(model, model, info, mesh, plan, pc.expert_sharding, expert_names=ignored, align_owners=align,
+                        gpus_per_node=gpn)
     ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     if pc.ddp_bucket_order == "fixed":
         fix_ddp_buckets(ddp)
-    return Parallel(model, ddp, info, mesh, plan, pc.expert_sharding, expert_names=ignored, align_owners=align)
+    return Parallel(model, ddp, info, mesh, plan, pc.expert_sharding, expert_names=ignored, align_owners=align,
+                    gpus_per_node=gpn)
 
 
 def fix_ddp_buckets(ddp: DDP) -> None:

@@ -35,18 +35,6 @@ from moesaic.trainer.preempt import stop_signals_blocked
 HEURISTICS = ("eplb", "contiguous", "round_robin")  # solved in the trainer's thread; the ILPs in a process
 
 
-def launcher_gpus_per_node(num_gpus: int) -> int:
-    """GPUs per node of the EP domain, from torchrun's or SLURM's environment (1 node if unknown)."""
-    for var in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_GPUS_ON_NODE"):
-        try:
-            n = int(os.environ.get(var, "0").split("(")[0])
-        except ValueError:
-            continue
-        if 0 < n < num_gpus and num_gpus % n == 0:
-            return n
-    return num_gpus
-
-
 class Replanner:
     def __init__(self, pcfg, par, recorder, optimizer, run_dir: Path, info, logger):
         self.cfg, self.par, self.recorder, self.optimizer = pcfg, par, recorder, optimizer
@@ -86,8 +74,7 @@ class Replanner:
 
     def _start_solve(self, stats: RoutingStats, step: int) -> None:
         P = self.par.plan.num_gpus
-        gpn = self.cfg.gpus_per_node or launcher_gpus_per_node(P)
-        topo = Topology(num_gpus=P, gpus_per_node=gpn, inter_node_cost=self.cfg.inter_node_cost)
+        topo = Topology(num_gpus=P, gpus_per_node=self.par.gpus_per_node, inter_node_cost=self.cfg.inter_node_cost)
 
         # the router's expert groups: eplb packs whole groups onto nodes (node-limited routing)
         groups = max(1, self.par.model.moe_layers()[0].cfg.router.num_expert_groups)
@@ -263,8 +250,7 @@ class Resharder:
         window = total if self.snapshot is None else _minus(total, self.snapshot)
         self.snapshot = total
         P = self.par.plan.num_gpus
-        gpn = launcher_gpus_per_node(P)
-        owners = [hecate_owners(window.P[l], P, gpn) for l in range(window.num_layers)]
+        owners = [hecate_owners(window.P[l], P, self.par.gpus_per_node) for l in range(window.num_layers)]
         t0 = time.perf_counter()
         moved = reshard_owners(self.par.model, self.optimizer, owners)
         record = {"kind": "reshard", "step": done, "moved_bytes_rank": moved, "seconds": time.perf_counter() - t0}

@@ -48,7 +48,7 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
     model = par.model
     t0 = time.perf_counter()
     stats = torch.zeros(3, dtype=torch.float64)  # ce, aux, z summed over micro-steps
-    counts_LE, comm = None, {"a2a_bytes": 0, "dropped": 0}
+    counts_LE, comm = None, {"a2a_bytes": 0, "dropped": 0, "a2a_inter_node_bytes": 0}
     with record_function("moesaic.forward_backward"):  # ranges that logging.profile_steps shows
         for micro in range(cfg.grad_accum_steps):
             x, y = sample_batch(corpus.train, cfg.batch_size, cfg.data.seq_len, seed=cfg.seed,
@@ -68,6 +68,7 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
             for moe in model.moe_layers():
                 comm["a2a_bytes"] += moe.dispatcher.counters.get("a2a_bytes", 0)
                 comm["dropped"] += moe.dispatcher.counters.get("dropped", 0)
+                comm["a2a_inter_node_bytes"] += moe.dispatcher.counters.get("a2a_inter_node_bytes", 0)
     t1 = time.perf_counter()
     with record_function("moesaic.reduce_grads"):
         par.reduce_grads()

@@ -233,7 +233,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
 
 def _train_record(r, done, dt, tokens_done, tok_s, fpt, cfg, info, par, t_start, skipped) -> dict:
     comm = all_reduce_(torch.tensor([r.comm["a2a_bytes"], r.comm["dropped"], r.comm["expert_grad_bytes"],
-                                     r.comm["expert_gather_bytes"]], dtype=torch.float64), info)
+                                     r.comm["expert_gather_bytes"], r.comm["a2a_inter_node_bytes"]], dtype=torch.float64), info)
     received = all_gather_object(sum(m.dispatcher.counters.get("tokens_received", 0) for m in par.model.moe_layers()), info)
     record = {
         "kind": "train", "step": done, "loss": r.ce, "aux_loss": r.aux, "z_loss": r.z, "lr": r.lr,
@@ -242,6 +242,8 @@ def _train_record(r, done, dt, tokens_done, tok_s, fpt, cfg, info, par, t_start,
         "a2a_bytes": int(comm[0]), "dropped_tokens": int(comm[1]), "expert_grad_bytes": int(comm[2]),
         "expert_gather_bytes": int(comm[3]), "tokens_received_per_rank": received, **r.phase_s,
     }
+    if cfg.parallel.node_dispatch:  # the part of a2a_bytes that crossed nodes (node dispatch's first stage)
+        record["a2a_inter_node_bytes"] = int(comm[4])
     if cfg.logging.peak_tflops > 0:
         record["mfu"] = fpt * tok_s / info.world_size / (cfg.logging.peak_tflops * 1e12)
     if r.counts_LE is not None:

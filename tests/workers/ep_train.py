@@ -61,6 +61,8 @@ def main():
     ap.add_argument("--ffn-dim", type=int, default=16, help="10: breaks torch._grouped_mm's 16-byte rule (the loop path)")
     ap.add_argument("--num-experts", type=int, default=8, help="2 at 4 ranks: ranks that own and compute none")
     ap.add_argument("--dedup", action="store_true", help="parallel.token_dedup: each token once per destination rank")
+    ap.add_argument("--node-dispatch", type=int, default=0,
+                    help="parallel.node_dispatch with nodes of this many ranks (implies --dedup)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     dist.init_process_group("gloo")
@@ -80,7 +82,8 @@ def main():
 
     class _Cfg:  # the fields parallelize reads
         parallel = ParallelConfig(ep_size=a.ep, expert_sharding=a.sharding, reshard_after_forward=not a.no_remat,
-                                  token_dedup=a.dedup)
+                                  token_dedup=a.dedup or a.node_dispatch > 0, node_dispatch=a.node_dispatch > 0,
+                                  gpus_per_node=a.node_dispatch)
 
         class placement:
             align_owners = a.align
@@ -153,7 +156,7 @@ def main():
         dist.all_reduce(counts)
         for m, c in zip(model.moe_layers(), counts):
             m.router.update_bias(c)
-        moved = torch.tensor([[m.dispatcher.counters.get(k, 0) for k in ("tokens_sent", "slots_sent")]
+        moved = torch.tensor([[m.dispatcher.counters.get(k, 0) for k in ("tokens_sent", "slots_sent", "a2a_inter_node_bytes")]
                               for m in model.moe_layers()], dtype=torch.float64).sum(0)
         dist.all_reduce(moved)  # rows and token-slots that left their rank (the last micro-batch's)
         loss = torch.tensor([sum(losses) / a.micro], dtype=torch.float64)
@@ -201,7 +204,7 @@ def main():
             report["steps"].append({"loss": float(loss) / W, "ref_loss": float(total), "norm": float(norm),
                                     "ref_norm": float(ref_norm), "max_param_diff": max(diffs.values()),
                                     "gather_bytes": float(gbytes), "rows_sent": float(moved[0]),
-                                    "slots_sent": float(moved[1]),
+                                    "slots_sent": float(moved[1]), "inter_node_bytes": float(moved[2]),
                                     "worst": max(diffs, key=diffs.get)})
     report["expert_input_dtypes"] = sorted(seen_dtypes)
     report["param_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
