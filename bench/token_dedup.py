@@ -1,14 +1,16 @@
 """Token-deduplicated dispatch (`parallel.token_dedup`): the rows it saves, and what it costs.
 
     python bench/token_dedup.py [--nproc 4] [--steps 20] [--rounds 2] [--models default fine_grained grouped]
-                                [--skip-train] [--json out.json]
+                                [--dispatches slots dedup node] [--skip-train] [--json out.json]
 
 1. Rows per token-slot from routing alone (numpy): for each token and layer, the distinct ranks that
    hold its experts under a contiguous plan, over the slots. 1 means no saving. On the real Mixtral
    traces in ../shared (if present) and on the synthetic presets at several EP sizes.
-2. The trainer side by side (torchrun, gloo ranks, FSSDP over all ranks): each model with and without
-   `parallel.token_dedup`, rounds interleaved. Per run: the median step time, the all-to-all bytes
-   per step (the dispatcher's counters, all ranks), and the last train loss.
+2. The trainer side by side (torchrun, gloo ranks, FSSDP over all ranks): each model with a row per
+   token-slot (`slots`), `parallel.token_dedup` (`dedup`), and `parallel.node_dispatch` with the
+   ranks as 2 nodes (`node`), rounds interleaved. Per run: the median step time, the all-to-all bytes
+   per step (the dispatcher's counters, all ranks; with `node` also those across nodes), and the last
+   train loss.
 """
 
 from __future__ import annotations
@@ -55,12 +57,18 @@ def routing_rows() -> list[dict]:
     return out
 
 
-def train(model: str, dedup: bool, a, out_dir: Path) -> dict:
-    name = f"{model}-{'dedup' if dedup else 'slots'}"
+DISPATCH = {"slots": ["parallel.token_dedup=false"], "dedup": ["parallel.token_dedup=true"],
+            "node": ["parallel.token_dedup=true", "parallel.node_dispatch=true"]}
+LABEL = {"slots": "per slot", "dedup": "token_dedup", "node": "node_dispatch"}
+
+
+def train(model: str, dispatch: str, a, out_dir: Path) -> dict:
+    name = f"{model}-{dispatch}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc),
            "-m", "moesaic.trainer", f"model={model}", f"steps={a.steps}", "eval_every=0", "eval_batches=1",
            "logging=quiet", "logging.log_every=1", f"logging.out_dir={out_dir}", f"logging.run_name={name}",
-           f"parallel.token_dedup={str(dedup).lower()}", f"optim.warmup_steps={min(5, a.steps)}", *a.extra]
+           *DISPATCH[dispatch], f"parallel.gpus_per_node={max(1, a.nproc // 2)}", f"optim.warmup_steps={min(5, a.steps)}",
+           *a.extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if proc.returncode:
@@ -68,7 +76,7 @@ def train(model: str, dedup: bool, a, out_dir: Path) -> dict:
     train_rows = [json.loads(x) for x in (out_dir / name / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in train_rows if r["kind"] == "train"]
     return {"steps_s": [r["step_s"] for r in train_rows[2:]], "a2a_bytes": [r["a2a_bytes"] for r in train_rows],
-            "losses": [r["loss"] for r in train_rows]}
+            "inter_bytes": [r.get("a2a_inter_node_bytes") for r in train_rows], "losses": [r["loss"] for r in train_rows]}
 
 
 def main() -> None:
@@ -77,6 +85,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--models", nargs="+", default=["default", "fine_grained", "grouped"])
+    ap.add_argument("--dispatches", nargs="+", choices=list(DISPATCH), default=list(DISPATCH))
     ap.add_argument("--extra", nargs="*", default=[], help="more trainer overrides for every run")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--json", default=None)
@@ -90,20 +99,22 @@ def main() -> None:
             runs: dict = {}
             for r in range(a.rounds):
                 for model in a.models:
-                    for dedup in ((False, True) if r % 2 == 0 else (True, False)):
-                        got = train(model, dedup, a, Path(tmp) / f"round{r}")
-                        runs.setdefault((model, dedup), []).append(got)
+                    for dispatch in (a.dispatches if r % 2 == 0 else a.dispatches[::-1]):
+                        got = train(model, dispatch, a, Path(tmp) / f"round{r}")
+                        runs.setdefault((model, dispatch), []).append(got)
         for model in a.models:
             base = None
-            for dedup in (False, True):
-                rs = runs[(model, dedup)]
+            for dispatch in a.dispatches:
+                rs = runs[(model, dispatch)]
                 step = statistics.median([s for g in rs for s in g["steps_s"]])
                 mib = statistics.mean([b for g in rs for b in g["a2a_bytes"]]) / 2**20
+                inter = [b for g in rs for b in g["inter_bytes"] if b is not None]
                 base = base or (step, mib)
-                trained.append({"model": model, "dispatch": "token_dedup" if dedup else "per slot",
-                                "median step (s)": step, "vs per slot": step / base[0], "a2a MiB/step": mib,
-                                "bytes vs per slot": mib / base[1], "last loss": rs[0]["losses"][-1],
-                                "losses": rs[0]["losses"], "a2a_bytes": rs[0]["a2a_bytes"]})
+                trained.append({"model": model, "dispatch": LABEL[dispatch],
+                                "median step (s)": step, "vs first": step / base[0], "a2a MiB/step": mib,
+                                "bytes vs first": mib / base[1],
+                                "across nodes MiB/step": statistics.mean(inter) / 2**20 if inter else "-",
+                                "last loss": rs[0]["losses"][-1], "losses": rs[0]["losses"], "a2a_bytes": rs[0]["a2a_bytes"]})
         print(f"\n## the trainer, {a.nproc} gloo ranks, FSSDP, {a.steps} steps x {a.rounds} rounds (interleaved)")
         print(table(trained, [k for k in trained[0] if k not in ("losses", "a2a_bytes")]))
     write_json(a.json, {"machine": machine(), "args": vars(a), "routing": routing, "train": trained})

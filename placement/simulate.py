@@ -83,17 +83,17 @@ def destinations(experts_TK: np.ndarray, home_T: np.ndarray, local_T: np.ndarray
 DISPATCHES = ("slot", "gpu", "node")
 
 
-def token_rows(experts_TLK: np.ndarray, plan: Placement, dispatch: str = "slot") -> np.ndarray:
+def token_rows(experts_TLK: np.ndarray, plan: Placement, dispatch: str = "slot", gpus_per_node: int = 0) -> np.ndarray:
     """(L, G, G) rows sent from GPU g to GPU h by one forward dispatch. `slot`: one row per
     token-slot (Megatron, DeepSpeed, moesaic's default); `gpu`: one per (token, destination GPU)
     (`parallel.token_dedup`); `node`: DeepEP's two stages, not in moesaic's trainer: one row per
     (token, remote node) to the GPU there with the home GPU's local index, which forwards it once to
     each other GPU of its node that computes the token, and one per (token, GPU) within the home
-    node. The diagonal is zero."""
+    node (nodes of `gpus_per_node`, default the plan's). The diagonal is zero."""
     if dispatch not in DISPATCHES:
         raise ValueError(f"dispatch ({dispatch!r}) must be one of {', '.join(DISPATCHES)}")
     T, L, K = experts_TLK.shape
-    G, gpn = plan.num_gpus, plan.gpus_per_node
+    G, gpn = plan.num_gpus, gpus_per_node or plan.gpus_per_node
     home, local = home_of(T, G)
     tok_N = np.repeat(np.arange(T), K)
     out = np.zeros((L, G, G))
@@ -118,16 +118,23 @@ def token_rows(experts_TLK: np.ndarray, plan: Placement, dispatch: str = "slot")
     return out
 
 
-def row_bytes(shape: Shape, top_k: int, dispatch: str = "slot") -> tuple[int, int]:
-    """Bytes of one dispatched row and of one combined row: the token, plus, when a row serves
-    several slots, its K combine weights and K local expert indices on the way out."""
-    d = shape.dim * shape.bytes_per_el
-    return (d + 2 * top_k * shape.bytes_per_el if dispatch != "slot" else d), d
+def row_bytes(shape: Shape, top_k: int, dispatch: str = "slot", num_gpus: int = 1,
+              gpus_per_node: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(G, G) bytes of one row dispatched from g to h, and of one row combined back: the token, plus
+    per slot its combine weight and its expert's local index (`gpu`, and `node` within a node), and
+    across nodes (`node`) its destination GPU's in-node index and expert id in their place."""
+    d, b = shape.dim * shape.bytes_per_el, shape.bytes_per_el
+    out = np.full((num_gpus, num_gpus), float(d if dispatch == "slot" else d + 2 * top_k * b))
+    if dispatch == "node":
+        node = np.arange(num_gpus) // gpus_per_node
+        out[node[:, None] != node[None, :]] = d + 3 * top_k * b
+    return out, np.full((num_gpus, num_gpus), float(d))
 
 
 def token_bytes(experts_TLK: np.ndarray, plan: Placement, shape: Shape, dispatch: str = "slot") -> np.ndarray:
     """(L, G, G) bytes sent from GPU g to GPU h by one forward dispatch (see `token_rows`)."""
-    return token_rows(experts_TLK, plan, dispatch) * row_bytes(shape, experts_TLK.shape[2], dispatch)[0]
+    out, _ = row_bytes(shape, experts_TLK.shape[2], dispatch, plan.num_gpus, plan.gpus_per_node)
+    return token_rows(experts_TLK, plan, dispatch) * out
 
 
 def gather_bytes(plan: Placement, owners_LE: np.ndarray, shape: Shape) -> np.ndarray:
@@ -159,7 +166,7 @@ def simulate(experts_TLK: np.ndarray, plan: Placement, cluster: Cluster, shape: 
     T, L, K = experts_TLK.shape
     G = plan.num_gpus
     rows = token_rows(experts_TLK, plan, dispatch)
-    out_b, back_b = row_bytes(shape, K, dispatch)
+    out_b, back_b = row_bytes(shape, K, dispatch, G, plan.gpus_per_node)
     home, local = home_of(T, G)
     res = {"a2a_bytes": 0.0, "a2a_inter_bytes": 0.0, "param_bytes": 0.0, "a2a_s": 0.0, "param_s": 0.0, "compute_s": 0.0}
     node = np.arange(G) // cluster.gpus_per_node
@@ -171,8 +178,8 @@ def simulate(experts_TLK: np.ndarray, plan: Placement, cluster: Cluster, shape: 
         slots = np.bincount(dest.ravel(), minlength=G)
         compute = slots.max() * flops_per_slot / (cluster.expert_tflops * 1e12)
         a2a = 2 * (_time(rows[l] * out_b, cluster) + _time(rows[l] * back_b, cluster))  # fwd and bwd
-        res["a2a_bytes"] += (out_b + back_b) * rows[l].sum()
-        res["a2a_inter_bytes"] += (out_b + back_b) * (rows[l] * (node[:, None] != node[None, :])).sum()
+        res["a2a_bytes"] += float((rows[l] * (out_b + back_b)).sum())
+        res["a2a_inter_bytes"] += float((rows[l] * (out_b + back_b) * (node[:, None] != node[None, :])).sum())
         res["compute_s"] += compute
         res["a2a_s"] += a2a
         if fssdp:

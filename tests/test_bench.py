@@ -323,7 +323,7 @@ def test_token_dedup_bench_tiny(tmp_path):
     float rounding (the combine sums in another order), and fewer all-to-all bytes at every step."""
     model = ["model.dim=32", "model.moe.num_experts=16", "model.moe.ffn_dim=16", "model.moe.router.num_expert_groups=4",
              "model.moe.router.num_limited_groups=2"]
-    out = run("token_dedup.py", "--nproc", 2, "--steps", 6, "--rounds", 1, "--models", "grouped",
+    out = run("token_dedup.py", "--nproc", 2, "--steps", 6, "--rounds", 1, "--models", "grouped", "--dispatches", "slots", "dedup",
               "--extra", "experiment=smoke", *model, "--json", tmp_path / "t.json", timeout=600)
     assert "| synthetic deepseek-v3" in out and "| grouped | token_dedup" in out
     r = json.loads((tmp_path / "t.json").read_text())

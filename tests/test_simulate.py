@@ -45,7 +45,9 @@ def test_token_rows_per_slot_gpu_and_node_by_hand():
     assert token_rows(ex, plan)[0].tolist() == [[0, 2], [1, 0]]
     assert token_rows(ex, plan, "gpu")[0].tolist() == [[0, 1], [1, 0]]
     shape = Shape(dim=4, ffn=8, bytes_per_el=2)
-    assert row_bytes(shape, 2, "gpu") == (8 + 8, 8) and row_bytes(shape, 2) == (8, 8)
+    assert row_bytes(shape, 2, "gpu")[0].tolist() == [[16.0]] and row_bytes(shape, 2)[0].tolist() == [[8.0]]
+    out, back = row_bytes(shape, 2, "node", 4, 2)  # across nodes 3K more columns, within 2K
+    assert out[0].tolist() == [16, 16, 20, 20] and (back == 8).all()
     res = simulate(ex, plan, CLUSTERS["h100-nvlink-ib400"], shape, dispatch="gpu")
     assert res["a2a_bytes"] == 2 * (16 + 8)  # 2 rows out with their 2K slot columns, 2 back
     assert simulate(ex, plan, CLUSTERS["h100-nvlink-ib400"], shape)["a2a_bytes"] == 3 * (8 + 8)
@@ -75,18 +77,23 @@ def test_simulated_bytes_equal_the_trainers_counters(tmp_path):
     r = json.loads(out.read_text())
     plan = Placement.from_dict(r["plan"])
     shape = Shape(dim=r["dim"], ffn=r["ffn"], bytes_per_el=4)  # the CPU run is fp32
-    for case in ("resident", "fssdp", "resident-dedup"):
+    for case, dispatch in (("resident", "slot"), ("fssdp", "slot"), ("resident-dedup", "gpu"), ("resident-node", "node")):
         ranks = r[case]
         trace = np.concatenate([np.array(rk["ids"]).transpose(1, 0, 2) for rk in ranks])  # (T, L, K), rank order
-        dedup = case.endswith("dedup")
-        rows = token_rows(trace, plan, "gpu" if dedup else "slot")
-        out_b, back_b = row_bytes(shape, 2, "gpu" if dedup else "slot")
-        assert out_b == (32 + 4 * dedup) * 4 and back_b == 32 * 4
+        rows = token_rows(trace, plan, dispatch, gpus_per_node=2)  # node dispatch: 2 nodes of 2 ranks
+        out_b, back_b = row_bytes(shape, 2, dispatch, 4, 2)
         for rank, rk in enumerate(ranks):
             for layer in range(plan.num_layers):
-                assert rk["a2a"][layer] == (out_b + back_b) * rows[layer][rank].sum(), (case, rank, layer)
-        if dedup:  # a token whose 2 experts share a GPU sends one row there
+                assert rk["a2a"][layer] == (rows[layer][rank] * (out_b + back_b)[rank]).sum(), (case, rank, layer)
+                if dispatch == "node":  # the first stage's rows: the only ones across nodes
+                    cross = np.arange(4) // 2 != rank // 2
+                    assert rk["inter"][layer] == (rows[layer][rank] * (out_b + back_b)[rank] * cross).sum()
+        if dispatch == "gpu":  # a token whose 2 experts share a GPU sends one row there
             assert rows.sum() < token_rows(trace, plan).sum()
+        if dispatch == "node":  # and one row to a node: fewer across nodes than per GPU, more within
+            cross = (np.arange(4)[:, None] // 2) != (np.arange(4)[None, :] // 2)
+            per_gpu = token_rows(trace, plan, "gpu")
+            assert (rows * cross).sum() < (per_gpu * cross).sum() and (rows * ~cross).sum() > (per_gpu * ~cross).sum()
     owners = np.tile(even_owners(8, 4), (plan.num_layers, 1))
     par = gather_bytes(plan, owners, shape)
     for rank, rk in enumerate(r["fssdp"]):

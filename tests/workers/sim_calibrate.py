@@ -1,5 +1,5 @@
 """torchrun worker: one forward and backward of a small model under resident EP, FSSDP, and
-resident EP with token-deduplicated dispatch,
+resident EP with token-deduplicated dispatch per rank and per node (2 nodes of 2 ranks),
 reporting the routing of every rank and the byte counters of every rank (rank 0 writes JSON)."""
 
 import json
@@ -25,11 +25,12 @@ def main():
     mcfg = ModelConfig(dim=32, num_layers=3, num_heads=2, max_seq_len=32, moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=16))
     plan = make_plan("replicated", 8, W, seed=2, num_layers=3)
     report = {"plan": plan.to_dict(), "dim": 32, "ffn": 16}
-    for case in ("resident", "fssdp", "resident-dedup"):
+    for case in ("resident", "fssdp", "resident-dedup", "resident-node"):
         sharding = case.split("-")[0]
 
-        class _Cfg:
-            parallel = ParallelConfig(ep_size=W, expert_sharding=sharding, token_dedup=case.endswith("dedup"))
+        class _Cfg:  # node dispatch: nodes of 2 ranks
+            parallel = ParallelConfig(ep_size=W, expert_sharding=sharding, token_dedup=case != sharding,
+                                      node_dispatch=case.endswith("node"), gpus_per_node=2)
 
             class model:
                 moe_impl = "moesaic"
@@ -47,9 +48,10 @@ def main():
             fssdp_reduce_scatter(model)
         ids = [m.last_route.expert_ids_TK.tolist() for m in model.moe_layers()]
         a2a = [m.dispatcher.counters["a2a_bytes"] for m in model.moe_layers()]
+        inter = [m.dispatcher.counters.get("a2a_inter_node_bytes", 0) for m in model.moe_layers()]
         gather = [getattr(m.experts, "bytes", {}).get("gather", 0) for m in model.moe_layers()]
         allv = [None] * W
-        dist.all_gather_object(allv, {"ids": ids, "a2a": a2a, "gather": gather})
+        dist.all_gather_object(allv, {"ids": ids, "a2a": a2a, "gather": gather, "inter": inter})
         report[case] = allv
     if rank == 0:
         with open(out_path, "w") as f:
