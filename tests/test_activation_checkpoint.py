@@ -92,11 +92,11 @@ def _run(nproc, tmp_path, name, args):
     (4, 4, "ep", ["full"], 1, []),
     (2, 2, "fssdp", ["attention", "full"], 1, []),  # full: owners aligned to the plan, every layer in place
     (2, 2, "fssdp", ["full"], 2, GATHER),
-    (4, 2, "fssdp", ["full"], 1, GATHER),  # 2 expert domains of 2 ranks
-    (4, 2, "fssdp", ["full"], 1, [*GATHER, "parallel.reshard_after_forward=false"]),
+    # 2 expert domains of 2 ranks; full-kept: the gathered weights kept from forward to backward
+    (4, 2, "fssdp", ["full", "full-kept"], 1, GATHER),
     (2, 2, "fssdp", ["full"], 1, [*GATHER, "compile=true"]),
 ], ids=["ep2-full-accum", "ep4-full", "fssdp2-attention-and-full-in-place", "fssdp2-full-gather-accum",
-        "fssdp2x2-full-gather", "fssdp2x2-full-gather-kept", "fssdp2-full-gather-compiled"])
+        "fssdp2x2-full-gather-and-kept", "fssdp2-full-gather-compiled"])
 def test_distributed_training_is_unchanged(tmp_path, nproc, ep, parallel, modes, accum, extra):
     """8 AdamW steps with and without checkpointing: the same loss at every step, and the same
     parameters on every rank afterwards. EP's recomputed blocks run their all-to-alls again; FSSDP's
@@ -104,7 +104,11 @@ def test_distributed_training_is_unchanged(tmp_path, nproc, ep, parallel, modes,
     args = [f"parallel={parallel}", f"parallel.ep_size={ep}", f"grad_accum_steps={accum}", *extra]
     off, p_off, gathered_off = _run(nproc, tmp_path, "off", args)
     for mode in modes:
-        on, p_on, gathered_on = _run(nproc, tmp_path, mode, [*args, f"parallel.activation_checkpoint={mode}"])
+        # reshard_after_forward=false changes where the weights come from in backward, not the math:
+        # the baseline (which keeps them too) serves it
+        kept = ["parallel.reshard_after_forward=false"] if mode.endswith("-kept") else []
+        on, p_on, gathered_on = _run(nproc, tmp_path, mode, [*args, *kept,
+                                                             f"parallel.activation_checkpoint={mode.removesuffix('-kept')}"])
         assert sorted(on) == list(range(1, 9))
         assert max(abs(on[s] - off[s]) for s in off) < 1e-6, (mode, on, off)
         # compiled, the recomputed graph fuses otherwise than the original: 1.2e-6 measured after 8 steps
@@ -114,7 +118,9 @@ def test_distributed_training_is_unchanged(tmp_path, nproc, ep, parallel, modes,
             assert a.keys() == b.keys()
             for k in a:
                 torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=atol, msg=f"{mode}, rank {rank}: {k}")
-        if extra:  # the gather path ran, and checkpointing added no gathers to it
+        if extra and kept:  # weights kept from forward: one gather per layer, not two, and none added
+            assert 2 * gathered_on == gathered_off > 0, (gathered_on, gathered_off)
+        elif extra:  # the gather path ran, and checkpointing added no gathers to it
             assert gathered_on == gathered_off > 0
 
 

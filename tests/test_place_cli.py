@@ -76,8 +76,11 @@ def test_cli_bad_input_is_named_without_traceback(tmp_path, content, args, messa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("held_out", DOMAINS)
+@pytest.mark.parametrize("held_out", ["math", "writing"])
 def test_quality_on_real_traces_rotating(held_out):
+    """Fit on three domains of the real Mixtral traces, measure on the fourth. Two of the four
+    rotations (each costs 45 s of the suite's 2 cores under load); bench/placement_quality.py runs
+    all four, and its tiny test holds out coding."""
     fit = stats_from_traces([TRACES / f"{d}.json" for d in DOMAINS if d != held_out])
     ev = stats_from_traces([TRACES / f"{held_out}.json"])
     topo = Topology(num_gpus=4)
