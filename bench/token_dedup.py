@@ -9,8 +9,8 @@
 2. The trainer side by side (torchrun, gloo ranks, FSSDP over all ranks): each model with a row per
    token-slot (`slots`), `parallel.token_dedup` (`dedup`), and `parallel.node_dispatch` with the
    ranks as 2 nodes (`node`), rounds interleaved. Per run: the median step time, the all-to-all bytes
-   per step (the dispatcher's counters, all ranks; with `node` also those across nodes), and the last
-   train loss.
+   per step and the part that crossed the 2 nodes (the dispatcher's counters, all ranks), and the
+   last train loss.
 """
 
 from __future__ import annotations

@@ -155,6 +155,7 @@ class ExpertParallelDispatcher(nn.Module):
             "tokens_sent": sum(c for d, c in enumerate(in_splits) if d != me),
             "tokens_received": sum(c for s, c in enumerate(out_splits) if s != me),
             "a2a_bytes": 2 * row_bytes * sum(c for d, c in enumerate(in_splits) if d != me),
+            "a2a_bytes_to": [2 * row_bytes * c if d != me else 0 for d, c in enumerate(in_splits)],  # by EP rank
             "dropped": dropped,
             "tokens_per_local_expert": cnt_PL.sum(0).tolist(),
         }

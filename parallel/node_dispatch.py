@@ -105,13 +105,21 @@ def node_dispatch(x_TD: torch.Tensor, weights_TK: torch.Tensor, dest_N: torch.Te
     y_back = all_to_all(y1, rows_in, rows_out, rail_group)
     out_TD = combine_slots(y_back, row_slot, torch.ones_like(weights_TK, dtype=y_back.dtype), experts.kernels)
     away = sum(c for n, c in enumerate(rows_in) if n != my_node)
-    inter = (2 * D + 3 * K) * x_TD.element_size() * away  # one row each way, the outgoing with 3K columns
+    row1 = (2 * D + 3 * K) * x_TD.element_size()  # one row each way, the outgoing with 3K slot columns
+    inter = row1 * away
+    bytes_to = [0] * P  # by EP rank: the rail peers of the other nodes, then this node's ranks
+    for n, c in enumerate(rows_in):
+        if n != my_node:
+            bytes_to[n * g + me % g] = row1 * c
+    for d, b in enumerate(inner["a2a_bytes_to"]):
+        bytes_to[my_node * g + d] += b
     counters = {
         "tokens_sent": away,
         "tokens_received": sum(c for n, c in enumerate(rows_out) if n != my_node),
         "slots_sent": int((dest_N[kept] != me).sum()),
         "a2a_bytes": inter + inner["a2a_bytes"],
         "a2a_inter_node_bytes": inter,
+        "a2a_bytes_to": bytes_to,
         "tokens_per_local_expert": inner["tokens_per_local_expert"],
     }
     return out_TD, counters

@@ -127,6 +127,7 @@ def dedup_dispatch(x_TD: torch.Tensor, weights_TK: torch.Tensor, dest_N: torch.T
         "slots_sent": int((dst != me).sum()),
         # one row each way, the outgoing one with its 2K slot columns
         "a2a_bytes": (2 * D + 2 * K) * x_TD.element_size() * rows_away,
+        "a2a_bytes_to": [(2 * D + 2 * K) * x_TD.element_size() * c if d != me else 0 for d, c in enumerate(rows_in)],
         "tokens_per_local_expert": counts_L.tolist(),
     }
     return out_TD, counters

@@ -85,6 +85,8 @@ def test_simulated_bytes_equal_the_trainers_counters(tmp_path):
         for rank, rk in enumerate(ranks):
             for layer in range(plan.num_layers):
                 assert rk["a2a"][layer] == (rows[layer][rank] * (out_b + back_b)[rank]).sum(), (case, rank, layer)
+                # and to each destination rank
+                assert rk["to"][layer] == (rows[layer][rank] * (out_b + back_b)[rank]).tolist(), (case, rank, layer)
                 if dispatch == "node":  # the first stage's rows: the only ones across nodes
                     cross = np.arange(4) // 2 != rank // 2
                     assert rk["inter"][layer] == (rows[layer][rank] * (out_b + back_b)[rank] * cross).sum()

@@ -44,6 +44,15 @@ def precision(cfg: TrainConfig, device: torch.device):
     return nullcontext()
 
 
+def inter_node_bytes(moe, gpus_per_node: int) -> int:
+    """The all-to-all bytes this rank sent to EP ranks of other nodes (nodes of `gpus_per_node`)."""
+    to = moe.dispatcher.counters.get("a2a_bytes_to")
+    if not to or not gpus_per_node:
+        return 0
+    mine = moe.layer_plan.ep_rank // gpus_per_node
+    return sum(b for d, b in enumerate(to) if d // gpus_per_node != mine)
+
+
 def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer, scheduler, info: DistInfo) -> StepResult:
     model = par.model
     t0 = time.perf_counter()
@@ -68,7 +77,7 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
             for moe in model.moe_layers():
                 comm["a2a_bytes"] += moe.dispatcher.counters.get("a2a_bytes", 0)
                 comm["dropped"] += moe.dispatcher.counters.get("dropped", 0)
-                comm["a2a_inter_node_bytes"] += moe.dispatcher.counters.get("a2a_inter_node_bytes", 0)
+                comm["a2a_inter_node_bytes"] += inter_node_bytes(moe, par.gpus_per_node)
     t1 = time.perf_counter()
     with record_function("moesaic.reduce_grads"):
         par.reduce_grads()

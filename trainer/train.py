@@ -242,8 +242,8 @@ def _train_record(r, done, dt, tokens_done, tok_s, fpt, cfg, info, par, t_start,
         "a2a_bytes": int(comm[0]), "dropped_tokens": int(comm[1]), "expert_grad_bytes": int(comm[2]),
         "expert_gather_bytes": int(comm[3]), "tokens_received_per_rank": received, **r.phase_s,
     }
-    if cfg.parallel.node_dispatch:  # the part of a2a_bytes that crossed nodes (node dispatch's first stage)
-        record["a2a_inter_node_bytes"] = int(comm[4])
+    if par.plan is not None and par.gpus_per_node < par.plan.num_gpus:  # EP over several nodes
+        record["a2a_inter_node_bytes"] = int(comm[4])  # the part of a2a_bytes that crossed nodes
     if cfg.logging.peak_tflops > 0:
         record["mfu"] = fpt * tok_s / info.world_size / (cfg.logging.peak_tflops * 1e12)
     if r.counts_LE is not None:

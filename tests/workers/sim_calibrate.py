@@ -49,9 +49,10 @@ def main():
         ids = [m.last_route.expert_ids_TK.tolist() for m in model.moe_layers()]
         a2a = [m.dispatcher.counters["a2a_bytes"] for m in model.moe_layers()]
         inter = [m.dispatcher.counters.get("a2a_inter_node_bytes", 0) for m in model.moe_layers()]
+        to = [m.dispatcher.counters["a2a_bytes_to"] for m in model.moe_layers()]
         gather = [getattr(m.experts, "bytes", {}).get("gather", 0) for m in model.moe_layers()]
         allv = [None] * W
-        dist.all_gather_object(allv, {"ids": ids, "a2a": a2a, "gather": gather, "inter": inter})
+        dist.all_gather_object(allv, {"ids": ids, "a2a": a2a, "gather": gather, "inter": inter, "to": to})
         report[case] = allv
     if rank == 0:
         with open(out_path, "w") as f:
