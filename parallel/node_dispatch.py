@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from moesaic.parallel.all_to_all import all_to_all, exchange_counts
 from moesaic.parallel.experts import combine_slots, gather_slots
-from moesaic.parallel.token_dedup import _INT_OF_SIZE, dedup_dispatch
+from moesaic.parallel.token_dedup import _INT_OF_SIZE, dedup_dispatch, pair_rows
 
 
 @dataclass(frozen=True)
@@ -69,17 +69,10 @@ def node_dispatch(x_TD: torch.Tensor, weights_TK: torch.Tensor, dest_N: torch.Te
     D, dev, dtype, g = x_TD.shape[-1], ids_N.device, x_TD.dtype, gpus_per_node
     my_node = me // g
     node_N = dest_N // g
-    # 1. stage-1 rows: one per (destination node, token), ordered by node then token; the first kept
-    #    slot of each pair names it
-    by_pair = kept[torch.argsort(node_N[kept] * (T * K) + kept, stable=True)]
-    tok, nd = by_pair // K, node_N[by_pair]
-    first = torch.ones_like(by_pair, dtype=torch.bool)
-    first[1:] = (tok[1:] != tok[:-1]) | (nd[1:] != nd[:-1])
+    # 1. stage-1 rows: one per (destination node, token), ordered by node then token
+    by_pair, nd, first, row_of, pos = pair_rows(node_N, kept, T, K)
     row_slot = by_pair[first]
     R = row_slot.numel()
-    row_of = torch.cumsum(first.long(), 0) - 1
-    idx = torch.arange(by_pair.numel(), device=dev)
-    pos = idx - torch.cummax(torch.where(first, idx, torch.zeros_like(idx)), 0).values
     # 2. each row's slots: combine weight, destination in-node index, expert id (K columns each)
     at = row_of * K + pos
     w_RK = torch.zeros(R * K, dtype=dtype, device=dev).index_put((at,), weights_TK.reshape(-1)[by_pair].to(dtype))

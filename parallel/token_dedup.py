@@ -74,23 +74,31 @@ def local_index_table(holders, num_ranks: int) -> torch.Tensor:
     return table
 
 
+def pair_rows(dest_N: torch.Tensor, kept: torch.Tensor, T: int, K: int):
+    """The kept slots grouped into one row per (destination, token), ordered by destination then
+    token. Returns the slots in row order (by_pair), each one's destination, whether it opens its row
+    (the first kept slot of a pair names the row), its row, and its place in the row. Slot ids are
+    token-major, so sorting by (destination, slot) groups a pair's slots."""
+    by_pair = kept[torch.argsort(dest_N[kept] * (T * K) + kept, stable=True)]
+    tok, dst = by_pair // K, dest_N[by_pair]
+    first = torch.ones_like(by_pair, dtype=torch.bool)
+    first[1:] = (tok[1:] != tok[:-1]) | (dst[1:] != dst[:-1])
+    row_of = torch.cumsum(first.long(), 0) - 1
+    idx = torch.arange(by_pair.numel(), device=by_pair.device)
+    pos = idx - torch.cummax(torch.where(first, idx, torch.zeros_like(idx)), 0).values
+    return by_pair, dst, first, row_of, pos
+
+
 def dedup_dispatch(x_TD: torch.Tensor, weights_TK: torch.Tensor, dest_N: torch.Tensor, kept: torch.Tensor,
                    local_index_PE: torch.Tensor, ids_N: torch.Tensor, experts, num_local: int, me: int, P: int,
                    group) -> tuple[torch.Tensor, dict]:
     """The layer's output (T, D) and its counters, sending each (token, destination rank) once."""
     T, K = weights_TK.shape
     D, dev, dtype = x_TD.shape[-1], ids_N.device, x_TD.dtype
-    # 1. rows: one per (destination, token), ordered by destination then token; the first kept slot of
-    #    each pair names it (slot ids are token-major, so sorting by (dest, slot) groups a pair's slots)
-    by_pair = kept[torch.argsort(dest_N[kept] * (T * K) + kept, stable=True)]
-    tok, dst = by_pair // K, dest_N[by_pair]
-    first = torch.ones_like(by_pair, dtype=torch.bool)
-    first[1:] = (tok[1:] != tok[:-1]) | (dst[1:] != dst[:-1])
+    # 1. rows: one per (destination, token), ordered by destination then token
+    by_pair, dst, first, row_of, pos = pair_rows(dest_N, kept, T, K)
     row_slot = by_pair[first]
     R = row_slot.numel()
-    row_of = torch.cumsum(first.long(), 0) - 1
-    idx = torch.arange(by_pair.numel(), device=dev)
-    pos = idx - torch.cummax(torch.where(first, idx, torch.zeros_like(idx)), 0).values  # slot's place in its row
     # 2. each row's slots: the destination's local expert index and the combine weight, K columns each
     at = row_of * K + pos
     lid_RK = torch.full((R * K,), -1, dtype=torch.int64, device=dev).index_put_((at,), local_index_PE[dst, ids_N[by_pair]])
