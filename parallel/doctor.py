@@ -148,13 +148,13 @@ def ep_layer_check(name: str, plan_kind: str, cfg: MoEConfig, mesh, *, dim: int 
     dist.all_reduce(gate)
     dropped = torch.tensor([moe.dispatcher.counters["dropped"]], device=device)
     dist.all_reduce(dropped)
-    # node dispatch ran its first stage (the counter exists on that path only) and sent rows across nodes
-    inter = torch.tensor([moe.dispatcher.counters.get("a2a_inter_node_bytes", -1)], device=device)
-    least = inter.clone()
-    dist.all_reduce(least, op=dist.ReduceOp.MIN)
-    node_path_ok = not isinstance(token_dedup, NodeGroups) or int(least) >= 0
-    dist.all_reduce(inter, op=dist.ReduceOp.MAX)
-    node_path_ok = node_path_ok and (not isinstance(token_dedup, NodeGroups) or token_dedup.gpus_per_node == world or int(inter) > 0)
+    node_path_ok = True
+    if isinstance(token_dedup, NodeGroups):  # its first stage ran everywhere (the counter is that path's)
+        inter = torch.tensor([moe.dispatcher.counters.get("a2a_inter_node_bytes", -1)], device=device)
+        least = inter.clone()
+        dist.all_reduce(least, op=dist.ReduceOp.MIN)
+        dist.all_reduce(inter, op=dist.ReduceOp.MAX)  # and sent rows across nodes, where there are several
+        node_path_ok = int(least) >= 0 and (token_dedup.gpus_per_node == world or int(inter) > 0)
     result = None
     if rank == 0:
         xs, ups = zip(*(data(r) for r in range(world)))

@@ -151,11 +151,12 @@ class ExpertParallelDispatcher(nn.Module):
         y_back = all_to_all(y_recv, in_splits, out_splits, self.group)
         out_TD = combine_slots(y_back, order, route.weights_TK, experts.kernels)
         row_bytes = x_TD.shape[-1] * x_TD.element_size()
+        bytes_to = [2 * row_bytes * c if d != me else 0 for d, c in enumerate(in_splits)]  # by EP rank, both ways
         self.counters = {
             "tokens_sent": sum(c for d, c in enumerate(in_splits) if d != me),
             "tokens_received": sum(c for s, c in enumerate(out_splits) if s != me),
-            "a2a_bytes": 2 * row_bytes * sum(c for d, c in enumerate(in_splits) if d != me),
-            "a2a_bytes_to": [2 * row_bytes * c if d != me else 0 for d, c in enumerate(in_splits)],  # by EP rank
+            "a2a_bytes": sum(bytes_to),
+            "a2a_bytes_to": bytes_to,
             "dropped": dropped,
             "tokens_per_local_expert": cnt_PL.sum(0).tolist(),
         }

@@ -43,20 +43,14 @@ class NodeGroups:
 
 
 def node_groups(mesh, gpus_per_node: int) -> NodeGroups:
-    """Every EP domain's rail and node groups (each rank creates all of them, in one order: a
-    collective over the world), and this rank's. `mesh`: ("edp", "ep") as `apply_*` take it."""
+    """Every EP domain's rail and node groups (a collective over the world: each rank creates all
+    of them), and this rank's. `mesh`: ("edp", "ep") as `apply_*` take it."""
     ranks = mesh.mesh.reshape(-1, mesh.size(-1)).tolist()  # one row of global ranks per EP domain
     P, g = len(ranks[0]), gpus_per_node
     if g < 1 or P % g:
         raise ValueError(f"parallel.gpus_per_node ({g}) must divide the expert-parallel size ({P})")
-    me = dist.get_rank()
-    rail = node = None
-    for domain in ranks:
-        for lists, kind in (([domain[i::g] for i in range(g)], "rail"), ([domain[n:n + g] for n in range(0, P, g)], "node")):
-            for members in lists:
-                group = dist.new_group(members)
-                if me in members:
-                    rail, node = (group, node) if kind == "rail" else (rail, group)
+    rail, _ = dist.new_subgroups_by_enumeration([d[i::g] for d in ranks for i in range(g)])
+    node, _ = dist.new_subgroups_by_enumeration([d[n:n + g] for d in ranks for n in range(0, P, g)])
     return NodeGroups(g, rail, node)
 
 
@@ -99,7 +93,6 @@ def node_dispatch(x_TD: torch.Tensor, weights_TK: torch.Tensor, dest_N: torch.Te
     out_TD = combine_slots(y_back, row_slot, torch.ones_like(weights_TK, dtype=y_back.dtype), experts.kernels)
     away = sum(c for n, c in enumerate(rows_in) if n != my_node)
     row1 = (2 * D + 3 * K) * x_TD.element_size()  # one row each way, the outgoing with 3K slot columns
-    inter = row1 * away
     bytes_to = [0] * P  # by EP rank: the rail peers of the other nodes, then this node's ranks
     for n, c in enumerate(rows_in):
         if n != my_node:
@@ -110,8 +103,8 @@ def node_dispatch(x_TD: torch.Tensor, weights_TK: torch.Tensor, dest_N: torch.Te
         "tokens_sent": away,
         "tokens_received": sum(c for n, c in enumerate(rows_out) if n != my_node),
         "slots_sent": int((dest_N[kept] != me).sum()),
-        "a2a_bytes": inter + inner["a2a_bytes"],
-        "a2a_inter_node_bytes": inter,
+        "a2a_bytes": sum(bytes_to),
+        "a2a_inter_node_bytes": row1 * away,
         "a2a_bytes_to": bytes_to,
         "tokens_per_local_expert": inner["tokens_per_local_expert"],
     }

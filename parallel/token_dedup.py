@@ -128,14 +128,14 @@ def dedup_dispatch(x_TD: torch.Tensor, weights_TK: torch.Tensor, dest_N: torch.T
     # 5. one row per (token, rank) back home; a token's output is the sum of its rows
     y_back = all_to_all(y_rows, rows_in, rows_out, group)
     out_TD = combine_slots(y_back, row_slot, torch.ones_like(weights_TK, dtype=y_back.dtype), experts.kernels)
-    rows_away = sum(c for d, c in enumerate(rows_in) if d != me)
+    bytes_to = [(2 * D + 2 * K) * x_TD.element_size() * c if d != me else 0 for d, c in enumerate(rows_in)]
     counters = {
-        "tokens_sent": rows_away,
+        "tokens_sent": sum(c for d, c in enumerate(rows_in) if d != me),
         "tokens_received": sum(c for s, c in enumerate(rows_out) if s != me),
         "slots_sent": int((dst != me).sum()),
-        # one row each way, the outgoing one with its 2K slot columns
-        "a2a_bytes": (2 * D + 2 * K) * x_TD.element_size() * rows_away,
-        "a2a_bytes_to": [(2 * D + 2 * K) * x_TD.element_size() * c if d != me else 0 for d, c in enumerate(rows_in)],
+        # one row each way, the outgoing one with its 2K slot columns; by EP rank
+        "a2a_bytes": sum(bytes_to),
+        "a2a_bytes_to": bytes_to,
         "tokens_per_local_expert": counts_L.tolist(),
     }
     return out_TD, counters

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -65,12 +66,17 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def _nodes(plan: Placement, paths: list[str]) -> float | None:
+def _traces(paths: list[str]):
+    """The traces, read once at the first call (only multi-node plans need them)."""
+    return functools.cache(lambda: [load_trace(p) for p in paths])
+
+
+def _nodes(plan: Placement, traces) -> float | None:
     """Mean nodes per token over the traces' tokens and layers; None within one node."""
     if plan.num_gpus == plan.gpus_per_node:
         return None
-    traces = [load_trace(p) for p in paths]
-    return float(sum(nodes_per_token(plan, t).mean() * len(t) for t in traces) / sum(len(t) for t in traces))
+    ts = traces()
+    return float(sum(nodes_per_token(plan, t).mean() * len(t) for t in ts) / sum(len(t) for t in ts))
 
 
 def cmd_solve(a) -> int:
@@ -80,17 +86,17 @@ def cmd_solve(a) -> int:
     plan.save(a.out)
     m = evaluate(plan, stats, _topo(a))
     print(f"wrote {a.out}: method {a.method}, status {plan.meta.get('status')}, {plan.meta.get('seconds', 0):.2f}s")
-    _print_table([_row(a.method, m, nodes=_nodes(plan, a.trace))])
+    _print_table([_row(a.method, m, nodes=_nodes(plan, _traces(a.trace)))])
     return 0
 
 
 def cmd_eval(a) -> int:
-    stats = stats_from_traces(a.trace)
+    stats, traces = stats_from_traces(a.trace), _traces(a.trace)
     rows = []
     for path in a.plan:
         plan = Placement.load(path)
         topo = Topology(num_gpus=plan.num_gpus, gpus_per_node=plan.gpus_per_node, inter_node_cost=a.inter_node_cost)
-        rows.append(_row(f"{Path(path).name}", evaluate(plan, stats, topo), nodes=_nodes(plan, a.trace)))
+        rows.append(_row(f"{Path(path).name}", evaluate(plan, stats, topo), nodes=_nodes(plan, traces)))
     if a.json:
         print(json.dumps(rows, indent=1))
     else:
@@ -99,13 +105,13 @@ def cmd_eval(a) -> int:
 
 
 def cmd_compare(a) -> int:
-    fit, ev, topo = stats_from_traces(a.fit), stats_from_traces(a.eval), _topo(a)
+    fit, ev, topo, traces = stats_from_traces(a.fit), stats_from_traces(a.eval), _topo(a), _traces(a.eval)
     rows = []
     for method in a.methods:
         plan = solve(method, fit, topo, slots_per_gpu=a.slots_per_gpu, epsilon=a.epsilon,
                      time_limit=a.time_limit, solver=a.solver, seed=a.seed, num_groups=a.expert_groups)
         rows.append(_row(method, evaluate(plan, ev, topo), round(float(plan.meta.get("seconds", 0.0)), 3),
-                         nodes=_nodes(plan, a.eval)))
+                         nodes=_nodes(plan, traces)))
     if a.json:
         print(json.dumps(rows, indent=1))
     else:

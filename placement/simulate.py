@@ -86,7 +86,7 @@ DISPATCHES = ("slot", "gpu", "node")
 def token_rows(experts_TLK: np.ndarray, plan: Placement, dispatch: str = "slot", gpus_per_node: int = 0) -> np.ndarray:
     """(L, G, G) rows sent from GPU g to GPU h by one forward dispatch. `slot`: one row per
     token-slot (Megatron, DeepSpeed, moesaic's default); `gpu`: one per (token, destination GPU)
-    (`parallel.token_dedup`); `node`: DeepEP's two stages, not in moesaic's trainer: one row per
+    (`parallel.token_dedup`); `node`: DeepEP's two stages (`parallel.node_dispatch`): one row per
     (token, remote node) to the GPU there with the home GPU's local index, which forwards it once to
     each other GPU of its node that computes the token, and one per (token, GPU) within the home
     node (nodes of `gpus_per_node`, default the plan's). The diagonal is zero."""

@@ -200,7 +200,7 @@ def _limit_to_groups(scores_NE: np.ndarray, n: int, m: int) -> np.ndarray:
     """Scores of the experts outside each token's m best groups (top-2 sum of exp(score)) set to -inf."""
     N, E = scores_NE.shape
     grouped = np.exp(scores_NE - scores_NE.max(1, keepdims=True)).reshape(N, n, E // n)
-    best2 = -np.partition(-grouped, min(1, E // n - 1), axis=2)[:, :, :2].sum(2) if E // n > 1 else grouped[:, :, 0]
+    best2 = np.sort(grouped, axis=2)[:, :, -2:].sum(2)
     keep = np.argpartition(-best2, m - 1, axis=1)[:, :m]
     mask = np.zeros((N, n), dtype=bool)
     np.put_along_axis(mask, keep, True, axis=1)
