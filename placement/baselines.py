@@ -48,7 +48,7 @@ def eplb(stats: RoutingStats, topo: Topology, slots_per_gpu: int | None = None, 
     S = slots_per_gpu or default_slots(E, G)
     check_slots(E, G, S)
     check_groups(num_groups, E)
-    by_groups = num_groups > 1 and topo.num_nodes > 1 and num_groups % topo.num_nodes == 0
+    by_groups = places_groups(num_groups, topo)
     holds = []
     for l in range(stats.num_layers):
         if by_groups:
@@ -69,6 +69,12 @@ def check_groups(num_groups: int, num_experts: int) -> None:
     if num_groups < 1 or num_experts % num_groups:
         raise ValueError(f"num_groups ({num_groups}) must be >= 1 and divide the experts ({num_experts}): "
                          "group k holds experts [k E/n, (k+1) E/n)")
+
+
+def places_groups(num_groups: int, topo: Topology) -> bool:
+    """Whether whole groups go onto nodes: more than one of each, and the nodes divide the groups
+    (DeepSeek's rule; otherwise the methods place experts one by one: the `global` policy)."""
+    return num_groups > 1 and topo.num_nodes > 1 and num_groups % topo.num_nodes == 0
 
 
 def groups_to_nodes(load_E: np.ndarray, num_groups: int, topo: Topology, slots_per_gpu: int) -> np.ndarray:

@@ -37,7 +37,8 @@ def _solver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", choices=ilp.SOLVERS, default="highs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--expert-groups", type=int, default=1,
-                   help="the router's expert groups: eplb packs whole groups onto nodes (DeepSeek's hierarchical policy)")
+                   help="the router's expert groups: whole groups onto nodes where the nodes divide them (eplb: DeepSeek's "
+                        "hierarchical policy; affinity and moetuner: groups, then each node's experts, by affinity)")
 
 
 def _topo(a) -> Topology:

@@ -1,6 +1,7 @@
 """The benchmark scripts run on a tiny setting and print their tables (timings are not tested)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -337,12 +338,15 @@ def test_token_dedup_bench_tiny(tmp_path):
 
 def test_expert_groups_tiny(tmp_path):
     out = run("expert_groups.py", "--tokens", 300, "--layers", 2, "--gpus", 16, 64, "--extra-slots", 0,
-              "--json", tmp_path / "g.json")
-    assert "| group-limited | 64" in out and "| eplb + groups | hierarchical" in out
+              "--time-limit", 1, "--json", tmp_path / "g.json")
+    assert "| group-limited | 64" in out and re.search(r"\| eplb \+ groups +\| hierarchical", out)
+    assert "| affinity + groups | hierarchical" in out
     rows = {(r["routing"], r["GPUs"], r["plan"]): r for r in json.loads((tmp_path / "g.json").read_text())["rows"]}
     # group-limited routing, whole groups on nodes: at most the 4 groups' nodes; spread globally, more
     assert rows["group-limited", 64, "eplb + groups"]["nodes_per_token"] <= 4
     assert rows["group-limited", 64, "eplb"]["nodes_per_token"] > 4.5
+    assert rows["group-limited", 64, "affinity + groups"]["nodes_per_token"] <= 4  # the same, by affinity
+    assert rows["group-limited", 64, "affinity"]["nodes_per_token"] > 4.5
     assert rows["free", 64, "eplb + groups"]["nodes_per_token"] > 4.5  # without the routing limit, no help
     # dispatch once per node (simulated): fewer inter-node bytes with the groups on nodes; per slot, the same
     g, flat = rows["group-limited", 64, "eplb + groups"], rows["group-limited", 64, "eplb"]

@@ -98,3 +98,77 @@ def test_synth_group_limited_routing():
         synth("olmoe", 10, 0, expert_groups=7, limited_groups=1)
     with pytest.raises(TraceError, match=r"limited_groups \(1\) must be in \[1, expert_groups \(16\)\] and its groups must hold top-k \(8\)"):
         synth("olmoe", 10, 0, expert_groups=16, limited_groups=1)
+
+
+def chain_stats(G: int, size: int, target) -> RoutingStats:
+    """2 layers of G groups of `size` experts, equal loads; every token of group k at layer 0 goes
+    to group target[k] at layer 1, spread over its experts."""
+    E = G * size
+    W = np.zeros((1, E, E))
+    for k, t in enumerate(target):
+        W[0, k * size:(k + 1) * size, t * size:(t + 1) * size] = 1.0
+    return RoutingStats(P=np.ones((2, E)) * size, W=W)
+
+
+@pytest.mark.parametrize("method", ["affinity", "moetuner"])
+def test_affinity_methods_put_the_groups_that_tokens_travel_between_on_one_node(method):
+    # 4 groups of 2 experts, 2 nodes of 2 GPUs: g0 -> g3, g1 -> g2, g2 -> g0, g3 -> g1
+    s = chain_stats(4, 2, [3, 2, 0, 1])
+    topo = Topology(num_gpus=4, gpus_per_node=2)
+    plan = solve(method, s, topo, slots_per_gpu=2, num_groups=4, time_limit=5)
+    assert plan.meta["policy"] == "hierarchical" and plan.meta["method"] == method
+    node = [[{g // 2 for g in gpus} for gpus in gpus_of(plan, l)] for l in range(2)]
+    group_node = [[set().union(*node[l][2 * k: 2 * k + 2]) for k in range(4)] for l in range(2)]
+    assert all(len(n) == 1 for row in group_node for n in row)  # whole groups on nodes
+    for k, t in enumerate([3, 2, 0, 1]):  # and no token crosses nodes
+        assert group_node[0][k] == group_node[1][t]
+    assert plan.meta["cross_node_flow_share"] == 0
+    # DeepSeek's hierarchical EPLB places the groups by load alone: equal loads, half the flow crosses
+    flat = eplb(s, topo, 2, num_groups=4)
+    cross = sum(s.W[0][i, j] for i in range(8) for j in range(8)
+                if {g // 2 for g in gpus_of(flat, 0)[i]} != {g // 2 for g in gpus_of(flat, 1)[j]})
+    assert cross == pytest.approx(0.5 * s.W.sum())
+    # the objective is the plan's hop cost: flows within a node cost 1 a pair unless on one GPU
+    from moesaic.placement.metrics import hop_cost
+    assert plan.meta["objective"] == pytest.approx(hop_cost(plan, s, topo, normalise=False))
+
+
+def test_the_hop_cost_splits_into_the_group_and_node_problems():
+    from moesaic.placement.hierarchical import group_stats, node_stats
+    from moesaic.placement.metrics import hop_cost
+
+    tr = synth("olmoe", 1500, 3, expert_groups=8, limited_groups=2)[:, :4]
+    s = RoutingStats.from_experts(tr, 64)
+    topo = Topology(num_gpus=8, gpus_per_node=2, inter_node_cost=3.0)  # 4 nodes, 2 groups each
+    plan = solve("affinity", s, topo, slots_per_gpu=9, num_groups=8, time_limit=4)
+    # group statistics by hand: the sums over each group's experts
+    g = group_stats(s, 8)
+    assert g.P[1, 5] == pytest.approx(s.P[1, 40:48].sum()) and g.W[2, 3, 6] == pytest.approx(s.W[2, 24:32, 48:56].sum())
+    node_LE = np.stack([[min(gpus_of(plan, l)[e]) // 2 for e in range(64)] for l in range(4)])
+    assert all((node_LE[:, 8 * k: 8 * k + 8] == node_LE[:, [8 * k]]).all() for k in range(8))
+    assert (gpu_loads(plan, s) > 0).all() and (plan.holds(0).sum(0) == 9).all()  # 8 spare slots used
+    # the cost = inter_node_cost x the flow across nodes + each node's own problem on its 2 GPUs
+    cross = sum(s.W[l][node_LE[l][:, None] != node_LE[l + 1][None, :]].sum() for l in range(3))
+    assert plan.meta["cross_node_flow_share"] == pytest.approx(cross / s.W.sum())
+    within = 0.0
+    for n in range(4):
+        experts_L = [np.flatnonzero(node_LE[l] == n) for l in range(4)]
+        sub = Placement.from_holds([plan.holds(l)[experts_L[l]][:, 2 * n: 2 * n + 2] for l in range(4)], 2, 2)
+        within += hop_cost(sub, node_stats(s, experts_L), Topology(num_gpus=2), normalise=False)
+    assert hop_cost(plan, s, topo, normalise=False) == pytest.approx(3.0 * cross + within)
+    # a token reaches at most its 2 groups' nodes
+    assert nodes_per_token(plan, tr).max() <= 2 + 1e-9
+
+
+def test_affinity_without_a_node_per_group_places_experts_one_by_one():
+    s = chain_stats(4, 2, [3, 2, 0, 1])
+    one_node = Topology(num_gpus=4)
+    plan = solve("moetuner", s, one_node, slots_per_gpu=2, num_groups=4)
+    assert plan.meta["policy"] == "global"
+    flat = solve("moetuner", s, one_node, slots_per_gpu=2)
+    assert all(np.array_equal(plan.holds(l), flat.holds(l)) for l in range(2))
+    from moesaic.placement.hierarchical import by_groups
+    with pytest.raises(ValueError, match=r"num_groups \(4\) must be > 1 and a multiple of the nodes \(1\)"):
+        by_groups(None, s, one_node, 2, 4, 1.0)
+    with pytest.raises(ValueError, match=r"slots_per_gpu \(1\) x num_gpus \(4\) = 4 slots cannot hold 8 experts"):
+        solve("affinity", s, Topology(num_gpus=4, gpus_per_node=2), slots_per_gpu=1, num_groups=4)

@@ -76,7 +76,7 @@ class Replanner:
         P = self.par.plan.num_gpus
         topo = Topology(num_gpus=P, gpus_per_node=self.par.gpus_per_node, inter_node_cost=self.cfg.inter_node_cost)
 
-        # the router's expert groups: eplb packs whole groups onto nodes (node-limited routing)
+        # the router's expert groups: eplb, affinity and moetuner put whole groups onto nodes (node-limited routing)
         groups = max(1, self.par.model.moe_layers()[0].cfg.router.num_expert_groups)
         args = (self.cfg.method, stats, topo, self.cfg.epsilon, self.cfg.time_limit, self.cfg.solver, step,
                 self.cfg.slots_per_gpu or None, groups)
