@@ -42,7 +42,8 @@ def test_cli_synth_solve_eval_compare_plot(tmp_path):
 
 def test_cli_expert_groups(tmp_path):
     """Group-limited synthetic routing, then eplb with and without the groups on 4 nodes: the plan
-    that packs whole groups onto nodes serves each token from at most its 2 groups' nodes."""
+    that packs whole groups onto nodes serves each token from at most its 2 groups' nodes. Then
+    the affinity solver with the groups."""
     t = tmp_path / "g.npz"
     place("synth", "--preset", "olmoe", "--tokens", 1500, "--seed", 1, "--expert-groups", 8, "--limited-groups", 2, "--out", t)
     common = ["--fit", t, "--eval", t, "--gpus", 16, "--gpus-per-node", 4, "--methods", "eplb", "contiguous", "--json"]
@@ -50,10 +51,12 @@ def test_cli_expert_groups(tmp_path):
     grouped = {r["method"]: r for r in json.loads(place("compare", *common, "--expert-groups", 8).stdout)}
     assert grouped["eplb"]["nodes_per_token"] <= 2 < flat["eplb"]["nodes_per_token"]
     grouped["contiguous"].pop("solve_seconds"), flat["contiguous"].pop("solve_seconds")
-    assert grouped["contiguous"] == flat["contiguous"]  # only eplb reads the groups
-    plan = tmp_path / "p.json"
-    place("solve", "--trace", t, "--gpus", 16, "--gpus-per-node", 4, "--method", "eplb", "--expert-groups", 8, "--out", plan)
-    assert json.loads(plan.read_text())["meta"]["policy"] == "hierarchical"
+    assert grouped["contiguous"] == flat["contiguous"]  # a fixed layout does not read the groups
+    plan = tmp_path / "p.json"  # the affinity solver puts whole groups onto nodes too
+    place("solve", "--trace", t, "--gpus", 16, "--gpus-per-node", 4, "--method", "affinity", "--time-limit", 4,
+          "--expert-groups", 8, "--out", plan)
+    meta = json.loads(plan.read_text())["meta"]
+    assert meta["policy"] == "hierarchical" and meta["method"] == "affinity" and len(meta["statuses"]) == 5
     bad = place("synth", "--preset", "olmoe", "--tokens", 10, "--expert-groups", 7, "--limited-groups", 1, "--out", t, check=False)
     assert bad.returncode == 2 and "expert_groups (7) must divide the experts (64)" in bad.stderr
 
