@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -72,6 +73,10 @@ def shared_dir() -> Path:
 # under the other worker's jobs. (xdist's own `--dist loadgroup` does not group with pytest 9: it
 # renames `item._nodeid`, which pytest 9 no longer reads.)
 ONE_WORKER_FILES = ("tests/test_launch.py",)
+# Parametrized cases that share one launch have ids that start with `launch<key>-` (e.g.
+# tests/test_expert_parallel.py: one torchrun per world size runs all its cases): one worker runs
+# every case of a launch, so that the launch runs once.
+LAUNCH_ID = re.compile(r"\[(launch[^-\]]*)-")
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -79,12 +84,15 @@ def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
     class Scheduler(LoadScopeScheduling):
-        """One unit of work per test, except one per file in ONE_WORKER_FILES (xdist hands out the
-        units with the most tests first)."""
+        """One unit of work per test, except one per file in ONE_WORKER_FILES and one per shared
+        launch (xdist hands out the units with the most tests first)."""
 
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
-            return path if path in ONE_WORKER_FILES else nodeid
+            if path in ONE_WORKER_FILES:
+                return path
+            launch = LAUNCH_ID.search(nodeid)
+            return f"{path}::{launch.group(1)}" if launch else nodeid
 
     return Scheduler(config, log)
 

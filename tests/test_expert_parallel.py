@@ -19,6 +19,71 @@ def _torchrun_script(nproc, script, args, timeout=300):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env())
 
 
+# The ep_train cases: every case of one world size runs in one torchrun launch (`--cases`), since
+# the ranks' start (4 s of imports each) is most of a case's time; each test reads its own case's
+# report. Their ids start with `launch<N>-`, so that one pytest-xdist worker runs all the cases of
+# a launch (tests/conftest.py).
+ADAMW = [
+    (2, ["--ep", 2, "--plan", "random"]),
+    (4, ["--ep", 4, "--plan", "random"]),
+    (4, ["--ep", 2, "--plan", "replicated"]),  # expert data parallelism (edp 2) and replicas
+    (4, ["--ep", 4, "--plan", "replicated", "--router", "sigmoid"]),  # aux-loss-free bias updates
+    (4, ["--ep", 4, "--plan", "random", "--router", "grouped"]),  # group-limited routing, scaled weights
+    (4, ["--ep", 4, "--plan", "replicated", "--num-experts", 16, "--dedup"]),  # each token once per rank
+    (4, ["--ep", 2, "--plan", "random", "--dedup", "--micro", 2]),  # edp 2, accumulation
+    # 2 nodes of 2 ranks: once per node across, once per rank within (DeepEP); grouped routing
+    (4, ["--ep", 4, "--plan", "replicated", "--num-experts", 16, "--router", "grouped", "--node-dispatch", 2]),
+    (4, ["--ep", 2, "--plan", "replicated", "--micro", 2]),  # gradient accumulation
+    (2, ["--ep", 2, "--plan", "replicated", "--ffn-dim", 10]),  # experts computed by the loop (unaligned)
+]
+BF16 = [  # parallel.mixed_precision=bf16
+    (2, ["--ep", 2, "--plan", "replicated", "--bf16"]),
+    (4, ["--ep", 2, "--plan", "replicated", "--sharding", "fssdp", "--bf16"]),
+    (2, ["--ep", 2, "--plan", "replicated", "--num-experts", 16, "--dedup", "--bf16"]),  # weights travel in float64
+]
+F = ["--sharding", "fssdp", "--steps", 5]
+FSSDP = [
+    (2, [*F, "--ep", 2, "--plan", "contiguous"]),
+    (2, [*F, "--ep", 2, "--plan", "random", "--change-plan-after", 2]),
+    (4, [*F, "--ep", 4, "--plan", "random", "--no-remat", "--change-plan-after", 2]),
+    (4, [*F, "--ep", 4, "--plan", "replicated", "--change-plan-after", 2]),
+    (4, [*F, "--ep", 2, "--plan", "replicated", "--router", "sigmoid", "--change-plan-after", 2]),  # two expert domains
+    (2, [*F, "--ep", 2, "--plan", "replicated", "--router", "grouped", "--change-plan-after", 2, "--dedup"]),
+    (4, [*F, "--ep", 4, "--plan", "replicated", "--router", "grouped", "--change-plan-after", 2, "--node-dispatch", 2]),
+    (4, [*F, "--ep", 4, "--plan", "replicated", "--reshard-after", 2]),  # owners move (Hecate Alg. 2)
+    (4, [*F, "--ep", 4, "--plan", "replicated", "--micro", 2]),  # gradient accumulation: nothing left unsent
+    (4, [*F, "--ep", 2, "--plan", "contiguous", "--micro", 2]),  # every expert at its owner: computed in place
+    (4, [*F, "--ep", 4, "--plan", "replicated", "--align", "--change-plan-after", 2]),  # owners follow the plan
+    (2, [*F, "--ep", 2, "--plan", "random", "--align", "--micro", 2]),
+    (4, [*F, "--ep", 4, "--plan", "replicated", "--ffn-dim", 10, "--change-plan-after", 2]),  # unaligned: the loop
+    # 2 experts on 4 ranks: rank 2 owns one and computes none, rank 3 owns and computes none
+    (4, [*F, "--ep", 4, "--plan", "contiguous", "--num-experts", 2, "--change-plan-after", 2, "--micro", 2]),
+    (4, [*F, "--ep", 4, "--plan", "contiguous", "--num-experts", 2, "--reshard-after", 2]),
+]
+_LAUNCHES: dict = {}
+
+
+def cases(table):
+    """parametrize's arguments for a case table, with ids that name their launch."""
+    ids = [f"launch{n}-" + "_".join(str(x).lstrip("-") for x in args if x not in F) for n, args in table]
+    return {"argvalues": table, "ids": ids}
+
+
+def ep_report(tmp_path_factory, nproc: int, args: list) -> dict:
+    """The report of one case, from the one launch that runs every case of its world size."""
+    if nproc not in _LAUNCHES:
+        folder = tmp_path_factory.mktemp(f"ep_train{nproc}")
+        todo = [a for n, a in ADAMW + BF16 + FSSDP if n == nproc]
+        spec = [[*a, "--out", folder / f"case{i}.json"] for i, a in enumerate(todo)]
+        (folder / "cases.json").write_text(json.dumps(spec, default=str))
+        proc = _torchrun_script(nproc, [str(WORKERS / "ep_train.py")], ["--cases", folder / "cases.json"], timeout=900)
+        _LAUNCHES[nproc] = (proc, folder, todo)
+    proc, folder, todo = _LAUNCHES[nproc]
+    out = folder / f"case{todo.index(args)}.json"
+    assert out.is_file(), f"no report for {args} (launch exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+    return json.loads(out.read_text())
+
+
 def test_regroup_source_major_to_expert_major():
     cnt = torch.tensor([[2, 0, 1], [1, 3, 0]])  # rows from source 0: e0 e0 e2; source 1: e0 e1 e1 e1
     perm = _source_to_expert_major(cnt)
@@ -60,24 +125,9 @@ def test_doctor_detects_a_wrong_result():
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("nproc,args", [
-    (2, ["--ep", 2, "--plan", "random"]),
-    (4, ["--ep", 4, "--plan", "random"]),
-    (4, ["--ep", 2, "--plan", "replicated"]),  # expert data parallelism (edp 2) and replicas
-    (4, ["--ep", 4, "--plan", "replicated", "--router", "sigmoid"]),  # aux-loss-free bias updates
-    (4, ["--ep", 4, "--plan", "random", "--router", "grouped"]),  # group-limited routing, scaled weights
-    (4, ["--ep", 4, "--plan", "replicated", "--num-experts", 16, "--dedup"]),  # each token once per rank
-    (4, ["--ep", 2, "--plan", "random", "--dedup", "--micro", 2]),  # edp 2, accumulation
-    # 2 nodes of 2 ranks: once per node across, once per rank within (DeepEP); grouped routing
-    (4, ["--ep", 4, "--plan", "replicated", "--num-experts", 16, "--router", "grouped", "--node-dispatch", 2]),
-    (4, ["--ep", 2, "--plan", "replicated", "--micro", 2]),  # gradient accumulation
-    (2, ["--ep", 2, "--plan", "replicated", "--ffn-dim", 10]),  # experts computed by the loop (unaligned)
-])
-def test_adamw_steps_match_single_process(tmp_path, nproc, args):
-    out = tmp_path / "report.json"
-    proc = _torchrun_script(nproc, [str(WORKERS / "ep_train.py")], [*args, "--out", out])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+@pytest.mark.parametrize("nproc,args", **cases(ADAMW))
+def test_adamw_steps_match_single_process(tmp_path_factory, nproc, args):
+    report = ep_report(tmp_path_factory, nproc, args)
     assert len(report["steps"]) == 3
     for s in report["steps"]:
         assert abs(s["loss"] - s["ref_loss"]) < 1e-5, s
@@ -93,20 +143,13 @@ def test_adamw_steps_match_single_process(tmp_path, nproc, args):
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("nproc,args", [
-    (2, ["--ep", 2, "--plan", "replicated"]),
-    (4, ["--ep", 2, "--plan", "replicated", "--sharding", "fssdp"]),
-    (2, ["--ep", 2, "--plan", "replicated", "--num-experts", 16, "--dedup"]),  # weights travel in float64
-])
-def test_bf16_autocast_steps_track_single_process(tmp_path, nproc, args):
+@pytest.mark.parametrize("nproc,args", **cases(BF16))
+def test_bf16_autocast_steps_track_single_process(tmp_path_factory, nproc, args):
     """parallel.mixed_precision=bf16: both sides under bf16 autocast, fp32 master weights. bf16
     rounds differently for one rank's batch than for the whole batch (a token may route
     differently), so the bounds are bf16's, not fp32's: observed loss 5e-5, norm 2e-4 relative,
     parameters 8e-4 after one AdamW step (lr 1e-2) and 9e-3 after three."""
-    out = tmp_path / "report.json"
-    proc = _torchrun_script(nproc, [str(WORKERS / "ep_train.py")], [*args, "--bf16", "--out", out])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report = ep_report(tmp_path_factory, nproc, args)
     assert report["expert_input_dtypes"] == ["torch.bfloat16"] and report["param_dtypes"] == ["torch.float32"]
     steps = report["steps"]
     assert len(steps) == 3
@@ -167,29 +210,9 @@ def test_plan_file_that_does_not_fit_is_named(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("nproc,args", [
-    (2, ["--ep", 2, "--plan", "contiguous"]),
-    (2, ["--ep", 2, "--plan", "random", "--change-plan-after", 2]),
-    (4, ["--ep", 4, "--plan", "random", "--no-remat", "--change-plan-after", 2]),
-    (4, ["--ep", 4, "--plan", "replicated", "--change-plan-after", 2]),
-    (4, ["--ep", 2, "--plan", "replicated", "--router", "sigmoid", "--change-plan-after", 2]),  # two expert domains
-    (2, ["--ep", 2, "--plan", "replicated", "--router", "grouped", "--change-plan-after", 2, "--dedup"]),
-    (4, ["--ep", 4, "--plan", "replicated", "--router", "grouped", "--change-plan-after", 2, "--node-dispatch", 2]),
-    (4, ["--ep", 4, "--plan", "replicated", "--reshard-after", 2]),  # owners move (Hecate Alg. 2)
-    (4, ["--ep", 4, "--plan", "replicated", "--micro", 2]),  # gradient accumulation: nothing left unsent
-    (4, ["--ep", 2, "--plan", "contiguous", "--micro", 2]),  # every expert at its owner: computed in place
-    (4, ["--ep", 4, "--plan", "replicated", "--align", "--change-plan-after", 2]),  # owners follow the plan
-    (2, ["--ep", 2, "--plan", "random", "--align", "--micro", 2]),
-    (4, ["--ep", 4, "--plan", "replicated", "--ffn-dim", 10, "--change-plan-after", 2]),  # unaligned: the loop
-    # 2 experts on 4 ranks: rank 2 owns one and computes none, rank 3 owns and computes none
-    (4, ["--ep", 4, "--plan", "contiguous", "--num-experts", 2, "--change-plan-after", 2, "--micro", 2]),
-    (4, ["--ep", 4, "--plan", "contiguous", "--num-experts", 2, "--reshard-after", 2]),
-])
-def test_fssdp_steps_match_single_process(tmp_path, nproc, args):
-    out = tmp_path / "report.json"
-    proc = _torchrun_script(nproc, [str(WORKERS / "ep_train.py")], ["--sharding", "fssdp", "--steps", 5, *args, "--out", out])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+@pytest.mark.parametrize("nproc,args", **cases(FSSDP))
+def test_fssdp_steps_match_single_process(tmp_path_factory, nproc, args):
+    report = ep_report(tmp_path_factory, nproc, args)
     steps = report["steps"]
     assert len(steps) == 5
     for s in steps:

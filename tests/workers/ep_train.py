@@ -4,7 +4,10 @@ single-process reference with the same seed and weights.
 The reference's loss is the mean over the ranks' micro-batches of each micro-batch's loss (what DDP
 optimises). AdamW runs with eps=1e-6: at eps=1e-8 a gradient within rounding of zero can flip a whole
 lr-sized first step (see shared/DESIGN.md); the tolerance itself is not widened.
-Writes a JSON report (rank 0) to the path given by --out.
+Writes a JSON report (rank 0) to the path given by --out. `--cases FILE` runs several cases (a JSON
+list of argument lists, each with its own --out) one after another in one launch: the ranks start
+once (4 s of imports each, most of a case's time), and every case builds its own model, groups,
+plan and optimizer from its seed.
 """
 
 import argparse
@@ -45,7 +48,7 @@ def _bytes(model, kind):
     return sum(getattr(m.experts, "bytes", {}).get(kind, 0) for m in model.moe_layers())
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ep", type=int, required=True)
     ap.add_argument("--plan", default="random")
@@ -64,8 +67,25 @@ def main():
     ap.add_argument("--node-dispatch", type=int, default=0,
                     help="parallel.node_dispatch with nodes of this many ranks (implies --dedup)")
     ap.add_argument("--out", required=True)
-    a = ap.parse_args()
+    return ap
+
+
+def main():
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--cases", default=None)
+    known, rest = first.parse_known_args()
+    if known.cases:
+        with open(known.cases) as f:
+            cases = [parser().parse_args([str(x) for x in case]) for case in json.load(f)]
+    else:
+        cases = [parser().parse_args(rest)]
     dist.init_process_group("gloo")
+    for a in cases:
+        run(a)
+    finish_rank(0)
+
+
+def run(a: argparse.Namespace) -> None:
     W, rank = dist.get_world_size(), dist.get_rank()
     router = {"softmax": RouterConfig(),
               "sigmoid": RouterConfig(score_func="sigmoid", bias_update_rate=0.01),
@@ -224,7 +244,7 @@ def main():
         report["num_domains"] = W // a.ep
         with open(a.out, "w") as f:
             json.dump(report, f)
-    finish_rank(0)
+    dist.barrier()  # the next case starts on every rank together
 
 
 if __name__ == "__main__":
