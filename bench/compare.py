@@ -18,6 +18,8 @@ Contenders (each one `torchrun` of bench/compare_worker.py, which runs the train
 Routing skew is real: every contender starts from the demo model after `--warm-steps` steps of
 training (DDP, 4 ranks), and keeps training. Rounds interleave the contenders, rotating their order;
 the medians pool the measured steps of all rounds, and the per-round ratios show how stable they are.
+A contender whose run does not depend on the setting (FSSDP with `--fssdp-slots min`: the same plan
+and ranks in both) runs once a round, and both settings report that run.
 """
 
 from __future__ import annotations
@@ -139,16 +141,20 @@ def main() -> None:
         for rnd in range(a.rounds):
             k = rnd % len(CONTENDERS)
             order = CONTENDERS[k:] + CONTENDERS[:k]
-            for s in a.settings:
+            done: dict = {}  # FSSDP shards over all ranks whatever DeepSpeed's ep_size: with the same plan
+            for s in a.settings:  # in both settings (--fssdp-slots min), one run a round serves both
                 ep = SETTINGS[s]
                 for c in order:
-                    out = Path(tmp) / f"{s}-{c}-{rnd}.json"
-                    proc = torchrun(a.nproc, str(REPO / "bench" / "compare_worker.py"), "--warm", str(weights),
-                                    "--out", str(out), "--warmup", str(a.warmup), "--steps", str(a.steps), "--",
-                                    *common, *overrides(c, ep, a, plans))
-                    if proc.returncode:
-                        sys.exit(f"{c} in setting ({s}) failed:\n{proc.stderr[-4000:]}")
-                    runs.setdefault((s, c), []).append(json.loads(out.read_text()))
+                    args = overrides(c, ep, a, plans)
+                    if tuple(args) not in done:
+                        out = Path(tmp) / f"{s}-{c}-{rnd}.json"
+                        proc = torchrun(a.nproc, str(REPO / "bench" / "compare_worker.py"), "--warm", str(weights),
+                                        "--out", str(out), "--warmup", str(a.warmup), "--steps", str(a.steps), "--",
+                                        *common, *args)
+                        if proc.returncode:
+                            sys.exit(f"{c} in setting ({s}) failed:\n{proc.stderr[-4000:]}")
+                        done[tuple(args)] = json.loads(out.read_text())
+                    runs.setdefault((s, c), []).append(done[tuple(args)])
                     print(f"round {rnd + 1}/{a.rounds} ({s}) {c}: median step {runs[s, c][-1]['median_step_s']:.3f} s",
                           file=sys.stderr, flush=True)
     report(a, runs, stats)

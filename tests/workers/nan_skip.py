@@ -8,8 +8,9 @@ move on together, and the steps after it train. With on_nan=stop, every rank sto
 the parameters and the optimizer state as they were.
 
 argv: engine (torch | deepspeed | deepspeed-moe, the last being model.moe_impl=deepspeed: DeepSpeed-MoE's
-layer, its engine owning every parameter), ZeRO stage, fault (logits | expert_grad), on_nan (skip | stop).
-Prints one JSON line on rank 0."""
+layer, its engine owning every parameter), ZeRO stage, fault (logits | expert_grad), on_nan (skip | stop);
+several such quadruples run one after another in one launch (each with its own model, engine and
+optimizer). Prints one JSON line per case on rank 0, with the case's arguments under "case"."""
 
 import json
 import math
@@ -33,9 +34,17 @@ STEPS, BAD = 5, 2  # step index 2 (the third step) is poisoned
 
 
 def main():
-    engine, stage, fault, on_nan = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    ds_moe = engine == "deepspeed-moe"
+    args = sys.argv[1:]
+    if not args or len(args) % 4:
+        sys.exit(f"nan_skip.py: expected quadruples of engine stage fault on_nan, got {args}")
     dist.init_process_group("gloo")
+    for i in range(0, len(args), 4):
+        run(args[i], int(args[i + 1]), args[i + 2], args[i + 3])
+    finish_rank(0)
+
+
+def run(engine: str, stage: int, fault: str, on_nan: str) -> None:
+    ds_moe = engine == "deepspeed-moe"
     W, rank = dist.get_world_size(), dist.get_rank()
     cfg = TrainConfig(model=ModelConfig(dim=32, num_layers=2, num_heads=2, max_seq_len=64,
                                         moe={"num_experts": 4, "top_k": 2, "ffn_dim": 16},
@@ -116,10 +125,10 @@ def main():
     flags = torch.tensor([int(unchanged["params"]), int(unchanged["optimizer_state"]), int(finite_after)])
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)  # every rank must agree
     if rank == 0:
-        print(json.dumps({"skipped": skipped, "params_unchanged": bool(flags[0]), "state_unchanged": bool(flags[1]),
+        print(json.dumps({"case": [engine, stage, fault, on_nan], "skipped": skipped, "params_unchanged": bool(flags[0]), "state_unchanged": bool(flags[1]),
                           "state_entries": unchanged["state_entries"], "finite_after": bool(flags[2]),
-                          "lrs": lr_rows, "expected_lrs": expected, "stopped": stopped}))
-    finish_rank(0)
+                          "lrs": lr_rows, "expected_lrs": expected, "stopped": stopped}), flush=True)
+    dist.barrier()
 
 
 if __name__ == "__main__":
