@@ -122,10 +122,12 @@ def test_bf16_mixed_precision_trains_like_fp32(tmp_path):
 @pytest.mark.dist
 def test_compiled_expert_parallel_and_fssdp_equal_eager(tmp_path):
     """compile=true under expert parallelism and FSSDP at 2 ranks: the collectives run between
-    compiled regions, and training matches the eager EP run."""
+    compiled regions, and training matches the eager EP run. The FSSDP run dispatches once per node
+    (2 nodes of 1 rank: parallel.node_dispatch, whose row counts depend on the data)."""
     runs = {}
+    node = ["parallel.token_dedup=true", "parallel.node_dispatch=true", "parallel.gpus_per_node=1"]
     for name, args in (("ep-eager", ["parallel=ep"]), ("ep-compiled", ["parallel=ep", "compile=true"]),
-                       ("fssdp-compiled", ["parallel=fssdp", "compile=true"])):
+                       ("fssdp-compiled", ["parallel=fssdp", "compile=true", *node])):
         torchrun(2, ["experiment=smoke", "steps=20", *args, f"logging.run_name={name}", f"logging.out_dir={tmp_path}"],
                  timeout=400)
         runs[name] = json.loads((tmp_path / name / "summary.json").read_text())
@@ -134,6 +136,8 @@ def test_compiled_expert_parallel_and_fssdp_equal_eager(tmp_path):
         assert runs[name]["compile"]["graphs"] >= 1 and runs[name]["ep_size"] == 2
         assert abs(runs[name]["final_train_loss"] - runs["ep-eager"]["final_train_loss"]) < 1e-5, runs[name]["final_train_loss"]
         assert abs(runs[name]["val_bpb"] - runs["ep-eager"]["val_bpb"]) < 1e-5
+    train = [r for r in read_metrics(tmp_path / "fssdp-compiled") if r["kind"] == "train"]
+    assert train and all(r["a2a_inter_node_bytes"] == r["a2a_bytes"] > 0 for r in train)  # every row crossed
 
 
 def test_compiled_training_equals_eager(tmp_path):
