@@ -89,6 +89,8 @@ def refine_balance(gpu_R: np.ndarray, weight_R: np.ndarray, expert_R: np.ndarray
         g = int(np.argmax(load))
         mine = np.flatnonzero(gpu_R == g)
         others = np.flatnonzero(gpu_R != g)
+        if not others.size:  # one GPU: nothing to swap with
+            break
         # swap a (on g) with b (on h): new loads g: L_g - w_a + w_b, h: L_h - w_b + w_a
         delta = weight_R[mine][:, None] - weight_R[others][None, :]  # > 0 moves load off g
         h = gpu_R[others][None, :]

@@ -148,13 +148,13 @@ def test_consolidated_export(tmp_path):
 @pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.parametrize("parallel,align,method,wait", [("fssdp", "true", "eplb-groups", "true"), ("fssdp", "false", "eplb", "false"),
-                                                        ("ep", "true", "affinity", "true")])
+                                                        ("ep", "true", "affinity-groups", "true")])
 def test_replacement_changes_no_math(tmp_path, parallel, align, method, wait):
     base = [*SMOKE, "steps=16", f"logging.out_dir={tmp_path}", f"parallel={parallel}", "parallel.ep_size=2"]
     # group-limited routing (2 groups of 2 experts, 1 per token) on 2 nodes of 1 GPU, dispatched per node
-    groups = method == "eplb-groups"
+    groups = method.endswith("-groups")
     if groups:
-        method = "eplb"
+        method = method.removesuffix("-groups")
         base += ["model.moe.router.num_expert_groups=2", "model.moe.router.num_limited_groups=1",
                  "parallel.gpus_per_node=1", "parallel.token_dedup=true", "parallel.node_dispatch=true"]
     torchrun(2, [*base, "logging.run_name=off"])
@@ -172,7 +172,8 @@ def test_replacement_changes_no_math(tmp_path, parallel, align, method, wait):
         assert records and all(r["step"] == r["solved_at"] + 1 + r["deferred_steps"] for r in records)
         assert all(r["solved_at"] % 4 == 0 and r["deferred_steps"] >= 0 for r in records)
         assert all(a["step"] <= b["solved_at"] for a, b in zip(records, records[1:]))
-    if groups:  # DeepSeek's hierarchical EPLB: each group's experts on one node; node dispatch's bytes logged
+    if groups:  # EPLB's and the affinity solver's hierarchical policy: each group's experts on one node;
+        # node dispatch's bytes logged
         train = [r for r in read_metrics(tmp_path / "on") if r["kind"] == "train"]
         assert all(0 < r["a2a_inter_node_bytes"] <= r["a2a_bytes"] for r in train)
         for path in plans:

@@ -172,3 +172,15 @@ def test_affinity_without_a_node_per_group_places_experts_one_by_one():
         by_groups(None, s, one_node, 2, 4, 1.0)
     with pytest.raises(ValueError, match=r"slots_per_gpu \(1\) x num_gpus \(4\) = 4 slots cannot hold 8 experts"):
         solve("affinity", s, Topology(num_gpus=4, gpus_per_node=2), slots_per_gpu=1, num_groups=4)
+
+
+@pytest.mark.parametrize("method", ["affinity", "moetuner"])
+def test_nodes_of_one_gpu(method):
+    """Groups onto nodes of one GPU leave each node problem one GPU to fill (the trainer's 2 ranks as
+    2 nodes): the balance step once failed there, with no GPU to swap with."""
+    s = chain_stats(2, 2, [1, 0])
+    plan = solve(method, s, Topology(num_gpus=2, gpus_per_node=1), slots_per_gpu=2, num_groups=2, time_limit=5)
+    assert plan.meta["policy"] == "hierarchical" and plan.meta["cross_node_flow_share"] == 0
+    for l in range(2):  # each GPU holds one whole group
+        assert sorted(tuple(np.flatnonzero(plan.holds(l)[:, g])) for g in range(2)) == [(0, 1), (2, 3)]
+    assert (solve(method, s, Topology(num_gpus=1), time_limit=5).holds(0) == 1).all()
