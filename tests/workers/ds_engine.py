@@ -19,8 +19,13 @@ from moesaic.trainer.parallelize import parallelize, resolve_plan
 
 
 def main():
-    stage = int(sys.argv[1])
     dist.init_process_group("gloo")
+    for stage in sys.argv[1:]:  # several stages run one after another in one launch
+        run(int(stage))
+    finish_rank(0)
+
+
+def run(stage: int) -> None:
     W, rank = dist.get_world_size(), dist.get_rank()
     cfg = TrainConfig(model=ModelConfig(dim=32, num_layers=2, num_heads=2, max_seq_len=64,
                                         moe={"num_experts": 4, "top_k": 2, "ffn_dim": 16}),
@@ -50,11 +55,11 @@ def main():
     gathered = [torch.empty_like(dense) for _ in range(W)]
     dist.all_gather(gathered, dense)
     if rank == 0:
-        print(json.dumps({"experts_in_engine_module": in_module, "experts_in_deepspeed_optimizer": in_optimizer,
+        print(json.dumps({"stage": stage, "experts_in_engine_module": in_module, "experts_in_deepspeed_optimizer": in_optimizer,
                           "expert_grads_present": all(gr.abs().sum() > 0 for gr in expert_grads),
                           "dense_equal_across_ranks": all(torch.equal(gathered[0], t) for t in gathered[1:]),
-                          "engine_module_params": len(list(engine.module.parameters()))}))
-    finish_rank(0)
+                          "engine_module_params": len(list(engine.module.parameters()))}), flush=True)
+    dist.barrier()
 
 
 if __name__ == "__main__":

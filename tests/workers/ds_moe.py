@@ -42,11 +42,16 @@ def reference(moe, x_TD, top_k):
 
 
 def main():
-    ep = int(sys.argv[1])
     dist.init_process_group("gloo")
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
+    for ep in sys.argv[1:]:  # several ep sizes run one after another in one launch
+        run(int(ep))
+    finish_rank(0)
+
+
+def run(ep: int) -> None:
     W, rank = dist.get_world_size(), dist.get_rank()
     cfg = ModelConfig(dim=32, num_layers=2, num_heads=2, max_seq_len=64,
                       moe={"num_experts": 4, "top_k": 2, "ffn_dim": 16})
@@ -95,8 +100,8 @@ def main():
         print(json.dumps({"world": W, "ep": ep, "out_diff": result[0].item(), "gate_grad_diff": result[1].item(),
                           "expert_grad_diff": result[2].item(), "ids_equal": result[3].item() == 0,
                           "counts_equal": result[4].item() == 0, "expert_grad_norm": expert_grad_norm,
-                          "a2a_bytes": block.dispatcher.counters["a2a_bytes"]}))
-    finish_rank(0)
+                          "a2a_bytes": block.dispatcher.counters["a2a_bytes"]}), flush=True)
+    dist.barrier()
 
 
 if __name__ == "__main__":
