@@ -42,16 +42,17 @@ def items_of(r_E: np.ndarray) -> np.ndarray:
 
 
 def pack_greedy(weight_R: np.ndarray, expert_R: np.ndarray, num_bins: int, capacity: int,
-                forbid: np.ndarray | None = None) -> np.ndarray:
-    """(R,) bin of each item: largest first into the least-loaded bin with a free slot that does not
-    already hold the same expert. `forbid` (R, num_bins) marks bins an item may not use."""
+                forbid: np.ndarray | None = None, max_copies: int = 1) -> np.ndarray:
+    """(R,) bin of each item: largest first into the least-loaded bin with a free slot that holds
+    fewer than `max_copies` replicas of the same expert (a GPU: 1; a node: its GPUs). `forbid`
+    (R, num_bins) marks bins an item may not use."""
     E = int(expert_R.max()) + 1 if len(expert_R) else 0
     load = np.zeros(num_bins)
     used = np.zeros(num_bins, dtype=np.int64)
-    has = np.zeros((num_bins, E), dtype=bool)
+    copies = np.zeros((num_bins, E), dtype=np.int64)
     out = np.full(len(weight_R), -1, dtype=np.int64)
     for i in np.argsort(-weight_R, kind="stable"):
-        ok = (used < capacity) & ~has[:, expert_R[i]]
+        ok = (used < capacity) & (copies[:, expert_R[i]] < max_copies)
         if forbid is not None:
             ok &= ~forbid[i]
         if not ok.any():
@@ -60,7 +61,7 @@ def pack_greedy(weight_R: np.ndarray, expert_R: np.ndarray, num_bins: int, capac
         out[i] = b
         load[b] += weight_R[i]
         used[b] += 1
-        has[b, expert_R[i]] = True
+        copies[b, expert_R[i]] += 1
     return out
 
 
@@ -71,7 +72,8 @@ def pack_eplb(load_E: np.ndarray, r_E: np.ndarray, topo: Topology, slots_per_gpu
     if topo.num_nodes == 1:
         return pack_greedy(weight_R, expert_R, topo.num_gpus, slots_per_gpu)
     per_node = topo.gpus_per_node * slots_per_gpu
-    node_R = pack_greedy(weight_R, expert_R, topo.num_nodes, per_node)
+    # a node may hold an expert once per GPU (more replicas than nodes: few experts, many GPUs)
+    node_R = pack_greedy(weight_R, expert_R, topo.num_nodes, per_node, max_copies=topo.gpus_per_node)
     gpu_R = np.empty(len(expert_R), dtype=np.int64)
     for n in range(topo.num_nodes):
         idx = np.flatnonzero(node_R == n)

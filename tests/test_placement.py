@@ -151,6 +151,21 @@ def test_hierarchical_eplb_balances_nodes():
     assert (node.max(1) / node.mean(1)).max() < 1.05
 
 
+@pytest.mark.parametrize("method", ["eplb", "affinity", "moetuner"])
+def test_more_replicas_than_nodes(method):
+    """Mixtral's 8 experts on 16 GPUs in 2 nodes: a hot expert gets more replicas than there are
+    nodes, so a node must take several (one per GPU). The node step once allowed one, and every
+    method that packs by EPLB raised "no bin has a free slot"."""
+    s = RoutingStats.from_experts(synth("mixtral", 1000, 0)[:, :3], 8)
+    for G, gpn, S in ((16, 8, 1), (16, 8, 2), (8, 4, 2)):
+        plan = solve(method, s, Topology(num_gpus=G, gpus_per_node=gpn), slots_per_gpu=S, time_limit=2)
+        for l in range(s.num_layers):
+            holds = plan.holds(l)  # a GPU holds an expert at most once (booleans), S experts each
+            assert (holds.sum(0) == S).all() and holds.any(1).all()
+            assert holds.sum(1).max() > G // gpn  # some expert on more GPUs than there are nodes
+        assert evaluate(plan, s)["load_max"] < 1.6
+
+
 @pytest.mark.parametrize("L,E,G,gpn,S", [(3, 4, 2, 2, None), (3, 6, 3, 3, None), (3, 4, 4, 2, None), (3, 4, 3, 3, 2)])
 def test_monolithic_ilp_equals_brute_force(L, E, G, gpn, S):
     stats = RoutingStats.from_experts(synth(Preset(L, E, 2, 0.5, 0.6), 400, 1), E)
