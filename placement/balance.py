@@ -44,8 +44,9 @@ def items_of(r_E: np.ndarray) -> np.ndarray:
 def pack_greedy(weight_R: np.ndarray, expert_R: np.ndarray, num_bins: int, capacity: int,
                 forbid: np.ndarray | None = None, max_copies: int = 1) -> np.ndarray:
     """(R,) bin of each item: largest first into the least-loaded bin with a free slot that holds
-    fewer than `max_copies` replicas of the same expert (a GPU: 1; a node: its GPUs). `forbid`
-    (R, num_bins) marks bins an item may not use."""
+    fewer than `max_copies` replicas of the same expert (a GPU: 1; a node: its GPUs), among those
+    the bins with the fewest (so that a bin takes a second copy only when every bin has one).
+    `forbid` (R, num_bins) marks bins an item may not use."""
     E = int(expert_R.max()) + 1 if len(expert_R) else 0
     load = np.zeros(num_bins)
     used = np.zeros(num_bins, dtype=np.int64)
@@ -57,6 +58,7 @@ def pack_greedy(weight_R: np.ndarray, expert_R: np.ndarray, num_bins: int, capac
             ok &= ~forbid[i]
         if not ok.any():
             raise ValueError("no bin has a free slot for this replica (too many replicas of one expert?)")
+        ok &= copies[:, expert_R[i]] == copies[ok, expert_R[i]].min()
         b = int(np.flatnonzero(ok)[np.argmin(load[ok])])
         out[i] = b
         load[b] += weight_R[i]
