@@ -72,9 +72,9 @@ def by_groups(place: Placer, stats: RoutingStats, topo: Topology, slots_per_gpu:
     # 1. groups onto nodes: N one-GPU nodes, num_groups / N slots each
     nodes = Topology(num_gpus=N, gpus_per_node=1, inter_node_cost=topo.inter_node_cost)
     grouped = place(group_stats(stats, num_groups), nodes, num_groups // N, time_limit / 2)
-    node_of_group = np.stack([grouped.holds(l).argmax(1) for l in range(L)])  # (L, n)
     if any((grouped.holds(l).sum(1) != 1).any() for l in range(L)):
         raise RuntimeError(f"the group problem replicated a group ({grouped.meta.get('method')})")
+    node_of_group = np.stack([grouped.holds(l).argmax(1) for l in range(L)])  # (L, n)
     node_of_expert = np.repeat(node_of_group, size, axis=1)  # (L, E)
     # 2. each node's experts onto its GPUs, replicas within the node
     holds = [np.zeros((E, topo.num_gpus), dtype=bool) for _ in range(L)]

@@ -44,6 +44,19 @@ def torchrun(nproc: int, args: list[str], *, timeout: float = 300, module: str =
     return proc
 
 
+_LAUNCHED: dict = {}
+
+
+def launch_once(key, cmd: list, *, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run `cmd` the first time `key` is asked for in this pytest process, and return that run's
+    CompletedProcess every time: the cases of a shared launch (ids `launch<key>-...`, which one
+    xdist worker runs, see the scheduler below) each read their own report from it."""
+    if key not in _LAUNCHED:
+        _LAUNCHED[key] = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
+                                        env=child_env())
+    return _LAUNCHED[key]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

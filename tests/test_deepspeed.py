@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import child_env, flat_checkpoint, free_port, read_metrics, torchrun, train_losses
+from conftest import child_env, flat_checkpoint, free_port, launch_once, read_metrics, torchrun, train_losses
 
 WORKERS = Path(__file__).resolve().parent / "workers"
 SMOKE = ["experiment=smoke", "logging.log_every=1", "steps=10", "optim.warmup_steps=2", "optim.grad_clip=0"]
@@ -90,17 +90,11 @@ NAN_CASES = [("torch", 0, "logits", "skip"), ("torch", 0, "expert_grad", "skip")
              ("deepspeed", 1, "logits", "skip"), ("deepspeed", 2, "expert_grad", "skip"),
              ("deepspeed-moe", 0, "expert_grad", "skip"), ("deepspeed-moe", 2, "expert_grad", "skip"),
              ("deepspeed-moe", 2, "expert_grad", "stop")]
-_NAN_LAUNCH: dict = {}
-
-
 def nan_report(case: tuple) -> dict:
     """One case's report from the one launch of nan_skip.py that runs them all (the ranks' start,
     DeepSpeed's import included, is most of a case's time)."""
-    if "proc" not in _NAN_LAUNCH:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-               str(WORKERS / "nan_skip.py"), *(str(x) for c in NAN_CASES for x in c)]
-        _NAN_LAUNCH["proc"] = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=child_env())
-    proc = _NAN_LAUNCH["proc"]
+    proc = launch_once("nan", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", 2, "--standalone",
+                               WORKERS / "nan_skip.py", *(x for c in NAN_CASES for x in c)])
     reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     mine = [r for r in reports if r["case"] == list(case)]
     assert mine, f"no report for {case} (launch exit {proc.returncode}):\n{proc.stderr[-3000:]}"

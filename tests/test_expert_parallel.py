@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import child_env, read_metrics, torchrun
+from conftest import child_env, launch_once, read_metrics, torchrun
 from moesaic.parallel.expert_parallel import _source_to_expert_major, capacity_keep
 
 WORKERS = Path(__file__).resolve().parent / "workers"
@@ -60,29 +60,26 @@ FSSDP = [
     (4, [*F, "--ep", 4, "--plan", "contiguous", "--num-experts", 2, "--change-plan-after", 2, "--micro", 2]),
     (4, [*F, "--ep", 4, "--plan", "contiguous", "--num-experts", 2, "--reshard-after", 2]),
 ]
-_LAUNCHES: dict = {}
-
-
 def cases(table):
     """parametrize's arguments for a case table, with ids that name their launch."""
-    ids = [f"launch{n}-" + "_".join(str(x).lstrip("-") for x in args if x not in F) for n, args in table]
+    ids = [f"launch{n}-" + "_".join(str(x).lstrip("-") for x in (args[len(F):] if args[:len(F)] == F else args))
+           for n, args in table]
     return {"argvalues": table, "ids": ids}
 
 
 def ep_report(tmp_path_factory, nproc: int, args: list) -> dict:
     """The report of one case, from the one launch that runs every case of its world size."""
-    if nproc not in _LAUNCHES:
-        folder = tmp_path_factory.mktemp(f"ep_train{nproc}")
-        todo = [a for n, a in ADAMW + BF16 + FSSDP if n == nproc]
+    todo = [a for n, a in ADAMW + BF16 + FSSDP if n == nproc]
+    folder = tmp_path_factory.getbasetemp() / f"ep_train{nproc}"
+    if not folder.is_dir():
+        folder.mkdir()
         spec = [[*a, "--out", folder / f"case{i}.json"] for i, a in enumerate(todo)]
         (folder / "cases.json").write_text(json.dumps(spec, default=str))
-        proc = _torchrun_script(nproc, [str(WORKERS / "ep_train.py")], ["--cases", folder / "cases.json"], timeout=900)
-        _LAUNCHES[nproc] = (proc, folder, todo)
-    proc, folder, todo = _LAUNCHES[nproc]
+    proc = launch_once(("ep_train", nproc), [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nproc,
+                                             "--standalone", WORKERS / "ep_train.py", "--cases", folder / "cases.json"])
     out = folder / f"case{todo.index(args)}.json"
     assert out.is_file(), f"no report for {args} (launch exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     return json.loads(out.read_text())
-
 
 def test_regroup_source_major_to_expert_major():
     cnt = torch.tensor([[2, 0, 1], [1, 3, 0]])  # rows from source 0: e0 e0 e2; source 1: e0 e1 e1 e1
