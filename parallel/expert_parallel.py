@@ -89,7 +89,12 @@ class ExpertParallelDispatcher(nn.Module):
     grouped GEMM -> reverse all-to-all -> un-permute -> weighted combine. With `token_dedup` (True),
     one row per (token, destination rank) each way instead (`moesaic.parallel.token_dedup`); with a
     `NodeGroups`, one per (token, destination node) across nodes, then per (token, rank) within
-    (`moesaic.parallel.node_dispatch`)."""
+    (`moesaic.parallel.node_dispatch`).
+
+    Under torch.compile the forward stays eager (`torch.compiler.disable`), and the experts run one
+    compiled function shared by all layers (`compiled_grouped_swiglu`). Traced, each layer's plan
+    (its holders, its local experts) would be a guard: a solved plan, different in every layer, would
+    recompile the dispatcher per layer, and past dynamo's recompile limit run it eagerly anyway."""
 
     def __init__(self, plan: LayerPlan, group, *, capacity_factor: float = 0.0, token_dedup: bool | NodeGroups = False):
         super().__init__()
@@ -104,6 +109,7 @@ class ExpertParallelDispatcher(nn.Module):
         self.local_experts = plan.local_experts
         self.counters: dict = {}
 
+    @torch.compiler.disable
     def forward(self, x_TD: torch.Tensor, route: RouterOutput, experts: GroupedExperts) -> torch.Tensor:
         P, me, E = self.plan.ep_size, self.plan.ep_rank, self.plan.num_experts
         T, K = route.expert_ids_TK.shape
@@ -309,6 +315,7 @@ def migrate_resident(model: nn.Module, optimizer: torch.optim.Optimizer, plan: P
             setattr(sub, name, getattr(store, name))
         expert_state.install(sub, optimizer, rows, moments, store.ffn_dim, store.dim)
         sub.expert_ids = new.local_experts
+        sub.compiled = store.compiled
         moe.experts = sub
         old_dispatcher = moe.dispatcher
         moe.dispatcher = ExpertParallelDispatcher(new, old_dispatcher.group, capacity_factor=old_dispatcher.capacity_factor,

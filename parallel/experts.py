@@ -188,6 +188,21 @@ def grouped_swiglu(
     return _grouped_swiglu(x_TD, counts_E, w13_EGD, w2_EDF, kernels)
 
 
+def compiled_grouped_swiglu(x_TD: torch.Tensor, counts_E: torch.Tensor, w13_EGD: torch.Tensor,
+                            w2_EDF: torch.Tensor, *, kernels: str = "torch") -> torch.Tensor:
+    """`grouped_swiglu` under torch.compile, one compiled function per process shared by every layer:
+    what the experts run where their dispatcher stays outside the compiled blocks (expert parallelism
+    and FSSDP, see `apply_compile`). Only shapes and dtypes key its graphs, never a layer's plan: the
+    rows and the number of experts become dynamic after their first change. The weights go in as
+    views, since dynamo keeps a Parameter's shape static, and layers hold different numbers of experts."""
+    return _compiled_swiglu()(x_TD, counts_E, w13_EGD.view_as(w13_EGD), w2_EDF.view_as(w2_EDF), kernels=kernels)
+
+
+@functools.cache
+def _compiled_swiglu():
+    return torch.compile(grouped_swiglu)
+
+
 def grouped_mm_aligned(dim: int, ffn_dim: int, dtype: torch.dtype) -> bool:
     """Whether the experts' rows (D and F elements of `dtype`) meet `torch._grouped_mm`'s 16-byte rule."""
     return dim * dtype.itemsize % GROUPED_MM_ALIGN == 0 and ffn_dim * dtype.itemsize % GROUPED_MM_ALIGN == 0
@@ -284,6 +299,7 @@ class GroupedExperts(nn.Module):
                  out_std: float | None = None, kernels: str = "torch"):
         super().__init__()
         self.num_experts, self.dim, self.ffn_dim, self.kernels = num_experts, dim, ffn_dim, kernels
+        self.compiled = False  # run compiled_grouped_swiglu (set by apply_compile under EP and FSSDP)
         self.w13_EGD = nn.Parameter(torch.empty(num_experts, 2 * ffn_dim, dim))
         self.w2_EDF = nn.Parameter(torch.empty(num_experts, dim, ffn_dim))
         self.init_weights(init_std, out_std if out_std is not None else init_std)
@@ -305,7 +321,8 @@ class GroupedExperts(nn.Module):
         return self.w13_EGD[:, self.ffn_dim :]
 
     def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        return grouped_swiglu(x_TD, counts_E, self.w13_EGD, self.w2_EDF, kernels=self.kernels)
+        swiglu = compiled_grouped_swiglu if self.compiled else grouped_swiglu
+        return swiglu(x_TD, counts_E, self.w13_EGD, self.w2_EDF, kernels=self.kernels)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, dim={self.dim}, ffn_dim={self.ffn_dim}, kernels={self.kernels}"
@@ -327,5 +344,5 @@ def swiglu_flops(num_tokens: int, dim: int, ffn_dim: int) -> int:
     return 2 * num_tokens * dim * ffn_dim * 3
 
 
-__all__ = ["EXPERT_WEIGHTS", "GroupedExperts", "KERNELS", "combine_slots", "expert_weight_shapes", "gather_slots",
-           "grouped_swiglu", "looped_swiglu", "swiglu_flops"]
+__all__ = ["EXPERT_WEIGHTS", "GroupedExperts", "KERNELS", "combine_slots", "compiled_grouped_swiglu",
+           "expert_weight_shapes", "gather_slots", "grouped_swiglu", "looped_swiglu", "swiglu_flops"]

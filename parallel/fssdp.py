@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moesaic.parallel.expert_state import reshard_owners  # noqa: F401  (re-exported: FSSDP's owner moves)
-from moesaic.parallel.experts import grouped_swiglu
+from moesaic.parallel.experts import compiled_grouped_swiglu, grouped_swiglu
 from moesaic.parallel.expert_parallel import ExpertParallelDispatcher, LayerPlan
 from moesaic.parallel.gather_schedule import GatherSchedule
 from moesaic.placement.plan import Placement, check_fits
@@ -61,6 +61,7 @@ class FSSDPExperts(nn.Module):
         self.w13_EGD = nn.Parameter(owned_w13.detach().clone())
         self.w2_EDF = nn.Parameter(owned_w2.detach().clone())
         self.kernels = kernels
+        self.compiled = False  # run compiled_grouped_swiglu (set by apply_compile)
         self.owned_ids = owned_ids
         self.owners = owners
         self.group = group
@@ -173,7 +174,8 @@ class FSSDPExperts(nn.Module):
         return w13.reshape(n, 2 * F, D), w2.reshape(n, D, F)
 
     def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        return grouped_swiglu(x_TD, counts_E, *self.weights(), kernels=self.kernels)
+        swiglu = compiled_grouped_swiglu if self.compiled else grouped_swiglu
+        return swiglu(x_TD, counts_E, *self.weights(), kernels=self.kernels)
 
     # -- re-materialization -------------------------------------------------------------------------
     def release(self) -> None:
@@ -307,6 +309,7 @@ class _BackwardTrigger(torch.autograd.Function):
 class FSSDPDispatcher(ExpertParallelDispatcher):
     """The EP dispatcher, with the layer's weights materialized before and released after."""
 
+    @torch.compiler.disable  # as the EP dispatcher's: the plan's Python values stay out of dynamo
     def forward(self, x_TD, route, experts: FSSDPExperts):
         if torch._C._current_graph_task_id() != -1:  # inside backward: activation checkpointing recomputes
             experts.restore()  # this layer's weights, as its forward had them; nothing released or prefetched

@@ -122,18 +122,27 @@ def test_bf16_mixed_precision_trains_like_fp32(tmp_path):
 @pytest.mark.dist
 def test_compiled_expert_parallel_and_fssdp_equal_eager(tmp_path):
     """compile=true under expert parallelism and FSSDP at 2 ranks: the collectives run between
-    compiled regions, and training matches the eager EP run. The FSSDP run dispatches once per node
+    compiled regions, and training matches the eager EP run. The model has 10 MoE layers and a
+    random plan, different in every layer, as a solved plan is: no frame may reach dynamo's
+    recompile limit (8), past which it would run eagerly. The FSSDP run dispatches once per node
     (2 nodes of 1 rank: parallel.node_dispatch, whose row counts depend on the data)."""
+    from moesaic.parallel.doctor import make_plan
+
+    plan = make_plan("random", 8, 2, seed=5, num_layers=10)
+    assert len({tuple(layer) for layer in plan.placement}) == 10
+    plan.save(tmp_path / "plan.json")
+    model = ["model.num_layers=10", "model.moe.num_experts=8", f"placement.plan={tmp_path / 'plan.json'}"]
     runs = {}
     node = ["parallel.token_dedup=true", "parallel.node_dispatch=true", "parallel.gpus_per_node=1"]
     for name, args in (("ep-eager", ["parallel=ep"]), ("ep-compiled", ["parallel=ep", "compile=true"]),
                        ("fssdp-compiled", ["parallel=fssdp", "compile=true", *node])):
-        torchrun(2, ["experiment=smoke", "steps=20", *args, f"logging.run_name={name}", f"logging.out_dir={tmp_path}"],
-                 timeout=400)
+        torchrun(2, ["experiment=smoke", "steps=20", *model, *args, f"logging.run_name={name}",
+                     f"logging.out_dir={tmp_path}"], timeout=400)
         runs[name] = json.loads((tmp_path / name / "summary.json").read_text())
     assert runs["ep-eager"]["compile"] is None
     for name in ("ep-compiled", "fssdp-compiled"):
         assert runs[name]["compile"]["graphs"] >= 1 and runs[name]["ep_size"] == 2
+        assert runs[name]["compile"]["recompile_limit_hits"] == 0, runs[name]["compile"]
         assert abs(runs[name]["final_train_loss"] - runs["ep-eager"]["final_train_loss"]) < 1e-5, runs[name]["final_train_loss"]
         assert abs(runs[name]["val_bpb"] - runs["ep-eager"]["val_bpb"]) < 1e-5
     train = [r for r in read_metrics(tmp_path / "fssdp-compiled") if r["kind"] == "train"]

@@ -163,7 +163,8 @@ class TrainConfig:
     """A non-finite loss: `stop` (the last checkpoint is kept) or `skip` (drop the step, count it)."""
     compile: bool = False
     """torch.compile each transformer block (as torchtitan): element-wise work fuses around the
-    matmuls. The first steps compile (tens of seconds); collectives and data-dependent sizes stay eager."""
+    matmuls. The first steps compile (tens of seconds). Under EP and FSSDP the dispatcher stays eager
+    between the compiled regions, and the experts run one compiled SwiGLU shared by every layer."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -224,7 +224,10 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
             f"({abs(gain):.1f}% {'below' if gain >= 0 else 'above'}); summary {run_dir / 'summary.json'}"
         )
         if cfg.compile:
-            logger.message(f"torch.compile: {summary['compile']['graphs']} graphs, {summary['compile']['graph_breaks']} graph breaks")
+            c = summary["compile"]
+            logger.message(f"torch.compile: {c['graphs']} graphs, {c['graph_breaks']} graph breaks"
+                           + (f", {c['recompile_limit_hits']} frames over the recompile limit (run eagerly)"
+                              if c["recompile_limit_hits"] else ""))
     elif stopped_by is None:
         logger.message(f"stopped at step {end} of {cfg.steps} (stop_at_step); resume with checkpoint.resume=auto")
     logger.close(summary)
