@@ -1,7 +1,8 @@
 """torch.compile under expert parallelism with a solved (uneven) plan: graphs, breaks, recompiles.
 
     python bench/compile_dispatch.py [--nproc 2] [--layers 12] [--steps 30] [--rounds 1]
-                                     [--shardings resident fssdp] [--dispatches slots node] [--json out.json]
+                                     [--shardings resident fssdp] [--dispatches slots node] [--replan-every 0]
+                                     [--json out.json]
 
 A solved plan gives each MoE layer its own experts on each rank, so a dispatcher that dynamo traces
 sees different Python values in every layer. Each one is a recompile, and past dynamo's recompile
@@ -11,7 +12,9 @@ layer, the same for every run), eager and `compile=true`, for each expert shardi
 (`slots`: a row per token-slot; `node`: `parallel.node_dispatch`, the ranks as nodes of one).
 Per run: graphs compiled, graph breaks, frames over the recompile limit, the wall time from start
 to exit (compiling is most of the difference), the median step time after the first 5 steps, and
-the last loss against the eager run's.
+the last loss against the eager run's. `--replan-every N` re-plans from live statistics every N
+steps (EPLB, with replicas: `placement.slots_per_gpu` = experts / ranks + 1), starting from the
+random plan: each adopted plan is new to every layer.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ def train(name: str, args: list[str], a, out_dir: Path) -> dict:
            "-m", "moesaic.trainer", "experiment=smoke", f"steps={a.steps}", f"model.num_layers={a.layers}",
            f"model.moe.num_experts={a.experts}", f"placement.plan={out_dir / 'plan.json'}", "logging.log_every=1",
            f"logging.out_dir={out_dir}", f"logging.run_name={name}", *args]
+    if a.replan_every:
+        cmd += ["placement=replan", f"placement.every_n_steps={a.replan_every}",
+                f"placement.slots_per_gpu={a.experts // a.nproc + 1}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
@@ -56,7 +62,7 @@ def train(name: str, args: list[str], a, out_dir: Path) -> dict:
     rows = [json.loads(x) for x in (out_dir / name / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["kind"] == "train"]
     return {"wall_s": wall, "steps_s": [r["step_s"] for r in train_rows[5:]], "loss": train_rows[-1]["loss"],
-            "compile": summary["compile"]}
+            "compile": summary["compile"], "plans": len(summary["placement_history"])}
 
 
 def main() -> None:
@@ -68,6 +74,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--shardings", nargs="+", choices=["resident", "fssdp"], default=["resident", "fssdp"])
     ap.add_argument("--dispatches", nargs="+", choices=list(DISPATCH), default=list(DISPATCH))
+    ap.add_argument("--replan-every", type=int, default=0)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     out = []
@@ -93,10 +100,11 @@ def main() -> None:
                 out.append({"experts": sharding, "dispatch": dispatch, "run": label, "graphs": c.get("graphs", "-"),
                             "graph breaks": c.get("graph_breaks", "-"),
                             "over recompile limit": c.get("recompile_limit_hits", "-"),
-                            "wall s": statistics.median(g["wall_s"] for g in rs), "median step s": step,
+                            "plans adopted": rs[0]["plans"], "wall s": statistics.median(g["wall_s"] for g in rs), "median step s": step,
                             "step vs eager": step / e_step, "last loss": rs[0]["loss"],
                             "loss - eager": rs[0]["loss"] - eager[0]["loss"]})
-    print(f"\n## {a.nproc} gloo ranks, {a.layers} MoE layers of {a.experts} experts, a random plan, {a.steps} steps"
+    replan = f", re-planned every {a.replan_every} steps" if a.replan_every else ""
+    print(f"\n## {a.nproc} gloo ranks, {a.layers} MoE layers of {a.experts} experts, a random plan{replan}, {a.steps} steps"
           f" x {a.rounds} rounds")
     print(table(out))
     write_json(a.json, {"machine": machine(), "args": vars(a), "experts_per_rank": counts, "runs": out})
