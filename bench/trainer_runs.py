@@ -2,7 +2,8 @@
 
     python bench/trainer_runs.py OUT_DIR [--json out.json]
 
-One row per run: its name, device and backend, parallelism, compile, steps, the final train loss,
+One row per run: its name, device and backend, parallelism, compile (graphs, breaks, frames over
+dynamo's recompile limit), steps, the final train loss,
 the validation bits per byte, tokens/s, the median step time and the largest rank's peak GPU memory. `bash bench/gpu_check.sh trainer`
 prints it after its runs (eager against compiled: the losses should agree within bf16 noise).
 """
@@ -27,6 +28,7 @@ def rows(out_dir: Path) -> list[dict]:
                     "experts": s.get("expert_sharding"), "compile": bool(compiled),
                     "graphs": compiled.get("graphs") if isinstance(compiled, dict) else None,
                     "graph_breaks": compiled.get("graph_breaks") if isinstance(compiled, dict) else None,
+                    "over_recompile_limit": compiled.get("recompile_limit_hits") if isinstance(compiled, dict) else None,
                     "steps": s.get("steps"), "final_train_loss": s.get("final_train_loss"),
                     "val_bpb": s.get("val_bpb"), "tokens_per_s": s.get("tokens_per_s"),
                     "median_step_s": s.get("median_step_s"),

@@ -137,7 +137,7 @@ def test_loss_curves_compare_runs(tmp_path):
 
 def test_trainer_runs_table(tmp_path):
     """bench/trainer_runs.py reads each run's summary.json (as gpu_check.sh trainer writes them)."""
-    for name, comp in (("eager", None), ("compiled", {"graphs": 2, "graph_breaks": 0})):
+    for name, comp in (("eager", None), ("compiled", {"graphs": 2, "graph_breaks": 0, "recompile_limit_hits": 1})):
         (tmp_path / name).mkdir()
         (tmp_path / name / "summary.json").write_text(json.dumps(
             {"device": "cuda", "backend": "nccl", "expert_sharding": "fssdp", "compile": comp, "steps": 300,
@@ -145,6 +145,7 @@ def test_trainer_runs_table(tmp_path):
     out = run("trainer_runs.py", tmp_path, "--json", tmp_path / "t.json")
     rows = {r["run"]: r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}
     assert rows["compiled"]["compile"] and rows["compiled"]["graphs"] == 2 and not rows["eager"]["compile"]
+    assert rows["compiled"]["over_recompile_limit"] == 1 and rows["eager"]["over_recompile_limit"] is None
     assert "| compiled" in out
 
 
