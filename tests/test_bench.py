@@ -337,6 +337,21 @@ def test_token_dedup_bench_tiny(tmp_path):
     assert all(0 < b < a for a, b in zip(slots["a2a_bytes"], dedup["a2a_bytes"])), (slots["a2a_bytes"], dedup["a2a_bytes"])
 
 
+@pytest.mark.slow
+@pytest.mark.dist
+def test_compile_dispatch_bench_tiny(tmp_path):
+    """bench/compile_dispatch.py at 3 MoE layers with a re-plan every 4 steps (FSSDP, 2 ranks): the
+    compiled run adopts the same plans, keeps every frame under dynamo's recompile limit, and ends
+    at the eager run's loss."""
+    out = run("compile_dispatch.py", "--layers", 3, "--steps", 8, "--shardings", "fssdp", "--dispatches", "slots",
+              "--replan-every", 4, "--json", tmp_path / "c.json", timeout=600)
+    assert "re-planned every 4 steps" in out and "| fssdp" in out
+    eager, comp = json.loads((tmp_path / "c.json").read_text())["runs"]
+    assert eager["run"] == "eager" and comp["run"] == "compiled" and comp["graphs"] >= 1
+    assert comp["over recompile limit"] == 0 and comp["plans adopted"] == eager["plans adopted"] >= 1
+    assert abs(comp["loss - eager"]) < 1e-4, comp
+
+
 def test_expert_groups_tiny(tmp_path):
     out = run("expert_groups.py", "--tokens", 300, "--layers", 2, "--gpus", 16, 64, "--extra-slots", 0,
               "--time-limit", 1, "--json", tmp_path / "g.json")
