@@ -179,6 +179,8 @@ def test_compiled_training_equals_eager(tmp_path):
         (["compile=true", "parallel=deepspeed_moe", "model.moe_impl=deepspeed"], "compile (True) with model.moe_impl ('deepspeed')"),
         (["parallel=ddp", "placement.plan=round_robin"], "placement.plan ('round_robin') needs expert parallelism"),
         (["checkpoint.async_mode=yes"], "checkpoint.async_mode ('yes') must be 'disabled' or 'async'"),
+        (["seed=-1"], "seed (-1) must be in [0, 2**63)"),
+        (["logging.peak_tflops=-1"], "logging.peak_tflops (-1.0) must be >= 0 (0: no MFU)"),
         (["launcher.requeue=true"], "launcher.requeue (True) needs launcher=slurm or launcher=submitit_slurm, not launcher.name ('local')"),
     ],
 )

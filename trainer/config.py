@@ -86,6 +86,8 @@ class LoggingConfig:
     def __post_init__(self) -> None:
         if self.log_every < 1:
             raise ValueError(f"logging.log_every ({self.log_every}) must be >= 1")
+        if self.peak_tflops < 0:
+            raise ValueError(f"logging.peak_tflops ({self.peak_tflops}) must be >= 0 (0: no MFU)")
         if self.wandb_mode not in ("offline", "online", "disabled"):
             raise ValueError(
                 f"logging.wandb_mode ({self.wandb_mode!r}) must be one of 'offline', 'online', 'disabled'"
@@ -233,6 +235,8 @@ class TrainConfig:
             raise ValueError(f"parallel.activation_checkpoint ({self.parallel.activation_checkpoint!r}) with "
                              "model.moe_impl ('deepspeed'): DeepSpeed-MoE's layer is the comparison baseline and runs "
                              "as DeepSpeed ships it; use activation_checkpoint=none")
+        if not 0 <= self.seed < 2**63:  # numpy's SeedSequence draws the batches and takes no negative seed
+            raise ValueError(f"seed ({self.seed}) must be in [0, 2**63)")
         if self.on_nan not in ("stop", "skip"):
             raise ValueError(f"on_nan ({self.on_nan!r}) must be 'stop' or 'skip'")
         if self.stop_at_step < 0 or self.stop_at_step > self.steps:
