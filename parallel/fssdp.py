@@ -1,8 +1,8 @@
 """FSSDP (Hecate, arXiv 2502.02581): Fully Sharded Sparse Data Parallelism for the experts.
 
 Every expert has one owner rank in the expert domain (the "ep" mesh axis), which holds its parameters,
-gradients and AdamW state: one global copy. Each step the placement plan says which ranks compute
-which experts (replicas included), and
+gradients and AdamW state: one global copy. Each step the plan says which ranks compute which experts
+(replicas included), and
 - `sparse_all_gather` brings each expert's parameters from its owner to exactly those ranks (one
   uneven all_to_all_single per layer), before the layer runs; the next layer's gather is prefetched
   asynchronously while this one computes;
@@ -387,11 +387,7 @@ def fssdp_reduce_scatter(model: nn.Module) -> None:
 
 def fssdp_bytes(model: nn.Module) -> dict:
     """Bytes this rank has sent so far, per FSSDP collective."""
-    out = {"gather": 0, "reduce_scatter": 0}
-    for moe in model.moe_layers():
-        for k in out:
-            out[k] += moe.experts.bytes[k]
-    return out
+    return {k: sum(moe.experts.bytes[k] for moe in model.moe_layers()) for k in ("gather", "reduce_scatter")}
 
 
 def fssdp_grad_sq_norm(model: nn.Module, mesh) -> torch.Tensor:
