@@ -100,7 +100,8 @@ def main() -> None:
                 out.append({"experts": sharding, "dispatch": dispatch, "run": label, "graphs": c.get("graphs", "-"),
                             "graph breaks": c.get("graph_breaks", "-"),
                             "over recompile limit": c.get("recompile_limit_hits", "-"),
-                            "plans adopted": rs[0]["plans"], "wall s": statistics.median(g["wall_s"] for g in rs), "median step s": step,
+                            "plans adopted": rs[0]["plans"], "wall s": statistics.median(g["wall_s"] for g in rs),
+                            "median step s": step,
                             "step vs eager": step / e_step, "last loss": rs[0]["loss"],
                             "loss - eager": rs[0]["loss"] - eager[0]["loss"]})
     replan = f", re-planned every {a.replan_every} steps" if a.replan_every else ""
