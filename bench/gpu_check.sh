@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issues #4 and #8 as prepared runs for a lent H100/H200 (the device tool):
-#   bash bench/gpu_check.sh [first|next|layer|trainer|baseline]   # JSON and one log under $OUT (or bench/results)
+#   bash bench/gpu_check.sh [first|fused|moments|next|layer|trainer|baseline]   # JSON and one log under $OUT (or bench/results)
 # The library stores w13 = [w1; w3] since the fourth session; `--variant w1w3` (bench/gpu_variants.py)
 # is the layout before it, and `--variant fused` is `model.moe.kernels=triton`. The parts that
 # produced the second session's tables (overlap, ablate, confirm, w13check) are in git history
@@ -12,9 +12,11 @@
 # layer (about 4 minutes, one call): the Triton layer in bf16 against the loop, every grouped GEMM
 # of the layer alone, and the layer eager and compiled (torch and Triton kernels, w1w3, loop dW)
 # with kernel profiles.
-# first (about 10 minutes, one call; run this when a session gets one device call): what decides #4 and
+# first (142 s on an H200 in the eighteenth session; run this when a session gets one device call): what decides #4 and
 # #8 part 2: the Triton layer checked in bf16, the layer table eager and compiled (torch and Triton
 # kernels), whole steps at batch 8 with and without the Triton kernels, and the router options' cost.
+# fused (128 s) and moments (159 s): the eighteenth session's step profile with the Triton kernels, and
+# fp32 against bf16 AdamW moments, interleaved, with their 60-step loss curves.
 # trainer (about 5 minutes; first `bash bench/fetch_wheels.sh` here, and carry [".whl"]):
 # moesaic-doctor on one NCCL rank, the trainer's demo model in bf16 eager and compiled (FSSDP, EP,
 # DDP, FSSDP with the Triton kernels, and FSSDP with full activation checkpointing), and gpu_train's
@@ -80,6 +82,22 @@ if [ "$PART" = first ]; then
   echo "## $(date +%T) done" | tee -a "$LOG"
   exit 0
 fi
+if [ "$PART" = fused ]; then  # (about 3 minutes) where a step with the Triton kernels spends its time
+  train gpu_train_fused_profile 120 --compile blocks --overlap-optimizer equal --variant fused --batch 8 --profile "$OUT/step_profile.txt"
+  train gpu_train_fused_bf16m 150 --compile blocks --overlap-optimizer equal --variant fused --moments bf16 --batch 8 16
+  train gpu_train_fused_plain 90 --compile blocks --variant fused --batch 8
+  echo "## $(date +%T) done" | tee -a "$LOG"
+  exit 0
+fi
+if [ "$PART" = moments ]; then  # (about 4 minutes) #8 part 2's candidate: fp32 against bf16 moments, interleaved
+  for i in 1 2; do
+    train gpu_train_fused_fp32m_$i 100 --compile blocks --overlap-optimizer equal --variant fused --batch 8 --steps 60
+    train gpu_train_fused_bf16m_$i 100 --compile blocks --overlap-optimizer equal --variant fused --moments bf16 --batch 8 --steps 60
+  done
+  python3 bench/loss_curves.py "$OUT"/gpu_train_fused_{fp32m_1,fp32m_2,bf16m_1,bf16m_2}.json 2>&1 | tee -a "$LOG"
+  echo "## $(date +%T) done" | tee -a "$LOG"
+  exit 0
+fi
 if [ "$PART" = next ] || [ "$PART" = layer ]; then
   if [ "$PART" = next ]; then steps_part; curves_part; else layer_part; fi
   echo "## $(date +%T) done" | tee -a "$LOG"
@@ -94,23 +112,32 @@ if [ "$PART" = trainer ]; then  # the trainer and the doctor on CUDA (about 5 mi
   cd /tmp  # the installed moesaic, not the checkout's folders
   one="python3 -m torch.distributed.run --standalone --nproc_per_node 1"
   echo "## $(date +%T) moesaic-doctor, 1 rank, nccl" | tee -a "$LOG"
-  timeout 120 $one -m moesaic.parallel.doctor --suite full 2>&1 | tee -a "$LOG"
-  echo "## $(date +%T) moesaic-doctor --kernels triton, 1 rank, nccl" | tee -a "$LOG"
-  timeout 90 $one -m moesaic.parallel.doctor --kernels triton 2>&1 | tee -a "$LOG"
-  demo="logging=quiet logging.out_dir=$OUT/trainer steps=300 eval_every=100 parallel.mixed_precision=bf16"
-  for run in "fssdp_eager parallel=fssdp" "fssdp_compiled parallel=fssdp compile=true" \
-             "ep_compiled parallel=ep compile=true" "ddp_eager parallel=ddp" \
-             "fssdp_triton parallel=fssdp model.moe.kernels=triton" \
-             "fssdp_checkpoint_full parallel=fssdp parallel.activation_checkpoint=full"; do
+  timeout 120 $one -m moesaic.parallel.doctor --suite "$([ "${TRAINER_QUICK:-0}" = 1 ] && echo default || echo full)" 2>&1 | tee -a "$LOG"
+  if [ "${TRAINER_QUICK:-0}" != 1 ]; then
+    echo "## $(date +%T) moesaic-doctor --kernels triton, 1 rank, nccl" | tee -a "$LOG"
+    timeout 90 $one -m moesaic.parallel.doctor --kernels triton 2>&1 | tee -a "$LOG"
+  fi
+  # what each run's log keeps: the run's own lines, and a rank's exception with the frame above it
+  # (torchrun's closing ChildFailedError lines would push the cause out of `tail`)
+  keep='^moesaic|^step|^done|^\[rank[0-9]+\]: +File |^\[rank[0-9]+\]: [A-Za-z_.]*(Error|Exception)|^[A-Za-z_.]*(Error|Exception):'
+  demo="logging=quiet logging.out_dir=$OUT/trainer steps=${TRAINER_STEPS:-300} eval_every=100 parallel.mixed_precision=bf16"
+  runs=("fssdp_eager parallel=fssdp" "fssdp_compiled parallel=fssdp compile=true"
+        "ep_compiled parallel=ep compile=true" "ddp_eager parallel=ddp"
+        "fssdp_triton parallel=fssdp model.moe.kernels=triton"
+        "fssdp_checkpoint_full parallel=fssdp parallel.activation_checkpoint=full")
+  # TRAINER_QUICK=1 (about 3 minutes, for what is left of a session's device time): the compiled
+  # and Triton runs alone, and the doctor's default suite
+  [ "${TRAINER_QUICK:-0}" = 1 ] && runs=("${runs[1]}" "${runs[2]}" "${runs[4]}")
+  for run in "${runs[@]}"; do
     set -- $run
     name=$1; shift
     echo "## $(date +%T) trainer, demo model, $name" | tee -a "$LOG"
-    timeout 150 $one -m moesaic.trainer $demo logging.run_name=$name "$@" 2>&1 | grep -E "moesaic|^step|^done|rror" | tail -6 | tee -a "$LOG"
+    timeout 150 $one -m moesaic.trainer $demo logging.run_name=$name "$@" 2>&1 | grep -E "$keep" | tail -6 | tee -a "$LOG"
   done
   big="model.dim=2048 model.num_layers=16 model.num_heads=16 model.max_seq_len=2048 data.seq_len=2048 model.moe.num_experts=16 model.moe.top_k=4 model.moe.ffn_dim=1408 model.moe.num_shared_experts=1 batch_size=8"
   echo "## $(date +%T) trainer, gpu_train's model (2.62B), compiled, bf16 autocast" | tee -a "$LOG"
   timeout 240 $one -m moesaic.trainer logging=quiet logging.out_dir=$OUT/trainer logging.run_name=big_compiled \
-    steps=30 eval_every=1000 parallel=ddp parallel.mixed_precision=bf16 compile=true $big 2>&1 | grep -E "moesaic|^step|^done|rror" | tail -6 | tee -a "$LOG"
+    steps=${BIG_STEPS:-30} eval_every=1000 parallel=ddp parallel.mixed_precision=bf16 compile=true $big 2>&1 | grep -E "$keep" | tail -6 | tee -a "$LOG"
   python3 "$REPO/bench/trainer_runs.py" "$OUT/trainer" 2>&1 | tee -a "$LOG"
   exit 0
 fi

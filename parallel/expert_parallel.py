@@ -46,12 +46,12 @@ class LayerPlan:
     def local_experts(self) -> list[int]:
         return [e for e, h in enumerate(self.holders) if self.ep_rank in h]
 
-    def tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """holders padded (E, maxH), replica counts (E,), and whether this rank holds e (E,)."""
+    def tables(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """holders padded (E, maxH), replica counts (E,), and whether this rank holds e (E,), on `device`."""
         max_h = max(len(h) for h in self.holders)
-        pad = torch.tensor([list(h) + [h[0]] * (max_h - len(h)) for h in self.holders], dtype=torch.int64)
-        n = torch.tensor([len(h) for h in self.holders], dtype=torch.int64)
-        local = torch.tensor([self.ep_rank in h for h in self.holders])
+        pad = torch.tensor([list(h) + [h[0]] * (max_h - len(h)) for h in self.holders], dtype=torch.int64, device=device)
+        n = torch.tensor([len(h) for h in self.holders], dtype=torch.int64, device=device)
+        local = torch.tensor([self.ep_rank in h for h in self.holders], device=device)
         return pad, n, local
 
 
@@ -96,13 +96,16 @@ class ExpertParallelDispatcher(nn.Module):
     (its holders, its local experts) would be a guard: a solved plan, different in every layer, would
     recompile the dispatcher per layer, and past dynamo's recompile limit run it eagerly anyway."""
 
-    def __init__(self, plan: LayerPlan, group, *, capacity_factor: float = 0.0, token_dedup: bool | NodeGroups = False):
+    def __init__(self, plan: LayerPlan, group, *, device, capacity_factor: float = 0.0,
+                 token_dedup: bool | NodeGroups = False):
         super().__init__()
         self.plan, self.group, self.capacity_factor = plan, group, capacity_factor
         self.token_dedup = token_dedup  # False, True or NodeGroups (kept as given: a new plan's dispatcher takes it)
+        # the plan's tables on the tokens' device: a dispatcher is built after the model has moved
+        # there (at apply and at each re-plan), so `model.to` never sees them
         if token_dedup:
-            self.register_buffer("local_index_PE", local_index_table(plan.holders, plan.ep_size), persistent=False)
-        pad, n, local = plan.tables()
+            self.register_buffer("local_index_PE", local_index_table(plan.holders, plan.ep_size, device), persistent=False)
+        pad, n, local = plan.tables(device)
         self.register_buffer("holders_pad", pad, persistent=False)
         self.register_buffer("num_holders", n, persistent=False)
         self.register_buffer("is_local", local, persistent=False)
@@ -201,14 +204,14 @@ def apply_expert_parallel(model: nn.Module, mesh, plan: Placement, *, capacity_f
         full = moe.experts
         local = lp.local_experts
         dev = full.w2_EDF.device
-        sub = GroupedExperts(len(local), full.dim, full.ffn_dim, kernels=full.kernels).to(dev, full.w2_EDF.dtype)
+        sub = GroupedExperts(len(local), full.dim, full.ffn_dim, kernels=full.kernels, device=dev, dtype=full.w2_EDF.dtype)
         with torch.no_grad():
             for name in EXPERT_WEIGHTS:
                 getattr(sub, name).copy_(getattr(full, name)[local])
         sub.expert_ids = local
         moe.experts = sub
-        moe.dispatcher = ExpertParallelDispatcher(lp, ep_group, capacity_factor=capacity_factor,
-                                                  token_dedup=token_dedup).to(dev)
+        moe.dispatcher = ExpertParallelDispatcher(lp, ep_group, device=dev, capacity_factor=capacity_factor,
+                                                  token_dedup=token_dedup)
         moe.layer_plan = lp
     names += [n for n, _ in model.named_parameters() if ".experts." in n]
     names += [n for n, _ in model.named_buffers() if ".dispatcher." in n]  # per-rank plan tables
@@ -310,7 +313,8 @@ def migrate_resident(model: nn.Module, optimizer: torch.optim.Optimizer, plan: P
         got = {e: recv[i] for i, (_, e) in enumerate(recvs)}
         rows = torch.stack([flat[row_of[e]] if e in row_of else got[e] for e in new.local_experts]) \
             if new.local_experts else flat[:0]
-        sub = GroupedExperts(len(new.local_experts), store.dim, store.ffn_dim, kernels=store.kernels)
+        # built on meta (no memory, no random draws): its weights are replaced at once
+        sub = GroupedExperts(len(new.local_experts), store.dim, store.ffn_dim, kernels=store.kernels, device="meta")
         for name in EXPERT_WEIGHTS:  # the optimizer's entries are keyed by the old tensors
             setattr(sub, name, getattr(store, name))
         expert_state.install(sub, optimizer, rows, moments, store.ffn_dim, store.dim)
@@ -318,7 +322,8 @@ def migrate_resident(model: nn.Module, optimizer: torch.optim.Optimizer, plan: P
         sub.compiled = store.compiled
         moe.experts = sub
         old_dispatcher = moe.dispatcher
-        moe.dispatcher = ExpertParallelDispatcher(new, old_dispatcher.group, capacity_factor=old_dispatcher.capacity_factor,
+        moe.dispatcher = ExpertParallelDispatcher(new, old_dispatcher.group, device=store.w2_EDF.device,
+                                                  capacity_factor=old_dispatcher.capacity_factor,
                                                   token_dedup=old_dispatcher.token_dedup)
         moe.layer_plan = new
     return sent

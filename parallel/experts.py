@@ -296,12 +296,13 @@ class GroupedExperts(nn.Module):
     """
 
     def __init__(self, num_experts: int, dim: int, ffn_dim: int, *, init_std: float = 0.02,
-                 out_std: float | None = None, kernels: str = "torch"):
+                 out_std: float | None = None, kernels: str = "torch", device=None, dtype=None):
         super().__init__()
         self.num_experts, self.dim, self.ffn_dim, self.kernels = num_experts, dim, ffn_dim, kernels
         self.compiled = False  # run compiled_grouped_swiglu (set by apply_compile under EP and FSSDP)
-        self.w13_EGD = nn.Parameter(torch.empty(num_experts, 2 * ffn_dim, dim))
-        self.w2_EDF = nn.Parameter(torch.empty(num_experts, dim, ffn_dim))
+        # device and dtype as nn.Linear's factory kwargs: None is torch's default (a `with torch.device`)
+        self.w13_EGD = nn.Parameter(torch.empty(num_experts, 2 * ffn_dim, dim, device=device, dtype=dtype))
+        self.w2_EDF = nn.Parameter(torch.empty(num_experts, dim, ffn_dim, device=device, dtype=dtype))
         self.init_weights(init_std, out_std if out_std is not None else init_std)
         self.register_state_dict_post_hook(_split_w13)
         self.register_load_state_dict_pre_hook(_join_w13)

@@ -348,7 +348,8 @@ def apply_fssdp(model: nn.Module, mesh, plan: Placement, *, reshard_after_forwar
         store.grad_scale = 1.0 / dist.get_world_size() if grad_scale is None else grad_scale
         store.edp_group = mesh.get_group("edp") if mesh.ndim > 1 else None
         moe.experts = store
-        moe.dispatcher = FSSDPDispatcher(lp, ep_group, capacity_factor=capacity_factor, token_dedup=token_dedup)
+        moe.dispatcher = FSSDPDispatcher(lp, ep_group, device=full.w2_EDF.device, capacity_factor=capacity_factor,
+                                         token_dedup=token_dedup)
         moe.layer_plan = lp
         stores.append(store)
     for a, b in zip(stores, stores[1:]):
@@ -370,7 +371,8 @@ def set_fssdp_plan(model: nn.Module, plan: Placement) -> None:
         moe.experts.set_plan(lp)
         moe.layer_plan = lp
         old = moe.dispatcher
-        moe.dispatcher = FSSDPDispatcher(lp, old.group, capacity_factor=old.capacity_factor, token_dedup=old.token_dedup)
+        moe.dispatcher = FSSDPDispatcher(lp, old.group, device=old.holders_pad.device, capacity_factor=old.capacity_factor,
+                                         token_dedup=old.token_dedup)
 
 
 def fssdp_reduce_scatter(model: nn.Module) -> None:

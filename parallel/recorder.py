@@ -19,8 +19,10 @@ from moesaic.placement.stats import RoutingStats
 class RoutingRecorder:
     def __init__(self, num_layers: int, num_experts: int, top_k: int, *, trace_tokens: int = 0):
         self.L, self.E, self.K = num_layers, num_experts, top_k
-        self.P = torch.zeros(num_layers, num_experts, dtype=torch.float64)
-        self.W = torch.zeros(max(num_layers - 1, 0), num_experts, num_experts, dtype=torch.float64)
+        # host memory by design: the counts feed the solver (numpy), and their all-reduce goes through
+        # the GPU under NCCL (all_reduce_anywhere)
+        self.P = torch.zeros(num_layers, num_experts, dtype=torch.float64, device="cpu")
+        self.W = torch.zeros(max(num_layers - 1, 0), num_experts, num_experts, dtype=torch.float64, device="cpu")
         self.num_tokens = 0.0
         self.trace_tokens = trace_tokens
         self._trace: list[np.ndarray] = []
@@ -47,7 +49,7 @@ class RoutingRecorder:
     def stats(self, group=None, *, all_reduce: bool = False) -> RoutingStats:
         """The counts so far; with all_reduce, summed over the ranks of `group` (a collective)."""
         P, W = self.P.clone(), self.W.clone()
-        n = torch.tensor([self.num_tokens], dtype=torch.float64)
+        n = torch.tensor([self.num_tokens], dtype=torch.float64, device="cpu")
         if all_reduce and dist.is_initialized():
             for t in (P, W, n):
                 all_reduce_anywhere(t, group)

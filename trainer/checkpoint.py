@@ -136,7 +136,7 @@ def init_optimizer_state(optimizer) -> None:
         for p in group["params"]:
             st = optimizer.state[p]
             if "step" not in st:
-                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["step"] = torch.zeros((), dtype=torch.float32, device="cpu")  # AdamW's own (not capturable)
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 

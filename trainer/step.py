@@ -56,7 +56,7 @@ def inter_node_bytes(moe, gpus_per_node: int) -> int:
 def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer, scheduler, info: DistInfo) -> StepResult:
     model = par.model
     t0 = time.perf_counter()
-    stats = torch.zeros(3, dtype=torch.float64)  # ce, aux, z summed over micro-steps
+    stats = torch.zeros(3, dtype=torch.float64, device="cpu")  # ce, aux, z summed over micro-steps (host)
     counts_LE, comm = None, {"a2a_bytes": 0, "dropped": 0, "a2a_inter_node_bytes": 0}
     with record_function("moesaic.forward_backward"):  # ranges that logging.profile_steps shows
         for micro in range(cfg.grad_accum_steps):
@@ -69,7 +69,8 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
                 par.backward(out.loss, cfg.grad_accum_steps)
             if par.ds_engine is not None and not last:
                 par.ds_engine.step()  # not an accumulation boundary: DeepSpeed only counts the micro-step
-            stats += torch.tensor([out.ce_loss.item(), out.aux_loss.item(), out.z_loss.item()], dtype=torch.float64)
+            losses = (out.ce_loss, out.aux_loss, out.z_loss)
+            stats += torch.stack([t.detach().float() for t in losses]).to("cpu", torch.float64)  # one device sync
             c = out.tokens_per_expert_LE
             if c is not None:
                 counts_LE = c.cpu() if counts_LE is None else counts_LE + c.cpu()
@@ -128,13 +129,13 @@ def diverged(step: int, ce: float, grad_norm: float, lr: float) -> FloatingPoint
 def evaluate(model, corpus, cfg: TrainConfig, info: DistInfo) -> float:
     """Mean next-token cross-entropy (nats) over the fixed validation batches of all ranks."""
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device="cpu")
     for i in range(cfg.eval_batches):
         x, y = sample_batch(corpus.val, cfg.batch_size, cfg.data.seq_len, seed=cfg.seed, stream=(VAL_STREAM, i),
                             rank=info.rank, world_size=info.world_size)
         with precision(cfg, info.device):
             out = model(x.to(info.device), y.to(info.device))
-        total += torch.tensor([out.ce_loss.item() * y.numel(), y.numel()], dtype=torch.float64)
+        total += torch.tensor([out.ce_loss.item() * y.numel(), y.numel()], dtype=torch.float64, device="cpu")
     model.train()
     all_reduce_(total, info)
     return float(total[0] / total[1])

@@ -236,7 +236,8 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
 
 def _train_record(r, done, dt, tokens_done, tok_s, fpt, cfg, info, par, t_start, skipped) -> dict:
     comm = all_reduce_(torch.tensor([r.comm["a2a_bytes"], r.comm["dropped"], r.comm["expert_grad_bytes"],
-                                     r.comm["expert_gather_bytes"], r.comm["a2a_inter_node_bytes"]], dtype=torch.float64), info)
+                                     r.comm["expert_gather_bytes"], r.comm["a2a_inter_node_bytes"]], dtype=torch.float64,
+                                    device="cpu"), info)  # host counters (NCCL: all_reduce_ goes through the GPU)
     received = all_gather_object(sum(m.dispatcher.counters.get("tokens_received", 0) for m in par.model.moe_layers()), info)
     record = {
         "kind": "train", "step": done, "loss": r.ce, "aux_loss": r.aux, "z_loss": r.z, "lr": r.lr,
