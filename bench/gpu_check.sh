@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issues #4 and #8 as prepared runs for a lent H100/H200 (the device tool):
-#   bash bench/gpu_check.sh [first|fused|moments|next|layer|trainer|baseline]   # JSON and one log under $OUT (or bench/results)
+#   bash bench/gpu_check.sh [first|fused|moments|modes|next|layer|trainer|baseline]   # JSON and one log under $OUT (or bench/results)
 # The library stores w13 = [w1; w3] since the fourth session; `--variant w1w3` (bench/gpu_variants.py)
 # is the layout before it, and `--variant fused` is `model.moe.kernels=triton`. The parts that
 # produced the second session's tables (overlap, ablate, confirm, w13check) are in git history
@@ -17,6 +17,8 @@
 # kernels), whole steps at batch 8 with and without the Triton kernels, and the router options' cost.
 # fused (128 s) and moments (159 s): the eighteenth session's step profile with the Triton kernels, and
 # fp32 against bf16 AdamW moments, interleaved, with their 60-step loss curves.
+# modes (about 5 minutes, not yet run): the best setup with torch.compile's CUDA graphs
+# (reduce-overhead) and max-autotune, for the 2.3% that #8 part 2 lacks on the strict measure.
 # trainer (about 5 minutes; first `bash bench/fetch_wheels.sh` here, and carry [".whl"]):
 # moesaic-doctor on one NCCL rank, the trainer's demo model in bf16 eager and compiled (FSSDP, EP,
 # DDP, FSSDP with the Triton kernels, and FSSDP with full activation checkpointing), and gpu_train's
@@ -95,6 +97,15 @@ if [ "$PART" = moments ]; then  # (about 4 minutes) #8 part 2's candidate: fp32 
     train gpu_train_fused_bf16m_$i 100 --compile blocks --overlap-optimizer equal --variant fused --moments bf16 --batch 8 --steps 60
   done
   python3 bench/loss_curves.py "$OUT"/gpu_train_fused_{fp32m_1,fp32m_2,bf16m_1,bf16m_2}.json 2>&1 | tee -a "$LOG"
+  echo "## $(date +%T) done" | tee -a "$LOG"
+  exit 0
+fi
+if [ "$PART" = modes ]; then  # (about 5 minutes) #8's remaining 2.3%: torch.compile's modes on the best setup
+  best="--compile blocks --variant fused --moments bf16 --batch 8 --steps 30"
+  train gpu_train_mode_default 100 $best --overlap-optimizer equal
+  train gpu_train_mode_cudagraphs 120 $best --compile-mode reduce-overhead
+  train gpu_train_mode_cudagraphs_overlap 120 $best --compile-mode reduce-overhead --overlap-optimizer equal
+  train gpu_train_mode_autotune 200 $best --compile-mode max-autotune-no-cudagraphs --overlap-optimizer equal
   echo "## $(date +%T) done" | tee -a "$LOG"
   exit 0
 fi

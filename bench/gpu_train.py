@@ -128,11 +128,12 @@ def run(cfg: ModelConfig, batch: int, a, device, data: torch.Tensor, rate: float
         opt.set_groups(_groups(model))
         _wait_hooks(model, opt)
     step_fn = model
+    mode = None if a.compile_mode == "default" else a.compile_mode
     if a.compile == "model":
-        step_fn = torch.compile(model)
+        step_fn = torch.compile(model, mode=mode)
     elif a.compile == "blocks":  # each block its own compiled region (as torchtitan); hooks stay eager
         for blk in model.layers:
-            blk.forward = torch.compile(blk.forward)
+            blk.forward = torch.compile(blk.forward, mode=mode)
     seq = cfg.max_seq_len
     g = torch.Generator().manual_seed(0)
 
@@ -147,6 +148,8 @@ def run(cfg: ModelConfig, batch: int, a, device, data: torch.Tensor, rate: float
     def step(xys):
         """Enqueue one optimizer step over `a.accum` micro-batches; (mean loss, marks): marks at the
         start, after each forward and backward, and after the optimizer (on the main stream)."""
+        if a.compile_mode == "reduce-overhead":  # CUDA graphs: a new iteration (outputs of the last may go)
+            torch.compiler.cudagraph_mark_step_begin()
         marks, losses = [_Mark(device)], []
         for x, y in xys:
             out = step_fn(x, y)
@@ -218,6 +221,8 @@ def _label(a, batch: int, impl: str) -> str:
     accum = f" x {a.accum} micro-batches" if a.accum > 1 else ""
     variants = "".join(f", {v}" for v in a.variant)
     mode = {"none": "eager", "model": "compile", "blocks": "compile per block"}[a.compile]
+    if a.compile != "none" and a.compile_mode != "default":
+        mode += f" ({a.compile_mode})"
     overlap = f" overlapped ({a.overlap_optimizer})" if a.overlap_optimizer else ""
     warm = f", lr warm-up {a.lr_warmup}" if a.lr_warmup else ""
     moments = " (bf16 moments)" if a.moments == "bf16" else ""
@@ -233,6 +238,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--compile", nargs="?", const="model", default="none", choices=["none", "model", "blocks"],
                     help="torch.compile the whole model, or each block separately (--compile blocks)")
+    ap.add_argument("--compile-mode", default="default",
+                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
+                    help="torch.compile's mode: reduce-overhead replays CUDA graphs (the host launches once per "
+                         "region), max-autotune-* times Triton templates against cuBLAS per GEMM shape")
     ap.add_argument("--overlap-optimizer", nargs="?", const="background", default=None, choices=["background", "equal"],
                     help="run the update on a side stream, overlapped with the next forward (triton AdamW): "
                          "as background work under a high-priority main stream (default), or at equal priority")
