@@ -18,7 +18,6 @@ import sys
 import traceback
 from pathlib import Path
 
-import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
