@@ -91,6 +91,15 @@ def test_gpu_train_variants_tiny_on_cpu(tmp_path):
     assert row["run"].endswith("w1w3, complex-rotary") and row["last_loss"] < 6
 
 
+def test_gpu_train_compile_mode_tiny_on_cpu(tmp_path):
+    """A --compile-mode run completes on a CPU (reduce-overhead's CUDA graphs are skipped there) and
+    names the mode in its label, which the GPU tables show."""
+    run("gpu_train.py", "--device", "cpu", "--tiny", "--batch", 2, "--warmup", 1, "--steps", 2,
+        "--compile", "blocks", "--compile-mode", "reduce-overhead", "--json", tmp_path / "g.json")
+    row = json.loads((tmp_path / "g.json").read_text())["rows"][0]
+    assert row["run"].startswith("compile per block (reduce-overhead), batch 2") and row["last_loss"] < 6, row
+
+
 def test_master_adamw_groups():
     import torch
 
