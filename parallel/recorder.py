@@ -31,10 +31,8 @@ class RoutingRecorder:
     def observe(self, ids_LTK: list[torch.Tensor]) -> None:
         """One forward pass: per MoE layer, the (T, K) expert ids, tokens aligned across layers."""
         E, K = self.E, self.K
-        if ids_LTK and all(t.shape == ids_LTK[0].shape for t in ids_LTK):  # one copy to the host, one sync
-            ids = list(torch.stack([t.detach() for t in ids_LTK]).to("cpu", torch.int64).unbind(0))
-        else:
-            ids = [t.detach().to("cpu", torch.int64) for t in ids_LTK]
+        # all layers' ids (same tokens, same k) in one copy to the host: one sync, not one per layer
+        ids = list(torch.stack([t.detach() for t in ids_LTK]).to("cpu", torch.int64)) if ids_LTK else []
         for l, t in enumerate(ids):
             self.P[l] += torch.bincount(t.flatten(), minlength=E).double()
         for l in range(len(ids) - 1):

@@ -65,14 +65,14 @@ def _sum_into_rows(slots_SD, row_S, pos_S, R, J):
     return buf.view(R, J, D).sum(1)
 
 
-def local_index_table(holders, num_ranks: int, device=None) -> torch.Tensor:
-    """(P, E) int64 on `device` (the CPU if None): expert e's index among rank d's local experts
-    (sorted by id), -1 where d lacks e."""
+def local_index_table(holders, num_ranks: int, device) -> torch.Tensor:
+    """(P, E) int64 on `device`: expert e's index among rank d's local experts (sorted by id), -1
+    where d lacks e."""
     table = [[-1] * len(holders) for _ in range(num_ranks)]
     for d in range(num_ranks):
         for i, e in enumerate(e for e, h in enumerate(holders) if d in h):
             table[d][e] = i
-    return torch.tensor(table, dtype=torch.int64, device=device if device is not None else "cpu")
+    return torch.tensor(table, dtype=torch.int64, device=device)
 
 
 def pair_rows(dest_N: torch.Tensor, kept: torch.Tensor, T: int, K: int):
