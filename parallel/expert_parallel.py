@@ -191,11 +191,12 @@ def layer_plans(plan: Placement, ep_rank: int) -> list[LayerPlan]:
 
 
 def apply_expert_parallel(model: nn.Module, mesh, plan: Placement, *, capacity_factor: float = 0.0,
-                          token_dedup: bool | NodeGroups = False) -> list[str]:
+                          token_dedup: bool | NodeGroups = False, device=None) -> list[str]:
     """Keep on this rank only the experts that `plan` gives its EP rank, and route tokens to the others
     by all-to-all. `mesh` is a 2-D DeviceMesh ("edp", "ep"). Returns the names of the expert
     parameters and plan buffers, which differ across ranks (to keep them out of DDP). The model
-    must hold every expert, as built."""
+    holds every expert, as built: initialized, or on the meta device (then `device` says where the
+    tokens will be, and `Transformer.materialize` allocates only the local experts)."""
     ep_group, ep_rank = mesh.get_group("ep"), mesh.get_local_rank("ep")
     moes = model.moe_layers()
     check_fits(plan, num_layers=len(moes), num_experts=moes[0].cfg.num_experts, num_gpus=mesh.size(1) if mesh.ndim > 1 else mesh.size())
@@ -203,14 +204,15 @@ def apply_expert_parallel(model: nn.Module, mesh, plan: Placement, *, capacity_f
     for lp, moe in zip(layer_plans(plan, ep_rank), moes):
         full = moe.experts
         local = lp.local_experts
-        dev = full.w2_EDF.device
-        sub = GroupedExperts(len(local), full.dim, full.ffn_dim, kernels=full.kernels, device=dev, dtype=full.w2_EDF.dtype)
+        sub = GroupedExperts(len(local), full.dim, full.ffn_dim, kernels=full.kernels, device=full.w2_EDF.device,
+                             dtype=full.w2_EDF.dtype)
         with torch.no_grad():
             for name in EXPERT_WEIGHTS:
                 getattr(sub, name).copy_(getattr(full, name)[local])
         sub.expert_ids = local
         moe.experts = sub
-        moe.dispatcher = ExpertParallelDispatcher(lp, ep_group, device=dev, capacity_factor=capacity_factor,
+        moe.dispatcher = ExpertParallelDispatcher(lp, ep_group, device=device or full.w2_EDF.device,
+                                                  capacity_factor=capacity_factor,
                                                   token_dedup=token_dedup)
         moe.layer_plan = lp
     names += [n for n, _ in model.named_parameters() if ".experts." in n]

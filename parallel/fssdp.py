@@ -324,11 +324,12 @@ class FSSDPDispatcher(ExpertParallelDispatcher):
 
 def apply_fssdp(model: nn.Module, mesh, plan: Placement, *, reshard_after_forward: bool = True, prefetch: bool = True,
                 capacity_factor: float = 0.0, owners: np.ndarray | None = None, grad_scale: float | None = None,
-                token_dedup=False) -> list[str]:
+                token_dedup=False, device=None) -> list[str]:
     """Shard every MoE layer's experts over the "ep" axis of `mesh` (one owner per expert: `owners`,
     (E,) for every layer or (L, E); default even contiguous shards) and compute them where `plan` says.
-    The model must hold every expert, as built (identical on every rank). `token_dedup`: False, True
-    or `NodeGroups`, as `ExpertParallelDispatcher` takes it.
+    The model holds every expert, as built: initialized (identical on every rank), or on the meta
+    device (then `device` says where the tokens will be, and `Transformer.materialize` allocates only
+    the owned shard). `token_dedup`: False, True or `NodeGroups`, as `ExpertParallelDispatcher` takes it.
     Returns the names of the parameters and buffers that differ across ranks (keep them out of DDP)."""
     ep_group, rank = mesh.get_group("ep"), mesh.get_local_rank("ep")
     P = mesh.size(-1)
@@ -348,7 +349,7 @@ def apply_fssdp(model: nn.Module, mesh, plan: Placement, *, reshard_after_forwar
         store.grad_scale = 1.0 / dist.get_world_size() if grad_scale is None else grad_scale
         store.edp_group = mesh.get_group("edp") if mesh.ndim > 1 else None
         moe.experts = store
-        moe.dispatcher = FSSDPDispatcher(lp, ep_group, device=full.w2_EDF.device, capacity_factor=capacity_factor,
+        moe.dispatcher = FSSDPDispatcher(lp, ep_group, device=device or full.w2_EDF.device, capacity_factor=capacity_factor,
                                          token_dedup=token_dedup)
         moe.layer_plan = lp
         stores.append(store)

@@ -5,7 +5,7 @@ its device runs here and fails on a GPU, where it lands on the CPU beside CUDA t
 session's first GPU run of the trainer and of moesaic-doctor failed so: the EP and FSSDP dispatchers
 built their plan's index tables after the model had moved to the GPU, on the CPU. The worker
 (`tests/workers/device_check.py`) records every factory call from moesaic's sources that names no
-device once the model has moved; these tests train through each dispatch path with it, re-plan,
+device once the model is built; these tests train through each dispatch path with it, re-plan,
 checkpoint and resume, and ask for none."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def test_no_tensor_lands_off_the_model_device_through_training_replanning_and_re
                         "model.moe.router.bias_update_rate=0.001"]),
     }
     found = {name: _checked_run(tmp_path, name, n, args) for name, (n, args) in runs.items()}
-    assert not any(found.values()), "tensors made without a device after the model moved (they land on the " \
+    assert not any(found.values()), "tensors made without a device after the model was built (they land on the " \
         f"CPU on a GPU run; name the device, 'cpu' where host memory is meant): {found}"
 
 

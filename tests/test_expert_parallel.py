@@ -24,13 +24,13 @@ def _torchrun_script(nproc, script, args, timeout=300):
 # report. Their ids start with `launch<N>-`, so that one pytest-xdist worker runs all the cases of
 # a launch (tests/conftest.py).
 ADAMW = [
-    (2, ["--ep", 2, "--plan", "random"]),
+    (2, ["--ep", 2, "--plan", "random", "--meta"]),  # built on meta as the trainer does (see _check_meta)
     (4, ["--ep", 4, "--plan", "random"]),
     (4, ["--ep", 2, "--plan", "replicated"]),  # expert data parallelism (edp 2) and replicas
     (4, ["--ep", 4, "--plan", "replicated", "--router", "sigmoid"]),  # aux-loss-free bias updates
     (4, ["--ep", 4, "--plan", "random", "--router", "grouped"]),  # group-limited routing, scaled weights
     (4, ["--ep", 4, "--plan", "replicated", "--num-experts", 16, "--dedup"]),  # each token once per rank
-    (4, ["--ep", 2, "--plan", "random", "--dedup", "--micro", 2]),  # edp 2, accumulation
+    (4, ["--ep", 2, "--plan", "random", "--dedup", "--micro", 2, "--meta"]),  # edp 2, accumulation
     # 2 nodes of 2 ranks: once per node across, once per rank within (DeepEP); grouped routing
     (4, ["--ep", 4, "--plan", "replicated", "--num-experts", 16, "--router", "grouped", "--node-dispatch", 2]),
     (4, ["--ep", 2, "--plan", "replicated", "--micro", 2]),  # gradient accumulation
@@ -38,13 +38,13 @@ ADAMW = [
 ]
 BF16 = [  # parallel.mixed_precision=bf16
     (2, ["--ep", 2, "--plan", "replicated", "--bf16"]),
-    (4, ["--ep", 2, "--plan", "replicated", "--sharding", "fssdp", "--bf16"]),
+    (4, ["--ep", 2, "--plan", "replicated", "--sharding", "fssdp", "--bf16", "--meta"]),
     (2, ["--ep", 2, "--plan", "replicated", "--num-experts", 16, "--dedup", "--bf16"]),  # weights travel in float64
 ]
 F = ["--sharding", "fssdp", "--steps", 5]
 FSSDP = [
     (2, [*F, "--ep", 2, "--plan", "contiguous"]),
-    (2, [*F, "--ep", 2, "--plan", "random", "--change-plan-after", 2]),
+    (2, [*F, "--ep", 2, "--plan", "random", "--change-plan-after", 2, "--meta"]),
     (4, [*F, "--ep", 4, "--plan", "random", "--no-remat", "--change-plan-after", 2]),
     (4, [*F, "--ep", 4, "--plan", "replicated", "--change-plan-after", 2]),
     (4, [*F, "--ep", 2, "--plan", "replicated", "--router", "sigmoid", "--change-plan-after", 2]),  # two expert domains
@@ -53,7 +53,7 @@ FSSDP = [
     (4, [*F, "--ep", 4, "--plan", "replicated", "--reshard-after", 2]),  # owners move (Hecate Alg. 2)
     (4, [*F, "--ep", 4, "--plan", "replicated", "--micro", 2]),  # gradient accumulation: nothing left unsent
     (4, [*F, "--ep", 2, "--plan", "contiguous", "--micro", 2]),  # every expert at its owner: computed in place
-    (4, [*F, "--ep", 4, "--plan", "replicated", "--align", "--change-plan-after", 2]),  # owners follow the plan
+    (4, [*F, "--ep", 4, "--plan", "replicated", "--align", "--change-plan-after", 2, "--meta"]),  # owners follow the plan
     (2, [*F, "--ep", 2, "--plan", "random", "--align", "--micro", 2]),
     (4, [*F, "--ep", 4, "--plan", "replicated", "--ffn-dim", 10, "--change-plan-after", 2]),  # unaligned: the loop
     # 2 experts on 4 ranks: rank 2 owns one and computes none, rank 3 owns and computes none
@@ -65,6 +65,16 @@ def cases(table):
     ids = [f"launch{n}-" + "_".join(str(x).lstrip("-") for x in (args[len(F):] if args[:len(F)] == F else args))
            for n, args in table]
     return {"argvalues": table, "ids": ids}
+
+
+def _check_meta(report: dict, args: list) -> None:
+    """`--meta`: the model was built on the meta device and sharded before anything was allocated (the
+    trainer's way), so no rank allocated a tensor of more experts than it holds; the steps' match with
+    the reference (built whole, initialized at once) shows that each rank initialized its experts
+    to the whole model's values."""
+    if "--meta" in args:
+        assert report["expert_rows_allocated_beyond_held"] == 0, report
+        assert 0 < report["expert_rows_allocated"] < 8, report  # 8 experts: no rank held them all
 
 
 def ep_report(tmp_path_factory, nproc: int, args: list) -> dict:
@@ -125,6 +135,7 @@ def test_doctor_detects_a_wrong_result():
 @pytest.mark.parametrize("nproc,args", **cases(ADAMW))
 def test_adamw_steps_match_single_process(tmp_path_factory, nproc, args):
     report = ep_report(tmp_path_factory, nproc, args)
+    _check_meta(report, args)
     assert len(report["steps"]) == 3
     for s in report["steps"]:
         assert abs(s["loss"] - s["ref_loss"]) < 1e-5, s
@@ -147,6 +158,7 @@ def test_bf16_autocast_steps_track_single_process(tmp_path_factory, nproc, args)
     differently), so the bounds are bf16's, not fp32's: observed loss 5e-5, norm 2e-4 relative,
     parameters 8e-4 after one AdamW step (lr 1e-2) and 9e-3 after three."""
     report = ep_report(tmp_path_factory, nproc, args)
+    _check_meta(report, args)
     assert report["expert_input_dtypes"] == ["torch.bfloat16"] and report["param_dtypes"] == ["torch.float32"]
     steps = report["steps"]
     assert len(steps) == 3
@@ -210,6 +222,7 @@ def test_plan_file_that_does_not_fit_is_named(tmp_path):
 @pytest.mark.parametrize("nproc,args", **cases(FSSDP))
 def test_fssdp_steps_match_single_process(tmp_path_factory, nproc, args):
     report = ep_report(tmp_path_factory, nproc, args)
+    _check_meta(report, args)
     steps = report["steps"]
     assert len(steps) == 5
     for s in steps:

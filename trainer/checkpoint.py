@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from moesaic.parallel.router import resolved_route_norm
+from moesaic.trainer.model import held_expert_ids
 
 log = logging.getLogger(__name__)
 FORMAT = "moesaic.checkpoint/v1"
@@ -69,15 +70,15 @@ def model_hash(model_cfg) -> str:
 
 def _expert_ids(moe) -> tuple[list[int], list[bool]]:
     """Global ids of the experts in this rank's tensors, and whether this rank saves each one."""
-    store = moe.experts
+    store, ids = moe.experts, held_expert_ids(moe)
     if hasattr(store, "owned_ids"):  # FSSDP: the owner saves (first expert domain only)
         first_domain = store.edp_group is None or dist.get_rank(store.edp_group) == 0
-        return list(store.owned_ids), [first_domain] * len(store.owned_ids)
+        return ids, [first_domain] * len(ids)
     lp = getattr(moe, "layer_plan", None)
     if lp is None:  # every rank holds every expert: identical keys, DCP keeps one copy
-        return list(range(store.num_experts)), [True] * store.num_experts
+        return ids, [True] * len(ids)
     edp0 = not dist.is_initialized() or dist.get_rank() < lp.ep_size
-    return lp.local_experts, [edp0 and lp.holders[e][0] == lp.ep_rank for e in lp.local_experts]
+    return ids, [edp0 and lp.holders[e][0] == lp.ep_rank for e in ids]
 
 
 def state_dict(model, optimizer, *, for_save: bool, engine=None) -> dict[str, torch.Tensor]:

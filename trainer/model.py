@@ -6,6 +6,7 @@ Legend: B batch, S sequence, D model dim, H heads, Dh head dim, V vocab.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -84,8 +85,9 @@ class RMSNorm(nn.Module):
 
 
 def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    """(max_seq_len, head_dim / 2) cos and sin, computed on the host in float64."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device="cpu"), inv_freq)
     return angles.cos().float(), angles.sin().float()
 
 
@@ -94,6 +96,26 @@ def apply_rotary(x_BHSDh: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tens
     cos, sin = cos_SD.to(x_BHSDh.dtype), sin_SD.to(x_BHSDh.dtype)
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.flatten(-2)
+
+
+def seeded_normal_(t: torch.Tensor, name: str, base_seed: int, std: float) -> None:
+    """Fill `t` in place from N(0, std) with a generator of `t`'s device seeded by (base_seed, name)."""
+    if t.is_meta:
+        return
+    digest = hashlib.blake2b(f"{base_seed}/{name}".encode(), digest_size=8).digest()
+    gen = torch.Generator(device=t.device)
+    gen.manual_seed(int.from_bytes(digest, "little") >> 1)
+    t.normal_(0.0, std, generator=gen)
+
+
+def held_expert_ids(moe: MoE) -> list[int]:
+    """Global ids of the experts in this rank's expert tensors, in their order: FSSDP's owned shard,
+    expert parallelism's local experts, or every expert."""
+    store = moe.experts
+    if hasattr(store, "owned_ids"):
+        return list(store.owned_ids)
+    lp = getattr(moe, "layer_plan", None)
+    return list(lp.local_experts) if lp is not None else list(range(store.num_experts))
 
 
 class Attention(nn.Module):
@@ -164,26 +186,75 @@ class ModelOutput:
 
 
 class Transformer(nn.Module):
+    """The model. Built on the current default device (`with torch.device(...)`), initialized there;
+    under `with torch.device("meta")` nothing is allocated or drawn: shard the experts first
+    (`apply_expert_parallel`, `apply_fssdp`), then `materialize(device)` allocates and initializes
+    what this rank holds, with the same values as an unsharded model of the same seed."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        cos, sin = rotary_tables(cfg.dim // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        # every tensor's draws come from its own seed (`init_weights`), derived from this one: one
+        # draw of torch's CPU generator, so `torch.manual_seed(s)` still decides the weights
+        self.init_seed = int(torch.randint(2**62, (), device="cpu"))
+        device = torch.get_default_device()
+        with torch.device("meta"):  # nothing allocated or drawn twice: `materialize` does it once
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+            self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+            self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.dim // cfg.num_heads // 2), persistent=False)
+            self.register_buffer("rope_sin", torch.empty_like(self.rope_cos), persistent=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+        if device.type != "meta":
+            self.materialize(device)
 
-    def reset_parameters(self) -> None:
+    def materialize(self, device) -> "Transformer":
+        """Give every parameter and buffer still on the meta device storage on `device` (tied ones
+        stay tied; tensors already on a device, such as a dispatcher's plan tables, are kept), then
+        `init_weights`."""
+        device = torch.device(device)
+        new: dict[int, torch.Tensor] = {}
+        for module in self.modules():
+            for slots in (module._parameters, module._buffers):
+                for name, t in slots.items():
+                    if t is None or not t.is_meta:
+                        continue
+                    if id(t) not in new:
+                        empty = torch.empty_like(t, device=device)
+                        new[id(t)] = nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
+                    slots[name] = new[id(t)]
+        self.init_weights()
+        return self
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) weights (output projections: / sqrt(2 * num_layers)), unit norms, zero
+        router biases. Each weight draws from a generator seeded by (init_seed, its name), and each
+        expert's from one seeded by (init_seed, name, global expert id): a rank that holds only some
+        experts, or a shard of them, initializes them to the values of the whole model."""
         std, out_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.num_layers)
+        cos, sin = rotary_tables(self.cfg.dim // self.cfg.num_heads, self.cfg.max_seq_len, self.cfg.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                is_out = name.endswith(("wo", "w2"))
-                nn.init.normal_(module.weight, std=out_std if is_out else std)
+                seeded_normal_(module.weight, name + ".weight", self.init_seed, out_std if name.endswith(("wo", "w2")) else std)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif hasattr(module, "bias_E"):  # the router's selection bias
+                module.bias_E.zero_()
+        for li, blk in enumerate(self.layers):
+            if not blk.is_moe:
+                continue
+            store = blk.moe.experts
+            F_ = store.w2_EDF.shape[2]
+            for i, e in enumerate(held_expert_ids(blk.moe)):
+                stem = f"layers.{li}.moe.experts.{e}"
+                seeded_normal_(store.w13_EGD[i, :F_], stem + ".w1", self.init_seed, std)
+                seeded_normal_(store.w13_EGD[i, F_:], stem + ".w3", self.init_seed, std)
+                seeded_normal_(store.w2_EDF[i], stem + ".w2", self.init_seed, out_std)
 
     def moe_layers(self) -> list[MoE]:
         return [blk.moe for blk in self.layers if blk.is_moe]

@@ -239,9 +239,11 @@ class Parallel:
 
 
 def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: Placement | None) -> Parallel:
-    """Apply expert parallelism or FSSDP (per the plan) and DDP; the model must hold every expert."""
+    """Apply expert parallelism or FSSDP (per the plan) and DDP. The model holds every expert, as built:
+    on the meta device (then it is materialized on `info.device` once the experts are sharded: a rank
+    allocates only what it holds), or initialized."""
     if info.backend is None:
-        return Parallel(model, model, info)
+        return Parallel(_materialize(model, info.device), model, info)
     mesh, gpn = None, 0
     ignored: list[str] = []
     pc = cfg.parallel
@@ -272,10 +274,13 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
                 even = np.tile(even_owners(plan.num_experts(), ep), (plan.num_layers, 1))
                 owners = aligned_owners(plan, even)  # a fresh model holds every expert: this moves nothing
             ignored = apply_fssdp(model, mesh, plan, reshard_after_forward=pc.reshard_after_forward,
-                                  prefetch=pc.prefetch, capacity_factor=cf, owners=owners, token_dedup=dedup)
+                                  prefetch=pc.prefetch, capacity_factor=cf, owners=owners, token_dedup=dedup,
+                                  device=info.device)
         else:
-            ignored = apply_expert_parallel(model, mesh, plan, capacity_factor=cf, token_dedup=dedup)
+            ignored = apply_expert_parallel(model, mesh, plan, capacity_factor=cf, token_dedup=dedup,
+                                            device=info.device)
         DDP._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    _materialize(model, info.device)
     align = plan is not None and pc.expert_sharding == "fssdp" and align_owners(cfg)
     if pc.engine == "deepspeed":  # the engine is built with the optimizer (build_optimizer)
         return Parallel(model, model, info, mesh, plan, pc.expert_sharding, expert_names=ignored, align_owners=align,
@@ -285,6 +290,12 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
         fix_ddp_buckets(ddp)
     return Parallel(model, ddp, info, mesh, plan, pc.expert_sharding, expert_names=ignored, align_owners=align,
                     gpus_per_node=gpn)
+
+
+def _materialize(model: torch.nn.Module, device) -> torch.nn.Module:
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        model.materialize(device)
+    return model
 
 
 def fix_ddp_buckets(ddp: DDP) -> None:

@@ -90,7 +90,10 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
 
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = Transformer(cfg.model).to(info.device)
+    # built on the meta device: `parallelize` shards the experts first, then allocates and initializes
+    # only what this rank holds (DeepSpeed-MoE's layer copies moesaic's experts: that model is built whole)
+    with torch.device("meta" if cfg.model.moe_impl == "moesaic" else info.device):
+        model = Transformer(cfg.model)
     counts = model.num_params()
     par = parallelize(model, cfg, info, plan)
     apply_activation_checkpoint(model, cfg.parallel.activation_checkpoint)

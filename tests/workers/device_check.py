@@ -7,9 +7,9 @@ Why: on a GPU, a tensor made with `torch.tensor(...)`, `torch.zeros(...)`, ... a
 on the CPU. Where it then meets the model's CUDA tensors (a plan's index tables, say), the step fails
 on the GPU alone; on this machine every tensor is on the CPU, and nothing shows. (The eighteenth
 session's first GPU run of the trainer failed so: the EP and FSSDP dispatchers built their plan
-tables on the CPU after the model had moved to the GPU.) So once the model has moved (its first
-`Transformer.to`), each factory call from a moesaic source file must name its device, `"cpu"` where
-host memory is meant. A `TorchFunctionMode` sees every factory call; each offending call site is
+tables on the CPU after the model had moved to the GPU.) So once the model is built (the trainer
+builds it on the meta device, shards its experts, then allocates what the rank holds on its device),
+each factory call from a moesaic source file must name its device, `"cpu"` where host memory is meant. A `TorchFunctionMode` sees every factory call; each offending call site is
 appended to OUT_DIR/rank{R}.txt as `path:line function`. The test reads those files."""
 
 import os
@@ -21,7 +21,7 @@ from pathlib import Path
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
-from moesaic.trainer.model import Transformer
+import moesaic.trainer.train as train_module
 
 
 class ImplicitDevice(TorchFunctionMode):
@@ -67,16 +67,17 @@ def main() -> None:
     out = out_dir / f"rank{os.environ.get('RANK', '0')}.txt"
     out.write_text("")
     mode = ImplicitDevice(out)
-    original = Transformer.to
+    original = train_module.parallelize
 
-    def to(self, *args, **kwargs):
-        moved = original(self, *args, **kwargs)
+    def parallelize(*args, **kwargs):
+        # the model is built (on the meta device, in `with torch.device(...)`, which has ended: a mode
+        # entered inside it would be popped by its exit); from here on, for the rest of the run
         if not getattr(mode, "entered", False):
             mode.entered = True
-            mode.__enter__()  # from here on, for the rest of the run
-        return moved
+            mode.__enter__()
+        return original(*args, **kwargs)
 
-    Transformer.to = to
+    train_module.parallelize = parallelize
     sys.argv = ["moesaic.trainer", *sys.argv[2:]]
     runpy.run_module("moesaic.trainer", run_name="__main__")
 

@@ -18,6 +18,8 @@ import json
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from moesaic.parallel.config import ParallelConfig
 from moesaic.parallel.process import finish_rank
@@ -27,7 +29,7 @@ from moesaic.parallel.recorder import RoutingRecorder
 from moesaic.parallel.router import RouterConfig
 from moesaic.placement.stats import RoutingStats
 from moesaic.trainer.dist import DistInfo
-from moesaic.trainer.model import ModelConfig, Transformer
+from moesaic.trainer.model import ModelConfig, Transformer, held_expert_ids
 from moesaic.trainer.parallelize import parallelize
 
 
@@ -42,6 +44,23 @@ def _expected_gather_bytes(plan, mcfg, num_domains, remat, owners_LE=None):
     pairs = sum(1 for layer, owners in zip(plan.placement, owners_LE) for e, gpus in enumerate(layer)
                 for g in gpus if g != owners[e])
     return pairs * 3 * mcfg.dim * mcfg.moe.ffn_dim * 4 * num_domains * (2 if remat else 1)
+
+
+class ExpertAllocations(TorchDispatchMode):
+    """The most experts held by one tensor that an op creates off the meta device: tensors shaped
+    like w13 (n, 2F, D) or w2 (n, D, F)."""
+
+    def __init__(self, mcfg):
+        super().__init__()
+        F, D = mcfg.moe.ffn_dim, mcfg.dim
+        self.shapes, self.most_experts = {(2 * F, D), (D, F)}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not t.is_meta and t.dim() == 3 and tuple(t.shape[1:]) in self.shapes:
+                self.most_experts = max(self.most_experts, t.shape[0])
+        return out
 
 
 def _bytes(model, kind):
@@ -66,6 +85,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--dedup", action="store_true", help="parallel.token_dedup: each token once per destination rank")
     ap.add_argument("--node-dispatch", type=int, default=0,
                     help="parallel.node_dispatch with nodes of this many ranks (implies --dedup)")
+    ap.add_argument("--meta", action="store_true", help="build the model on the meta device, as the trainer does")
     ap.add_argument("--out", required=True)
     return ap
 
@@ -98,6 +118,12 @@ def run(a: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = Transformer(mcfg)
     ref = copy.deepcopy(model)
+    allocations = ExpertAllocations(mcfg)
+    if a.meta:  # as the trainer builds it: on the meta device, materialized by parallelize once sharded
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = Transformer(mcfg)
+        allocations.__enter__()
     plan = make_plan(a.plan, a.num_experts, a.ep, seed=3, num_layers=mcfg.num_moe_layers)
 
     class _Cfg:  # the fields parallelize reads
@@ -115,6 +141,11 @@ def run(a: argparse.Namespace) -> None:
                 capacity_factor = 0.0
 
     par = parallelize(model, _Cfg, DistInfo(rank, W, rank, torch.device("cpu"), "gloo"), plan)
+    if a.meta:
+        allocations.__exit__(None, None, None)
+        held = max(len(held_expert_ids(m)) for m in model.moe_layers())
+        excess = torch.tensor([allocations.most_experts - held, allocations.most_experts], dtype=torch.int64)
+        dist.all_reduce(excess, op=dist.ReduceOp.MAX)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-6, weight_decay=0.1)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, eps=1e-6, weight_decay=0.1)
     recorder = RoutingRecorder(mcfg.num_moe_layers, a.num_experts, 2)
@@ -242,6 +273,8 @@ def run(a: argparse.Namespace) -> None:
         report["expert_numel_all_ranks"] = int(owned)
         report["expert_numel_one_copy"] = mcfg.num_moe_layers * a.num_experts * 3 * mcfg.dim * mcfg.moe.ffn_dim
         report["num_domains"] = W // a.ep
+        if a.meta:  # over all ranks: the most experts one allocated tensor held, beyond the rank's own
+            report["expert_rows_allocated_beyond_held"], report["expert_rows_allocated"] = excess.tolist()
         with open(a.out, "w") as f:
             json.dump(report, f)
     dist.barrier()  # the next case starts on every rank together
