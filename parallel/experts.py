@@ -194,7 +194,12 @@ def compiled_grouped_swiglu(x_TD: torch.Tensor, counts_E: torch.Tensor, w13_EGD:
     what the experts run where their dispatcher stays outside the compiled blocks (expert parallelism
     and FSSDP, see `apply_compile`). Only shapes and dtypes key its graphs, never a layer's plan: the
     rows and the number of experts become dynamic after their first change. The weights go in as
-    views, since dynamo keeps a Parameter's shape static, and layers hold different numbers of experts."""
+    views, since dynamo keeps a Parameter's shape static, and layers hold different numbers of experts.
+    Fewer than 2 rows or experts run eagerly: dynamo specializes sizes 0 and 1, and a rank that
+    receives 0 or 1 tokens, or holds 0 or 1 experts, in some layer would add graphs (twice with
+    eval's no_grad) until the shared function reached the recompile limit and ran eagerly for all."""
+    if x_TD.shape[0] < 2 or w2_EDF.shape[0] < 2:
+        return grouped_swiglu(x_TD, counts_E, w13_EGD, w2_EDF, kernels=kernels)
     return _compiled_swiglu()(x_TD, counts_E, w13_EGD.view_as(w13_EGD), w2_EDF.view_as(w2_EDF), kernels=kernels)
 
 

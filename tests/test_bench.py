@@ -377,3 +377,16 @@ def test_expert_groups_tiny(tmp_path):
     g, flat = rows["group-limited", 64, "eplb + groups"], rows["group-limited", 64, "eplb"]
     assert g["inter_GB_node"] < 0.85 * flat["inter_GB_node"] and g["inter_GB_node"] < g["inter_GB_gpu"] <= g["inter_GB_slot"]
     assert g["inter_GB_slot"] == pytest.approx(flat["inter_GB_slot"], rel=0.05)
+
+
+@pytest.mark.slow
+def test_init_memory_tiny(tmp_path):
+    """Built whole then sharded, and built on meta: the same parameters held, and the meta build's
+    RSS grows less (each of 2 ranks allocates half of the experts, which are most of this model)."""
+    out = run("init_memory.py", "--nproc", 2, "--repeats", 1, "--parallel", "fssdp", "--json", tmp_path / "m.json", "model.dim=256",
+              "model.num_layers=2", "model.num_heads=4", "model.moe.num_experts=8", "model.moe.ffn_dim=1024")
+    assert "| fssdp    | meta, shard, materialize" in out
+    rows = {(r["parallel"], r["build"][:4]): r for r in json.loads((tmp_path / "m.json").read_text())["rows"]}
+    whole, meta = rows[("fssdp", "whol")], rows[("fssdp", "meta")]
+    assert whole["params held per rank (MiB)"] == meta["params held per rank (MiB)"]
+    assert meta["RSS growth in build (MiB)"] < whole["RSS growth in build (MiB)"]

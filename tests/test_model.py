@@ -45,6 +45,45 @@ def test_dense_first_layers_and_shared_experts():
     assert counts["active"] < counts["total"]
 
 
+def test_meta_build_materializes_to_the_eager_model_and_each_expert_has_its_own_seed():
+    """Built on meta and materialized (the trainer's way) equals the eager build of the same seed;
+    an expert's values depend on its global id, not on which other experts a tensor holds; the
+    distributions are the configured ones; another seed gives other weights."""
+    cfg = ModelConfig(dim=64, num_layers=4, num_heads=2, max_seq_len=32, num_dense_layers=1,
+                      moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=96, num_shared_experts=1))
+    torch.manual_seed(3)
+    eager = Transformer(cfg)
+    torch.manual_seed(3)
+    with torch.device("meta"):
+        lazy = Transformer(cfg)
+    assert all(p.is_meta for p in lazy.parameters())
+    lazy.materialize("cpu")
+    assert lazy.head.weight is lazy.embed.weight
+    for (n, a), (_, b) in zip(eager.state_dict().items(), lazy.state_dict().items()):
+        assert torch.equal(a, b), n
+    torch.testing.assert_close(lazy.rope_cos, eager.rope_cos, rtol=0, atol=0)
+    # a store of experts 5 and 2 (as expert parallelism leaves on a rank) gets rows 5 and 2
+    torch.manual_seed(3)
+    with torch.device("meta"):
+        part = Transformer(cfg)
+    moe = part.layers[2].moe
+    moe.experts = GroupedExperts(2, 64, 96, device="meta")
+    moe.layer_plan = type("Plan", (), {"local_experts": [5, 2]})()
+    part.materialize("cpu")
+    full = eager.layers[2].moe.experts
+    assert torch.equal(moe.experts.w13_EGD, full.w13_EGD[[5, 2]]) and torch.equal(moe.experts.w2_EDF, full.w2_EDF[[5, 2]])
+    # the configured distributions: N(0, 0.02), output projections / sqrt(2 L), unit norms
+    out_std = 0.02 / (2 * 4) ** 0.5
+    w13, w2 = full.w13_EGD, full.w2_EDF
+    for t, std in ((w13, 0.02), (w2, out_std), (eager.layers[1].attn.wo.weight, out_std), (eager.embed.weight, 0.02)):
+        assert abs(t.mean().item()) < 0.05 * std and abs(t.std().item() - std) < 0.05 * std, (t.shape, t.std(), std)
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in eager.modules() if type(m).__name__ == "RMSNorm")
+    # w1 and w3 of one expert, and two experts, are not copies of each other
+    assert not torch.equal(w13[0, :96], w13[0, 96:]) and not torch.equal(w13[0], w13[1])
+    torch.manual_seed(4)
+    assert not torch.equal(Transformer(cfg).embed.weight, eager.embed.weight)
+
+
 def test_experts_state_dict_keeps_three_tensors_and_loads_strictly():
     """w13 is stored; the state dict holds w1, w2, w3 (torchtitan's names), and loads back strictly."""
     torch.manual_seed(0)
@@ -103,8 +142,9 @@ def test_grouped_swiglu_equals_loop(counts, D, F_):
 
 def test_compiled_swiglu_serves_layers_of_any_expert_count_without_recompiling_each():
     """The experts' compiled SwiGLU under EP and FSSDP: one function for every layer. 12 layers of
-    Parameters with 1-12 local experts and their own row counts (bf16, where the grouped GEMM
-    compiles) give the eager outputs and gradients, and no frame reaches dynamo's recompile limit."""
+    Parameters with 1-12 local experts and their own row counts, some with 0 or 1 rows (a rank that
+    received no token, or one), in training and under no_grad (eval), give the eager outputs and
+    gradients (bf16, where the grouped GEMM compiles), and no frame reaches dynamo's recompile limit."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -114,6 +154,8 @@ def test_compiled_swiglu_serves_layers_of_any_expert_count_without_recompiling_e
         torch.manual_seed(E)
         experts = GroupedExperts(E, D, F_).to(torch.bfloat16)
         counts = torch.randint(0, 6, (E,))
+        if E in (4, 6):  # no row, and one row (of expert 2)
+            counts = torch.zeros(E, dtype=torch.int64).index_fill_(0, torch.tensor([2]), E == 6)
         x = torch.randn(int(counts.sum()), D, dtype=torch.bfloat16, requires_grad=True)
         outs = {}
         for compiled in (False, True):
@@ -122,7 +164,9 @@ def test_compiled_swiglu_serves_layers_of_any_expert_count_without_recompiling_e
             x.grad = None
             y = experts(x, counts)
             (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-            outs[compiled] = [t.detach().float() for t in (y, x.grad, experts.w13_EGD.grad, experts.w2_EDF.grad)]
+            with torch.no_grad():
+                y_eval = experts(x, counts)
+            outs[compiled] = [t.detach().float() for t in (y, y_eval, x.grad, experts.w13_EGD.grad, experts.w2_EDF.grad)]
         for got, want in zip(outs[True], outs[False]):
             torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)
     limit = [r for r in counters["unimplemented"] if "recompile limit" in r.lower()]
