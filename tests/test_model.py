@@ -57,6 +57,8 @@ def test_meta_build_materializes_to_the_eager_model_and_each_expert_has_its_own_
     with torch.device("meta"):
         lazy = Transformer(cfg)
     assert all(p.is_meta for p in lazy.parameters())
+    with pytest.raises(RuntimeError, match=r"meta device .*materialize\(device\)"):
+        lazy(torch.zeros(1, 4, dtype=torch.int64))
     lazy.materialize("cpu")
     assert lazy.head.weight is lazy.embed.weight
     for (n, a), (_, b) in zip(eager.state_dict().items(), lazy.state_dict().items()):

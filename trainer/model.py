@@ -260,6 +260,9 @@ class Transformer(nn.Module):
         return [blk.moe for blk in self.layers if blk.is_moe]
 
     def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None) -> ModelOutput:
+        if self.embed.weight.is_meta and not idx_BS.is_meta:
+            raise RuntimeError("the model is on the meta device (built under `with torch.device('meta')`): "
+                               "call model.materialize(device) once its experts are sharded")
         x = self.embed(idx_BS)
         aux, z, counts = [], [], []
         for layer in self.layers:
