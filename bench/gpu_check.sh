@@ -22,7 +22,9 @@
 # trainer (about 5 minutes; first `bash bench/fetch_wheels.sh` here, and carry [".whl"]):
 # moesaic-doctor on one NCCL rank, the trainer's demo model in bf16 eager and compiled (FSSDP, EP,
 # DDP, FSSDP with the Triton kernels, and FSSDP with full activation checkpointing), and gpu_train's
-# 2.62B model through the trainer, compiled; bench/trainer_runs.py prints them side by side.
+# 2.62B model through the trainer, compiled; bench/trainer_runs.py prints them side by side. Since the
+# nineteenth session the trainer builds on meta and initializes each rank's share on its GPU (CUDA
+# generators): these runs are that path's first on CUDA.
 # baseline (about 4.5 minutes): the expert layer table, and whole steps eager and compiled.
 # Name the H200 kind (nvidia-h200): batch 16 peaks at 94 GiB, over an H100's 80 (such a run fails alone
 # and the others go on), and the earlier figures are from H200s.
