@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import child_env, torchrun
+from moesaic.trainer.model import Transformer
 
 SMOKE = ["experiment=smoke", "eval_every=0"]
 
@@ -32,7 +33,11 @@ def test_sample_from_a_sharded_checkpoint_and_its_export(tmp_path):
     assert a.returncode == 0, a.stderr[-3000:]
     assert a.stdout == b.stdout and a.stdout.startswith("def ")
 
-    model = load_model(export)
+    model = load_model(export)  # built on meta, allocated uninitialized, filled by the export
+    blob = torch.load(export, weights_only=True)["model"]
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in blob.items()) and torch.equal(sd["head.weight"], sd["embed.weight"])
+    assert torch.equal(model.rope_cos, Transformer(model.cfg).rope_cos)
     prompt = torch.tensor([list(b"def ")])
     out = generate(model, prompt, 30, temperature=0)
     assert a.stdout == bytes(out[0].tolist()).decode("utf-8", errors="replace") + "\n"

@@ -210,10 +210,11 @@ class Transformer(nn.Module):
         if device.type != "meta":
             self.materialize(device)
 
-    def materialize(self, device) -> "Transformer":
+    def materialize(self, device, *, init: bool = True) -> "Transformer":
         """Give every parameter and buffer still on the meta device storage on `device` (tied ones
-        stay tied; tensors already on a device, such as a dispatcher's plan tables, are kept), then
-        `init_weights`."""
+        stay tied; tensors already on a device, such as a dispatcher's plan tables, are kept), fill
+        the rotary tables, then `init_weights` (`init=False`: left uninitialized, for a state dict
+        to fill)."""
         device = torch.device(device)
         new: dict[int, torch.Tensor] = {}
         for module in self.modules():
@@ -225,7 +226,12 @@ class Transformer(nn.Module):
                         empty = torch.empty_like(t, device=device)
                         new[id(t)] = nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
                     slots[name] = new[id(t)]
-        self.init_weights()
+        cos, sin = rotary_tables(self.cfg.dim // self.cfg.num_heads, self.cfg.max_seq_len, self.cfg.rope_theta)
+        with torch.no_grad():
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+        if init:
+            self.init_weights()
         return self
 
     @torch.no_grad()
@@ -235,9 +241,6 @@ class Transformer(nn.Module):
         expert's from one seeded by (init_seed, name, global expert id): a rank that holds only some
         experts, or a shard of them, initializes them to the values of the whole model."""
         std, out_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.num_layers)
-        cos, sin = rotary_tables(self.cfg.dim // self.cfg.num_heads, self.cfg.max_seq_len, self.cfg.rope_theta)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 seeded_normal_(module.weight, name + ".weight", self.init_seed, out_std if name.endswith(("wo", "w2")) else std)

@@ -36,13 +36,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Transfor
             raise CheckpointError(f"checkpoint {str(path)!r} is not a consolidated export ({type(e).__name__}: {first})") from None
         if not isinstance(blob, dict) or not {"model", "model_config"} <= set(blob):
             raise CheckpointError(f"checkpoint {str(path)!r} is not a consolidated export (no model and model_config)")
-    model = Transformer(ModelConfig(**blob["model_config"]))
+    with torch.device("meta"):  # allocated on `device`, and filled by the state dict: nothing drawn
+        model = Transformer(ModelConfig(**blob["model_config"]))
+    model.materialize(device, init=False)
     missing, unexpected = model.load_state_dict(blob["model"], strict=False)
     tied = {"head.weight"} if model.cfg.tie_embeddings else set()
     if set(missing) - tied or unexpected:
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit its own model config: missing "
                               f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
-    return model.to(device).eval()
+    return model.eval()
 
 
 @torch.no_grad()
