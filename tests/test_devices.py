@@ -6,7 +6,8 @@ session's first GPU run of the trainer and of moesaic-doctor failed so: the EP a
 built their plan's index tables after the model had moved to the GPU, on the CPU. The worker
 (`tests/workers/device_check.py`) records every factory call from moesaic's sources that names no
 device once the model is built; these tests train through each dispatch path with it, re-plan,
-checkpoint and resume, and ask for none."""
+checkpoint and resume, and ask for none. They also ask that the model reach `parallelize` still on
+the meta device: the trainer shards the experts before a rank allocates anything."""
 
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ def _checked_run(tmp_path: Path, name: str, nproc: int, args: list[str]) -> list
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     files = sorted(out.glob("rank*.txt"))
     assert len(files) == nproc, f"{name}: the worker wrote {len(files)} of {nproc} rank files"
+    # the trainer shards the experts before anything is allocated (no rank holds the whole model)
+    built = [f.read_text() for f in sorted(out.glob("rank*.built"))]
+    assert built == ["meta"] * nproc, f"{name}: the model reached parallelize as {built}"
     return sorted({line for f in files for line in f.read_text().splitlines() if line})
 
 

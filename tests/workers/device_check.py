@@ -10,7 +10,8 @@ session's first GPU run of the trainer failed so: the EP and FSSDP dispatchers b
 tables on the CPU after the model had moved to the GPU.) So once the model is built (the trainer
 builds it on the meta device, shards its experts, then allocates what the rank holds on its device),
 each factory call from a moesaic source file must name its device, `"cpu"` where host memory is meant. A `TorchFunctionMode` sees every factory call; each offending call site is
-appended to OUT_DIR/rank{R}.txt as `path:line function`. The test reads those files."""
+appended to OUT_DIR/rank{R}.txt as `path:line function`; OUT_DIR/rank{R}.built says whether the
+model reached `parallelize` on the meta device. The test reads those files."""
 
 import os
 import runpy
@@ -75,6 +76,9 @@ def main() -> None:
         if not getattr(mode, "entered", False):
             mode.entered = True
             mode.__enter__()
+        # what the trainer hands over: a model still on the meta device, or one already allocated
+        built = "meta" if all(p.is_meta for p in args[0].parameters()) else "allocated"
+        out.with_suffix(".built").write_text(built)
         return original(*args, **kwargs)
 
     train_module.parallelize = parallelize
