@@ -204,12 +204,11 @@ def apply_expert_parallel(model: nn.Module, mesh, plan: Placement, *, capacity_f
     for lp, moe in zip(layer_plans(plan, ep_rank), moes):
         full = moe.experts
         local = lp.local_experts
-        sub = GroupedExperts(len(local), full.dim, full.ffn_dim, kernels=full.kernels, device=full.w2_EDF.device,
-                             dtype=full.w2_EDF.dtype)
-        with torch.no_grad():
-            for name in EXPERT_WEIGHTS:
-                getattr(sub, name).copy_(getattr(full, name)[local])
-        sub.expert_ids = local
+        # built on meta (nothing allocated or drawn): it takes this rank's rows of the full weights,
+        # themselves on meta when the model is (then `Transformer.materialize` allocates them)
+        sub = GroupedExperts(len(local), full.dim, full.ffn_dim, kernels=full.kernels, device="meta")
+        for name in EXPERT_WEIGHTS:  # (indexing by a list copies: the full tensors are freed with `full`)
+            setattr(sub, name, nn.Parameter(getattr(full, name).detach()[local]))
         moe.experts = sub
         moe.dispatcher = ExpertParallelDispatcher(lp, ep_group, device=device or full.w2_EDF.device,
                                                   capacity_factor=capacity_factor,
@@ -320,7 +319,6 @@ def migrate_resident(model: nn.Module, optimizer: torch.optim.Optimizer, plan: P
         for name in EXPERT_WEIGHTS:  # the optimizer's entries are keyed by the old tensors
             setattr(sub, name, getattr(store, name))
         expert_state.install(sub, optimizer, rows, moments, store.ffn_dim, store.dim)
-        sub.expert_ids = new.local_experts
         sub.compiled = store.compiled
         moe.experts = sub
         old_dispatcher = moe.dispatcher
