@@ -21,9 +21,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, machine, table  # noqa: E402
+from common import machine, table  # noqa: E402
 
 # experts dominate: 4 MoE layers of 16 experts (d 1024, ffn 1408) are 277M of the 294M parameters
 MODEL = ["model.dim=1024", "model.num_layers=4", "model.num_heads=8", "model.moe.num_experts=16",
@@ -68,11 +69,6 @@ def worker(mode: str, out: str, overrides: list[str]) -> None:
         shutdown(info)
 
 
-def _median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nproc", type=int, default=4)
@@ -102,10 +98,10 @@ def main() -> None:
     for (sharding, mode), reps in runs.items():
         ranks = [r for rep in reps for r in rep]
         rows.append({"parallel": sharding, "build": "whole model, then shard" if mode == "whole" else "meta, shard, materialize",
-                     "params held per rank (MiB)": round(_median([r["params_held_MiB"] for r in ranks]), 1),
-                     "peak RSS per rank (MiB)": round(_median([r["peak_rss_MiB"] for r in ranks])),
-                     "RSS growth in build (MiB)": round(_median([r["peak_rss_MiB"] - r["rss_before_MiB"] for r in ranks])),
-                     "build s (median)": round(_median([max(r["build_s"] for r in rep) for rep in reps]), 2)})
+                     "params held per rank (MiB)": round(median([r["params_held_MiB"] for r in ranks]), 1),
+                     "peak RSS per rank (MiB)": round(median([r["peak_rss_MiB"] for r in ranks])),
+                     "RSS growth in build (MiB)": round(median([r["peak_rss_MiB"] - r["rss_before_MiB"] for r in ranks])),
+                     "build s (median)": round(median([max(r["build_s"] for r in rep) for rep in reps]), 2)})
     for sharding in args.parallel:
         whole, meta = (next(r for r in rows if r["parallel"] == sharding and r["build"].startswith(w))
                        for w in ("whole", "meta"))
@@ -121,5 +117,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     main()
