@@ -43,6 +43,13 @@ class ParallelConfig:
     reshard_every_n_steps: int = 0
     """FSSDP heterogeneous sharding (Hecate's Algorithm 2): every N steps, re-assign expert owners
     from the loads since the last re-shard, equal expert counts per rank (0: keep the even owners)."""
+    dense_sharding: str = "ddp"
+    """How the torch engine keeps the dense parameters (attention, norms, routers, shared experts,
+    embedding, head): `ddp` (every rank holds all of them, their gradients and AdamW state; DDP
+    all-reduces the gradients) or `fsdp` (FSDP2, torchtitan's way: each rank holds 1/world of each,
+    all-gathers a block's weights for its forward and backward, and reduce-scatters its gradients;
+    parallel/dense_fsdp.py). The routed experts are placed by ep_size and expert_sharding either way.
+    The math is the same; reshard_after_forward also frees each block's gathered dense weights."""
     engine: str = "torch"
     """Engine for the dense parameters: `torch` (DDP) or `deepspeed` (ZeRO; the experts stay on
     moesaic's path, and DeepSpeed clips the dense gradients, moesaic the expert ones)."""
@@ -80,6 +87,11 @@ class ParallelConfig:
             )
         if self.engine not in ("torch", "deepspeed"):
             raise ValueError(f"parallel.engine ({self.engine!r}) must be one of 'torch', 'deepspeed'")
+        if self.dense_sharding not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel.dense_sharding ({self.dense_sharding!r}) must be one of 'ddp', 'fsdp'")
+        if self.dense_sharding == "fsdp" and self.engine != "torch":
+            raise ValueError(f"parallel.dense_sharding ({self.dense_sharding!r}) needs parallel.engine (torch), not "
+                             f"{self.engine!r}: under DeepSpeed, ZeRO (parallel.zero_stage) shards the dense state")
         if self.gpus_per_node < 0:
             raise ValueError(f"parallel.gpus_per_node ({self.gpus_per_node}) must be >= 0 (0: from the launcher)")
         if self.node_dispatch and not self.token_dedup:

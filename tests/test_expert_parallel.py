@@ -35,10 +35,13 @@ ADAMW = [
     (4, ["--ep", 4, "--plan", "replicated", "--num-experts", 16, "--router", "grouped", "--node-dispatch", 2]),
     (4, ["--ep", 2, "--plan", "replicated", "--micro", 2]),  # gradient accumulation
     (2, ["--ep", 2, "--plan", "replicated", "--ffn-dim", 10]),  # experts computed by the loop (unaligned)
+    (2, ["--ep", 2, "--plan", "random", "--fsdp"]),  # the dense parameters FSDP2-sharded (see _check_fsdp)
+    (4, ["--ep", 2, "--plan", "replicated", "--micro", 2, "--fsdp", "--meta"]),  # edp 2, accumulation
 ]
 BF16 = [  # parallel.mixed_precision=bf16
     (2, ["--ep", 2, "--plan", "replicated", "--bf16"]),
     (4, ["--ep", 2, "--plan", "replicated", "--sharding", "fssdp", "--bf16", "--meta"]),
+    (4, ["--ep", 4, "--plan", "replicated", "--sharding", "fssdp", "--bf16", "--fsdp"]),
     (2, ["--ep", 2, "--plan", "replicated", "--num-experts", 16, "--dedup", "--bf16"]),  # weights travel in float64
 ]
 F = ["--sharding", "fssdp", "--steps", 5]
@@ -59,6 +62,8 @@ FSSDP = [
     # 2 experts on 4 ranks: rank 2 owns one and computes none, rank 3 owns and computes none
     (4, [*F, "--ep", 4, "--plan", "contiguous", "--num-experts", 2, "--change-plan-after", 2, "--micro", 2]),
     (4, [*F, "--ep", 4, "--plan", "contiguous", "--num-experts", 2, "--reshard-after", 2]),
+    (4, [*F, "--ep", 4, "--plan", "replicated", "--change-plan-after", 2, "--fsdp"]),  # FSSDP experts, FSDP dense
+    (2, [*F, "--ep", 2, "--plan", "random", "--micro", 2, "--fsdp", "--meta"]),
 ]
 def cases(table):
     """parametrize's arguments for a case table, with ids that name their launch."""
@@ -75,6 +80,16 @@ def _check_meta(report: dict, args: list) -> None:
     if "--meta" in args:
         assert report["expert_rows_allocated_beyond_held"] == 0, report
         assert 0 < report["expert_rows_allocated"] < 8, report  # 8 experts: no rank held them all
+
+
+def _check_fsdp(report: dict, args: list) -> None:
+    """`--fsdp`: every dense parameter is a DTensor shard, and no rank holds more than its 1/W of
+    their elements (FSDP2 pads dim 0 to a multiple of W); under DDP each rank holds them all."""
+    W = report["world_size"]
+    if "--fsdp" in args:
+        assert report["dense_dtensors"] and report["dense_share_max"] <= 1.0 / W + 0.02, report
+    else:
+        assert not report["dense_dtensors"] and report["dense_share_max"] == 1.0, report
 
 
 def ep_report(tmp_path_factory, nproc: int, args: list) -> dict:
@@ -136,6 +151,7 @@ def test_doctor_detects_a_wrong_result():
 def test_adamw_steps_match_single_process(tmp_path_factory, nproc, args):
     report = ep_report(tmp_path_factory, nproc, args)
     _check_meta(report, args)
+    _check_fsdp(report, args)
     assert len(report["steps"]) == 3
     for s in report["steps"]:
         assert abs(s["loss"] - s["ref_loss"]) < 1e-5, s
@@ -159,6 +175,7 @@ def test_bf16_autocast_steps_track_single_process(tmp_path_factory, nproc, args)
     parameters 8e-4 after one AdamW step (lr 1e-2) and 9e-3 after three."""
     report = ep_report(tmp_path_factory, nproc, args)
     _check_meta(report, args)
+    _check_fsdp(report, args)
     assert report["expert_input_dtypes"] == ["torch.bfloat16"] and report["param_dtypes"] == ["torch.float32"]
     steps = report["steps"]
     assert len(steps) == 3
@@ -223,6 +240,7 @@ def test_plan_file_that_does_not_fit_is_named(tmp_path):
 def test_fssdp_steps_match_single_process(tmp_path_factory, nproc, args):
     report = ep_report(tmp_path_factory, nproc, args)
     _check_meta(report, args)
+    _check_fsdp(report, args)
     steps = report["steps"]
     assert len(steps) == 5
     for s in steps:

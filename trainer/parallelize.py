@@ -1,5 +1,5 @@
 """Compose the parallelisms for the trainer: the device mesh ("edp", "ep"), the placement plan,
-expert parallelism, and DDP for the dense parameters; then the per-step gradient reduction and
+expert parallelism, and DDP or FSDP for the dense parameters; then the per-step gradient reduction and
 the global gradient-norm clipping that both need.
 
 Checks that need only the config and the launcher's WORLD_SIZE run in `resolve_plan`, before any
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from moesaic.parallel.dense_fsdp import apply_fsdp, dense_grad_sq_norm, no_gradient_sync
 from moesaic.parallel.expert_parallel import (ExpertParallelDispatcher, apply_expert_parallel, expert_grad_sq_norm,
                                              reduce_expert_grads)
 from moesaic.parallel.fssdp import apply_fssdp, fssdp_bytes, fssdp_grad_sq_norm, fssdp_reduce_scatter
@@ -98,6 +99,7 @@ class Parallel:
     deepspeed_moe_ep: int = 0  # model.moe_impl=deepspeed: DeepSpeed-MoE's ep_size (its engine owns everything)
     align_owners: bool = False  # FSSDP: owners follow each new plan (placement.align_owners)
     gpus_per_node: int = 0  # of the EP domain: parallel.gpus_per_node, else the launcher's (the solvers' nodes)
+    dense_fsdp: bool = False  # parallel.dense_sharding=fsdp: the dense parameters are FSDP2 DTensor shards
 
     def build_optimizer(self, cfg: TrainConfig):
         """(optimizer, scheduler) that the loop steps. Under engine=deepspeed they cover the experts
@@ -156,6 +158,8 @@ class Parallel:
         return self.plan is not None and self.sharding == "fssdp"
 
     def no_sync(self):
+        if self.dense_fsdp:
+            return no_gradient_sync(self.model)
         return self.train_model.no_sync() if isinstance(self.train_model, DDP) else _Null()
 
     def backward(self, loss: torch.Tensor, grad_accum_steps: int) -> None:
@@ -181,15 +185,20 @@ class Parallel:
         if self.ds_engine is not None:
             return self._clip_with_zero(max_norm)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if not self.expert_parallel:
+        if not self.expert_parallel and not self.dense_fsdp:
             if max_norm > 0:
                 return torch.nn.utils.clip_grad_norm_(params, max_norm)
             return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else torch.zeros(())
-        dense = [p for n, p in self.model.named_parameters() if p.grad is not None and ".experts." not in n]
-        dense_sq = sum((p.grad.double() ** 2).sum() for p in dense) if dense else torch.zeros((), dtype=torch.float64)
-        expert_sq = (fssdp_grad_sq_norm if self.fssdp else expert_grad_sq_norm)(self.model, self.mesh)
-        dist.all_reduce(expert_sq)
-        norm = torch.sqrt(dense_sq + expert_sq)
+        # 1. the dense gradients' norm: equal on every rank under DDP; under FSDP summed over the shards
+        dense = [p for n, p in self.model.named_parameters() if p.grad is not None
+                 and (".experts." not in n or not self.expert_parallel)]
+        dense_sq = dense_grad_sq_norm(dense, sharded=self.dense_fsdp)
+        # 2. the experts' norm, each expert counted once
+        expert_sq = torch.zeros((), dtype=torch.float64)
+        if self.expert_parallel:
+            expert_sq = (fssdp_grad_sq_norm if self.fssdp else expert_grad_sq_norm)(self.model, self.mesh)
+            dist.all_reduce(expert_sq)
+        norm = torch.sqrt(dense_sq + expert_sq.cpu())
         if max_norm > 0:
             coef = max_norm / (float(norm) + 1e-6)
             if coef < 1:
@@ -239,7 +248,7 @@ class Parallel:
 
 
 def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: Placement | None) -> Parallel:
-    """Apply expert parallelism or FSSDP (per the plan) and DDP. The model holds every expert, as built:
+    """Apply expert parallelism or FSSDP (per the plan), then DDP or FSDP (parallel.dense_sharding). The model holds every expert, as built:
     on the meta device (then it is materialized on `info.device` once the experts are sharded: a rank
     allocates only what it holds), or initialized."""
     if info.backend is None:
@@ -285,6 +294,14 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
     if pc.engine == "deepspeed":  # the engine is built with the optimizer (build_optimizer)
         return Parallel(model, model, info, mesh, plan, pc.expert_sharding, expert_names=ignored, align_owners=align,
                         gpus_per_node=gpn)
+    if pc.dense_sharding == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        dp_mesh = init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("dp",))
+        experts = {p for n, p in model.named_parameters() if n in set(ignored)}
+        apply_fsdp(model, dp_mesh, ignored=experts, reshard_after_forward=pc.reshard_after_forward)
+        return Parallel(model, model, info, mesh, plan, pc.expert_sharding, expert_names=ignored, align_owners=align,
+                        gpus_per_node=gpn, dense_fsdp=True)
     ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     if pc.ddp_bucket_order == "fixed":
         fix_ddp_buckets(ddp)

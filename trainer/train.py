@@ -127,6 +127,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
         + (f"experts: {cfg.parallel.expert_sharding} over ep_size {ep}, plan {cfg.placement.plan}; " if plan
            else f"experts: deepspeed-moe over ep_size {ep}; " if par.deepspeed_moe_ep
            else "experts: every rank holds every expert; ")
+        + ("dense: fsdp; " if par.dense_fsdp else "")
         + f"run dir {run_dir}"
     )
     tokens_per_step = cfg.batch_size * cfg.data.seq_len * cfg.grad_accum_steps * info.world_size
@@ -211,6 +212,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
         "world_size": info.world_size, "backend": info.backend, "device": str(info.device), "params": counts,
         "ep_size": ep if plan or par.deepspeed_moe_ep else 1,
         "expert_sharding": cfg.parallel.expert_sharding if plan else "deepspeed-moe" if par.deepspeed_moe_ep else "replicated",
+        "dense_sharding": "fsdp" if par.dense_fsdp else "zero" if par.ds_engine is not None else "ddp",
         "plan": par.plan.to_dict() if par.plan is not None else None,
         "placement_history": replanner.history, "reshard_history": resharder.history, "peak_rss_mib_per_rank": list(rss),
         "peak_gpu_mib_per_rank": list(gpu_peak),  # torch.cuda.max_memory_allocated; None on CPU
@@ -218,7 +220,9 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
         "run_dir": str(run_dir), "config": asdict(cfg), "compile": compile_stats() if cfg.compile else None,
     }
     if cfg.logging.dump_rank_params:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, run_dir / f"params-rank{info.rank}.pt")
+        from moesaic.parallel.dense_fsdp import full_state_dict
+
+        torch.save(full_state_dict(model), run_dir / f"params-rank{info.rank}.pt")  # FSDP's shards gathered whole
     if end == cfg.steps:
         gain = 100 * (1 - summary["val_vs_unigram"])
         logger.message(

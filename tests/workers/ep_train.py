@@ -18,6 +18,7 @@ import json
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -86,6 +87,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--node-dispatch", type=int, default=0,
                     help="parallel.node_dispatch with nodes of this many ranks (implies --dedup)")
     ap.add_argument("--meta", action="store_true", help="build the model on the meta device, as the trainer does")
+    ap.add_argument("--fsdp", action="store_true", help="parallel.dense_sharding=fsdp: the dense parameters FSDP2-sharded")
     ap.add_argument("--out", required=True)
     return ap
 
@@ -129,7 +131,7 @@ def run(a: argparse.Namespace) -> None:
     class _Cfg:  # the fields parallelize reads
         parallel = ParallelConfig(ep_size=a.ep, expert_sharding=a.sharding, reshard_after_forward=not a.no_remat,
                                   token_dedup=a.dedup or a.node_dispatch > 0, node_dispatch=a.node_dispatch > 0,
-                                  gpus_per_node=a.node_dispatch)
+                                  gpus_per_node=a.node_dispatch, dense_sharding="fsdp" if a.fsdp else "ddp")
 
         class placement:
             align_owners = a.align
@@ -215,7 +217,9 @@ def run(a: argparse.Namespace) -> None:
         gbytes = torch.tensor([_bytes(model, "gather") - gather_before], dtype=torch.float64)
         dist.all_reduce(gbytes)
         # assemble this step's parameters on rank 0: dense from rank 0, each expert from its first holder
-        dense = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." not in n}
+        # (FSDP's shards gathered whole, a collective in the same order on every rank)
+        dense = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+                 for n, p in model.named_parameters() if ".experts." not in n}
         experts = {}
         for li, (m, rm) in enumerate(zip(model.moe_layers(), ref.moe_layers())):
             for n in ("w13_EGD", "w2_EDF"):
@@ -259,6 +263,13 @@ def run(a: argparse.Namespace) -> None:
                                     "worst": max(diffs, key=diffs.get)})
     report["expert_input_dtypes"] = sorted(seen_dtypes)
     report["param_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
+    # the share of the dense parameters' elements that this rank holds (1/W under FSDP, 1 under DDP)
+    held = [(p.to_local().numel() if isinstance(p, DTensor) else p.numel(), p.numel())
+            for n, p in model.named_parameters() if ".experts." not in n]
+    share = torch.tensor([sum(h for h, _ in held) / sum(n for _, n in held)], dtype=torch.float64)
+    dist.all_reduce(share, op=dist.ReduceOp.MAX)
+    report["dense_share_max"], report["world_size"] = float(share), W
+    report["dense_dtensors"] = all(isinstance(p, DTensor) for n, p in model.named_parameters() if ".experts." not in n)
     stats = recorder.stats(all_reduce=True)
     owned = torch.tensor([sum(p.numel() for m in model.moe_layers() for p in m.experts.parameters())])
     dist.all_reduce(owned)

@@ -1,0 +1,97 @@
+"""FSDP for the dense parameters (`parallel.dense_sharding=fsdp`), torchtitan's way: FSDP2's
+`fully_shard` on each transformer block and then on the root, over a 1-D mesh of every rank.
+
+What it shards: attention, norms, the router, the shared experts, the embedding and the head. Each
+rank keeps 1/world of each such parameter, of its gradient and of its AdamW moments (DTensors
+sharded on dim 0), where DDP keeps all of them on every rank. The routed experts are left out
+(`ignored_params`): expert parallelism or FSSDP already places them, and reduces their gradients.
+
+Per block, each step (FSDP2's own sequence; the experts' collectives run inside step 2):
+    1. forward pre-hook: all-gather the block's dense shards (the next block's is prefetched);
+    2. the block's forward; with reshard_after_forward the gathered weights are freed after it;
+    3. backward pre-hook: all-gather them again (when freed);
+    4. post-backward: reduce-scatter the block's dense gradients, averaged over the world (the
+       mean that DDP's all-reduce gives), into each rank's gradient shard.
+The math is DDP's: the same losses and parameters, up to the order of the sums.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+
+def apply_fsdp(model: torch.nn.Module, mesh, *, ignored: set[torch.nn.Parameter] | None = None,
+               reshard_after_forward: bool = True) -> torch.nn.Module:
+    """Shard the dense parameters of `model` (a materialized `Transformer`) over the 1-D `mesh`:
+    each block, then the root (the embedding, final norm and the head, tied or not). Parameters in
+    `ignored` (the routed experts) stay as they are. Returns the model (FSDP2 changes it in place)."""
+    from torch.distributed.fsdp import fully_shard
+
+    if mesh.ndim != 1:
+        raise ValueError(f"apply_fsdp: the mesh must be 1-D (one data-parallel dimension), not {mesh.ndim}-D")
+    ignored = set(ignored or ())
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
+    # the root's parameters are needed again at once by the backward: keep them gathered (torchtitan)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, ignored_params=ignored)
+    return model
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor; a plain tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def dense_grad_sq_norm(params, *, sharded: bool, group=None) -> torch.Tensor:
+    """The squared L2 norm (float64, on the host) of the dense gradients. Sharded (FSDP): the sum
+    over every rank's shards, one all-reduce; replicated (DDP, whose gradients are already equal on
+    every rank): this rank's sum, no collective."""
+    grads = [local(p.grad) for p in params if p.grad is not None]
+    # 1. this rank's sum of squares, in float64
+    sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
+    for g in grads:
+        sq += g.double().square().sum()
+    # 2. FSDP: add the other ranks' shards (each element lives on one rank)
+    if sharded:
+        dist.all_reduce(sq, group=group)
+    return sq.cpu()
+
+
+@contextmanager
+def no_gradient_sync(model: torch.nn.Module):
+    """FSDP2's counterpart of DDP's no_sync: micro-steps that only accumulate keep their unsharded
+    gradients and reduce-scatter nothing; the last micro-step reduces the sum."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with each sharded tensor gathered whole, on the host (collective:
+    every rank must call it; for tests and small exports, not for checkpoints, which DCP writes
+    shard by shard)."""
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in model.state_dict().items()}
+
+
+def dense_state_bytes(model: torch.nn.Module, optimizer, expert_params: set[int]) -> dict[str, int]:
+    """This rank's bytes of dense parameters, gradients and AdamW moments, measured from the tensors
+    it holds (a shard's local part under FSDP, the whole tensor under DDP)."""
+    out = {"params": 0, "grads": 0, "optimizer": 0}
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) in expert_params or id(p) in seen:
+            continue
+        seen.add(id(p))
+        out["params"] += local(p).numel() * p.element_size()
+        if p.grad is not None:
+            out["grads"] += local(p.grad).numel() * p.grad.element_size()
+        for v in optimizer.state.get(p, {}).values():
+            if torch.is_tensor(v) and v.ndim:
+                out["optimizer"] += local(v).numel() * v.element_size()
+    return out
