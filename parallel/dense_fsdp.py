@@ -41,6 +41,18 @@ def apply_fsdp(model: torch.nn.Module, mesh, *, ignored: set[torch.nn.Parameter]
     return model
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Free every gathered FSDP weight of `model`, leaving each parameter its shard. FSDP2 keeps the
+    root's weights gathered after a forward (its backward needs them at once), so after a forward
+    without backward (evaluation) they stay whole until this, and `named_parameters` lists the
+    gathered copies. A no-op without FSDP, or when nothing is gathered."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor; a plain tensor as it is."""
     return t.to_local() if isinstance(t, DTensor) else t
@@ -82,6 +94,7 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def dense_state_bytes(model: torch.nn.Module, optimizer, expert_params: set[int]) -> dict[str, int]:
     """This rank's bytes of dense parameters, gradients and AdamW moments, measured from the tensors
     it holds (a shard's local part under FSDP, the whole tensor under DDP)."""
+    reshard(model)
     out = {"params": 0, "grads": 0, "optimizer": 0}
     seen: set[int] = set()
     for p in model.parameters():

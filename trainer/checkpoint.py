@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from moesaic.parallel.dense_fsdp import reshard
 from moesaic.parallel.router import resolved_route_norm
 from moesaic.trainer.model import held_expert_ids
 
@@ -86,6 +87,7 @@ def state_dict(model, optimizer, *, for_save: bool, engine=None) -> dict[str, to
     (replicas); otherwise every expert this rank holds is listed (to be filled by a load). With a
     DeepSpeed `engine` (engine=deepspeed), the dense moments are ZeRO's, gathered whole (collective)
     for a save, or zeros for a load to fill; the names are the same as under the torch engine."""
+    reshard(model)  # FSDP: each dense parameter as its DTensor shard, never a gathered copy
     sd: dict[str, torch.Tensor] = {}
     expert_params = set()
     for li, moe in enumerate(model.moe_layers()):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.profiler import record_function
 
+from moesaic.parallel.dense_fsdp import reshard
 from moesaic.trainer.config import TrainConfig
 from moesaic.trainer.data import TRAIN_STREAM, VAL_STREAM, sample_batch
 from moesaic.trainer.dist import DistInfo, all_reduce_
@@ -137,6 +138,7 @@ def evaluate(model, corpus, cfg: TrainConfig, info: DistInfo) -> float:
             out = model(x.to(info.device), y.to(info.device))
         total += torch.tensor([out.ce_loss.item() * y.numel(), y.numel()], dtype=torch.float64, device="cpu")
     model.train()
+    reshard(model)  # FSDP: the root's weights stay gathered after a forward without backward
     all_reduce_(total, info)
     return float(total[0] / total[1])
 

@@ -196,7 +196,12 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
         writer.wait()  # the last checkpoint is complete before the run says it has stopped
     wall = time.perf_counter() - t_start
     gpu_mib = round(torch.cuda.max_memory_allocated(info.device) / 2**20, 1) if info.device.type == "cuda" else None
-    rss, gpu_peak = zip(*all_gather_object((round(peak_rss_mib(), 1), gpu_mib), info))  # one collective
+    from moesaic.parallel.dense_fsdp import dense_state_bytes
+
+    experts = {id(p) for n, p in model.named_parameters() if n in set(par.expert_names)}
+    # what this rank holds (its shards under FSDP); under DeepSpeed, ZeRO holds the dense AdamW state
+    dense = dense_state_bytes(model, optimizer, experts) if par.ds_engine is None else None
+    rss, gpu_peak, dense = zip(*all_gather_object((round(peak_rss_mib(), 1), gpu_mib, dense), info))  # one collective
     routing = recorder.stats(all_reduce=True)
     if info.is_main:
         np.savez(run_dir / "routing_stats.npz", **routing.to_npz_dict())
@@ -216,6 +221,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
         "plan": par.plan.to_dict() if par.plan is not None else None,
         "placement_history": replanner.history, "reshard_history": resharder.history, "peak_rss_mib_per_rank": list(rss),
         "peak_gpu_mib_per_rank": list(gpu_peak),  # torch.cuda.max_memory_allocated; None on CPU
+        "dense_state_bytes_per_rank": list(dense),  # dense parameters and AdamW moments held, from the tensors
         "dynamic_replicas_added_mean": float(np.mean(dynamic.replicas_added)) if dynamic.replicas_added else 0.0,
         "run_dir": str(run_dir), "config": asdict(cfg), "compile": compile_stats() if cfg.compile else None,
     }
