@@ -137,10 +137,11 @@ if [ "$PART" = trainer ]; then  # the trainer and the doctor on CUDA (about 5 mi
   runs=("fssdp_eager parallel=fssdp" "fssdp_compiled parallel=fssdp compile=true"
         "ep_compiled parallel=ep compile=true" "ddp_eager parallel=ddp"
         "fssdp_triton parallel=fssdp model.moe.kernels=triton"
-        "fssdp_checkpoint_full parallel=fssdp parallel.activation_checkpoint=full")
-  # TRAINER_QUICK=1 (about 3 minutes, for what is left of a session's device time): the compiled
-  # and Triton runs alone, and the doctor's default suite
-  [ "${TRAINER_QUICK:-0}" = 1 ] && runs=("${runs[1]}" "${runs[2]}" "${runs[4]}")
+        "fssdp_checkpoint_full parallel=fssdp parallel.activation_checkpoint=full"
+        "fssdp_fsdp_compiled parallel=fssdp parallel.dense_sharding=fsdp compile=true")
+  # TRAINER_QUICK=1 (about 3 minutes, for what is left of a session's device time): the compiled,
+  # Triton and FSDP runs alone, and the doctor's default suite
+  [ "${TRAINER_QUICK:-0}" = 1 ] && runs=("${runs[1]}" "${runs[2]}" "${runs[4]}" "${runs[6]}")
   for run in "${runs[@]}"; do
     set -- $run
     name=$1; shift
