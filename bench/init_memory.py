@@ -59,7 +59,9 @@ def worker(mode: str, out: str, overrides: list[str]) -> None:
             model = Transformer(cfg.model)
         par = parallelize(model, cfg, info, plan)
         seconds = time.perf_counter() - t0
-        held = sum(p.numel() * p.element_size() for p in par.model.parameters()) / 2**20
+        from moesaic.parallel.dense_fsdp import local
+
+        held = sum(local(p).numel() * p.element_size() for p in par.model.parameters()) / 2**20  # FSDP: the shard
         row = {"rss_before_MiB": before, "peak_rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "build_s": seconds, "params_held_MiB": held}
         rows = all_gather_object(row, info)

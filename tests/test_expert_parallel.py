@@ -84,10 +84,13 @@ def _check_meta(report: dict, args: list) -> None:
 
 def _check_fsdp(report: dict, args: list) -> None:
     """`--fsdp`: every dense parameter is a DTensor shard, and no rank holds more than its 1/W of
-    their elements (FSDP2 pads dim 0 to a multiple of W); under DDP each rank holds them all."""
+    their elements (FSDP2 pads dim 0 to a multiple of W); under DDP each rank holds them all. With
+    `--meta` the shards are made on meta, so no rank allocates the dense part whole."""
     W = report["world_size"]
     if "--fsdp" in args:
         assert report["dense_dtensors"] and report["dense_share_max"] <= 1.0 / W + 0.02, report
+        # built on meta, FSDP shards the dense weights there: each rank allocates only its shards
+        assert report["fsdp_sharded_on"] == ["meta" if "--meta" in args else "cpu"], report
     else:
         assert not report["dense_dtensors"] and report["dense_share_max"] == 1.0, report
 

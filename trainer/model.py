@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from moesaic.parallel.moe import MoE, MoEConfig, SwiGLU
@@ -102,10 +103,25 @@ def seeded_normal_(t: torch.Tensor, name: str, base_seed: int, std: float) -> No
     """Fill `t` in place from N(0, std) with a generator of `t`'s device seeded by (base_seed, name)."""
     if t.is_meta:
         return
+    if isinstance(t, DTensor):  # FSDP's shard: draw the whole tensor, keep this rank's part
+        return fill_sharded_(t, lambda full: seeded_normal_(full, name, base_seed, std))
     digest = hashlib.blake2b(f"{base_seed}/{name}".encode(), digest_size=8).digest()
     gen = torch.Generator(device=t.device)
     gen.manual_seed(int.from_bytes(digest, "little") >> 1)
     t.normal_(0.0, std, generator=gen)
+
+
+def fill_sharded_(t: torch.Tensor, fill) -> None:
+    """Apply `fill` to a whole tensor of `t`'s shape and keep what `t` holds: a DTensor's local part
+    (one tensor whole at a time, on this rank's device), or `t` itself."""
+    if not isinstance(t, DTensor):
+        return fill(t)
+    from torch.distributed.tensor import distribute_tensor
+
+    full = torch.empty(t.shape, dtype=t.dtype, device=t.to_local().device)
+    fill(full)
+    with torch.no_grad():  # src_data_rank None: every rank slices its own copy, nothing is sent
+        t.to_local().copy_(distribute_tensor(full, t.device_mesh, t.placements, src_data_rank=None).to_local())
 
 
 def held_expert_ids(moe: MoE) -> list[int]:
@@ -216,6 +232,12 @@ class Transformer(nn.Module):
         the rotary tables, then `init_weights` (`init=False`: left uninitialized, for a state dict
         to fill)."""
         device = torch.device(device)
+        if any(isinstance(p, DTensor) and p.is_meta for p in self.parameters()):
+            # FSDP2 sharded the dense parameters on meta (apply_fsdp): allocate each rank's shards
+            # through FSDP's own `_apply`, which re-registers them; tensors on a device stay
+            self._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
+            if self.cfg.tie_embeddings and self.head.weight is not self.embed.weight:
+                raise RuntimeError("materialize: FSDP's allocation untied the embedding and the head")
         new: dict[int, torch.Tensor] = {}
         for module in self.modules():
             for slots in (module._parameters, module._buffers):
@@ -253,11 +275,19 @@ class Transformer(nn.Module):
                 continue
             store = blk.moe.experts
             F_ = store.w2_EDF.shape[2]
-            for i, e in enumerate(held_expert_ids(blk.moe)):
-                stem = f"layers.{li}.moe.experts.{e}"
-                seeded_normal_(store.w13_EGD[i, :F_], stem + ".w1", self.init_seed, std)
-                seeded_normal_(store.w13_EGD[i, F_:], stem + ".w3", self.init_seed, std)
-                seeded_normal_(store.w2_EDF[i], stem + ".w2", self.init_seed, out_std)
+            ids = held_expert_ids(blk.moe)
+
+            def fill_w13(w13, stem=f"layers.{li}.moe.experts", ids=ids):
+                for i, e in enumerate(ids):
+                    seeded_normal_(w13[i, :F_], f"{stem}.{e}.w1", self.init_seed, std)
+                    seeded_normal_(w13[i, F_:], f"{stem}.{e}.w3", self.init_seed, std)
+
+            def fill_w2(w2, stem=f"layers.{li}.moe.experts", ids=ids):
+                for i, e in enumerate(ids):
+                    seeded_normal_(w2[i], f"{stem}.{e}.w2", self.init_seed, out_std)
+
+            fill_sharded_(store.w13_EGD, fill_w13)  # FSDP without expert parallelism shards them too
+            fill_sharded_(store.w2_EDF, fill_w2)
 
     def moe_layers(self) -> list[MoE]:
         return [blk.moe for blk in self.layers if blk.is_moe]

@@ -289,17 +289,19 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
             ignored = apply_expert_parallel(model, mesh, plan, capacity_factor=cf, token_dedup=dedup,
                                             device=info.device)
         DDP._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    if pc.dense_sharding == "fsdp" and pc.engine == "torch":
+        # on meta too: then each rank allocates and initializes only its shards of the dense part
+        from torch.distributed.device_mesh import init_device_mesh
+
+        dp_mesh = init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("dp",))
+        experts = {p for n, p in model.named_parameters() if n in set(ignored)}
+        apply_fsdp(model, dp_mesh, ignored=experts, reshard_after_forward=pc.reshard_after_forward)
     _materialize(model, info.device)
     align = plan is not None and pc.expert_sharding == "fssdp" and align_owners(cfg)
     if pc.engine == "deepspeed":  # the engine is built with the optimizer (build_optimizer)
         return Parallel(model, model, info, mesh, plan, pc.expert_sharding, expert_names=ignored, align_owners=align,
                         gpus_per_node=gpn)
     if pc.dense_sharding == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-
-        dp_mesh = init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("dp",))
-        experts = {p for n, p in model.named_parameters() if n in set(ignored)}
-        apply_fsdp(model, dp_mesh, ignored=experts, reshard_after_forward=pc.reshard_after_forward)
         return Parallel(model, model, info, mesh, plan, pc.expert_sharding, expert_names=ignored, align_owners=align,
                         gpus_per_node=gpn, dense_fsdp=True)
     ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)

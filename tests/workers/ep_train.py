@@ -142,7 +142,21 @@ def run(a: argparse.Namespace) -> None:
             class moe:
                 capacity_factor = 0.0
 
-    par = parallelize(model, _Cfg, DistInfo(rank, W, rank, torch.device("cpu"), "gloo"), plan)
+    import moesaic.trainer.parallelize as parallelize_module
+
+    sharded_on = []  # --fsdp: the device of the dense weights when FSDP shards them (meta: nothing whole)
+    real_apply_fsdp = parallelize_module.apply_fsdp
+
+    def apply_fsdp(m, *args, **kwargs):
+        sharded_on.append(m.embed.weight.device.type)
+        return real_apply_fsdp(m, *args, **kwargs)
+
+    parallelize_module.apply_fsdp = apply_fsdp
+    try:
+        par = parallelize(model, _Cfg, DistInfo(rank, W, rank, torch.device("cpu"), "gloo"), plan)
+    finally:
+        parallelize_module.apply_fsdp = real_apply_fsdp
+    report_fsdp_on = sharded_on
     if a.meta:
         allocations.__exit__(None, None, None)
         held = max(len(held_expert_ids(m)) for m in model.moe_layers())
@@ -161,7 +175,7 @@ def run(a: argparse.Namespace) -> None:
     def amp():  # parallel.mixed_precision=bf16, as the trainer's step does it
         return torch.autocast("cpu", dtype=torch.bfloat16) if a.bf16 else contextlib.nullcontext()
 
-    report = {"steps": []}
+    report = {"steps": [], "fsdp_sharded_on": report_fsdp_on}
     seen_dtypes = set()  # what the experts compute on, and in which dtype their weights live
     model.moe_layers()[0].experts.register_forward_pre_hook(lambda m, args: seen_dtypes.add(str(args[0].dtype)))
     for step in range(a.steps):
