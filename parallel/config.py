@@ -50,6 +50,11 @@ class ParallelConfig:
     all-gathers a block's weights for its forward and backward, and reduce-scatters its gradients;
     parallel/dense_fsdp.py). The routed experts are placed by ep_size and expert_sharding either way.
     The math is the same; reshard_after_forward also frees each block's gathered dense weights."""
+    dense_shard_size: int = 0
+    """With dense_sharding=fsdp: the ranks that shard one copy of the dense parameters. 0: the whole
+    world (FSDP). A divisor of the world (e.g. the GPUs of a node) gives HSDP: shard within each group
+    of that many consecutive ranks, replicate across the groups (all-gathers stay in the group; the
+    gradients are reduce-scattered in it and all-reduced across the copies)."""
     engine: str = "torch"
     """Engine for the dense parameters: `torch` (DDP) or `deepspeed` (ZeRO; the experts stay on
     moesaic's path, and DeepSpeed clips the dense gradients, moesaic the expert ones)."""
@@ -92,6 +97,11 @@ class ParallelConfig:
         if self.dense_sharding == "fsdp" and self.engine != "torch":
             raise ValueError(f"parallel.dense_sharding ({self.dense_sharding!r}) needs parallel.engine (torch), not "
                              f"{self.engine!r}: under DeepSpeed, ZeRO (parallel.zero_stage) shards the dense state")
+        if self.dense_shard_size < 0:
+            raise ValueError(f"parallel.dense_shard_size ({self.dense_shard_size}) must be >= 0 (0: the whole world)")
+        if self.dense_shard_size and self.dense_sharding != "fsdp":
+            raise ValueError(f"parallel.dense_shard_size ({self.dense_shard_size}) needs parallel.dense_sharding=fsdp, "
+                             f"not {self.dense_sharding!r}")
         if self.gpus_per_node < 0:
             raise ValueError(f"parallel.gpus_per_node ({self.gpus_per_node}) must be >= 0 (0: from the launcher)")
         if self.node_dispatch and not self.token_dedup:

@@ -3,7 +3,8 @@
 
 What it shards: attention, norms, the router, the shared experts, the embedding and the head. Each
 rank keeps 1/world of each such parameter, of its gradient and of its AdamW moments (DTensors
-sharded on dim 0), where DDP keeps all of them on every rank. The routed experts are left out
+sharded on dim 0), where DDP keeps all of them on every rank; under HSDP (`dense_shard_size`),
+1/dense_shard_size, with one copy per group of that many ranks. The routed experts are left out
 (`ignored_params`): expert parallelism or FSSDP already places them, and reduces their gradients.
 
 Per block, each step (FSDP2's own sequence; the experts' collectives run inside step 2):
@@ -11,7 +12,8 @@ Per block, each step (FSDP2's own sequence; the experts' collectives run inside 
     2. the block's forward; with reshard_after_forward the gathered weights are freed after it;
     3. backward pre-hook: all-gather them again (when freed);
     4. post-backward: reduce-scatter the block's dense gradients, averaged over the world (the
-       mean that DDP's all-reduce gives), into each rank's gradient shard.
+       mean that DDP's all-reduce gives), into each rank's gradient shard; under HSDP, within the
+       group, then all-reduce the shard across the groups.
 The math is DDP's: the same losses and parameters, up to the order of the sums.
 """
 
@@ -26,13 +28,15 @@ from torch.distributed.tensor import DTensor
 
 def apply_fsdp(model: torch.nn.Module, mesh, *, ignored: set[torch.nn.Parameter] | None = None,
                reshard_after_forward: bool = True) -> torch.nn.Module:
-    """Shard the dense parameters of `model` (a materialized `Transformer`) over the 1-D `mesh`:
-    each block, then the root (the embedding, final norm and the head, tied or not). Parameters in
-    `ignored` (the routed experts) stay as they are. Returns the model (FSDP2 changes it in place)."""
+    """Shard the dense parameters of `model` (a `Transformer`, on meta or materialized) over `mesh`:
+    each block, then the root (the embedding, final norm and the head, tied or not). A 1-D mesh
+    shards over all its ranks (FSDP); a 2-D one (replicate, shard) shards along its second dimension
+    and keeps a copy per row (HSDP). Parameters in `ignored` (the routed experts) stay as they are.
+    Returns the model (FSDP2 changes it in place)."""
     from torch.distributed.fsdp import fully_shard
 
-    if mesh.ndim != 1:
-        raise ValueError(f"apply_fsdp: the mesh must be 1-D (one data-parallel dimension), not {mesh.ndim}-D")
+    if mesh.ndim not in (1, 2):
+        raise ValueError(f"apply_fsdp: the mesh must be 1-D (FSDP) or 2-D (HSDP: replicate, shard), not {mesh.ndim}-D")
     ignored = set(ignored or ())
     for block in model.layers:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
@@ -60,14 +64,15 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 def dense_grad_sq_norm(params, *, sharded: bool, group=None) -> torch.Tensor:
     """The squared L2 norm (float64, on the host) of the dense gradients. Sharded (FSDP): the sum
-    over every rank's shards, one all-reduce; replicated (DDP, whose gradients are already equal on
-    every rank): this rank's sum, no collective."""
+    over the shards of the ranks of `group`, one all-reduce (HSDP: the group that shares one copy;
+    None: the world); replicated (DDP, whose gradients are already equal on every rank): this
+    rank's sum, no collective."""
     grads = [local(p.grad) for p in params if p.grad is not None]
     # 1. this rank's sum of squares, in float64
     sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
     for g in grads:
         sq += g.double().square().sum()
-    # 2. FSDP: add the other ranks' shards (each element lives on one rank)
+    # 2. FSDP: add the other ranks' shards (each element lives on one rank of the group)
     if sharded:
         dist.all_reduce(sq, group=group)
     return sq.cpu()

@@ -63,6 +63,7 @@ FSSDP = [
     (4, [*F, "--ep", 4, "--plan", "contiguous", "--num-experts", 2, "--change-plan-after", 2, "--micro", 2]),
     (4, [*F, "--ep", 4, "--plan", "contiguous", "--num-experts", 2, "--reshard-after", 2]),
     (4, [*F, "--ep", 4, "--plan", "replicated", "--change-plan-after", 2, "--fsdp"]),  # FSSDP experts, FSDP dense
+    (4, [*F, "--ep", 4, "--plan", "random", "--micro", 2, "--fsdp", "--fsdp-shard", 2, "--meta"]),  # HSDP: 2 x 2
     (2, [*F, "--ep", 2, "--plan", "random", "--micro", 2, "--fsdp", "--meta"]),
 ]
 def cases(table):
@@ -84,11 +85,12 @@ def _check_meta(report: dict, args: list) -> None:
 
 def _check_fsdp(report: dict, args: list) -> None:
     """`--fsdp`: every dense parameter is a DTensor shard, and no rank holds more than its 1/W of
-    their elements (FSDP2 pads dim 0 to a multiple of W); under DDP each rank holds them all. With
+    their elements (1/N under HSDP with groups of N; FSDP2 pads dim 0 to a multiple); under DDP
+    each rank holds them all. With
     `--meta` the shards are made on meta, so no rank allocates the dense part whole."""
-    W = report["world_size"]
-    if "--fsdp" in args:
-        assert report["dense_dtensors"] and report["dense_share_max"] <= 1.0 / W + 0.02, report
+    if "--fsdp" in args:  # FSDP shards over the world; HSDP (--fsdp-shard) within each group
+        shard = report["dense_shard_size"]
+        assert report["dense_dtensors"] and report["dense_share_max"] <= 1.0 / shard + 0.02, report
         # built on meta, FSDP shards the dense weights there: each rank allocates only its shards
         assert report["fsdp_sharded_on"] == ["meta" if "--meta" in args else "cpu"], report
     else:

@@ -71,8 +71,8 @@ def test_fsdp_checkpoints_resume_exactly_and_move_to_ddp_and_back(tmp_path):
     """4 ranks, FSSDP experts and FSDP dense parameters: a run resumed from step 10 gives the
     uninterrupted run's losses bit for bit (the step-10 checkpoint is written right after an
     evaluation, whose forward leaves FSDP's root gathered). The same checkpoint rewritten by DDP at
-    2 ranks, and that one rewritten by FSDP at 4 ranks under expert parallelism, hold the same
-    tensors: DCP reshards the dense DTensors to any layout."""
+    2 ranks, and that one rewritten at 4 ranks by HSDP (2 copies, each sharded over 2 ranks) under
+    expert parallelism, hold the same tensors: DCP reshards the dense DTensors to any layout."""
     base = ["experiment=smoke", "logging.log_every=1", "eval_every=5", "steps=20", f"logging.out_dir={tmp_path}",
             "checkpoint.every_n_steps=10", "parallel=fssdp", "parallel.dense_sharding=fsdp"]
     torchrun(4, [*base, "logging.run_name=straight"])
@@ -83,7 +83,7 @@ def test_fsdp_checkpoints_resume_exactly_and_move_to_ddp_and_back(tmp_path):
     src = flat_checkpoint(step10)
     assert any(k.startswith("optim.model.layers.") for k in src)
     moves = [("ddp2", 2, ["parallel=fssdp", "parallel.dense_sharding=ddp", "batch_size=8"], step10),
-             ("fsdp4", 4, ["parallel=ep", "parallel.ep_size=2", "parallel.dense_sharding=fsdp"],
+             ("hsdp4", 4, ["parallel=ep", "parallel.ep_size=2", "parallel.dense_sharding=fsdp", "parallel.dense_shard_size=2"],
               tmp_path / "ck-ddp2/step-00000010")]
     for name, nproc, par, source in moves:  # resume and stop at once: the checkpoint in the new layout
         torchrun(nproc, [*base, f"logging.run_name={name}", *par, f"checkpoint.resume={source}", "stop_at_step=10",

@@ -37,6 +37,9 @@ def resolve_plan(cfg: TrainConfig, world_size: int) -> Placement | None:
     ep = cfg.parallel.ep_size or world_size
     if world_size % ep:
         raise ValueError(f"parallel.ep_size ({ep}) must divide the world size ({world_size})")
+    shard = cfg.parallel.dense_shard_size
+    if shard and world_size % shard:
+        raise ValueError(f"parallel.dense_shard_size ({shard}) must divide the world size ({world_size})")
     E = cfg.model.moe.num_experts
     if cfg.model.moe_impl == "deepspeed":  # DeepSpeed-MoE's own contiguous layout, no moesaic plan
         if E % ep:
@@ -100,6 +103,7 @@ class Parallel:
     align_owners: bool = False  # FSSDP: owners follow each new plan (placement.align_owners)
     gpus_per_node: int = 0  # of the EP domain: parallel.gpus_per_node, else the launcher's (the solvers' nodes)
     dense_fsdp: bool = False  # parallel.dense_sharding=fsdp: the dense parameters are FSDP2 DTensor shards
+    dense_shard_group: object = None  # the ranks that share one copy of them (None: the world)
 
     def build_optimizer(self, cfg: TrainConfig):
         """(optimizer, scheduler) that the loop steps. Under engine=deepspeed they cover the experts
@@ -192,7 +196,7 @@ class Parallel:
         # 1. the dense gradients' norm: equal on every rank under DDP; under FSDP summed over the shards
         dense = [p for n, p in self.model.named_parameters() if p.grad is not None
                  and (".experts." not in n or not self.expert_parallel)]
-        dense_sq = dense_grad_sq_norm(dense, sharded=self.dense_fsdp)
+        dense_sq = dense_grad_sq_norm(dense, sharded=self.dense_fsdp, group=self.dense_shard_group)
         # 2. the experts' norm, each expert counted once
         expert_sq = torch.zeros((), dtype=torch.float64)
         if self.expert_parallel:
@@ -293,7 +297,11 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
         # on meta too: then each rank allocates and initializes only its shards of the dense part
         from torch.distributed.device_mesh import init_device_mesh
 
-        dp_mesh = init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("dp",))
+        shard = pc.dense_shard_size or info.world_size
+        dp_mesh = init_device_mesh(info.device.type, (info.world_size // shard, shard),
+                                   mesh_dim_names=("dp_replicate", "dp_shard"))
+        if shard == info.world_size:
+            dp_mesh = dp_mesh["dp_shard"]  # FSDP; else HSDP: replicated across the groups
         experts = {p for n, p in model.named_parameters() if n in set(ignored)}
         apply_fsdp(model, dp_mesh, ignored=experts, reshard_after_forward=pc.reshard_after_forward)
     _materialize(model, info.device)
@@ -302,8 +310,9 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
         return Parallel(model, model, info, mesh, plan, pc.expert_sharding, expert_names=ignored, align_owners=align,
                         gpus_per_node=gpn)
     if pc.dense_sharding == "fsdp":
+        group = dp_mesh.get_group("dp_shard") if dp_mesh.ndim == 2 else None
         return Parallel(model, model, info, mesh, plan, pc.expert_sharding, expert_names=ignored, align_owners=align,
-                        gpus_per_node=gpn, dense_fsdp=True)
+                        gpus_per_node=gpn, dense_fsdp=True, dense_shard_group=group)
     ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     if pc.ddp_bucket_order == "fixed":
         fix_ddp_buckets(ddp)

@@ -88,6 +88,7 @@ def parser() -> argparse.ArgumentParser:
                     help="parallel.node_dispatch with nodes of this many ranks (implies --dedup)")
     ap.add_argument("--meta", action="store_true", help="build the model on the meta device, as the trainer does")
     ap.add_argument("--fsdp", action="store_true", help="parallel.dense_sharding=fsdp: the dense parameters FSDP2-sharded")
+    ap.add_argument("--fsdp-shard", type=int, default=0, help="with --fsdp: parallel.dense_shard_size (HSDP)")
     ap.add_argument("--out", required=True)
     return ap
 
@@ -131,7 +132,8 @@ def run(a: argparse.Namespace) -> None:
     class _Cfg:  # the fields parallelize reads
         parallel = ParallelConfig(ep_size=a.ep, expert_sharding=a.sharding, reshard_after_forward=not a.no_remat,
                                   token_dedup=a.dedup or a.node_dispatch > 0, node_dispatch=a.node_dispatch > 0,
-                                  gpus_per_node=a.node_dispatch, dense_sharding="fsdp" if a.fsdp else "ddp")
+                                  gpus_per_node=a.node_dispatch, dense_sharding="fsdp" if a.fsdp else "ddp",
+                                  dense_shard_size=a.fsdp_shard)
 
         class placement:
             align_owners = a.align
@@ -282,7 +284,7 @@ def run(a: argparse.Namespace) -> None:
             for n, p in model.named_parameters() if ".experts." not in n]
     share = torch.tensor([sum(h for h, _ in held) / sum(n for _, n in held)], dtype=torch.float64)
     dist.all_reduce(share, op=dist.ReduceOp.MAX)
-    report["dense_share_max"], report["world_size"] = float(share), W
+    report["dense_share_max"], report["dense_shard_size"] = float(share), a.fsdp_shard or W
     report["dense_dtensors"] = all(isinstance(p, DTensor) for n, p in model.named_parameters() if ".experts." not in n)
     stats = recorder.stats(all_reduce=True)
     owned = torch.tensor([sum(p.numel() for m in model.moe_layers() for p in m.experts.parameters())])
