@@ -1,5 +1,6 @@
 """FSDP for the dense parameters (`parallel.dense_sharding=fsdp`), torchtitan's way: FSDP2's
-`fully_shard` on each transformer block and then on the root, over a 1-D mesh of every rank.
+`fully_shard` on each transformer block and then on the root, over a 1-D mesh of every rank (or,
+for HSDP, a 2-D mesh: copies x shards).
 
 What it shards: attention, norms, the router, the shared experts, the embedding and the head. Each
 rank keeps 1/world of each such parameter, of its gradient and of its AdamW moments (DTensors

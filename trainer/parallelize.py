@@ -252,9 +252,10 @@ class Parallel:
 
 
 def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: Placement | None) -> Parallel:
-    """Apply expert parallelism or FSSDP (per the plan), then DDP or FSDP (parallel.dense_sharding). The model holds every expert, as built:
-    on the meta device (then it is materialized on `info.device` once the experts are sharded: a rank
-    allocates only what it holds), or initialized."""
+    """Apply expert parallelism or FSSDP (per the plan), then DDP or FSDP (parallel.dense_sharding).
+    The model holds every expert, as built: on the meta device (then it is materialized on
+    `info.device` once the experts, and under FSDP the dense weights, are sharded: a rank allocates
+    only what it holds), or initialized."""
     if info.backend is None:
         return Parallel(_materialize(model, info.device), model, info)
     mesh, gpn = None, 0
