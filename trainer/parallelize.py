@@ -198,7 +198,7 @@ class Parallel:
                  and (".experts." not in n or not self.expert_parallel)]
         dense_sq = dense_grad_sq_norm(dense, sharded=self.dense_fsdp, group=self.dense_shard_group)
         # 2. the experts' norm, each expert counted once
-        expert_sq = torch.zeros((), dtype=torch.float64)
+        expert_sq = torch.zeros((), dtype=torch.float64, device="cpu")  # the norm is read on the host
         if self.expert_parallel:
             expert_sq = (fssdp_grad_sq_norm if self.fssdp else expert_grad_sq_norm)(self.model, self.mesh)
             dist.all_reduce(expert_sq)
