@@ -33,13 +33,12 @@ MODEL = ["model.dim=1024", "model.num_layers=4", "model.num_heads=8", "model.moe
          "data.seq_len=128", "batch_size=2", "eval_every=0", "eval_batches=1", "logging=quiet"]
 
 
-def dense_collective_bytes(summary: dict, mode: str, world: int) -> float:
-    """Bytes each rank sends per step for the dense parameters (ring algorithms, fp32)."""
-    dense_bytes = summary["dense_state_bytes_per_rank"][0]["params"] * (world if mode == "fsdp" else 1)
+def dense_collective_bytes(dense_bytes: float, mode: str, world: int, reshard_after_forward: bool) -> float:
+    """Bytes each rank sends per step for `dense_bytes` of dense parameters (ring algorithms)."""
     frac = (world - 1) / world
     if mode == "ddp":
         return 2 * frac * dense_bytes
-    gathers = 2 if summary["config"]["parallel"]["reshard_after_forward"] else 1
+    gathers = 2 if reshard_after_forward else 1
     return (gathers + 1) * frac * dense_bytes  # the root's second gather is skipped: a small overcount
 
 
@@ -67,21 +66,22 @@ def main() -> None:
                 if proc.returncode:
                     sys.exit(f"{name} failed:\n{proc.stderr[-4000:]}")
                 runs[mode].append(json.loads((Path(tmp) / name / "summary.json").read_text()))
-    dense_m = runs["ddp"][0]["dense_state_bytes_per_rank"][0]["params"] / 4 / 1e6  # fp32, whole under DDP
+    dense_bytes = runs["ddp"][0]["dense_state_bytes_per_rank"][0]["params"]  # whole under DDP
     rows = []
     for mode, summaries in runs.items():
         held = [r for s in summaries for r in s["dense_state_bytes_per_rank"]]
         params = median(r["params"] for r in held)
         state = median(2 * r["params"] + r["optimizer"] for r in held)  # + gradients, as large as the parameters
         rows.append({"dense": mode, "params (M)": round(summaries[0]["params"]["total"] / 1e6, 1),
-                     "dense params (M)": round(dense_m, 2),
+                     "dense params (M)": round(dense_bytes / 4 / 1e6, 2),  # fp32
                      "dense params held per rank (MiB)": round(params / 2**20, 2),
                      "dense params + grads + AdamW per rank (MiB)": round(state / 2**20, 2),
                      "peak RSS per rank (MiB)": round(median(v for s in summaries for v in s["peak_rss_mib_per_rank"])),
                      "median step s": round(median(s["median_step_s"] for s in summaries), 4),
                      "tokens/s": round(median(s["tokens_per_s"] for s in summaries)),
                      "dense collective MiB per rank per step (computed)": round(
-                         dense_collective_bytes(summaries[0], mode, args.nproc) / 2**20, 2),
+                         dense_collective_bytes(dense_bytes, mode, args.nproc,
+                                                summaries[0]["config"]["parallel"]["reshard_after_forward"]) / 2**20, 2),
                      "final loss": round(median(s["final_train_loss"] for s in summaries), 4)})
     ddp, fsdp = rows
     fsdp["state ratio (fsdp / ddp)"] = round(fsdp["dense params + grads + AdamW per rank (MiB)"]

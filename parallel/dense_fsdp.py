@@ -97,19 +97,17 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in model.state_dict().items()}
 
 
-def dense_state_bytes(model: torch.nn.Module, optimizer, expert_params: set[int]) -> dict[str, int]:
-    """This rank's bytes of dense parameters, gradients and AdamW moments, measured from the tensors
-    it holds (a shard's local part under FSDP, the whole tensor under DDP)."""
+def dense_state_bytes(model: torch.nn.Module, optimizer, expert_names) -> dict[str, int]:
+    """This rank's bytes of dense parameters and of their AdamW moments, measured from the tensors it
+    holds (a shard's local part under FSDP, the whole tensor under DDP). Parameters named in
+    `expert_names` are left out; tied ones count once (named_parameters lists them once)."""
     reshard(model)
-    out = {"params": 0, "grads": 0, "optimizer": 0}
-    seen: set[int] = set()
-    for p in model.parameters():
-        if id(p) in expert_params or id(p) in seen:
+    out = {"params": 0, "optimizer": 0}
+    skip = set(expert_names)
+    for name, p in model.named_parameters():
+        if name in skip:
             continue
-        seen.add(id(p))
         out["params"] += local(p).numel() * p.element_size()
-        if p.grad is not None:
-            out["grads"] += local(p.grad).numel() * p.grad.element_size()
         for v in optimizer.state.get(p, {}).values():
             if torch.is_tensor(v) and v.ndim:
                 out["optimizer"] += local(v).numel() * v.element_size()

@@ -294,7 +294,7 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
             ignored = apply_expert_parallel(model, mesh, plan, capacity_factor=cf, token_dedup=dedup,
                                             device=info.device)
         DDP._set_params_and_buffers_to_ignore_for_model(model, ignored)
-    if pc.dense_sharding == "fsdp" and pc.engine == "torch":
+    if pc.dense_sharding == "fsdp":  # (ParallelConfig allows it under engine=torch only)
         # on meta too: then each rank allocates and initializes only its shards of the dense part
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -303,7 +303,8 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
                                    mesh_dim_names=("dp_replicate", "dp_shard"))
         if shard == info.world_size:
             dp_mesh = dp_mesh["dp_shard"]  # FSDP; else HSDP: replicated across the groups
-        experts = {p for n, p in model.named_parameters() if n in set(ignored)}
+        names = set(ignored)
+        experts = {p for n, p in model.named_parameters() if n in names}
         apply_fsdp(model, dp_mesh, ignored=experts, reshard_after_forward=pc.reshard_after_forward)
     _materialize(model, info.device)
     align = plan is not None and pc.expert_sharding == "fssdp" and align_owners(cfg)

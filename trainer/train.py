@@ -198,9 +198,8 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
     gpu_mib = round(torch.cuda.max_memory_allocated(info.device) / 2**20, 1) if info.device.type == "cuda" else None
     from moesaic.parallel.dense_fsdp import dense_state_bytes
 
-    experts = {id(p) for n, p in model.named_parameters() if n in set(par.expert_names)}
     # what this rank holds (its shards under FSDP); under DeepSpeed, ZeRO holds the dense AdamW state
-    dense = dense_state_bytes(model, optimizer, experts) if par.ds_engine is None else None
+    dense = dense_state_bytes(model, optimizer, par.expert_names) if par.ds_engine is None else None
     rss, gpu_peak, dense = zip(*all_gather_object((round(peak_rss_mib(), 1), gpu_mib, dense), info))  # one collective
     routing = recorder.stats(all_reduce=True)
     if info.is_main:

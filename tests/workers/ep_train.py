@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from moesaic.parallel.config import ParallelConfig
+from moesaic.parallel.dense_fsdp import local
 from moesaic.parallel.process import finish_rank
 from moesaic.parallel.doctor import make_plan
 from moesaic.parallel.moe import MoEConfig
@@ -158,7 +159,6 @@ def run(a: argparse.Namespace) -> None:
         par = parallelize(model, _Cfg, DistInfo(rank, W, rank, torch.device("cpu"), "gloo"), plan)
     finally:
         parallelize_module.apply_fsdp = real_apply_fsdp
-    report_fsdp_on = sharded_on
     if a.meta:
         allocations.__exit__(None, None, None)
         held = max(len(held_expert_ids(m)) for m in model.moe_layers())
@@ -177,7 +177,7 @@ def run(a: argparse.Namespace) -> None:
     def amp():  # parallel.mixed_precision=bf16, as the trainer's step does it
         return torch.autocast("cpu", dtype=torch.bfloat16) if a.bf16 else contextlib.nullcontext()
 
-    report = {"steps": [], "fsdp_sharded_on": report_fsdp_on}
+    report = {"steps": [], "fsdp_sharded_on": sharded_on}
     seen_dtypes = set()  # what the experts compute on, and in which dtype their weights live
     model.moe_layers()[0].experts.register_forward_pre_hook(lambda m, args: seen_dtypes.add(str(args[0].dtype)))
     for step in range(a.steps):
@@ -280,8 +280,7 @@ def run(a: argparse.Namespace) -> None:
     report["expert_input_dtypes"] = sorted(seen_dtypes)
     report["param_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
     # the share of the dense parameters' elements that this rank holds (1/W under FSDP, 1 under DDP)
-    held = [(p.to_local().numel() if isinstance(p, DTensor) else p.numel(), p.numel())
-            for n, p in model.named_parameters() if ".experts." not in n]
+    held = [(local(p).numel(), p.numel()) for n, p in model.named_parameters() if ".experts." not in n]
     share = torch.tensor([sum(h for h, _ in held) / sum(n for _, n in held)], dtype=torch.float64)
     dist.all_reduce(share, op=dist.ReduceOp.MAX)
     report["dense_share_max"], report["dense_shard_size"] = float(share), a.fsdp_shard or W
