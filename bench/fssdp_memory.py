@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,6 +30,9 @@ MODES = {
     "fssdp": dict(ep=4, sharding="fssdp", remat=True),
     "fssdp-no-remat": dict(ep=4, sharding="fssdp", remat=False),
     "fssdp-fixed-owners": dict(ep=4, sharding="fssdp", remat=True, align=False),
+    # parallel.mixed_precision=bf16: the gathers in bf16 (gather_dtype auto) and in fp32
+    "fssdp-bf16": dict(ep=4, sharding="fssdp", remat=True, bf16=True),
+    "fssdp-bf16-fp32-gather": dict(ep=4, sharding="fssdp", remat=True, bf16=True, gather="fp32"),
 }
 
 
@@ -46,12 +50,14 @@ def worker(a) -> None:
     from moesaic.trainer.dist import DistInfo
     from moesaic.trainer.model import Transformer
     from moesaic.trainer.parallelize import parallelize, resolve_plan
+    from moesaic.trainer.step import precision
 
     dist.init_process_group("gloo")
     W, rank = dist.get_world_size(), dist.get_rank()
     m = MODES[a.mode]
-    cfg = TrainConfig(parallel=ParallelConfig(ep_size=m["ep"], expert_sharding=m["sharding"],
-                                              reshard_after_forward=m["remat"]), data=DataConfig(max_bytes=3_000_000),
+    cfg = TrainConfig(parallel=ParallelConfig(ep_size=m["ep"], expert_sharding=m["sharding"], reshard_after_forward=m["remat"],
+                                              mixed_precision="bf16" if m.get("bf16") else "none",
+                                              gather_dtype=m.get("gather", "auto")), data=DataConfig(max_bytes=3_000_000),
                       placement=PlacementConfig(align_owners=m.get("align", True)))
     corpus = load_corpus(cfg.data)
     plan = resolve_plan(cfg, W)
@@ -62,17 +68,22 @@ def worker(a) -> None:
     par = parallelize(model, cfg, DistInfo(rank, W, rank, torch.device("cpu"), "gloo"), plan)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     fs.WORKING_SET.update(live=0, peak=0, grads=0, peak_total=0)
-    per_step = []
+    per_step, times = [], []
     for step in range(a.steps):
+        dist.barrier()
+        t0 = time.perf_counter()
         gather0 = sum(getattr(mm.experts, "bytes", {}).get("gather", 0) for mm in model.moe_layers())
         a2a = 0
         x, y = sample_batch(corpus.train, cfg.batch_size, cfg.data.seq_len, seed=0, stream=(0, rank, step))
-        par.train_model(x, y).loss.backward()
+        with precision(cfg, torch.device("cpu")):
+            loss = par.train_model(x, y).loss
+        loss.backward()
         for mm in model.moe_layers():
             a2a += mm.dispatcher.counters.get("a2a_bytes", 0)
         par.reduce_grads()
         opt.step()
         opt.zero_grad(set_to_none=False)
+        times.append(time.perf_counter() - t0)
         gather = sum(getattr(mm.experts, "bytes", {}).get("gather", 0) for mm in model.moe_layers()) - gather0
         per_step.append({"token_a2a": a2a, "expert_gather": gather, "expert_grad": par.counters.get("expert_grad_bytes", 0)})
     expert_params = [p for n, p in model.named_parameters() if ".experts." in n]
@@ -88,7 +99,8 @@ def worker(a) -> None:
            "working_set_peak_with_grads_MiB": fs.WORKING_SET["peak_total"] / 2**20,
            "token_a2a_MiB": last["token_a2a"] / 2**20, "expert_gather_MiB": last["expert_gather"] / 2**20,
            "expert_grad_MiB": last["expert_grad"] / 2**20, "dense_allreduce_MiB": dense_grad / 2**20,
-           "ddp_expert_allreduce_MiB": params_b / 2**20 if a.mode == "ddp" else 0.0}
+           "ddp_expert_allreduce_MiB": params_b / 2**20 if a.mode == "ddp" else 0.0,
+           "step_ms_median": 1e3 * sorted(times[1:] or times)[len(times[1:] or times) // 2]}  # the first step left out
     rows = [None] * W
     dist.all_gather_object(rows, row)
     if rank == 0:
@@ -133,7 +145,7 @@ def main() -> None:
                 r["dense_fsdp_gather_MiB (computed)"] = 2 * (total - owned)
     print(f"\n## per rank, plan {a.plan}, {a.nproc} ranks, demo model\n")
     print(table(rows, ["mode", "rank", "expert_params_MiB", "expert_grads_MiB", "adamw_states_MiB", "resident_MiB",
-                       "working_set_peak_MiB", "working_set_peak_with_grads_MiB"]))
+                       "working_set_peak_MiB", "working_set_peak_with_grads_MiB", "step_ms_median"]))
     print("\n## bytes each rank sends per step (last measured step)\n")
     print(table(rows, ["mode", "rank", "token_a2a_MiB", "expert_gather_MiB", "expert_grad_MiB", "ddp_expert_allreduce_MiB",
                        "dense_allreduce_MiB"] + (["dense_fsdp_gather_MiB (computed)"] if fs_rows else [])))

@@ -71,6 +71,12 @@ class ParallelConfig:
     """`none` (fp32) or `bf16`: forward and backward run under torch.autocast in bfloat16 (matmuls,
     attention, the experts' grouped GEMMs, and the tokens that the all-to-all moves), while the
     parameters, gradients, their reductions and AdamW's state stay fp32 (the master weights)."""
+    gather_dtype: str = "auto"
+    """FSSDP: the dtype in which the experts' weights are gathered (and computed with) and their
+    gradients returned to the owners: `fp32`, `bf16`, or `auto` (bf16 under mixed_precision=bf16,
+    else fp32). Under bf16 autocast the layer computes in bf16 either way, and the owners sum the
+    returned gradients in fp32, so bf16 moves half the bytes and holds half the working set for the
+    same result, bit for bit (the dense weights stay fp32 under DDP and FSDP)."""
     ddp_bucket_order: str = "fixed"
     """The order in which DDP packs the dense gradients into its buckets (engine=torch). `fixed`: the
     parameters' reverse registration order, which backward roughly follows, set by one all-zero
@@ -78,6 +84,13 @@ class ParallelConfig:
     buckets. `backward`: DDP's own, one bucket for a run's first backward and then the order that
     backward produced. A sum over more than 2 ranks depends on where an element sits in its bucket,
     so under `backward` a resumed run is not bit-identical to an uninterrupted one (an ulp apart)."""
+
+    def expert_gather_dtype(self):
+        """`gather_dtype` resolved to a torch dtype."""
+        import torch
+
+        bf16 = self.gather_dtype == "bf16" or (self.gather_dtype == "auto" and self.mixed_precision == "bf16")
+        return torch.bfloat16 if bf16 else torch.float32
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "gloo", "nccl"):
@@ -116,6 +129,11 @@ class ParallelConfig:
                              f"{', '.join(map(repr, ACTIVATION_CHECKPOINT))}")
         if self.mixed_precision not in ("none", "bf16"):
             raise ValueError(f"parallel.mixed_precision ({self.mixed_precision!r}) must be one of 'none', 'bf16'")
+        if self.gather_dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"parallel.gather_dtype ({self.gather_dtype!r}) must be one of 'auto', 'fp32', 'bf16'")
+        if self.gather_dtype == "bf16" and self.mixed_precision != "bf16":
+            raise ValueError(f"parallel.gather_dtype ({self.gather_dtype!r}) needs parallel.mixed_precision=bf16, not "
+                             f"{self.mixed_precision!r}: the experts would compute fp32 tokens with bf16 weights")
         if self.ddp_bucket_order not in ("fixed", "backward"):
             raise ValueError(f"parallel.ddp_bucket_order ({self.ddp_bucket_order!r}) must be one of 'fixed', 'backward'")
         if self.timeout_s <= 0:

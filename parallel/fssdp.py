@@ -11,6 +11,9 @@ gradients and AdamW state: one global copy. Each step the plan says which ranks 
 - `sparse_reduce_scatter` returns each materialized expert's gradient to its owner, summed over every
   rank that computed it, after backward;
 - a new plan only changes what the next gather fetches: nothing migrates;
+- with `gather_dtype` bf16 (under bf16 autocast), the weights travel and stay materialized in bf16,
+  cast at their owner, and the gradients travel back in bf16. A bf16 GEMM's weight gradient is bf16
+  anyway, and the owner sums the copies in fp32, so the math equals fp32 gathers bit for bit;
 - under activation checkpointing, a layer recomputed inside backward computes with the weights that
   its backward re-gathers (`restore`), so recomputation adds no gathers.
 Across "edp" (other expert domains) owners' gradients are all-reduced. Gradients are scaled to the
@@ -56,8 +59,10 @@ class FSSDPExperts(nn.Module):
     rank computes under the current plan."""
 
     def __init__(self, owned_w13, owned_w2, owned_ids: list[int], layer_plan: LayerPlan,
-                 owners: np.ndarray, group, *, reshard_after_forward: bool, kernels: str = "torch"):
+                 owners: np.ndarray, group, *, reshard_after_forward: bool, kernels: str = "torch",
+                 gather_dtype: torch.dtype | None = None):
         super().__init__()
+        self._gather_dtype = gather_dtype
         self.w13_EGD = nn.Parameter(owned_w13.detach().clone())
         self.w2_EDF = nn.Parameter(owned_w2.detach().clone())
         self.kernels = kernels
@@ -97,6 +102,11 @@ class FSSDPExperts(nn.Module):
         self.direct = all(tuple(h) == (int(self.owners[e]),) for e, h in enumerate(layer_plan.holders))
 
     @property
+    def gather_dtype(self) -> torch.dtype:
+        """What the gather moves and the layer computes with, and what carries the gradients back."""
+        return self._gather_dtype or self.w2_EDF.dtype
+
+    @property
     def num_experts(self) -> int:  # what the dispatcher's grouped GEMM sees
         return self.num_compute
 
@@ -107,7 +117,8 @@ class FSSDPExperts(nn.Module):
     def _issue_gather(self, async_op: bool):
         # 1. rows of the owned shard, ordered by (destination, expert)
         sch = self.schedule
-        send = self._owned_flat()[list(sch.send_rows)] if sch.send_rows else self._owned_flat()[:0]
+        flat = self._owned_flat()
+        send = (flat[list(sch.send_rows)] if sch.send_rows else flat[:0]).to(self.gather_dtype)  # cast, then send
         recv = send.new_empty(sum(sch.out_splits), self.row_size)
         # 2. one uneven all_to_all_single: owners -> exactly the ranks that compute each expert
         work = dist.all_to_all_single(recv, send.contiguous(), list(sch.out_splits), list(sch.in_splits),
@@ -175,7 +186,10 @@ class FSSDPExperts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         swiglu = compiled_grouped_swiglu if self.compiled else grouped_swiglu
-        return swiglu(x_TD, counts_E, *self.weights(), kernels=self.kernels)
+        ws = self.weights()
+        if ws[0].dtype != x_TD.dtype and not torch.is_autocast_enabled(x_TD.device.type):
+            ws = tuple(w.to(x_TD.dtype) for w in ws)  # bf16-gathered weights, a forward outside autocast
+        return swiglu(x_TD, counts_E, *ws, kernels=self.kernels)
 
     # -- re-materialization -------------------------------------------------------------------------
     def release(self) -> None:
@@ -227,7 +241,7 @@ class FSSDPExperts(nn.Module):
         if grad is None:
             if self._mat is not None and self.num_compute and self._mat.requires_grad and self._grad_expected:
                 raise RuntimeError("sparse_reduce_scatter ran before this layer's weight gradients were ready")
-            grad = self.w2_EDF.new_zeros(self.num_compute, self.row_size)
+            grad = self.w2_EDF.new_zeros(self.num_compute, self.row_size, dtype=self.gather_dtype)
         # 1. this rank's gradients in the order it received the weights (the gather's reverse)
         send = grad[list(sch.recv_to_local)] if sch.recv_to_local else grad[:0]
         recv = send.new_empty(sum(sch.in_splits), self.row_size)
@@ -253,10 +267,10 @@ class FSSDPExperts(nn.Module):
         if work is not None:
             work.wait()
         sch = self.schedule
-        # 3. sum every copy's gradient into the owned rows
+        # 3. sum every copy's gradient into the owned rows, in the owned dtype
         n = len(self.owned_ids)
-        owned = recv.new_zeros(n, self.row_size).index_add_(
-            0, torch.tensor(sch.send_rows, dtype=torch.int64, device=recv.device), recv)
+        owned = self.w2_EDF.new_zeros(n, self.row_size).index_add_(
+            0, torch.tensor(sch.send_rows, dtype=torch.int64, device=recv.device), recv.to(self.w2_EDF.dtype))
         self._install_grads(owned, accumulate=True)  # micro-batches of one step add up
 
     def direct_grads(self) -> None:
@@ -324,12 +338,13 @@ class FSSDPDispatcher(ExpertParallelDispatcher):
 
 def apply_fssdp(model: nn.Module, mesh, plan: Placement, *, reshard_after_forward: bool = True, prefetch: bool = True,
                 capacity_factor: float = 0.0, owners: np.ndarray | None = None, grad_scale: float | None = None,
-                token_dedup=False, device=None) -> list[str]:
+                token_dedup=False, device=None, gather_dtype: torch.dtype | None = None) -> list[str]:
     """Shard every MoE layer's experts over the "ep" axis of `mesh` (one owner per expert: `owners`,
     (E,) for every layer or (L, E); default even contiguous shards) and compute them where `plan` says.
     The model holds every expert, as built: initialized (identical on every rank), or on the meta
     device (then `device` says where the tokens will be, and `Transformer.materialize` allocates only
     the owned shard). `token_dedup`: False, True or `NodeGroups`, as `ExpertParallelDispatcher` takes it.
+    `gather_dtype`: what the weights and gradients travel in (None: the parameters' own dtype).
     Returns the names of the parameters and buffers that differ across ranks (keep them out of DDP)."""
     ep_group, rank = mesh.get_group("ep"), mesh.get_local_rank("ep")
     P = mesh.size(-1)
@@ -344,7 +359,8 @@ def apply_fssdp(model: nn.Module, mesh, plan: Placement, *, reshard_after_forwar
         full = moe.experts
         owned = [e for e in range(E) if own[e] == rank]
         store = FSSDPExperts(full.w13_EGD[owned], full.w2_EDF[owned], owned, lp, own, ep_group,
-                             reshard_after_forward=reshard_after_forward, kernels=full.kernels)
+                             reshard_after_forward=reshard_after_forward, kernels=full.kernels,
+                             gather_dtype=gather_dtype)
         store.prefetch = prefetch
         store.grad_scale = 1.0 / dist.get_world_size() if grad_scale is None else grad_scale
         store.edp_group = mesh.get_group("edp") if mesh.ndim > 1 else None

@@ -250,13 +250,19 @@ def test_load_predictors_few_steps(tmp_path):
 @pytest.mark.slow
 @pytest.mark.dist
 def test_fssdp_memory_one_step(tmp_path):
-    out = run("fssdp_memory.py", "--modes", "resident-ep4", "fssdp", "--steps", 1, "--plan", "replicated",
+    out = run("fssdp_memory.py", "--modes", "resident-ep4", "fssdp", "fssdp-bf16", "--steps", 1, "--plan", "replicated",
               "--json", tmp_path / "m.json", timeout=600)
     assert "| fssdp" in out
     rows = json.loads((tmp_path / "m.json").read_text())["rows"]
     fs = [r for r in rows if r["mode"] == "fssdp"]
     assert len(fs) == 4 and all(r["resident_MiB"] == 12.0 for r in fs)  # one copy of the 12 MiB of experts, over 4
     assert sum(r["expert_gather_MiB"] for r in fs) > 0
+    # under bf16 autocast the gathers move bf16: half the bytes both ways and half the working set,
+    # with the fp32 master weights, gradients and moments unchanged
+    bf = [r for r in rows if r["mode"] == "fssdp-bf16"]
+    for key in ("expert_gather_MiB", "expert_grad_MiB", "working_set_peak_MiB", "working_set_peak_with_grads_MiB"):
+        assert [2 * r[key] for r in bf] == [r[key] for r in fs] and sum(r[key] for r in fs) > 0, key
+    assert [r["resident_MiB"] for r in bf] == [r["resident_MiB"] for r in fs]
 
 
 @pytest.mark.slow

@@ -44,6 +44,15 @@ BF16 = [  # parallel.mixed_precision=bf16
     (4, ["--ep", 4, "--plan", "replicated", "--sharding", "fssdp", "--bf16", "--fsdp"]),
     (2, ["--ep", 2, "--plan", "replicated", "--num-experts", 16, "--dedup", "--bf16"]),  # weights travel in float64
 ]
+# FSSDP under bf16 autocast gathers bf16 weights (parallel.gather_dtype=auto); each case runs twice,
+# the second time with fp32 gathers, which must give the same parameters bit for bit
+GATHER = [
+    (4, ["--ep", 2, "--plan", "replicated", "--sharding", "fssdp", "--bf16", "--micro", 2, "--change-plan-after", 2]),
+    (2, ["--ep", 2, "--plan", "random", "--sharding", "fssdp", "--bf16", "--dedup", "--no-remat"]),
+    # the loop path (unaligned ffn dim), owners moved after the first step (Hecate Alg. 2)
+    (4, ["--ep", 4, "--plan", "replicated", "--sharding", "fssdp", "--bf16", "--ffn-dim", 10, "--reshard-after", 1]),
+]
+BF16 += [case for n, args in GATHER for case in ((n, args), (n, [*args, "--gather-dtype", "fp32"]))]
 F = ["--sharding", "fssdp", "--steps", 5]
 FSSDP = [
     (2, [*F, "--ep", 2, "--plan", "contiguous"]),
@@ -188,6 +197,54 @@ def test_bf16_autocast_steps_track_single_process(tmp_path_factory, nproc, args)
         assert abs(s["loss"] - s["ref_loss"]) < 3e-4, s
         assert abs(s["norm"] - s["ref_norm"]) < 1e-3 * s["ref_norm"], s
     assert steps[0]["max_param_diff"] < 5e-3 and steps[-1]["max_param_diff"] < 3e-2, steps
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("nproc,args", **cases(GATHER))
+def test_bf16_gathers_equal_fp32_gathers_bit_for_bit(tmp_path_factory, nproc, args):
+    """parallel.gather_dtype=bf16: FSSDP's weights travel and stay materialized in bf16, and their
+    gradients travel back in bf16. The layer computes in bf16 under autocast either way, a bf16
+    GEMM's weight gradient is bf16, and the owners sum in fp32: so every step's loss, gradient norm
+    and parameters equal those of fp32 gathers exactly, for half of both collectives' bytes."""
+    bf16 = ep_report(tmp_path_factory, nproc, args)
+    fp32 = ep_report(tmp_path_factory, nproc, [*args, "--gather-dtype", "fp32"])
+    assert bf16["expert_weight_dtypes"] == ["torch.bfloat16"], bf16["expert_weight_dtypes"]
+    assert fp32["expert_weight_dtypes"] == ["torch.float32"], fp32["expert_weight_dtypes"]
+    assert bf16["param_dtypes"] == fp32["param_dtypes"] == ["torch.float32"]  # the owned master weights
+    assert len(bf16["steps"]) == len(fp32["steps"]) == 3
+    for b, f in zip(bf16["steps"], fp32["steps"]):
+        assert (b["param_sha"], b["loss"], b["norm"]) == (f["param_sha"], f["loss"], f["norm"]), (b, f)
+        assert 2 * b["gather_bytes"] == f["gather_bytes"] > 0 and 2 * b["reduce_scatter_bytes"] == f["reduce_scatter_bytes"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_trainer_gathers_bf16_under_bf16_autocast(tmp_path):
+    """The trainer's wiring of parallel.gather_dtype: a bf16 run of FSSDP whose owners are not the
+    computing ranks (so every layer gathers), with a shared expert, full activation checkpointing
+    (recomputed layers use the re-gathered weights), gradient accumulation and evaluation. With
+    gather_dtype=auto it gathers bf16: the losses and every rank's parameters equal those of fp32
+    gathers exactly, for half the bytes of both FSSDP collectives."""
+    runs = {}
+    for gather in ("auto", "fp32"):
+        torchrun(2, ["experiment=smoke", "parallel=fssdp", "parallel.ep_size=2", "parallel.mixed_precision=bf16",
+                     f"parallel.gather_dtype={gather}", "placement.plan=round_robin", "placement.align_owners=false",
+                     "model.moe.num_shared_experts=1", "parallel.activation_checkpoint=full", "grad_accum_steps=2",
+                     "steps=6", "eval_every=3", "eval_batches=2", "logging.log_every=1", "logging.dump_rank_params=true",
+                     f"logging.out_dir={tmp_path}", f"logging.run_name={gather}"])
+        run = tmp_path / gather
+        train = [r for r in read_metrics(run) if r["kind"] == "train"]
+        runs[gather] = {"losses": [r["loss"] for r in train], "val": [r["val_loss"] for r in read_metrics(run) if r["kind"] == "eval"],
+                        "gather": sum(r["expert_gather_bytes"] for r in train), "grad": sum(r["expert_grad_bytes"] for r in train),
+                        "summary": json.loads((run / "summary.json").read_text()),
+                        "params": [torch.load(run / f"params-rank{r}.pt", weights_only=True) for r in range(2)]}
+    bf16, fp32 = runs["auto"], runs["fp32"]
+    assert bf16["summary"]["expert_gather_dtype"] == "bfloat16" and fp32["summary"]["expert_gather_dtype"] == "float32"
+    assert len(bf16["losses"]) == 6 and bf16["losses"] == fp32["losses"] and len(bf16["val"]) == 2 and bf16["val"] == fp32["val"]
+    assert 2 * bf16["gather"] == fp32["gather"] > 0 and 2 * bf16["grad"] == fp32["grad"] > 0, (bf16, fp32)
+    for a, b in zip(bf16["params"], fp32["params"]):
+        assert a.keys() == b.keys() and all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow

@@ -217,6 +217,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
         "ep_size": ep if plan or par.deepspeed_moe_ep else 1,
         "expert_sharding": cfg.parallel.expert_sharding if plan else "deepspeed-moe" if par.deepspeed_moe_ep else "replicated",
         "dense_sharding": "fsdp" if par.dense_fsdp else "zero" if par.ds_engine is not None else "ddp",
+        "expert_gather_dtype": str(cfg.parallel.expert_gather_dtype()).removeprefix("torch.") if par.fssdp else None,
         "plan": par.plan.to_dict() if par.plan is not None else None,
         "placement_history": replanner.history, "reshard_history": resharder.history, "peak_rss_mib_per_rank": list(rss),
         "peak_gpu_mib_per_rank": list(gpu_peak),  # torch.cuda.max_memory_allocated; None on CPU

@@ -13,6 +13,7 @@ plan and optimizer from its seed.
 import argparse
 import contextlib
 import copy
+import hashlib
 import json
 
 import numpy as np
@@ -82,6 +83,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--align", action="store_true", help="FSSDP owners follow the plan (placement.align_owners)")
     ap.add_argument("--micro", type=int, default=1, help="gradient accumulation: micro-batches per step")
     ap.add_argument("--bf16", action="store_true", help="forward passes (both sides) under bf16 autocast")
+    ap.add_argument("--gather-dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="parallel.gather_dtype (FSSDP): auto gathers bf16 under --bf16")
     ap.add_argument("--ffn-dim", type=int, default=16, help="10: breaks torch._grouped_mm's 16-byte rule (the loop path)")
     ap.add_argument("--num-experts", type=int, default=8, help="2 at 4 ranks: ranks that own and compute none")
     ap.add_argument("--dedup", action="store_true", help="parallel.token_dedup: each token once per destination rank")
@@ -134,7 +137,8 @@ def run(a: argparse.Namespace) -> None:
         parallel = ParallelConfig(ep_size=a.ep, expert_sharding=a.sharding, reshard_after_forward=not a.no_remat,
                                   token_dedup=a.dedup or a.node_dispatch > 0, node_dispatch=a.node_dispatch > 0,
                                   gpus_per_node=a.node_dispatch, dense_sharding="fsdp" if a.fsdp else "ddp",
-                                  dense_shard_size=a.fsdp_shard)
+                                  dense_shard_size=a.fsdp_shard, mixed_precision="bf16" if a.bf16 else "none",
+                                  gather_dtype=a.gather_dtype)
 
         class placement:
             align_owners = a.align
@@ -178,8 +182,14 @@ def run(a: argparse.Namespace) -> None:
         return torch.autocast("cpu", dtype=torch.bfloat16) if a.bf16 else contextlib.nullcontext()
 
     report = {"steps": [], "fsdp_sharded_on": sharded_on}
-    seen_dtypes = set()  # what the experts compute on, and in which dtype their weights live
-    model.moe_layers()[0].experts.register_forward_pre_hook(lambda m, args: seen_dtypes.add(str(args[0].dtype)))
+    seen_dtypes, weight_dtypes = set(), set()  # what the experts compute on, and with which weights
+
+    def seen(m, args):
+        seen_dtypes.add(str(args[0].dtype))
+        weight_dtypes.add(str((m.weights()[0] if hasattr(m, "weights") else m.w13_EGD).dtype))
+
+    for m in model.moe_layers():
+        m.experts.register_forward_pre_hook(seen)
     for step in range(a.steps):
         if a.change_plan_after and step == a.change_plan_after:
             from moesaic.parallel.fssdp import set_fssdp_plan
@@ -207,7 +217,7 @@ def run(a: argparse.Namespace) -> None:
 
             loads = np.random.default_rng(5).random((mcfg.num_moe_layers, a.num_experts))
             report["reshard_bytes"] = reshard_owners(model, opt, [hecate_owners(lo, a.ep, 2) for lo in loads])
-        gather_before = _bytes(model, "gather")
+        gather_before, rs_before = _bytes(model, "gather"), _bytes(model, "reduce_scatter")
         x, y = batch(rank, step)
         losses, counts = [], 0
         for i in range(a.micro):  # the rank's batch in micro-batches; their mean loss is the batch's
@@ -230,7 +240,8 @@ def run(a: argparse.Namespace) -> None:
         dist.all_reduce(moved)  # rows and token-slots that left their rank (the last micro-batch's)
         loss = torch.tensor([sum(losses) / a.micro], dtype=torch.float64)
         dist.all_reduce(loss)
-        gbytes = torch.tensor([_bytes(model, "gather") - gather_before], dtype=torch.float64)
+        gbytes = torch.tensor([_bytes(model, "gather") - gather_before,
+                               _bytes(model, "reduce_scatter") - rs_before], dtype=torch.float64)
         dist.all_reduce(gbytes)
         # assemble this step's parameters on rank 0: dense from rank 0, each expert from its first holder
         # (FSDP's shards gathered whole, a collective in the same order on every rank)
@@ -274,10 +285,14 @@ def run(a: argparse.Namespace) -> None:
                 diffs[f"moe{li}.{n}"] = float((full - getattr(ref.moe_layers()[li].experts, n).detach()).abs().max())
             report["steps"].append({"loss": float(loss) / W, "ref_loss": float(total), "norm": float(norm),
                                     "ref_norm": float(ref_norm), "max_param_diff": max(diffs.values()),
-                                    "gather_bytes": float(gbytes), "rows_sent": float(moved[0]),
+                                    "gather_bytes": float(gbytes[0]), "reduce_scatter_bytes": float(gbytes[1]),
+                                    "param_sha": hashlib.sha256(b"".join(
+                                        t.numpy().tobytes() for t in [*dense.values(), *experts.values()])).hexdigest(),
+                                    "rows_sent": float(moved[0]),
                                     "slots_sent": float(moved[1]), "inter_node_bytes": float(moved[2]),
                                     "worst": max(diffs, key=diffs.get)})
     report["expert_input_dtypes"] = sorted(seen_dtypes)
+    report["expert_weight_dtypes"] = sorted(weight_dtypes)  # FSSDP: as gathered
     report["param_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
     # the share of the dense parameters' elements that this rank holds (1/W under FSDP, 1 under DDP)
     held = [(local(p).numel(), p.numel()) for n, p in model.named_parameters() if ".experts." not in n]
