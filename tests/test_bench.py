@@ -396,3 +396,17 @@ def test_init_memory_tiny(tmp_path):
     whole, meta = rows[("fssdp", "whol")], rows[("fssdp", "meta")]
     assert whole["params held per rank (MiB)"] == meta["params held per rank (MiB)"]
     assert meta["RSS growth in build (MiB)"] < whole["RSS growth in build (MiB)"]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_dense_sharding_short(tmp_path):
+    """bench/dense_sharding.py at 2 ranks on the smoke model: FSDP holds about half of the dense state
+    that DDP holds on each rank (FSDP2 pads each parameter's dim 0 to a multiple of 2)."""
+    out = run("dense_sharding.py", "--nproc", 2, "--repeats", 1, "--steps", 2, "--json", tmp_path / "d.json",
+              "experiment=smoke", "eval_every=0", "logging=quiet", timeout=600)
+    assert "| ddp" in out and "| fsdp" in out
+    ddp, fsdp = json.loads((tmp_path / "d.json").read_text())["rows"]
+    assert (ddp["dense"], fsdp["dense"]) == ("ddp", "fsdp")
+    assert 0.45 < fsdp["state ratio (fsdp / ddp)"] < 0.6, fsdp
+    assert fsdp["dense params held per rank (MiB)"] < 0.6 * ddp["dense params held per rank (MiB)"]
