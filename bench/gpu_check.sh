@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issues #4 and #8 as prepared runs for a lent H100/H200 (the device tool):
-#   bash bench/gpu_check.sh [first|fused|moments|modes|next|layer|trainer|baseline]   # JSON and one log under $OUT (or bench/results)
+#   bash bench/gpu_check.sh [first|fused|moments|autotune|modes|next|layer|trainer|baseline]   # JSON and one log under $OUT (or bench/results)
 # The library stores w13 = [w1; w3] since the fourth session; `--variant w1w3` (bench/gpu_variants.py)
 # is the layout before it, and `--variant fused` is `model.moe.kernels=triton`. The parts that
 # produced the second session's tables (overlap, ablate, confirm, w13check) are in git history
@@ -17,6 +17,8 @@
 # kernels), whole steps at batch 8 with and without the Triton kernels, and the router options' cost.
 # fused (128 s) and moments (159 s): the eighteenth session's step profile with the Triton kernels, and
 # fp32 against bf16 AdamW moments, interleaved, with their 60-step loss curves.
+# autotune (about 5 minutes, not yet run): #4's layer compiled with max-autotune (inductor's Triton
+# grouped-GEMM template timed against torch._grouped_mm per GEMM) and with CUDA graphs, per shape.
 # modes (about 5 minutes, not yet run): the best setup with torch.compile's CUDA graphs
 # (reduce-overhead) and max-autotune, for the 2.3% that #8 part 2 lacks on the strict measure.
 # trainer (about 5 minutes; first `bash bench/fetch_wheels.sh` here, and carry [".whl"]):
@@ -108,6 +110,17 @@ if [ "$PART" = modes ]; then  # (about 5 minutes) #8's remaining 2.3%: torch.com
   train gpu_train_mode_cudagraphs 120 $best --compile-mode reduce-overhead
   train gpu_train_mode_cudagraphs_overlap 120 $best --compile-mode reduce-overhead --overlap-optimizer equal
   train gpu_train_mode_autotune 200 $best --compile-mode max-autotune-no-cudagraphs --overlap-optimizer equal
+  echo "## $(date +%T) done" | tee -a "$LOG"
+  exit 0
+fi
+if [ "$PART" = autotune ]; then  # (about 5 minutes) #4's fine-grained shapes under inductor's max-autotune and CUDA graphs
+  # one shape per process, each with its own limit, fine-grained first: a part cut off keeps the rows printed
+  for shape in deepseekmoe-16b olmoe mixtral; do
+    echo "## $(date +%T) expert layer $shape: compile modes" | tee -a "$LOG"
+    timeout 150 python3 bench/gpu_moe_layer.py --compiled --iters 10 --shapes $shape \
+      --runs compiled compiled_triton graphs graphs_triton autotune autotune_w1w3 \
+      --json "$OUT/gpu_moe_layer_modes_$shape.json" 2>&1 | tee -a "$LOG"
+  done
   echo "## $(date +%T) done" | tee -a "$LOG"
   exit 0
 fi

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,31 +77,45 @@ def _layer(s, tokens, device, dtype):
     return experts, LocalDispatcher(), x, route
 
 
-def run_compiled(name, s, tokens, device, dtype, iters, profile=None) -> dict:
-    """The layer eager and under torch.compile: the library with torch and with Triton element-wise
-    kernels, the layout before w13 (w1w3), and the Triton layer with loop dW. The grouped GEMMs stay
-    torch._grouped_mm in all of them."""
+# run -> (variant, torch.compile mode or None for eager); the default runs, then the compile modes'
+# runs (`--runs`): inductor's max-autotune times its Triton grouped-GEMM template (TMA, on sm90) against
+# torch._grouped_mm for each GEMM, and reduce-overhead replays the layer as CUDA graphs
+RUNS = {"eager": ("library", None), "compiled": ("library", "default"), "compiled_w1w3": ("w1w3", "default"),
+        "triton": ("triton", None), "compiled_triton": ("triton", "default"), "triton_loop_dw": ("triton_loop_dw", None),
+        "autotune": ("library", "max-autotune-no-cudagraphs"), "autotune_w1w3": ("w1w3", "max-autotune-no-cudagraphs"),
+        "graphs": ("library", "reduce-overhead"), "graphs_triton": ("triton", "reduce-overhead")}
+DEFAULT_RUNS = ["eager", "compiled", "compiled_w1w3", "triton", "compiled_triton", "triton_loop_dw"]
+
+
+def run_compiled(name, s, tokens, device, dtype, iters, profile=None, runs=DEFAULT_RUNS) -> dict:
+    """The layer eager and under torch.compile (`RUNS`): by default the library with torch and with
+    Triton element-wise kernels, the layout before w13 (w1w3), and the Triton layer with loop dW.
+    The grouped GEMMs are torch._grouped_mm in all of them but max-autotune's, where inductor may
+    pick its own. Errors are measured against the first run (eager unless `runs` says otherwise)."""
     experts, dispatch, x, route = _layer(s, tokens, device, dtype)
     flops = 3 * 2 * tokens * s["top_k"] * s["dim"] * s["ffn"] * 3
     row = {"shape": name, **s, "tokens": tokens}
     v = variants(experts)
-    runs = (("eager", v["library"]), ("compiled", v["library"]), ("compiled_w1w3", v["w1w3"]), ("triton", v["triton"]),
-            ("compiled_triton", v["triton"]), ("triton_loop_dw", v["triton_loop_dw"]))
-    for label, ex in runs:
-        def layer(inp, ex=ex):
+    y0 = None
+    for label in runs:
+        variant, mode = RUNS[label]
+
+        def layer(inp, ex=v[variant]):
             return dispatch(inp, route, ex)
-        if label.startswith("compiled"):
+        if mode is not None:
             # each (shape, run) its own static-shape compile: the same code object compiled again for
             # another shape would be recompiled with dynamic shapes, and past dynamo's cache limit
             # (8) run eagerly
             torch._dynamo.reset()
-            fn = torch.compile(layer, dynamic=False)
+            fn = torch.compile(layer, dynamic=False, mode=mode)
         else:
             fn = layer
-        y = fn(x).detach().float()
-        if label == "eager":
-            y0 = y
-        row[f"{label}_max_rel_diff_vs_eager"] = float((y - y0).abs().max() / y0.abs().max())
+        t0 = time.perf_counter()
+        y = fn(x).detach().float()  # the first call compiles (and autotunes)
+        fn(x).sum().backward()
+        row[f"{label}_first_call_s"] = time.perf_counter() - t0
+        y0 = y if y0 is None else y0
+        row[f"{label}_max_rel_diff_vs_{runs[0]}"] = float((y - y0).abs().max() / y0.abs().max())
         row[f"{label}_fwd_bwd_tflops"] = flops / timeit(lambda: fn(x).sum().backward(), device, iters) / 1e12
         if profile:
             profile_to(f"{profile}_{name}_{label}.txt", lambda: fn(x).sum().backward(), device, steps=3)
@@ -208,6 +223,9 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a small CPU-sized shape (smoke test)")
     ap.add_argument("--compiled", action="store_true",
                     help="only the layer eager against torch.compile'd (library with torch and Triton kernels, w1w3)")
+    ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, choices=list(RUNS),
+                    help="with --compiled: which runs, in this order (the first is the reference for the errors)")
+    ap.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES), help="only these shapes")
     ap.add_argument("--profile", default=None, help="with --compiled: kernel profiles, written to PROFILE_<shape>_<run>.txt")
     ap.add_argument("--traffic", action="store_true",
                     help="only the bytes moved outside the GEMMs, torch against Triton kernels, counted on meta tensors")
@@ -221,11 +239,11 @@ def main() -> None:
     device = torch.device(a.device)
     # torch._grouped_mm's compile-time (meta) check takes bf16 only, on a CPU too
     dtype = torch.bfloat16 if device.type == "cuda" or a.compiled else torch.float32
-    shapes = TINY if a.tiny else SHAPES
+    shapes = TINY if a.tiny else {n: SHAPES[n] for n in a.shapes} if a.shapes else SHAPES
     tokens = 256 if a.tiny else a.tokens
     dense = dense_rate(device, dtype, 256 if a.tiny else 8192)
     if a.compiled:
-        rows = [run_compiled(n, s, tokens, device, dtype, 3 if a.tiny else a.iters, a.profile)
+        rows = [run_compiled(n, s, tokens, device, dtype, 3 if a.tiny else a.iters, a.profile, a.runs)
                 for n, s in shapes.items() if n != "gpu_train-model"]
         dense = max(dense, dense_rate(device, dtype, 256 if a.tiny else 8192))
         for r in rows:

@@ -24,6 +24,19 @@ def test_gpu_moe_layer_tiny_on_cpu(tmp_path):
     assert rows[0]["fwd_bwd_tflops"] > 0
 
 
+@pytest.mark.slow
+def test_gpu_moe_layer_compile_modes_tiny_on_cpu(tmp_path):
+    """--compiled with the compile modes of the GPU check's `autotune` part: every run computes the
+    layer eager computes (bf16 rounding apart) and is timed."""
+    runs = ["eager", "compiled", "autotune", "graphs"]
+    out = run("gpu_moe_layer.py", "--device", "cpu", "--tiny", "--compiled", "--runs", *runs, "--json", tmp_path / "r.json",
+              timeout=600)
+    assert "autotune_fwd_bwd_tflops" in out
+    (row,) = json.loads((tmp_path / "r.json").read_text())["rows"]
+    for r in runs:
+        assert row[f"{r}_max_rel_diff_vs_eager"] < 0.02 and row[f"{r}_fwd_bwd_tflops"] > 0, (r, row)
+
+
 def test_activation_memory_demo_model(tmp_path):
     out = run("activation_memory.py", "--skip-big", "--iters", 1, "--batch", 2, "--seq", 32, "--json", tmp_path / "a.json")
     assert "| demo, 2 x 32 tokens | full" in out
