@@ -1,6 +1,7 @@
 """The dense parameters under DDP against FSDP (`parallel.dense_sharding`), in the real trainer.
 
     python bench/dense_sharding.py [--nproc 4] [--repeats 2] [--steps 20] [--experts fssdp] [--json out.json] [overrides...]
+    python bench/dense_sharding.py --modes ddp fsdp fsdp-bf16 --mixed-precision bf16   # FSDP2's bf16 gathers
 
 Each (dense_sharding) runs in its own torchrun launch of `--nproc` gloo ranks, `--repeats` times,
 interleaved (ddp, fsdp, ddp, fsdp, ...). From each run's summary.json: the dense state each rank
@@ -33,12 +34,18 @@ MODEL = ["model.dim=1024", "model.num_layers=4", "model.num_heads=8", "model.moe
          "data.seq_len=128", "batch_size=2", "eval_every=0", "eval_batches=1", "logging=quiet"]
 
 
+MODES = {"ddp": ["parallel.dense_sharding=ddp"], "fsdp": ["parallel.dense_sharding=fsdp"],
+         # FSDP2's mixed precision (needs parallel.mixed_precision=bf16 among the overrides)
+         "fsdp-bf16": ["parallel.dense_sharding=fsdp", "parallel.dense_gather_dtype=bf16"]}
+
+
 def dense_collective_bytes(dense_bytes: float, mode: str, world: int, reshard_after_forward: bool) -> float:
-    """Bytes each rank sends per step for `dense_bytes` of dense parameters (ring algorithms)."""
+    """Bytes each rank sends per step for `dense_bytes` of fp32 dense parameters (ring algorithms);
+    fsdp-bf16 gathers bf16 copies (half the bytes) and reduce-scatters fp32 gradients."""
     frac = (world - 1) / world
     if mode == "ddp":
         return 2 * frac * dense_bytes
-    gathers = 2 if reshard_after_forward else 1
+    gathers = (2 if reshard_after_forward else 1) * (0.5 if mode == "fsdp-bf16" else 1)
     return (gathers + 1) * frac * dense_bytes  # the root's second gather is skipped: a small overcount
 
 
@@ -48,25 +55,29 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--experts", default="fssdp", choices=["fssdp", "ep", "ddp"], help="the parallel= group")
+    ap.add_argument("--modes", nargs="+", default=["ddp", "fsdp"], choices=list(MODES),
+                    help="the first is the reference of the ratios")
+    ap.add_argument("--mixed-precision", default=None, choices=["none", "bf16"], help="parallel.mixed_precision, added to the overrides")
     ap.add_argument("--json", default=None)
     ap.add_argument("overrides", nargs="*", help="hydra overrides (default: the model above)")
     args = ap.parse_args()
-    overrides = args.overrides or MODEL
+    overrides = (args.overrides or MODEL) + ([f"parallel.mixed_precision={args.mixed_precision}"] if args.mixed_precision else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs: dict[str, list[dict]] = {"ddp": [], "fsdp": []}
+    runs: dict[str, list[dict]] = {m: [] for m in args.modes}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):
-            for mode in runs:
+            for mode in runs:  # interleaved
                 name = f"{mode}-{rep}"
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
-                       "-m", "moesaic.trainer", f"parallel={args.experts}", f"parallel.dense_sharding={mode}",
+                       "-m", "moesaic.trainer", f"parallel={args.experts}", *MODES[mode],
                        f"steps={args.steps}", "optim.warmup_steps=2", f"logging.out_dir={tmp}",
                        f"logging.run_name={name}", *overrides]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp, timeout=1800)
                 if proc.returncode:
                     sys.exit(f"{name} failed:\n{proc.stderr[-4000:]}")
                 runs[mode].append(json.loads((Path(tmp) / name / "summary.json").read_text()))
-    dense_bytes = runs["ddp"][0]["dense_state_bytes_per_rank"][0]["params"]  # whole under DDP
+    held0 = runs[args.modes[0]][0]["dense_state_bytes_per_rank"]  # DDP: a whole copy per rank; FSDP: shards (padded)
+    dense_bytes = runs["ddp"][0]["dense_state_bytes_per_rank"][0]["params"] if "ddp" in runs else sum(r["params"] for r in held0)
     rows = []
     for mode, summaries in runs.items():
         held = [r for s in summaries for r in s["dense_state_bytes_per_rank"]]
@@ -81,12 +92,13 @@ def main() -> None:
                      "tokens/s": round(median(s["tokens_per_s"] for s in summaries)),
                      "dense collective MiB per rank per step (computed)": round(
                          dense_collective_bytes(dense_bytes, mode, args.nproc,
-                                                summaries[0]["config"]["parallel"]["reshard_after_forward"]) / 2**20, 2),
+                                                summaries[0]["config"]["parallel"]["reshard_after_forward"]) / 2**20, 4),
                      "final loss": round(median(s["final_train_loss"] for s in summaries), 4)})
-    ddp, fsdp = rows
-    fsdp["state ratio (fsdp / ddp)"] = round(fsdp["dense params + grads + AdamW per rank (MiB)"]
-                                             / ddp["dense params + grads + AdamW per rank (MiB)"], 3)
-    fsdp["step time ratio"] = round(fsdp["median step s"] / ddp["median step s"], 3)
+    first = rows[0]
+    for r in rows[1:]:  # against the first mode
+        r[f"state ratio (vs {first['dense']})"] = round(r["dense params + grads + AdamW per rank (MiB)"]
+                                                        / first["dense params + grads + AdamW per rank (MiB)"], 3)
+        r[f"step time ratio (vs {first['dense']})"] = round(r["median step s"] / first["median step s"], 3)
     print(f"{args.nproc} gloo ranks, parallel={args.experts}, {args.steps} steps, {args.repeats} launches per row "
           f"(interleaved), overrides: {' '.join(overrides)}")
     print(table(rows, list(dict.fromkeys(c for r in rows for c in r))))

@@ -77,6 +77,12 @@ class ParallelConfig:
     else fp32). Under bf16 autocast the layer computes in bf16 either way, and the owners sum the
     returned gradients in fp32, so bf16 moves half the bytes and holds half the working set for the
     same result, bit for bit (the dense weights stay fp32 under DDP and FSDP)."""
+    dense_gather_dtype: str = "fp32"
+    """With dense_sharding=fsdp and mixed_precision=bf16: `bf16` is FSDP2's mixed precision
+    (torchtitan's mixed_precision_param): the dense weights are all-gathered in bf16 (half the
+    bytes) and computed with as bf16, norms and embedding included, so the residual stream is bf16
+    too; the gradients are reduce-scattered in fp32 into the fp32 shards. `fp32` gathers fp32 and
+    leaves the casts to autocast (the residual stream stays fp32)."""
     ddp_bucket_order: str = "fixed"
     """The order in which DDP packs the dense gradients into its buckets (engine=torch). `fixed`: the
     parameters' reverse registration order, which backward roughly follows, set by one all-zero
@@ -134,6 +140,11 @@ class ParallelConfig:
         if self.gather_dtype == "bf16" and self.mixed_precision != "bf16":
             raise ValueError(f"parallel.gather_dtype ({self.gather_dtype!r}) needs parallel.mixed_precision=bf16, not "
                              f"{self.mixed_precision!r}: the experts would compute fp32 tokens with bf16 weights")
+        if self.dense_gather_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"parallel.dense_gather_dtype ({self.dense_gather_dtype!r}) must be one of 'fp32', 'bf16'")
+        if self.dense_gather_dtype == "bf16" and (self.dense_sharding != "fsdp" or self.mixed_precision != "bf16"):
+            raise ValueError(f"parallel.dense_gather_dtype ({self.dense_gather_dtype!r}) needs parallel.dense_sharding=fsdp "
+                             f"and parallel.mixed_precision=bf16, not {self.dense_sharding!r} and {self.mixed_precision!r}")
         if self.ddp_bucket_order not in ("fixed", "backward"):
             raise ValueError(f"parallel.ddp_bucket_order ({self.ddp_bucket_order!r}) must be one of 'fixed', 'backward'")
         if self.timeout_s <= 0:

@@ -16,6 +16,11 @@ Per block, each step (FSDP2's own sequence; the experts' collectives run inside 
        mean that DDP's all-reduce gives), into each rank's gradient shard; under HSDP, within the
        group, then all-reduce the shard across the groups.
 The math is DDP's: the same losses and parameters, up to the order of the sums.
+
+`param_dtype=torch.bfloat16` is FSDP2's mixed precision (torchtitan's `mixed_precision_param`):
+step 1 gathers bf16 copies of the fp32 shards, and every dense module computes with bf16 weights,
+the norms and the embedding included, so the residual stream is bf16 too (under plain bf16
+autocast it stays fp32); step 4 reduce-scatters the gradients in fp32 into the fp32 shards.
 """
 
 from __future__ import annotations
@@ -28,21 +33,25 @@ from torch.distributed.tensor import DTensor
 
 
 def apply_fsdp(model: torch.nn.Module, mesh, *, ignored: set[torch.nn.Parameter] | None = None,
-               reshard_after_forward: bool = True) -> torch.nn.Module:
+               reshard_after_forward: bool = True, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Shard the dense parameters of `model` (a `Transformer`, on meta or materialized) over `mesh`:
     each block, then the root (the embedding, final norm and the head, tied or not). A 1-D mesh
     shards over all its ranks (FSDP); a 2-D one (replicate, shard) shards along its second dimension
     and keeps a copy per row (HSDP). Parameters in `ignored` (the routed experts) stay as they are.
+    `param_dtype`: what the weights are gathered and computed in (None: their own dtype).
     Returns the model (FSDP2 changes it in place)."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if mesh.ndim not in (1, 2):
         raise ValueError(f"apply_fsdp: the mesh must be 1-D (FSDP) or 2-D (HSDP: replicate, shard), not {mesh.ndim}-D")
     ignored = set(ignored or ())
+    # the blocks' float inputs (the rotary tables) stay as they are: only the weights are cast
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None,
+                              cast_forward_inputs=False)
     for block in model.layers:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored, mp_policy=mp)
     # the root's parameters are needed again at once by the backward: keep them gathered (torchtitan)
-    fully_shard(model, mesh=mesh, reshard_after_forward=False, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, ignored_params=ignored, mp_policy=mp)
     return model
 
 

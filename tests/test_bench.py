@@ -417,9 +417,13 @@ def test_dense_sharding_short(tmp_path):
     """bench/dense_sharding.py at 2 ranks on the smoke model: FSDP holds about half of the dense state
     that DDP holds on each rank (FSDP2 pads each parameter's dim 0 to a multiple of 2)."""
     out = run("dense_sharding.py", "--nproc", 2, "--repeats", 1, "--steps", 2, "--json", tmp_path / "d.json",
+              "--modes", "ddp", "fsdp", "fsdp-bf16", "--mixed-precision", "bf16",
               "experiment=smoke", "eval_every=0", "logging=quiet", timeout=600)
-    assert "| ddp" in out and "| fsdp" in out
-    ddp, fsdp = json.loads((tmp_path / "d.json").read_text())["rows"]
-    assert (ddp["dense"], fsdp["dense"]) == ("ddp", "fsdp")
-    assert 0.45 < fsdp["state ratio (fsdp / ddp)"] < 0.6, fsdp
+    assert "| ddp" in out and "| fsdp-bf16" in out
+    ddp, fsdp, fsdp16 = json.loads((tmp_path / "d.json").read_text())["rows"]
+    assert (ddp["dense"], fsdp["dense"], fsdp16["dense"]) == ("ddp", "fsdp", "fsdp-bf16")
+    # the same fp32 shards; the gathers in bf16: 2 of the 3 (W-1)/W transfers halved
+    key = "dense collective MiB per rank per step (computed)"
+    assert fsdp16[key] == pytest.approx(fsdp[key] * 2 / 3, rel=0.01) and fsdp16["state ratio (vs ddp)"] == fsdp["state ratio (vs ddp)"]
+    assert 0.45 < fsdp["state ratio (vs ddp)"] < 0.6, fsdp
     assert fsdp["dense params held per rank (MiB)"] < 0.6 * ddp["dense params held per rank (MiB)"]

@@ -52,6 +52,14 @@ GATHER = [
     # the loop path (unaligned ffn dim), owners moved after the first step (Hecate Alg. 2)
     (4, ["--ep", 4, "--plan", "replicated", "--sharding", "fssdp", "--bf16", "--ffn-dim", 10, "--reshard-after", 1]),
 ]
+# FSDP2's mixed precision for the dense parameters (parallel.dense_gather_dtype=bf16); the reference
+# computes each rank's batch with bf16 copies of the weights and sums the fp32 casts of the gradients
+FSDP16 = [
+    (2, ["--ep", 1, "--plan", "contiguous", "--fsdp", "--bf16", "--fsdp-bf16"]),  # each rank its own experts too
+    (4, ["--ep", 1, "--plan", "contiguous", "--fsdp", "--bf16", "--fsdp-bf16"]),
+    (4, ["--ep", 2, "--plan", "replicated", "--sharding", "fssdp", "--fsdp", "--bf16", "--fsdp-bf16", "--fsdp-shard", 2]),
+]
+BF16 += FSDP16
 BF16 += [case for n, args in GATHER for case in ((n, args), (n, [*args, "--gather-dtype", "fp32"]))]
 F = ["--sharding", "fssdp", "--steps", 5]
 FSSDP = [
@@ -216,6 +224,28 @@ def test_bf16_gathers_equal_fp32_gathers_bit_for_bit(tmp_path_factory, nproc, ar
     for b, f in zip(bf16["steps"], fp32["steps"]):
         assert (b["param_sha"], b["loss"], b["norm"]) == (f["param_sha"], f["loss"], f["norm"]), (b, f)
         assert 2 * b["gather_bytes"] == f["gather_bytes"] > 0 and 2 * b["reduce_scatter_bytes"] == f["reduce_scatter_bytes"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("nproc,args", **cases(FSDP16))
+def test_fsdp_bf16_weights_match_a_bf16_weight_reference(tmp_path_factory, nproc, args):
+    """parallel.dense_gather_dtype=bf16: the dense modules compute with bf16 weights on a bf16
+    residual stream, their fp32 shards take the fp32 sum of the ranks' gradients. Where every rank
+    computes its own tokens' experts (ep 1), the first step equals the reference's to fp32's last
+    bits (the clipping norm's summation order); a bf16-autocast reference with fp32 weights is
+    1e-3 away. Later steps, and expert parallelism (whose experts' gradients are one bf16 GEMM over
+    every rank's tokens), stay within bf16's bounds: one ulp of a master weight can move its bf16
+    copy, which AdamW then amplifies."""
+    report = ep_report(tmp_path_factory, nproc, args)
+    _check_meta(report, args)
+    _check_fsdp(report, args)
+    assert report["dense_compute_dtypes"] == ["input torch.bfloat16", "weight torch.bfloat16"], report["dense_compute_dtypes"]
+    assert report["param_dtypes"] == ["torch.float32"]  # the fp32 shards (and experts)
+    first, *rest = report["steps"]
+    if "--ep" in args and args[args.index("--ep") + 1] == 1:
+        assert abs(first["loss"] - first["ref_loss"]) < 1e-6 and first["max_param_diff"] < 1e-6, first
+    assert len(rest) == 2 and all(abs(s["loss"] - s["ref_loss"]) < 3e-4 and s["max_param_diff"] < 3e-2 for s in rest), rest
 
 
 @pytest.mark.slow

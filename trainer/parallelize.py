@@ -305,7 +305,8 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
             dp_mesh = dp_mesh["dp_shard"]  # FSDP; else HSDP: replicated across the groups
         names = set(ignored)
         experts = {p for n, p in model.named_parameters() if n in names}
-        apply_fsdp(model, dp_mesh, ignored=experts, reshard_after_forward=pc.reshard_after_forward)
+        apply_fsdp(model, dp_mesh, ignored=experts, reshard_after_forward=pc.reshard_after_forward,
+                   param_dtype=torch.bfloat16 if pc.dense_gather_dtype == "bf16" else None)
     _materialize(model, info.device)
     align = plan is not None and pc.expert_sharding == "fssdp" and align_owners(cfg)
     if pc.engine == "deepspeed":  # the engine is built with the optimizer (build_optimizer)

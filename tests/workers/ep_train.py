@@ -66,6 +66,14 @@ class ExpertAllocations(TorchDispatchMode):
         return out
 
 
+def bf16_weights(model):
+    """A copy of `model` whose parameters are bf16 (its buffers as they are)."""
+    copy16 = copy.deepcopy(model)
+    for p in copy16.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    return copy16
+
+
 def _bytes(model, kind):
     return sum(getattr(m.experts, "bytes", {}).get(kind, 0) for m in model.moe_layers())
 
@@ -93,6 +101,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--meta", action="store_true", help="build the model on the meta device, as the trainer does")
     ap.add_argument("--fsdp", action="store_true", help="parallel.dense_sharding=fsdp: the dense parameters FSDP2-sharded")
     ap.add_argument("--fsdp-shard", type=int, default=0, help="with --fsdp: parallel.dense_shard_size (HSDP)")
+    ap.add_argument("--fsdp-bf16", action="store_true",
+                    help="with --fsdp --bf16: parallel.dense_gather_dtype=bf16; the reference then computes each rank's "
+                         "batch with bf16 copies of its weights and sums the fp32 casts of their gradients")
     ap.add_argument("--out", required=True)
     return ap
 
@@ -138,7 +149,7 @@ def run(a: argparse.Namespace) -> None:
                                   token_dedup=a.dedup or a.node_dispatch > 0, node_dispatch=a.node_dispatch > 0,
                                   gpus_per_node=a.node_dispatch, dense_sharding="fsdp" if a.fsdp else "ddp",
                                   dense_shard_size=a.fsdp_shard, mixed_precision="bf16" if a.bf16 else "none",
-                                  gather_dtype=a.gather_dtype)
+                                  gather_dtype=a.gather_dtype, dense_gather_dtype="bf16" if a.fsdp_bf16 else "fp32")
 
         class placement:
             align_owners = a.align
@@ -190,6 +201,9 @@ def run(a: argparse.Namespace) -> None:
 
     for m in model.moe_layers():
         m.experts.register_forward_pre_hook(seen)
+    dense_dtypes = set()  # what a dense module computes with: its weight, and its input (the residual stream)
+    model.layers[-1].ffn_norm.register_forward_pre_hook(
+        lambda m, args: dense_dtypes.update({f"weight {m.weight.dtype}", f"input {args[0].dtype}"}))
     for step in range(a.steps):
         if a.change_plan_after and step == a.change_plan_after:
             from moesaic.parallel.fssdp import set_fssdp_plan
@@ -263,17 +277,28 @@ def run(a: argparse.Namespace) -> None:
                 experts[(li, n)] = full
         if rank == 0:
             total, outs = 0.0, []
+            # --fsdp-bf16: FSDP2's mixed precision, rank by rank: the forward with bf16 copies of the
+            # weights (buffers stay fp32), each rank's bf16 gradients cast to fp32 and summed
+            fwd = bf16_weights(ref) if a.fsdp_bf16 else ref
             for r in range(W):
                 xr, yr = batch(r, step)
                 ids_r = []
                 for i in range(a.micro):  # the same micro-batches (the aux loss is per micro-batch)
                     with amp():
-                        o = ref(xr.chunk(a.micro)[i], yr.chunk(a.micro)[i])
+                        o = fwd(xr.chunk(a.micro)[i], yr.chunk(a.micro)[i])
                     total = total + o.loss / (W * a.micro)
                     outs.append(o)
-                    ids_r.append([mm.last_route.expert_ids_TK.clone() for mm in ref.moe_layers()])
+                    ids_r.append([mm.last_route.expert_ids_TK.clone() for mm in fwd.moe_layers()])
                 ref_ids.append([torch.cat([ids[l] for ids in ids_r]) for l in range(mcfg.num_moe_layers)])
-            total.backward()
+                if a.fsdp_bf16:  # this rank's gradient, as FSDP reduce-scatters it (fp32)
+                    total.backward()
+                    for p, q in zip(ref.parameters(), fwd.parameters()):
+                        if q.grad is not None:
+                            p.grad = q.grad.float() if p.grad is None else p.grad + q.grad.float()
+                            q.grad = None
+                    total = total.detach()
+            if not a.fsdp_bf16:
+                total.backward()
             ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
             ref_opt.step()
             ref_opt.zero_grad()
@@ -293,6 +318,7 @@ def run(a: argparse.Namespace) -> None:
                                     "worst": max(diffs, key=diffs.get)})
     report["expert_input_dtypes"] = sorted(seen_dtypes)
     report["expert_weight_dtypes"] = sorted(weight_dtypes)  # FSSDP: as gathered
+    report["dense_compute_dtypes"] = sorted(dense_dtypes)
     report["param_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
     # the share of the dense parameters' elements that this rank holds (1/W under FSDP, 1 under DDP)
     held = [(local(p).numel(), p.numel()) for n, p in model.named_parameters() if ".experts." not in n]
