@@ -186,10 +186,7 @@ class FSSDPExperts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         swiglu = compiled_grouped_swiglu if self.compiled else grouped_swiglu
-        ws = self.weights()
-        if ws[0].dtype != x_TD.dtype and not torch.is_autocast_enabled(x_TD.device.type):
-            ws = tuple(w.to(x_TD.dtype) for w in ws)  # bf16-gathered weights, a forward outside autocast
-        return swiglu(x_TD, counts_E, *ws, kernels=self.kernels)
+        return swiglu(x_TD, counts_E, *self.weights(), kernels=self.kernels)
 
     # -- re-materialization -------------------------------------------------------------------------
     def release(self) -> None:
