@@ -76,7 +76,7 @@ class ParallelConfig:
     gradients returned to the owners: `fp32`, `bf16`, or `auto` (bf16 under mixed_precision=bf16,
     else fp32). Under bf16 autocast the layer computes in bf16 either way, and the owners sum the
     returned gradients in fp32, so bf16 moves half the bytes and holds half the working set for the
-    same result, bit for bit (the dense weights stay fp32 under DDP and FSDP)."""
+    same result, bit for bit (the dense weights: dense_gather_dtype)."""
     dense_gather_dtype: str = "fp32"
     """With dense_sharding=fsdp and mixed_precision=bf16: `bf16` is FSDP2's mixed precision
     (torchtitan's mixed_precision_param): the dense weights are all-gathered in bf16 (half the
