@@ -76,8 +76,9 @@ def main() -> None:
                 if proc.returncode:
                     sys.exit(f"{name} failed:\n{proc.stderr[-4000:]}")
                 runs[mode].append(json.loads((Path(tmp) / name / "summary.json").read_text()))
-    held0 = runs[args.modes[0]][0]["dense_state_bytes_per_rank"]  # DDP: a whole copy per rank; FSDP: shards (padded)
-    dense_bytes = runs["ddp"][0]["dense_state_bytes_per_rank"][0]["params"] if "ddp" in runs else sum(r["params"] for r in held0)
+    # DDP holds a whole copy on every rank; without a DDP run, the sum of the first mode's (padded) shards
+    dense_bytes = (runs["ddp"][0]["dense_state_bytes_per_rank"][0]["params"] if "ddp" in runs
+                   else sum(r["params"] for r in runs[args.modes[0]][0]["dense_state_bytes_per_rank"]))
     rows = []
     for mode, summaries in runs.items():
         held = [r for s in summaries for r in s["dense_state_bytes_per_rank"]]
