@@ -41,8 +41,9 @@ def worker(mode: str, out: str, overrides: list[str]) -> None:
     import torch
     from hydra import compose, initialize_config_module
 
+    from moesaic.parallel.process import finish_rank
     from moesaic.trainer.config import register_configs, to_train_config
-    from moesaic.trainer.dist import all_gather_object, init_distributed, shutdown
+    from moesaic.trainer.dist import all_gather_object, init_distributed
     from moesaic.trainer.model import Transformer
     from moesaic.trainer.parallelize import parallelize, resolve_plan, world_size_from_env
 
@@ -51,24 +52,22 @@ def worker(mode: str, out: str, overrides: list[str]) -> None:
         cfg = to_train_config(compose("config", overrides=overrides + ["logging=quiet"]))
     plan = resolve_plan(cfg, world_size_from_env())
     info = init_distributed(cfg.parallel)
-    try:
-        torch.distributed.barrier()
-        before, t0 = _rss_mib(), time.perf_counter()
-        torch.manual_seed(cfg.seed)
-        with torch.device("meta" if mode == "meta" else info.device):
-            model = Transformer(cfg.model)
-        par = parallelize(model, cfg, info, plan)
-        seconds = time.perf_counter() - t0
-        from moesaic.parallel.dense_fsdp import local
+    torch.distributed.barrier()
+    before, t0 = _rss_mib(), time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    with torch.device("meta" if mode == "meta" else info.device):
+        model = Transformer(cfg.model)
+    par = parallelize(model, cfg, info, plan)
+    seconds = time.perf_counter() - t0
+    from moesaic.parallel.dense_fsdp import local
 
-        held = sum(local(p).numel() * p.element_size() for p in par.model.parameters()) / 2**20  # FSDP: the shard
-        row = {"rss_before_MiB": before, "peak_rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "build_s": seconds, "params_held_MiB": held}
-        rows = all_gather_object(row, info)
-        if info.is_main:
-            Path(out).write_text(json.dumps(rows))
-    finally:
-        shutdown(info)
+    held = sum(local(p).numel() * p.element_size() for p in par.model.parameters()) / 2**20  # FSDP: the shard
+    row = {"rss_before_MiB": before, "peak_rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "build_s": seconds, "params_held_MiB": held}
+    rows = all_gather_object(row, info)
+    if info.is_main:
+        Path(out).write_text(json.dumps(rows))
+    finish_rank(0)  # no teardown: see moesaic.parallel.process (it aborted there in 5 of 60 fssdp/meta launches)
 
 
 def main() -> None:
@@ -81,7 +80,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="hydra overrides (default: the 294M model above)")
     args = ap.parse_args()
     if args.worker:
-        return worker(*args.worker, args.overrides)
+        worker(*args.worker, args.overrides)  # ends in finish_rank
     overrides = args.overrides or MODEL
     runs: dict[tuple[str, str], list[list[dict]]] = {}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
