@@ -31,7 +31,8 @@ from torch import nn
 
 from moesaic.parallel.expert_state import reshard_owners  # noqa: F401  (re-exported: FSSDP's owner moves)
 from moesaic.parallel.experts import compiled_grouped_swiglu, grouped_swiglu
-from moesaic.parallel.expert_parallel import ExpertParallelDispatcher, LayerPlan
+from moesaic.parallel.expert_parallel import LayerPlan
+from moesaic.parallel.fssdp_dispatch import FSSDPDispatcher
 from moesaic.parallel.gather_schedule import GatherSchedule
 from moesaic.placement.plan import Placement, check_fits
 
@@ -292,45 +293,6 @@ class FSSDPExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"owned={self.owned_ids}, compute={self.layer_plan.local_experts}"
-
-
-class _BackwardTrigger(torch.autograd.Function):
-    """Identity on the layer's output; its backward runs first in the layer's backward pass, on every
-    rank. By then the following MoE layer's backward is complete, so its gradients go to their
-    owners here (and its gathered weights are freed); then this layer's freed weights are gathered
-    again. The first layer's reduce-scatter runs after backward (`fssdp_reduce_scatter`)."""
-
-    @staticmethod
-    def forward(ctx, x, experts):
-        ctx.experts = experts
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        nxt = ctx.experts.next
-        if nxt is not None:
-            if nxt.next is not None:
-                nxt.next.finish_reduce_scatter()  # issued one layer ago, overlapped with that backward
-            if nxt._mat is not None:
-                nxt.sparse_reduce_scatter(async_op=True)
-        ctx.experts.regather()
-        return grad, None
-
-
-class FSSDPDispatcher(ExpertParallelDispatcher):
-    """The EP dispatcher, with the layer's weights materialized before and released after."""
-
-    @torch.compiler.disable  # as the EP dispatcher's: the plan's Python values stay out of dynamo
-    def forward(self, x_TD, route, experts: FSSDPExperts):
-        if torch._C._current_graph_task_id() != -1:  # inside backward: activation checkpointing recomputes
-            experts.restore()  # this layer's weights, as its forward had them; nothing released or prefetched
-            return super().forward(x_TD, route, experts)
-        experts.sparse_all_gather()
-        out = super().forward(x_TD, route, experts)
-        experts.release()
-        if torch.is_grad_enabled():
-            out = _BackwardTrigger.apply(out, experts)
-        return out
 
 
 def apply_fssdp(model: nn.Module, mesh, plan: Placement, *, reshard_after_forward: bool = True, prefetch: bool = True,
