@@ -126,7 +126,7 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path)
 
 
 def test_consolidated_export(tmp_path):
-    from moesaic.trainer.checkpoint import export_consolidated
+    from moesaic.trainer.export import export_consolidated
     from moesaic.trainer.model import ModelConfig, Transformer
 
     base = [*SMOKE, "steps=2", "optim.warmup_steps=1", f"logging.out_dir={tmp_path}", "logging.run_name=e",
@@ -143,6 +143,58 @@ def test_consolidated_export(tmp_path):
     ex = model.layers[0].moe.experts  # stored as one w13: the export's w1 and w3 are its halves
     torch.testing.assert_close(ex.w1_EFD, blob["model"]["layers.0.moe.experts.w1_EFD"], rtol=0, atol=0)
     torch.testing.assert_close(ex.w3_EFD, blob["model"]["layers.0.moe.experts.w3_EFD"], rtol=0, atol=0)
+
+
+def _export(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "moesaic.trainer.export", *map(str, args)], capture_output=True,
+                          text=True, timeout=120, env=child_env(), cwd=cwd)
+
+
+@pytest.mark.slow
+def test_moesaic_export_cli(tmp_path):
+    """`moesaic-export`: a run's checkpoints/ folder exports its newest checkpoint that verifies (a
+    corrupt newer one is named and skipped); the file equals `export_consolidated`'s; `--dtype bf16`
+    casts the parameters and keeps the routers' bias; bad input is named and writes nothing."""
+    from moesaic.trainer.export import export_consolidated
+
+    base = [*SMOKE, "steps=4", "optim.warmup_steps=1", f"logging.out_dir={tmp_path}", "logging.run_name=x",
+            "checkpoint.every_n_steps=2", "model.moe.router.bias_update_rate=0.01"]
+    assert _single(base, tmp_path).returncode == 0
+    ckpts = tmp_path / "x/checkpoints"
+    newest = ckpts / "step-00000004"
+    shard = next(newest.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-8])  # truncated: its checksum no longer matches
+    proc = _export(ckpts, tmp_path / "a.pt", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"skipping checkpoint {str(newest)!r}: file {shard.name} does not match its checksum" in proc.stderr
+    assert "step 2," in proc.stdout and not (tmp_path / "a.pt.tmp").exists()
+    a = torch.load(tmp_path / "a.pt", weights_only=True)
+    ref = torch.load(export_consolidated(ckpts / "step-00000002", tmp_path / "ref.pt"), weights_only=True)
+    assert a["step"] == ref["step"] == 2 and a["model"].keys() == ref["model"].keys()
+    assert all(torch.equal(a["model"][k], v) for k, v in ref["model"].items())
+
+    assert _export(ckpts / "step-00000002", tmp_path / "h.pt", "--dtype", "bf16", cwd=tmp_path).returncode == 0
+    h = torch.load(tmp_path / "h.pt", weights_only=True)["model"]
+    bias = [k for k in h if k.endswith("router.bias_E")]
+    assert bias and all(h[k].dtype == torch.float32 and torch.equal(h[k], ref["model"][k]) for k in bias)
+    assert any(ref["model"][k].abs().sum() > 0 for k in bias)  # the bias moved: bf16 would round it
+    weights = [k for k in h if k not in bias]
+    assert all(h[k].dtype == torch.bfloat16 and torch.equal(h[k], ref["model"][k].bfloat16()) for k in weights)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, message in [
+        ((ckpts, tmp_path / "a.pt"), f"out ({str(tmp_path / 'a.pt')!r}) exists: give --force to replace it"),
+        ((tmp_path / "nope", tmp_path / "b.pt"), f"checkpoint {str(tmp_path / 'nope')!r} does not exist"),
+        ((newest, tmp_path / "b.pt"), f"checkpoint {str(newest)!r}: file {shard.name} does not match its checksum"),
+        ((empty, tmp_path / "b.pt"), f"checkpoint {str(empty)!r} has no manifest.json"),
+        ((ckpts, tmp_path / "b.pt", "--dtype", "int8"), "--dtype ('int8') must be one of fp32, bf16, fp16"),
+        ((ckpts, tmp_path / "no/b.pt"), f"out ({str(tmp_path / 'no/b.pt')!r}): its folder does not exist"),
+    ]:
+        proc = _export(*args, cwd=tmp_path)
+        assert proc.returncode == 2 and f"moesaic-export: error: {message}" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and not (tmp_path / "b.pt").exists() and not (tmp_path / "b.pt.tmp").exists()
+    assert _export(ckpts, tmp_path / "a.pt", "--force", cwd=tmp_path).returncode == 0
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ def _sample(*args, cwd):
 @pytest.mark.slow
 @pytest.mark.dist
 def test_sample_from_a_sharded_checkpoint_and_its_export(tmp_path):
-    from moesaic.trainer.checkpoint import export_consolidated
+    from moesaic.trainer.export import export_consolidated
     from moesaic.trainer.sample import generate, load_model
 
     torchrun(2, [*SMOKE, "steps=30", f"logging.out_dir={tmp_path}", "logging.run_name=s",

@@ -314,46 +314,6 @@ def restore_schedule(scheduler, state: dict) -> None:
     scheduler._last_lr = lrs
 
 
-def export_consolidated(path: str | Path, out: str | Path) -> Path:
-    """One file with the whole model in the layout of an unsharded `Transformer` (for inference)."""
-    out = Path(out).expanduser()
-    torch.save(consolidated(path), out)
-    return out
-
-
-def consolidated(path: str | Path) -> dict:
-    """{"model": an unsharded `Transformer`'s state dict, "model_config", "step"} of a checkpoint folder."""
-    import os
-    import tempfile
-
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    path = Path(path).expanduser()
-    manifest = verify(path)
-    with tempfile.TemporaryDirectory() as tmp:
-        flat_path = os.path.join(tmp, "flat.pt")
-        dcp_to_torch_save(str(path), flat_path)
-        flat = torch.load(flat_path, weights_only=True)
-    model_sd: dict[str, torch.Tensor] = {}
-    experts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
-    for k, v in flat.items():
-        if k.startswith("model."):
-            model_sd[k[len("model."):]] = v
-        elif k.startswith("buffer."):
-            model_sd[k[len("buffer."):]] = v
-        elif k.startswith("experts."):
-            _, li, e, n = k.split(".")
-            experts.setdefault((int(li), n), {})[int(e)] = v
-    E = manifest["model_config"]["moe"]["num_experts"]
-    moe_layers = [i for i in range(manifest["model_config"]["num_layers"]) if i >= manifest["model_config"]["num_dense_layers"]]
-    for (li, n), per in experts.items():
-        missing = sorted(set(range(E)) - set(per))
-        if missing:
-            raise CheckpointError(f"checkpoint {str(path)!r}: layer {li} lacks experts {missing}")
-        model_sd[f"layers.{moe_layers[li]}.moe.experts.{n}"] = torch.stack([per[e] for e in range(E)])
-    return {"model": model_sd, "model_config": manifest["model_config"], "step": manifest["step"]}
-
-
 def _barrier(info) -> None:
     if info.backend is not None:
         dist.barrier()

@@ -2,7 +2,8 @@
 `python -m moesaic.trainer.sample ...`.
 
 CHECKPOINT is a checkpoint folder (`<run>/checkpoints/step-N`, saved at any world size, EP size or
-sharding) or a file written by `moesaic.trainer.checkpoint.export_consolidated`. It runs in one
+sharding), a run's `checkpoints/` folder (its newest checkpoint that verifies), or a file written by
+`moesaic-export`. It runs in one
 process, on the CPU or one GPU. Models of at most 256 tokens are byte models (the default corpus):
 the prompt is encoded as UTF-8 bytes and the output decoded with replacement. Larger vocabularies
 take and print token ids (`--prompt-ids`). There is no KV cache: each new token runs the model over
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from moesaic.trainer.checkpoint import CheckpointError, consolidated
+from moesaic.trainer.checkpoint import CheckpointError
+from moesaic.trainer.export import consolidated
 from moesaic.trainer.model import ModelConfig, Transformer
 
 
@@ -27,7 +29,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Transfor
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if path.is_dir():
-        blob = consolidated(path)
+        blob = consolidated(path, report=lambda m: sys.stderr.write(f"moesaic-sample: {m}\n"))
     else:
         try:
             blob = torch.load(path, weights_only=True, map_location="cpu")
