@@ -3,6 +3,7 @@ handling, re-placement during training, and recovery from a killed rank."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -181,13 +182,15 @@ def test_moesaic_export_cli(tmp_path):
     weights = [k for k in h if k not in bias]
     assert all(h[k].dtype == torch.bfloat16 and torch.equal(h[k], ref["model"][k].bfloat16()) for k in weights)
 
-    empty = tmp_path / "empty"
+    empty, only_bad = tmp_path / "empty", tmp_path / "only_bad"
     empty.mkdir()
+    shutil.copytree(newest, only_bad / newest.name)
     for args, message in [
         ((ckpts, tmp_path / "a.pt"), f"out ({str(tmp_path / 'a.pt')!r}) exists: give --force to replace it"),
         ((tmp_path / "nope", tmp_path / "b.pt"), f"checkpoint {str(tmp_path / 'nope')!r} does not exist"),
         ((newest, tmp_path / "b.pt"), f"checkpoint {str(newest)!r}: file {shard.name} does not match its checksum"),
         ((empty, tmp_path / "b.pt"), f"checkpoint {str(empty)!r} has no manifest.json"),
+        ((only_bad, tmp_path / "b.pt"), f"{str(only_bad)!r} holds no checkpoint that verifies"),
         ((ckpts, tmp_path / "b.pt", "--dtype", "int8"), "--dtype ('int8') must be one of fp32, bf16, fp16"),
         ((ckpts, tmp_path / "no/b.pt"), f"out ({str(tmp_path / 'no/b.pt')!r}): its folder does not exist"),
     ]:

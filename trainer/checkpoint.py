@@ -241,17 +241,26 @@ def find_resume(ckpt_root: Path, resume: str, model_cfg, report=print) -> tuple[
     a path: that checkpoint, or an error. Also refuses a checkpoint of another model config."""
     if resume == "none":
         return None
-    candidates = [Path(resume).expanduser()] if resume != "auto" else list(reversed(list_checkpoints(ckpt_root)))
-    for path in candidates:
+    if resume == "auto":
+        found = newest_verified(ckpt_root, report)
+        if found is None:
+            return None
+        path, manifest = found
+    else:
+        path = Path(resume).expanduser()
+        manifest = verify(path)
+    _check_model(path, manifest, model_cfg)
+    return path, manifest
+
+
+def newest_verified(ckpt_root: Path, report=print) -> tuple[Path, dict] | None:
+    """(folder, manifest) of the newest checkpoint under `ckpt_root` that verifies; corrupt ones are
+    reported by name and skipped."""
+    for path in reversed(list_checkpoints(ckpt_root)):
         try:
-            manifest = verify(path)
+            return path, verify(path)
         except CheckpointError as e:
-            if resume != "auto":
-                raise
             report(f"skipping {e}")
-            continue
-        _check_model(path, manifest, model_cfg)
-        return path, manifest
     return None
 
 

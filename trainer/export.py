@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from moesaic.trainer.checkpoint import CheckpointError, list_checkpoints, verify
+from moesaic.trainer.checkpoint import CheckpointError, list_checkpoints, newest_verified, verify
 from moesaic.trainer.model import ModelConfig, Transformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,12 +35,10 @@ def resolve(path: str | Path, report=print) -> tuple[Path, dict]:
                               else f"checkpoint {str(path)!r} does not exist")
     if (path / "manifest.json").exists() or not list_checkpoints(path):
         return path, verify(path)
-    for ckpt in reversed(list_checkpoints(path)):
-        try:
-            return ckpt, verify(ckpt)
-        except CheckpointError as e:
-            report(f"skipping {e}")
-    raise CheckpointError(f"{str(path)!r} holds no checkpoint that verifies")
+    found = newest_verified(path, report)
+    if found is None:
+        raise CheckpointError(f"{str(path)!r} holds no checkpoint that verifies")
+    return found
 
 
 def consolidated(path: str | Path, report=print) -> dict:
