@@ -73,10 +73,14 @@ def consolidated(path: str | Path, report=print) -> dict:
 
 def export_consolidated(path: str | Path, out: str | Path, *, dtype: torch.dtype | None = None,
                         report=print) -> Path:
-    """Write `consolidated(path)` to one file, atomically; `dtype` casts the model's parameters (the
-    buffers, such as the routers' selection bias, stay as saved)."""
+    """Write `consolidated(path)` to one file, atomically (see `write_export`)."""
+    return write_export(consolidated(path, report), out, dtype)
+
+
+def write_export(blob: dict, out: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Save `blob` to `out` through `out.tmp`; `dtype` casts the model's weights (the buffers, such
+    as the routers' selection bias, stay as saved)."""
     out = Path(out).expanduser()
-    blob = consolidated(path, report)
     if dtype is not None:  # the export's w1/w3 are halves of the model's w13: cast all but the buffers
         with torch.device("meta"):
             buffers = {n for n, _ in Transformer(ModelConfig(**blob["model_config"])).named_buffers()}
@@ -107,11 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     if not out.parent.is_dir():
         return _error(f"out ({str(out)!r}): its folder does not exist")
     try:
-        export_consolidated(a.checkpoint, out, dtype=DTYPES.get(a.dtype),
-                            report=lambda m: sys.stderr.write(f"moesaic-export: {m}\n"))
+        blob = consolidated(a.checkpoint, report=lambda m: sys.stderr.write(f"moesaic-export: {m}\n"))
     except CheckpointError as e:
         return _error(str(e))
-    blob = torch.load(out, weights_only=True)
+    write_export(blob, out, DTYPES.get(a.dtype))
     n = sum(v.numel() for v in blob["model"].values())
     print(f"moesaic-export: step {blob['step']}, {len(blob['model'])} tensors, {n:,} values, "
           f"{out.stat().st_size / 2**20:.1f} MiB -> {out}")
