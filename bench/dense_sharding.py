@@ -2,6 +2,7 @@
 
     python bench/dense_sharding.py [--nproc 4] [--repeats 2] [--steps 20] [--experts fssdp] [--json out.json] [overrides...]
     python bench/dense_sharding.py --modes ddp fsdp fsdp-bf16 --mixed-precision bf16   # FSDP2's bf16 gathers
+    python bench/dense_sharding.py --modes ddp ddp-r16 fsdp fsdp-r16   # parallel.reduce_dtype=bf16
 
 Each (dense_sharding) runs in its own torchrun launch of `--nproc` gloo ranks, `--repeats` times,
 interleaved (ddp, fsdp, ddp, fsdp, ...). From each run's summary.json: the dense state each rank
@@ -36,17 +37,22 @@ MODEL = ["model.dim=1024", "model.num_layers=4", "model.num_heads=8", "model.moe
 
 MODES = {"ddp": ["parallel.dense_sharding=ddp"], "fsdp": ["parallel.dense_sharding=fsdp"],
          # FSDP2's mixed precision (needs parallel.mixed_precision=bf16 among the overrides)
-         "fsdp-bf16": ["parallel.dense_sharding=fsdp", "parallel.dense_gather_dtype=bf16"]}
+         "fsdp-bf16": ["parallel.dense_sharding=fsdp", "parallel.dense_gather_dtype=bf16"],
+         # parallel.reduce_dtype=bf16: the gradients' all-reduce (DDP) or reduce-scatter (FSDP) in bf16
+         "ddp-r16": ["parallel.dense_sharding=ddp", "parallel.reduce_dtype=bf16"],
+         "fsdp-r16": ["parallel.dense_sharding=fsdp", "parallel.reduce_dtype=bf16"]}
 
 
 def dense_collective_bytes(dense_bytes: float, mode: str, world: int, reshard_after_forward: bool) -> float:
     """Bytes each rank sends per step for `dense_bytes` of fp32 dense parameters (ring algorithms);
-    fsdp-bf16 gathers bf16 copies (half the bytes) and reduce-scatters fp32 gradients."""
+    fsdp-bf16 gathers bf16 copies (half the bytes) and reduce-scatters fp32 gradients; the -r16 modes
+    reduce bf16 gradients (half the bytes)."""
     frac = (world - 1) / world
-    if mode == "ddp":
-        return 2 * frac * dense_bytes
+    reduce = 0.5 if mode.endswith("-r16") else 1
+    if mode.startswith("ddp"):
+        return 2 * frac * dense_bytes * reduce
     gathers = (2 if reshard_after_forward else 1) * (0.5 if mode == "fsdp-bf16" else 1)
-    return (gathers + 1) * frac * dense_bytes  # the root's second gather is skipped: a small overcount
+    return (gathers + reduce) * frac * dense_bytes  # the root's second gather is skipped: a small overcount
 
 
 def main() -> None:

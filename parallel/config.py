@@ -83,6 +83,14 @@ class ParallelConfig:
     bytes) and computed with as bf16, norms and embedding included, so the residual stream is bf16
     too; the gradients are reduce-scattered in fp32 into the fp32 shards. `fp32` gathers fp32 and
     leaves the casts to autocast (the residual stream stays fp32)."""
+    reduce_dtype: str = "fp32"
+    """The dtype in which gradients are summed across data-parallel copies (DeepSpeed's
+    communication_data_type, Megatron's --grad-reduce-in-bf16): `fp32`, or `bf16` (half the bytes;
+    each sum rounds to bf16's 8 significant bits). Under bf16, DDP's all-reduce runs through the
+    bf16_compress_hook, FSDP2 reduce-scatters (and, under HSDP, all-reduces) in bf16, and the
+    resident experts' replicas and expert-data-parallel copies are summed in bf16; each rank then
+    keeps fp32 gradients and fp32 master weights. FSSDP's expert gradients travel in gather_dtype and
+    are summed by their owners in fp32 either way."""
     ddp_bucket_order: str = "fixed"
     """The order in which DDP packs the dense gradients into its buckets (engine=torch). `fixed`: the
     parameters' reverse registration order, which backward roughly follows, set by one all-zero
@@ -145,6 +153,8 @@ class ParallelConfig:
         if self.dense_gather_dtype == "bf16" and (self.dense_sharding != "fsdp" or self.mixed_precision != "bf16"):
             raise ValueError(f"parallel.dense_gather_dtype ({self.dense_gather_dtype!r}) needs parallel.dense_sharding=fsdp "
                              f"and parallel.mixed_precision=bf16, not {self.dense_sharding!r} and {self.mixed_precision!r}")
+        if self.reduce_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"parallel.reduce_dtype ({self.reduce_dtype!r}) must be one of 'fp32', 'bf16'")
         if self.ddp_bucket_order not in ("fixed", "backward"):
             raise ValueError(f"parallel.ddp_bucket_order ({self.ddp_bucket_order!r}) must be one of 'fixed', 'backward'")
         if self.timeout_s <= 0:

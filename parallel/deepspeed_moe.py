@@ -137,13 +137,15 @@ def deepspeed_moe_optimizer(model: nn.Module, optim_cfg):
 
 
 def initialize_deepspeed_moe(model: nn.Module, optimizer, scheduler, *, zero_stage: int, micro_batch: int,
-                             grad_accum: int, grad_clip: float):
-    """`deepspeed.initialize` over the whole model (dense and DeepSpeed-MoE experts)."""
+                             grad_accum: int, grad_clip: float, reduce_dtype: str = "fp32"):
+    """`deepspeed.initialize` over the whole model (dense and DeepSpeed-MoE experts); `reduce_dtype`:
+    DeepSpeed's communication_data_type."""
     import deepspeed
 
     from moesaic.parallel.deepspeed_engine import deepspeed_config
 
-    config = deepspeed_config(zero_stage=zero_stage, micro_batch=micro_batch, grad_accum=grad_accum, grad_clip=grad_clip)
+    config = deepspeed_config(zero_stage=zero_stage, micro_batch=micro_batch, grad_accum=grad_accum, grad_clip=grad_clip,
+                              reduce_dtype=reduce_dtype)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
                                            dist_init_required=False)
     return engine

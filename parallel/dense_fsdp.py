@@ -21,6 +21,8 @@ The math is DDP's: the same losses and parameters, up to the order of the sums.
 step 1 gathers bf16 copies of the fp32 shards, and every dense module computes with bf16 weights,
 the norms and the embedding included, so the residual stream is bf16 too (under plain bf16
 autocast it stays fp32); step 4 reduce-scatters the gradients in fp32 into the fp32 shards.
+`reduce_dtype=torch.bfloat16` (parallel.reduce_dtype) reduce-scatters them in bf16 instead (half
+the bytes), into the same fp32 shards.
 """
 
 from __future__ import annotations
@@ -33,12 +35,14 @@ from torch.distributed.tensor import DTensor
 
 
 def apply_fsdp(model: torch.nn.Module, mesh, *, ignored: set[torch.nn.Parameter] | None = None,
-               reshard_after_forward: bool = True, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+               reshard_after_forward: bool = True, param_dtype: torch.dtype | None = None,
+               reduce_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Shard the dense parameters of `model` (a `Transformer`, on meta or materialized) over `mesh`:
     each block, then the root (the embedding, final norm and the head, tied or not). A 1-D mesh
     shards over all its ranks (FSDP); a 2-D one (replicate, shard) shards along its second dimension
     and keeps a copy per row (HSDP). Parameters in `ignored` (the routed experts) stay as they are.
     `param_dtype`: what the weights are gathered and computed in (None: their own dtype).
+    `reduce_dtype`: what the gradients are reduce-scattered (and all-reduced, under HSDP) in.
     Returns the model (FSDP2 changes it in place)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -46,8 +50,9 @@ def apply_fsdp(model: torch.nn.Module, mesh, *, ignored: set[torch.nn.Parameter]
         raise ValueError(f"apply_fsdp: the mesh must be 1-D (FSDP) or 2-D (HSDP: replicate, shard), not {mesh.ndim}-D")
     ignored = set(ignored or ())
     # the blocks' float inputs (the rotary tables) stay as they are: only the weights are cast
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None,
-                              cast_forward_inputs=False)
+    if reduce_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"apply_fsdp: reduce_dtype ({reduce_dtype}) must be torch.float32 or torch.bfloat16")
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     for block in model.layers:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored, mp_policy=mp)
     # the root's parameters are needed again at once by the backward: keep them gathered (torchtitan)

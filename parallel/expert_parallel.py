@@ -238,9 +238,13 @@ def _set_flat_grads(experts: GroupedExperts, flat: torch.Tensor) -> None:
         i += size
 
 
-def reduce_expert_grads(model: nn.Module, mesh, world_size: int) -> int:
+def reduce_expert_grads(model: nn.Module, mesh, world_size: int, dtype: torch.dtype = torch.float32) -> int:
     """Make every expert gradient the gradient of the global mean loss: sum over the replicas in the
-    EP group and over the edp ranks, then divide by the world size. Returns the bytes this rank sent."""
+    EP group and over the edp ranks, then divide by the world size. Every holder of an expert adds
+    the replicas' partial sums in the same order (by EP rank), so that its copies stay equal, bit
+    for bit. `dtype` (parallel.reduce_dtype): what the sums travel and are added in (bf16: half the
+    bytes, each sum rounded to bf16); an expert that no other rank holds keeps its fp32 gradient.
+    Returns the bytes this rank sent."""
     ep_group, edp_group = mesh.get_group("ep"), mesh.get_group("edp") if mesh.ndim > 1 else None
     sent = 0
     for moe in model.moe_layers():
@@ -252,20 +256,30 @@ def reduce_expert_grads(model: nn.Module, mesh, world_size: int) -> int:
         if any(len(h) > 1 for h in lp.holders):
             pairs.sort()
             row = {e: i for i, e in enumerate(local)}
-            send = flat[[row[e] for _, e in pairs]] if pairs else flat.new_zeros(0, flat.shape[1])
+            send = flat[[row[e] for _, e in pairs]].to(dtype) if pairs else flat.new_zeros(0, flat.shape[1], dtype=dtype)
             in_splits = [sum(1 for d, _ in pairs if d == r) for r in range(lp.ep_size)]
             recv_from = [(s, e) for s in range(lp.ep_size) if s != lp.ep_rank for e in local if s in lp.holders[e]]
             out_splits = [sum(1 for s, _ in recv_from if s == r) for r in range(lp.ep_size)]
-            recv = flat.new_empty(len(recv_from), flat.shape[1])
+            recv = send.new_empty(len(recv_from), flat.shape[1])
             dist.all_to_all_single(recv, send.contiguous(), out_splits, in_splits, group=ep_group)
             sent += send.numel() * send.element_size()
+            # 2. each replicated expert: its holders' partial sums added in EP-rank order
+            parts = {e: {lp.ep_rank: flat[row[e]].to(dtype)} for e in local if len(lp.holders[e]) > 1}
             for (s, e), g in zip(recv_from, recv):
-                flat[row[e]] += g
-        # 2. the same experts on the other edp ranks
+                parts[e][s] = g
+            for e, by_rank in parts.items():
+                ranks = sorted(by_rank)
+                total = by_rank[ranks[0]].clone()
+                for r in ranks[1:]:
+                    total += by_rank[r]
+                flat[row[e]] = total.to(flat.dtype)
+        # 3. the same experts on the other edp ranks
         if edp_group is not None and dist.get_world_size(edp_group) > 1:
-            dist.all_reduce(flat, group=edp_group)
-            sent += flat.numel() * flat.element_size()
-        # 3. the global mean over all ranks' tokens
+            comm = flat.to(dtype)  # flat itself in fp32
+            dist.all_reduce(comm, group=edp_group)
+            sent += comm.numel() * comm.element_size()
+            flat = comm.to(flat.dtype)
+        # 4. the global mean over all ranks' tokens
         flat /= world_size
         _set_flat_grads(moe.experts, flat)
     return sent

@@ -60,6 +60,14 @@ FSDP16 = [
     (4, ["--ep", 2, "--plan", "replicated", "--sharding", "fssdp", "--fsdp", "--bf16", "--fsdp-bf16", "--fsdp-shard", 2]),
 ]
 BF16 += FSDP16
+# parallel.reduce_dtype=bf16: the reference rounds each rank's gradient to bf16 and sums them in bf16
+REDUCE16 = [
+    (2, ["--ep", 2, "--plan", "random", "--reduce-bf16"]),  # DDP; no expert held twice
+    (2, ["--ep", 1, "--plan", "contiguous", "--fsdp", "--reduce-bf16"]),  # FSDP; every expert on both ranks (edp 2)
+    (4, ["--ep", 2, "--plan", "replicated", "--micro", 2, "--reduce-bf16"]),  # replicas, edp 2, accumulation
+    (4, ["--ep", 4, "--plan", "replicated", "--fsdp", "--reduce-bf16"]),
+    (4, ["--ep", 2, "--plan", "replicated", "--sharding", "fssdp", "--fsdp", "--fsdp-shard", 2, "--reduce-bf16"]),  # HSDP
+]
 BF16 += [case for n, args in GATHER for case in ((n, args), (n, [*args, "--gather-dtype", "fp32"]))]
 F = ["--sharding", "fssdp", "--steps", 5]
 FSSDP = [
@@ -116,7 +124,7 @@ def _check_fsdp(report: dict, args: list) -> None:
 
 def ep_report(tmp_path_factory, nproc: int, args: list) -> dict:
     """The report of one case, from the one launch that runs every case of its world size."""
-    todo = [a for n, a in ADAMW + BF16 + FSSDP if n == nproc]
+    todo = [a for n, a in ADAMW + BF16 + REDUCE16 + FSSDP if n == nproc]
     folder = tmp_path_factory.getbasetemp() / f"ep_train{nproc}"
     if not folder.is_dir():
         folder.mkdir()
@@ -179,6 +187,9 @@ def test_adamw_steps_match_single_process(tmp_path_factory, nproc, args):
         assert abs(s["loss"] - s["ref_loss"]) < 1e-5, s
         assert abs(s["norm"] - s["ref_norm"]) < 1e-5 * max(1, s["ref_norm"]), s
         assert s["max_param_diff"] < 1e-5, s
+        assert s["replica_diff"] == 0, s  # every copy of an expert the same, bit for bit
+    # fp32 sums: few reduced gradients fit a bf16 (test_bf16_gradient_reduction_sums_in_bf16's check)
+    assert report["reduced_grads_in_bf16"]["dense"] < 0.01, report["reduced_grads_in_bf16"]
     assert report["recorder_P_diff"] == 0 and report["recorder_W_diff"] == 0
     assert report["recorder_tokens"][0] == report["recorder_tokens"][1] > 0
     if "--dedup" in args or "--node-dispatch" in args:  # a token whose experts share a rank (node) went there once
@@ -205,6 +216,35 @@ def test_bf16_autocast_steps_track_single_process(tmp_path_factory, nproc, args)
         assert abs(s["loss"] - s["ref_loss"]) < 3e-4, s
         assert abs(s["norm"] - s["ref_norm"]) < 1e-3 * s["ref_norm"], s
     assert steps[0]["max_param_diff"] < 5e-3 and steps[-1]["max_param_diff"] < 3e-2, steps
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("nproc,args", **cases(REDUCE16))
+def test_bf16_gradient_reduction_sums_in_bf16(tmp_path_factory, nproc, args):
+    """parallel.reduce_dtype=bf16: DDP's all-reduce, FSDP's reduce-scatter (and HSDP's all-reduce)
+    and the resident experts' replica and expert-data-parallel sums run in bf16. After the first
+    step's reduction every such gradient fits a bf16 exactly (the world size is a power of 2; under
+    fp32 sums about 2**-16 of them do), and it equals the reference's bf16 sum of the ranks' bf16
+    gradients: bit for bit for the dense ones at 2 ranks (one sum, whichever order), and within a few
+    of bf16's roundings (2**-9 of the summands' magnitude each; 0.0145 measured, 2**-5 allowed) where
+    4 ranks add in the ring's order, or a replica's partial sums mix ranks. A lost or doubled rank's
+    share would be about 1. Losses and norms then track the reference within bf16's bounds, and
+    every copy of an expert stays the same."""
+    report = ep_report(tmp_path_factory, nproc, args)
+    _check_fsdp(report, args)
+    shares = report["reduced_grads_in_bf16"]
+    assert shares["dense"] == 1.0, shares
+    ep = args[args.index("--ep") + 1]
+    shared_experts = "--sharding" not in args and (ep < nproc or "replicated" in args)
+    assert shares["experts"] == (1.0 if shared_experts else None), shares
+    if nproc == 2:
+        assert report["dense_grad_err_over_magnitude"] == 0, report
+    assert report["grad_err_over_magnitude"] < 2**-5, (report["grad_err_over_magnitude"], report["grad_err_worst"])
+    for s in report["steps"]:
+        assert abs(s["loss"] - s["ref_loss"]) < 3e-4, s
+        assert abs(s["norm"] - s["ref_norm"]) < 2e-3 * s["ref_norm"], s
+        assert s["replica_diff"] == 0, s
 
 
 @pytest.mark.slow

@@ -188,6 +188,7 @@ def test_compiled_training_equals_eager(tmp_path):
         (["parallel.dense_gather_dtype=bf16", "parallel.mixed_precision=bf16"],
          "parallel.dense_gather_dtype ('bf16') needs parallel.dense_sharding=fsdp and parallel.mixed_precision=bf16, "
          "not 'ddp' and 'bf16'"),
+        (["parallel.reduce_dtype=fp16"], "parallel.reduce_dtype ('fp16') must be one of 'fp32', 'bf16'"),
         (["compile=true", "parallel=deepspeed_moe", "model.moe_impl=deepspeed"], "compile (True) with model.moe_impl ('deepspeed')"),
         (["parallel=ddp", "placement.plan=round_robin"], "placement.plan ('round_robin') needs expert parallelism"),
         (["checkpoint.async_mode=yes"], "checkpoint.async_mode ('yes') must be 'disabled' or 'async'"),

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from moesaic.parallel.dense_ddp import apply_ddp
 from moesaic.parallel.dense_fsdp import apply_fsdp, dense_grad_sq_norm, no_gradient_sync
 from moesaic.parallel.expert_parallel import (ExpertParallelDispatcher, apply_expert_parallel, expert_grad_sq_norm,
                                              reduce_expert_grads)
@@ -104,6 +105,7 @@ class Parallel:
     gpus_per_node: int = 0  # of the EP domain: parallel.gpus_per_node, else the launcher's (the solvers' nodes)
     dense_fsdp: bool = False  # parallel.dense_sharding=fsdp: the dense parameters are FSDP2 DTensor shards
     dense_shard_group: object = None  # the ranks that share one copy of them (None: the world)
+    reduce_dtype: torch.dtype = torch.float32  # what gradients are summed across ranks in (parallel.reduce_dtype)
 
     def build_optimizer(self, cfg: TrainConfig):
         """(optimizer, scheduler) that the loop steps. Under engine=deepspeed they cover the experts
@@ -133,7 +135,7 @@ class Parallel:
         dense_sched = torch.optim.lr_scheduler.LambdaLR(dense_opt, lr_lambda(o, cfg.steps))
         self.ds_engine = apply_deepspeed(self.model, self.expert_names, dense_opt, dense_sched,
                                          zero_stage=cfg.parallel.zero_stage, micro_batch=cfg.batch_size,
-                                         grad_accum=cfg.grad_accum_steps)
+                                         grad_accum=cfg.grad_accum_steps, reduce_dtype=cfg.parallel.reduce_dtype)
         self.train_model = self.ds_engine
         expert_opt = adamw(experts) if experts else torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=o.lr)
         return expert_opt, torch.optim.lr_scheduler.LambdaLR(expert_opt, lr_lambda(o, cfg.steps))
@@ -147,7 +149,7 @@ class Parallel:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim, cfg.steps))
         self.ds_engine = initialize_deepspeed_moe(self.model, opt, sched, zero_stage=cfg.parallel.zero_stage,
                                                   micro_batch=cfg.batch_size, grad_accum=cfg.grad_accum_steps,
-                                                  grad_clip=cfg.optim.grad_clip)
+                                                  grad_clip=cfg.optim.grad_clip, reduce_dtype=cfg.parallel.reduce_dtype)
         check_expert_groups(self.deepspeed_moe_ep, self.info.rank)
         self.train_model = self.ds_engine
         empty = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=cfg.optim.lr)
@@ -182,7 +184,8 @@ class Parallel:
             self.counters["expert_gather_bytes"] = total["gather"] - prev["gather"]
             self.counters["_fssdp_total"] = total
         elif self.expert_parallel:
-            self.counters["expert_grad_bytes"] = reduce_expert_grads(self.model, self.mesh, self.info.world_size)
+            self.counters["expert_grad_bytes"] = reduce_expert_grads(self.model, self.mesh, self.info.world_size,
+                                                                     self.reduce_dtype)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """The global gradient norm (each expert counted once), clipped to max_norm if > 0."""
@@ -261,6 +264,7 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
     mesh, gpn = None, 0
     ignored: list[str] = []
     pc = cfg.parallel
+    reduce_dtype = torch.bfloat16 if pc.reduce_dtype == "bf16" else torch.float32
     if cfg.model.moe_impl == "deepspeed":
         from moesaic.parallel.deepspeed_moe import apply_deepspeed_moe
 
@@ -306,59 +310,25 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
         names = set(ignored)
         experts = {p for n, p in model.named_parameters() if n in names}
         apply_fsdp(model, dp_mesh, ignored=experts, reshard_after_forward=pc.reshard_after_forward,
-                   param_dtype=torch.bfloat16 if pc.dense_gather_dtype == "bf16" else None)
+                   param_dtype=torch.bfloat16 if pc.dense_gather_dtype == "bf16" else None, reduce_dtype=reduce_dtype)
     _materialize(model, info.device)
     align = plan is not None and pc.expert_sharding == "fssdp" and align_owners(cfg)
     if pc.engine == "deepspeed":  # the engine is built with the optimizer (build_optimizer)
         return Parallel(model, model, info, mesh, plan, pc.expert_sharding, expert_names=ignored, align_owners=align,
-                        gpus_per_node=gpn)
+                        gpus_per_node=gpn, reduce_dtype=reduce_dtype)
     if pc.dense_sharding == "fsdp":
         group = dp_mesh.get_group("dp_shard") if dp_mesh.ndim == 2 else None
         return Parallel(model, model, info, mesh, plan, pc.expert_sharding, expert_names=ignored, align_owners=align,
-                        gpus_per_node=gpn, dense_fsdp=True, dense_shard_group=group)
-    ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    if pc.ddp_bucket_order == "fixed":
-        fix_ddp_buckets(ddp)
+                        gpus_per_node=gpn, dense_fsdp=True, dense_shard_group=group, reduce_dtype=reduce_dtype)
+    ddp = apply_ddp(model, device=info.device, bucket_order=pc.ddp_bucket_order, reduce_dtype=reduce_dtype)
     return Parallel(model, ddp, info, mesh, plan, pc.expert_sharding, expert_names=ignored, align_owners=align,
-                    gpus_per_node=gpn)
+                    gpus_per_node=gpn, reduce_dtype=reduce_dtype)
 
 
 def _materialize(model: torch.nn.Module, device) -> torch.nn.Module:
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         model.materialize(device)
     return model
-
-
-def fix_ddp_buckets(ddp: DDP) -> None:
-    """Set DDP's buckets before the first step, to the dense parameters in reverse registration order.
-
-    DDP reduces a run's first backward in one bucket, and rebuilds its buckets in the order that this
-    backward produced the gradients. A resumed run starts a new first backward, and a sum over more
-    than 2 ranks depends on where an element sits in its bucket, so its next step differed from the
-    uninterrupted run's by an ulp. Here the first backward is of an all-zero loss built so that the
-    gradients come in reverse registration order: the same in every run. The model's forward does not
-    run, so no routing, statistics or random numbers are touched; the cost is one all-reduce of zeros.
-    """
-    params = [p for n, p in ddp.module.named_parameters() if p.requires_grad and n not in ddp.parameters_to_ignore]
-
-    def zero_loss() -> torch.Tensor:
-        # autograd runs the newest node first: each term added last gives its gradient first
-        loss = params[0].sum() * 0
-        for p in params[1:]:
-            loss = loss + p.sum() * 0
-        return loss
-
-    own = ddp.module.__dict__.get("forward")  # an instance's own forward, if it has one
-    ddp.module.forward = zero_loss  # what DDP's forward calls, for this one call
-    try:
-        ddp().backward()
-    finally:
-        if own is None:
-            del ddp.module.forward
-        else:
-            ddp.module.forward = own
-    for p in params:
-        p.grad = None
 
 
 def apply_activation_checkpoint(model: torch.nn.Module, mode: str) -> None:

@@ -78,6 +78,70 @@ def _bytes(model, kind):
     return sum(getattr(m.experts, "bytes", {}).get(kind, 0) for m in model.moe_layers())
 
 
+def _bf16_share(model, num_domains: int, resident: bool) -> dict:
+    """Of this rank's nonzero gradient elements that were summed across ranks (the dense ones; under
+    resident expert parallelism, an expert's where another rank holds it too), the share that a bf16
+    holds exactly: 1 when the sums ran in bf16 (the world size is a power of 2), about 2**-16 when
+    they ran in fp32. None where there are none."""
+    def share(grads):
+        g = torch.cat([t.flatten() for t in grads]) if grads else torch.zeros(0)
+        nz = g[g != 0]
+        return float((nz.bfloat16().float() == nz).double().mean()) if nz.numel() else None
+
+    dense = [local(p.grad) for n, p in model.named_parameters() if p.grad is not None and ".experts." not in n]
+    experts = []
+    for m in model.moe_layers() if resident else []:
+        lp = m.layer_plan
+        for w in (m.experts.w13_EGD, m.experts.w2_EDF):
+            experts += [w.grad[i] for i, e in enumerate(lp.local_experts)
+                        if w.grad is not None and (num_domains > 1 or len(lp.holders[e]) > 1)]
+    return {"dense": share(dense), "experts": share(experts)}
+
+
+def _moe_index(model, layer: int) -> int:
+    """The index among model.moe_layers() of block `layer`."""
+    return [i for i, blk in enumerate(model.layers) if blk.is_moe].index(layer)
+
+
+def assemble(model, ref, a, grads: bool = False):
+    """The whole model's parameters (or, with `grads`, their gradients) on every rank, by name: dense
+    from rank 0 (FSDP's shards gathered whole), each expert from its first holder, or its owner in
+    the first expert domain (a collective, in the same order on every rank). Also the largest
+    difference between two copies of one expert (resident: replicas, and each expert domain's)."""
+    def get(t):
+        g = t.grad if grads else t
+        return torch.zeros_like(t) if g is None else g
+
+    dense = {}
+    for n, p in model.named_parameters():
+        if ".experts." not in n:
+            t = get(p)
+            dense[n] = (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+    experts, replica_diff = {}, 0.0
+    for li, (m, rm) in enumerate(zip(model.moe_layers(), ref.moe_layers())):
+        for n in ("w13_EGD", "w2_EDF"):
+            w = get(getattr(m.experts, n))
+            full = torch.zeros_like(getattr(rm.experts, n))
+            if a.sharding == "fssdp":  # each expert from its owner (in the first expert domain)
+                if dist.get_rank() < a.ep:
+                    for i, e in enumerate(m.experts.owned_ids):
+                        full[e] = w[i].detach()
+            else:
+                for i, e in enumerate(m.layer_plan.local_experts):
+                    if m.layer_plan.holders[e][0] == dist.get_rank() % a.ep and dist.get_rank() < a.ep:
+                        full[e] = w[i].detach()
+                # every copy of an expert (replicas, and each expert domain's) must be the same, bit for bit
+                hi, lo = torch.full_like(full, -torch.inf), torch.full_like(full, torch.inf)
+                for i, e in enumerate(m.layer_plan.local_experts):
+                    hi[e] = lo[e] = w[i].detach()
+                dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+                dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+                replica_diff = max(replica_diff, float((hi - lo).max()))
+            dist.all_reduce(full)
+            experts[(li, n)] = full
+    return dense, experts, replica_diff
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ep", type=int, required=True)
@@ -104,6 +168,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--fsdp-bf16", action="store_true",
                     help="with --fsdp --bf16: parallel.dense_gather_dtype=bf16; the reference then computes each rank's "
                          "batch with bf16 copies of its weights and sums the fp32 casts of their gradients")
+    ap.add_argument("--reduce-bf16", action="store_true",
+                    help="parallel.reduce_dtype=bf16; the reference then rounds each rank's gradient to bf16 and sums "
+                         "them in bf16, in rank order")
     ap.add_argument("--out", required=True)
     return ap
 
@@ -149,7 +216,8 @@ def run(a: argparse.Namespace) -> None:
                                   token_dedup=a.dedup or a.node_dispatch > 0, node_dispatch=a.node_dispatch > 0,
                                   gpus_per_node=a.node_dispatch, dense_sharding="fsdp" if a.fsdp else "ddp",
                                   dense_shard_size=a.fsdp_shard, mixed_precision="bf16" if a.bf16 else "none",
-                                  gather_dtype=a.gather_dtype, dense_gather_dtype="bf16" if a.fsdp_bf16 else "fp32")
+                                  gather_dtype=a.gather_dtype, dense_gather_dtype="bf16" if a.fsdp_bf16 else "fp32",
+                                  reduce_dtype="bf16" if a.reduce_bf16 else "fp32")
 
         class placement:
             align_owners = a.align
@@ -243,6 +311,9 @@ def run(a: argparse.Namespace) -> None:
             losses.append(out.loss.item())
             counts = counts + out.tokens_per_expert_LE.double()
         par.reduce_grads()
+        if step == 0:
+            report["reduced_grads_in_bf16"] = _bf16_share(model, W // a.ep, a.sharding == "resident")
+            grads0 = assemble(model, ref, a, grads=True)[:2]
         norm = par.clip_grad_norm(0.5)
         opt.step()
         opt.zero_grad()
@@ -257,29 +328,13 @@ def run(a: argparse.Namespace) -> None:
         gbytes = torch.tensor([_bytes(model, "gather") - gather_before,
                                _bytes(model, "reduce_scatter") - rs_before], dtype=torch.float64)
         dist.all_reduce(gbytes)
-        # assemble this step's parameters on rank 0: dense from rank 0, each expert from its first holder
-        # (FSDP's shards gathered whole, a collective in the same order on every rank)
-        dense = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-                 for n, p in model.named_parameters() if ".experts." not in n}
-        experts = {}
-        for li, (m, rm) in enumerate(zip(model.moe_layers(), ref.moe_layers())):
-            for n in ("w13_EGD", "w2_EDF"):
-                full = torch.zeros_like(getattr(rm.experts, n))
-                if a.sharding == "fssdp":  # each expert from its owner (in the first expert domain)
-                    if dist.get_rank() < a.ep:
-                        for i, e in enumerate(m.experts.owned_ids):
-                            full[e] = getattr(m.experts, n)[i].detach()
-                else:
-                    for i, e in enumerate(m.layer_plan.local_experts):
-                        if m.layer_plan.holders[e][0] == dist.get_rank() % a.ep and dist.get_rank() < a.ep:
-                            full[e] = getattr(m.experts, n)[i].detach()
-                dist.all_reduce(full)
-                experts[(li, n)] = full
+        dense, experts, replica_diff = assemble(model, ref, a)
         if rank == 0:
             total, outs = 0.0, []
             # --fsdp-bf16: FSDP2's mixed precision, rank by rank: the forward with bf16 copies of the
             # weights (buffers stay fp32), each rank's bf16 gradients cast to fp32 and summed
             fwd = bf16_weights(ref) if a.fsdp_bf16 else ref
+            summed, magnitude = {}, {}  # --reduce-bf16: each parameter's bf16 sum over the ranks, and of |.|
             for r in range(W):
                 xr, yr = batch(r, step)
                 ids_r = []
@@ -290,6 +345,14 @@ def run(a: argparse.Namespace) -> None:
                     outs.append(o)
                     ids_r.append([mm.last_route.expert_ids_TK.clone() for mm in fwd.moe_layers()])
                 ref_ids.append([torch.cat([ids[l] for ids in ids_r]) for l in range(mcfg.num_moe_layers)])
+                if a.reduce_bf16:  # this rank's gradient rounded to bf16, added to the others in bf16
+                    total.backward()
+                    for p in ref.parameters():
+                        if p.grad is not None:
+                            g, p.grad = p.grad.bfloat16(), None
+                            summed[p] = g if p not in summed else summed[p] + g
+                            magnitude[p] = g.float().abs() + magnitude.get(p, 0)
+                    total = total.detach()
                 if a.fsdp_bf16:  # this rank's gradient, as FSDP reduce-scatters it (fp32)
                     total.backward()
                     for p, q in zip(ref.parameters(), fwd.parameters()):
@@ -297,8 +360,21 @@ def run(a: argparse.Namespace) -> None:
                             p.grad = q.grad.float() if p.grad is None else p.grad + q.grad.float()
                             q.grad = None
                     total = total.detach()
-            if not a.fsdp_bf16:
+            for p, g in summed.items():
+                p.grad = g.float()
+            if not (a.fsdp_bf16 or a.reduce_bf16):
                 total.backward()
+            if step == 0 and a.reduce_bf16:  # the reduced gradients against the reference's, in units of
+                # sum_r |g_r| (the size of bf16's rounding of the sum); 0/0 counts as 0
+                ratio = {}
+                for n, p in ref.named_parameters():
+                    li, w = (n.split(".")[1], n.split(".")[-1]) if ".experts." in n else (None, None)
+                    got = grads0[0][n] if li is None else grads0[1][(_moe_index(ref, int(li)), w)]
+                    err = (got - p.grad).abs()
+                    ratio[n] = float((err / magnitude[p].clamp_min(1e-30)).max()) if p in magnitude else float(err.max())
+                report["grad_err_over_magnitude"] = max(ratio.values())
+                report["dense_grad_err_over_magnitude"] = max(v for n, v in ratio.items() if ".experts." not in n)
+                report["grad_err_worst"] = max(ratio, key=ratio.get)
             ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
             ref_opt.step()
             ref_opt.zero_grad()
@@ -315,7 +391,7 @@ def run(a: argparse.Namespace) -> None:
                                         t.numpy().tobytes() for t in [*dense.values(), *experts.values()])).hexdigest(),
                                     "rows_sent": float(moved[0]),
                                     "slots_sent": float(moved[1]), "inter_node_bytes": float(moved[2]),
-                                    "worst": max(diffs, key=diffs.get)})
+                                    "replica_diff": replica_diff, "worst": max(diffs, key=diffs.get)})
     report["expert_input_dtypes"] = sorted(seen_dtypes)
     report["expert_weight_dtypes"] = sorted(weight_dtypes)  # FSSDP: as gathered
     report["dense_compute_dtypes"] = sorted(dense_dtypes)
