@@ -86,8 +86,8 @@ class ParallelConfig:
     reduce_dtype: str = "fp32"
     """The dtype in which gradients are summed across data-parallel copies (DeepSpeed's
     communication_data_type, Megatron's --grad-reduce-in-bf16): `fp32`, or `bf16` (half the bytes;
-    each sum rounds to bf16's 8 significant bits). Under bf16, DDP's all-reduce runs through the
-    bf16_compress_hook, FSDP2 reduce-scatters (and, under HSDP, all-reduces) in bf16, and the
+    each sum rounds to bf16's 8 significant bits). Under bf16, DDP's all-reduce runs through a bf16
+    communication hook (parallel/dense_ddp.py), FSDP2 reduce-scatters (and, under HSDP, all-reduces) in bf16, and the
     resident experts' replicas and expert-data-parallel copies are summed in bf16; each rank then
     keeps fp32 gradients and fp32 master weights. FSSDP's expert gradients travel in gather_dtype and
     are summed by their owners in fp32 either way."""
