@@ -88,9 +88,10 @@ class ParallelConfig:
     communication_data_type, Megatron's --grad-reduce-in-bf16): `fp32`, or `bf16` (half the bytes;
     each sum rounds to bf16's 8 significant bits). Under bf16, DDP's all-reduce runs through a bf16
     communication hook (parallel/dense_ddp.py), FSDP2 reduce-scatters (and, under HSDP, all-reduces) in bf16, and the
-    resident experts' replicas and expert-data-parallel copies are summed in bf16; each rank then
-    keeps fp32 gradients and fp32 master weights. FSSDP's expert gradients travel in gather_dtype and
-    are summed by their owners in fp32 either way."""
+    resident experts' replicas and expert-data-parallel copies are summed in bf16, and FSSDP's
+    expert gradients travel to their owners in bf16 (the owners sum them in fp32) and are
+    all-reduced across expert domains in bf16; each rank keeps fp32 gradients and fp32 master
+    weights."""
     ddp_bucket_order: str = "fixed"
     """The order in which DDP packs the dense gradients into its buckets (engine=torch). `fixed`: the
     parameters' reverse registration order, which backward roughly follows, set by one all-zero

@@ -14,6 +14,8 @@ gradients and AdamW state: one global copy. Each step the plan says which ranks 
 - with `gather_dtype` bf16 (under bf16 autocast), the weights travel and stay materialized in bf16,
   cast at their owner, and the gradients travel back in bf16. A bf16 GEMM's weight gradient is bf16
   anyway, and the owner sums the copies in fp32, so the math equals fp32 gathers bit for bit;
+- with `reduce_dtype` bf16 (parallel.reduce_dtype), the gradients travel back in bf16 whatever the
+  gather's dtype, and the cross-domain all-reduce runs in bf16;
 - under activation checkpointing, a layer recomputed inside backward computes with the weights that
   its backward re-gathers (`restore`), so recomputation adds no gathers.
 Across "edp" (other expert domains) owners' gradients are all-reduced. Gradients are scaled to the
@@ -61,9 +63,10 @@ class FSSDPExperts(nn.Module):
 
     def __init__(self, owned_w13, owned_w2, owned_ids: list[int], layer_plan: LayerPlan,
                  owners: np.ndarray, group, *, reshard_after_forward: bool, kernels: str = "torch",
-                 gather_dtype: torch.dtype | None = None):
+                 gather_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None):
         super().__init__()
         self._gather_dtype = gather_dtype
+        self.reduce_dtype = reduce_dtype  # bf16 (parallel.reduce_dtype): gradients travel in bf16 whatever the gather's
         self.w13_EGD = nn.Parameter(owned_w13.detach().clone())
         self.w2_EDF = nn.Parameter(owned_w2.detach().clone())
         self.kernels = kernels
@@ -240,8 +243,11 @@ class FSSDPExperts(nn.Module):
             if self._mat is not None and self.num_compute and self._mat.requires_grad and self._grad_expected:
                 raise RuntimeError("sparse_reduce_scatter ran before this layer's weight gradients were ready")
             grad = self.w2_EDF.new_zeros(self.num_compute, self.row_size, dtype=self.gather_dtype)
-        # 1. this rank's gradients in the order it received the weights (the gather's reverse)
+        # 1. this rank's gradients in the order it received the weights (the gather's reverse), in bf16
+        #    under parallel.reduce_dtype=bf16
         send = grad[list(sch.recv_to_local)] if sch.recv_to_local else grad[:0]
+        if self.reduce_dtype == torch.bfloat16:
+            send = send.to(torch.bfloat16)
         recv = send.new_empty(sum(sch.in_splits), self.row_size)
         # 2. the reverse all_to_all_single: computing ranks -> owners
         work = dist.all_to_all_single(recv, send.contiguous(), list(sch.in_splits), list(sch.out_splits),
@@ -284,7 +290,9 @@ class FSSDPExperts(nn.Module):
     def _install_grads(self, owned: torch.Tensor, *, accumulate: bool) -> None:
         n = len(self.owned_ids)
         if self.edp_group is not None and dist.get_world_size(self.edp_group) > 1:
-            dist.all_reduce(owned, group=self.edp_group)
+            comm = owned.to(self.reduce_dtype or owned.dtype)  # owned itself unless reduce_dtype is bf16
+            dist.all_reduce(comm, group=self.edp_group)
+            owned = comm.to(self.w2_EDF.dtype)
         owned *= self.grad_scale
         F, D = self.F, self.D
         g13, g2 = owned.split([2 * F * D, D * F], dim=1)
@@ -297,13 +305,16 @@ class FSSDPExperts(nn.Module):
 
 def apply_fssdp(model: nn.Module, mesh, plan: Placement, *, reshard_after_forward: bool = True, prefetch: bool = True,
                 capacity_factor: float = 0.0, owners: np.ndarray | None = None, grad_scale: float | None = None,
-                token_dedup=False, device=None, gather_dtype: torch.dtype | None = None) -> list[str]:
+                token_dedup=False, device=None, gather_dtype: torch.dtype | None = None,
+                reduce_dtype: torch.dtype | None = None) -> list[str]:
     """Shard every MoE layer's experts over the "ep" axis of `mesh` (one owner per expert: `owners`,
     (E,) for every layer or (L, E); default even contiguous shards) and compute them where `plan` says.
     The model holds every expert, as built: initialized (identical on every rank), or on the meta
     device (then `device` says where the tokens will be, and `Transformer.materialize` allocates only
     the owned shard). `token_dedup`: False, True or `NodeGroups`, as `ExpertParallelDispatcher` takes it.
     `gather_dtype`: what the weights and gradients travel in (None: the parameters' own dtype).
+    `reduce_dtype=torch.bfloat16` (parallel.reduce_dtype): the gradients travel to their owners in
+    bf16 (summed there in fp32), and are all-reduced across the expert domains in bf16.
     Returns the names of the parameters and buffers that differ across ranks (keep them out of DDP)."""
     ep_group, rank = mesh.get_group("ep"), mesh.get_local_rank("ep")
     P = mesh.size(-1)
@@ -319,7 +330,7 @@ def apply_fssdp(model: nn.Module, mesh, plan: Placement, *, reshard_after_forwar
         owned = [e for e in range(E) if own[e] == rank]
         store = FSSDPExperts(full.w13_EGD[owned], full.w2_EDF[owned], owned, lp, own, ep_group,
                              reshard_after_forward=reshard_after_forward, kernels=full.kernels,
-                             gather_dtype=gather_dtype)
+                             gather_dtype=gather_dtype, reduce_dtype=reduce_dtype)
         store.prefetch = prefetch
         store.grad_scale = 1.0 / dist.get_world_size() if grad_scale is None else grad_scale
         store.edp_group = mesh.get_group("edp") if mesh.ndim > 1 else None

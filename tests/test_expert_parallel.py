@@ -67,6 +67,7 @@ REDUCE16 = [
     (4, ["--ep", 2, "--plan", "replicated", "--micro", 2, "--reduce-bf16"]),  # replicas, edp 2, accumulation
     (4, ["--ep", 4, "--plan", "replicated", "--fsdp", "--reduce-bf16"]),
     (4, ["--ep", 2, "--plan", "replicated", "--sharding", "fssdp", "--fsdp", "--fsdp-shard", 2, "--reduce-bf16"]),  # HSDP
+    (2, ["--ep", 2, "--plan", "replicated", "--sharding", "fssdp", "--no-remat", "--reduce-bf16"]),
 ]
 BF16 += [case for n, args in GATHER for case in ((n, args), (n, [*args, "--gather-dtype", "fp32"]))]
 F = ["--sharding", "fssdp", "--steps", 5]
@@ -223,7 +224,8 @@ def test_bf16_autocast_steps_track_single_process(tmp_path_factory, nproc, args)
 @pytest.mark.parametrize("nproc,args", **cases(REDUCE16))
 def test_bf16_gradient_reduction_sums_in_bf16(tmp_path_factory, nproc, args):
     """parallel.reduce_dtype=bf16: DDP's all-reduce, FSDP's reduce-scatter (and HSDP's all-reduce)
-    and the resident experts' replica and expert-data-parallel sums run in bf16. After the first
+    the resident experts' replica and expert-data-parallel sums, and FSSDP's gradients on their way
+    to the owners (summed there in fp32) and across expert domains run in bf16. After the first
     step's reduction every such gradient fits a bf16 exactly (the world size is a power of 2; under
     fp32 sums about 2**-16 of them do), and it equals the reference's bf16 sum of the ranks' bf16
     gradients: bit for bit for the dense ones at 2 ranks (one sum, whichever order), and within a few
@@ -236,8 +238,11 @@ def test_bf16_gradient_reduction_sums_in_bf16(tmp_path_factory, nproc, args):
     shares = report["reduced_grads_in_bf16"]
     assert shares["dense"] == 1.0, shares
     ep = args[args.index("--ep") + 1]
-    shared_experts = "--sharding" not in args and (ep < nproc or "replicated" in args)
+    shared_experts = ep < nproc or ("--sharding" not in args and "replicated" in args)
     assert shares["experts"] == (1.0 if shared_experts else None), shares
+    if "--sharding" in args:  # FSSDP: fp32 weights out, bf16 gradients back (once, or twice with re-gathers)
+        gathers = 1 if "--no-remat" in args else 2
+        assert all(s["gather_bytes"] == gathers * 2 * s["reduce_scatter_bytes"] > 0 for s in report["steps"]), report["steps"]
     if nproc == 2:
         assert report["dense_grad_err_over_magnitude"] == 0, report
     assert report["grad_err_over_magnitude"] < 2**-5, (report["grad_err_over_magnitude"], report["grad_err_worst"])

@@ -293,7 +293,7 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
                 owners = aligned_owners(plan, even)  # a fresh model holds every expert: this moves nothing
             ignored = apply_fssdp(model, mesh, plan, reshard_after_forward=pc.reshard_after_forward,
                                   prefetch=pc.prefetch, capacity_factor=cf, owners=owners, token_dedup=dedup,
-                                  device=info.device, gather_dtype=pc.expert_gather_dtype())
+                                  device=info.device, gather_dtype=pc.expert_gather_dtype(), reduce_dtype=reduce_dtype)
         else:
             ignored = apply_expert_parallel(model, mesh, plan, capacity_factor=cf, token_dedup=dedup,
                                             device=info.device)

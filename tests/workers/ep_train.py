@@ -80,7 +80,8 @@ def _bytes(model, kind):
 
 def _bf16_share(model, num_domains: int, resident: bool) -> dict:
     """Of this rank's nonzero gradient elements that were summed across ranks (the dense ones; under
-    resident expert parallelism, an expert's where another rank holds it too), the share that a bf16
+    resident expert parallelism, an expert's where another rank holds it too; under FSSDP, the owned
+    experts' where there are several expert domains), the share that a bf16
     holds exactly: 1 when the sums ran in bf16 (the world size is a power of 2), about 2**-16 when
     they ran in fp32. None where there are none."""
     def share(grads):
@@ -90,11 +91,13 @@ def _bf16_share(model, num_domains: int, resident: bool) -> dict:
 
     dense = [local(p.grad) for n, p in model.named_parameters() if p.grad is not None and ".experts." not in n]
     experts = []
-    for m in model.moe_layers() if resident else []:
-        lp = m.layer_plan
-        for w in (m.experts.w13_EGD, m.experts.w2_EDF):
-            experts += [w.grad[i] for i, e in enumerate(lp.local_experts)
-                        if w.grad is not None and (num_domains > 1 or len(lp.holders[e]) > 1)]
+    for m in model.moe_layers():
+        lp, ws = m.layer_plan, [w for w in (m.experts.w13_EGD, m.experts.w2_EDF) if w.grad is not None]
+        if resident:
+            experts += [w.grad[i] for w in ws for i, e in enumerate(lp.local_experts)
+                        if num_domains > 1 or len(lp.holders[e]) > 1]
+        elif num_domains > 1:  # FSSDP: the owners' gradients, all-reduced across the expert domains
+            experts += [w.grad for w in ws]
     return {"dense": share(dense), "experts": share(experts)}
 
 
