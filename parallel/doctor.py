@@ -181,18 +181,21 @@ def collectives_check(device: torch.device = torch.device("cpu")) -> list[dict]:
     """The collectives moesaic uses, with known answers, on the backend's device."""
     world, rank = dist.get_world_size(), dist.get_rank()
     out = []
-    t = torch.tensor([float(rank + 1)], device=device)
-    dist.all_reduce(t)
-    out.append({"check": "all_reduce", "ok": float(t) == world * (world + 1) / 2})
+    # fp32, and bf16: what parallel.mixed_precision=bf16 (tokens, FSSDP's gathers) and
+    # parallel.reduce_dtype=bf16 (gradient sums) move; small integers, exact in both
+    for dtype, tag in ((torch.float32, ""), (torch.bfloat16, " (bf16)")):
+        t = torch.tensor([float(rank + 1)], device=device, dtype=dtype)
+        dist.all_reduce(t)
+        out.append({"check": "all_reduce" + tag, "ok": float(t) == world * (world + 1) / 2})
+        # uneven all_to_all_single: rank r sends (d + 1) rows of value r to rank d
+        send = torch.cat([torch.full((d + 1, 3), float(rank), device=device, dtype=dtype) for d in range(world)])
+        recv = torch.empty(world * (rank + 1), 3, device=device, dtype=dtype)
+        dist.all_to_all_single(recv, send, [rank + 1] * world, [d + 1 for d in range(world)])
+        expect = torch.cat([torch.full((rank + 1, 3), float(s), device=device, dtype=dtype) for s in range(world)])
+        out.append({"check": "all_to_all_single (uneven)" + tag, "ok": bool(torch.equal(recv, expect))})
     g = torch.empty(world, device=device)
     all_gather_single(g, torch.tensor([float(rank)], device=device))
     out.append({"check": "all_gather_single", "ok": g.tolist() == [float(r) for r in range(world)]})
-    # uneven all_to_all_single: rank r sends (d + 1) rows of value r to rank d
-    send = torch.cat([torch.full((d + 1, 3), float(rank), device=device) for d in range(world)])
-    recv = torch.empty(world * (rank + 1), 3, device=device)
-    dist.all_to_all_single(recv, send, [rank + 1] * world, [d + 1 for d in range(world)])
-    expect = torch.cat([torch.full((rank + 1, 3), float(s), device=device) for s in range(world)])
-    out.append({"check": "all_to_all_single (uneven)", "ok": bool(torch.equal(recv, expect))})
     obj = [{"rank": rank}] if rank == 0 else [None]
     dist.broadcast_object_list(obj, src=0)
     out.append({"check": "broadcast_object_list", "ok": obj[0] == {"rank": 0}})
