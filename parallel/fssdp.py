@@ -290,7 +290,7 @@ class FSSDPExperts(nn.Module):
     def _install_grads(self, owned: torch.Tensor, *, accumulate: bool) -> None:
         n = len(self.owned_ids)
         if self.edp_group is not None and dist.get_world_size(self.edp_group) > 1:
-            comm = owned.to(self.reduce_dtype or owned.dtype)  # owned itself unless reduce_dtype is bf16
+            comm = owned.to(torch.bfloat16) if self.reduce_dtype == torch.bfloat16 else owned
             dist.all_reduce(comm, group=self.edp_group)
             owned = comm.to(self.w2_EDF.dtype)
         owned *= self.grad_scale

@@ -316,7 +316,8 @@ def run(a: argparse.Namespace) -> None:
         par.reduce_grads()
         if step == 0:
             report["reduced_grads_in_bf16"] = _bf16_share(model, W // a.ep, a.sharding == "resident")
-            grads0 = assemble(model, ref, a, grads=True)[:2]
+            if a.reduce_bf16:  # the reduced gradients, whole, for the check against the reference below
+                grads0 = assemble(model, ref, a, grads=True)[:2]
         norm = par.clip_grad_norm(0.5)
         opt.step()
         opt.zero_grad()
