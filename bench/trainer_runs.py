@@ -3,7 +3,8 @@
     python bench/trainer_runs.py OUT_DIR [--json out.json]
 
 One row per run: its name, device and backend, parallelism, compile (graphs, breaks, frames over
-dynamo's recompile limit), steps, the final train loss,
+dynamo's recompile limit), mixed precision and the gradient sums' dtype, steps, the steps skipped
+(fp16's overflows, on_nan=skip) and the last fp16 loss scale, the final train loss,
 the validation bits per byte, tokens/s, the median step time and the largest rank's peak GPU memory. `bash bench/gpu_check.sh trainer`
 prints it after its runs (eager against compiled: the losses should agree within bf16 noise).
 """
@@ -29,7 +30,11 @@ def rows(out_dir: Path) -> list[dict]:
                     "graphs": compiled.get("graphs") if isinstance(compiled, dict) else None,
                     "graph_breaks": compiled.get("graph_breaks") if isinstance(compiled, dict) else None,
                     "over_recompile_limit": compiled.get("recompile_limit_hits") if isinstance(compiled, dict) else None,
-                    "steps": s.get("steps"), "final_train_loss": s.get("final_train_loss"),
+                    "precision": (s.get("config") or {}).get("parallel", {}).get("mixed_precision"),
+                    "reduce": (s.get("config") or {}).get("parallel", {}).get("reduce_dtype"),
+                    "steps": s.get("steps"), "skipped": s.get("skipped_steps"),
+                    "loss_scale": (s.get("loss_scale") or {}).get("scale"),
+                    "final_train_loss": s.get("final_train_loss"),
                     "val_bpb": s.get("val_bpb"), "tokens_per_s": s.get("tokens_per_s"),
                     "median_step_s": s.get("median_step_s"),
                     "peak_gpu_MiB": max(s.get("peak_gpu_mib_per_rank") or [None], key=lambda v: v or 0)})

@@ -68,15 +68,28 @@ class ParallelConfig:
     dispatch all-to-alls included, which then run twice; under FSSDP with reshard_after_forward the
     layer's backward re-gather serves the recomputation too). The math is unchanged."""
     mixed_precision: str = "none"
-    """`none` (fp32) or `bf16`: forward and backward run under torch.autocast in bfloat16 (matmuls,
-    attention, the experts' grouped GEMMs, and the tokens that the all-to-all moves), while the
-    parameters, gradients, their reductions and AdamW's state stay fp32 (the master weights)."""
+    """`none` (fp32), `bf16` or `fp16`: forward and backward run under torch.autocast in bfloat16 or
+    float16 (matmuls, attention, the experts' grouped GEMMs, and the tokens that the all-to-all
+    moves), while the parameters, gradients, their reductions and AdamW's state stay fp32 (the
+    master weights). `fp16` (GPUs without bf16, such as V100 and T4) adds loss scaling, as DeepSpeed's
+    fp16 mode does: the loss_scale fields below, and trainer/loss_scale.py."""
+    loss_scale: float = 0.0
+    """mixed_precision=fp16: 0 scales dynamically (start at 2**initial_scale_power; an overflowing
+    step is skipped on every rank and halves the scale; loss_scale_window good steps in a row double
+    it); a value > 0 is a static scale (an overflowing step is skipped). DeepSpeed's names."""
+    initial_scale_power: int = 16
+    """mixed_precision=fp16, dynamic scaling: the first scale is 2**initial_scale_power."""
+    loss_scale_window: int = 1000
+    """mixed_precision=fp16, dynamic scaling: steps without an overflow before the scale doubles."""
+    min_loss_scale: float = 1.0
+    """mixed_precision=fp16, dynamic scaling: the scale's floor; an overflow there stops the run."""
     gather_dtype: str = "auto"
     """FSSDP: the dtype in which the experts' weights are gathered (and computed with) and their
-    gradients returned to the owners: `fp32`, `bf16`, or `auto` (bf16 under mixed_precision=bf16,
-    else fp32). Under bf16 autocast the layer computes in bf16 either way, and the owners sum the
-    returned gradients in fp32, so bf16 moves half the bytes and holds half the working set for the
-    same result, bit for bit (the dense weights: dense_gather_dtype)."""
+    gradients returned to the owners: `fp32`, `bf16`, `fp16`, or `auto` (mixed_precision's dtype:
+    bf16 or fp16 under autocast, else fp32). Under autocast the layer computes in that dtype either
+    way, and the owners sum the returned gradients in fp32, so a half-precision gather moves half the
+    bytes and holds half the working set for the same result, bit for bit (the dense weights:
+    dense_gather_dtype)."""
     dense_gather_dtype: str = "fp32"
     """With dense_sharding=fsdp and mixed_precision=bf16: `bf16` is FSDP2's mixed precision
     (torchtitan's mixed_precision_param): the dense weights are all-gathered in bf16 (half the
@@ -86,12 +99,13 @@ class ParallelConfig:
     reduce_dtype: str = "fp32"
     """The dtype in which gradients are summed across data-parallel copies (DeepSpeed's
     communication_data_type, Megatron's --grad-reduce-in-bf16): `fp32`, or `bf16` (half the bytes;
-    each sum rounds to bf16's 8 significant bits). Under bf16, DDP's all-reduce runs through a bf16
-    communication hook (parallel/dense_ddp.py), FSDP2 reduce-scatters (and, under HSDP, all-reduces) in bf16, and the
-    resident experts' replicas and expert-data-parallel copies are summed in bf16, and FSSDP's
-    expert gradients travel to their owners in bf16 (the owners sum them in fp32) and are
-    all-reduced across expert domains in bf16; each rank keeps fp32 gradients and fp32 master
-    weights."""
+    each sum rounds to bf16's 8 significant bits), or `fp16` with mixed_precision=fp16 (11 bits, on
+    the loss-scaled gradients; a sum that overflows is a skipped step, as any overflow). Under
+    bf16 (fp16), DDP's all-reduce runs through a communication hook (parallel/dense_ddp.py), FSDP2
+    reduce-scatters (and, under HSDP, all-reduces) in it, the resident experts' replicas and
+    expert-data-parallel copies are summed in it, and FSSDP's expert gradients travel to their
+    owners in it (the owners sum them in fp32) and are all-reduced across expert domains in it;
+    each rank keeps fp32 gradients and fp32 master weights."""
     ddp_bucket_order: str = "fixed"
     """The order in which DDP packs the dense gradients into its buckets (engine=torch). `fixed`: the
     parameters' reverse registration order, which backward roughly follows, set by one all-zero
@@ -104,8 +118,8 @@ class ParallelConfig:
         """`gather_dtype` resolved to a torch dtype."""
         import torch
 
-        bf16 = self.gather_dtype == "bf16" or (self.gather_dtype == "auto" and self.mixed_precision == "bf16")
-        return torch.bfloat16 if bf16 else torch.float32
+        name = self.mixed_precision if self.gather_dtype == "auto" else self.gather_dtype
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name, torch.float32)
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "gloo", "nccl"):
@@ -142,20 +156,39 @@ class ParallelConfig:
         if self.activation_checkpoint not in ACTIVATION_CHECKPOINT:
             raise ValueError(f"parallel.activation_checkpoint ({self.activation_checkpoint!r}) must be one of "
                              f"{', '.join(map(repr, ACTIVATION_CHECKPOINT))}")
-        if self.mixed_precision not in ("none", "bf16"):
-            raise ValueError(f"parallel.mixed_precision ({self.mixed_precision!r}) must be one of 'none', 'bf16'")
-        if self.gather_dtype not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"parallel.gather_dtype ({self.gather_dtype!r}) must be one of 'auto', 'fp32', 'bf16'")
-        if self.gather_dtype == "bf16" and self.mixed_precision != "bf16":
-            raise ValueError(f"parallel.gather_dtype ({self.gather_dtype!r}) needs parallel.mixed_precision=bf16, not "
-                             f"{self.mixed_precision!r}: the experts would compute fp32 tokens with bf16 weights")
+        if self.mixed_precision not in ("none", "bf16", "fp16"):
+            raise ValueError(f"parallel.mixed_precision ({self.mixed_precision!r}) must be one of 'none', 'bf16', 'fp16'")
+        if self.mixed_precision == "fp16" and self.engine != "torch":
+            raise ValueError(f"parallel.mixed_precision ('fp16') needs parallel.engine (torch), not {self.engine!r}: "
+                             "moesaic's loss scaling spans the dense and the expert gradients, which DeepSpeed's "
+                             "fp16 mode (fp16 weights, its own scaler) would split")
+        if self.loss_scale < 0 or (self.loss_scale > 0 and self.mixed_precision != "fp16"):
+            raise ValueError(f"parallel.loss_scale ({self.loss_scale}) must be 0 (dynamic), or > 0 (static) with "
+                             f"parallel.mixed_precision=fp16, not {self.mixed_precision!r}")
+        if not 0 <= self.initial_scale_power <= 64:
+            raise ValueError(f"parallel.initial_scale_power ({self.initial_scale_power}) must be in 0..64")
+        if self.loss_scale_window < 1:
+            raise ValueError(f"parallel.loss_scale_window ({self.loss_scale_window}) must be >= 1")
+        if not 0 < self.min_loss_scale <= 2.0 ** self.initial_scale_power:
+            raise ValueError(f"parallel.min_loss_scale ({self.min_loss_scale}) must be > 0 and <= "
+                             f"2**parallel.initial_scale_power ({2.0 ** self.initial_scale_power:g})")
+        if self.gather_dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"parallel.gather_dtype ({self.gather_dtype!r}) must be one of 'auto', 'fp32', 'bf16', 'fp16'")
+        if self.gather_dtype in ("bf16", "fp16") and self.mixed_precision != self.gather_dtype:
+            raise ValueError(f"parallel.gather_dtype ({self.gather_dtype!r}) needs parallel.mixed_precision="
+                             f"{self.gather_dtype}, not {self.mixed_precision!r}: the experts would compute "
+                             f"{'fp32' if self.mixed_precision == 'none' else self.mixed_precision} tokens with "
+                             f"{self.gather_dtype} weights")
         if self.dense_gather_dtype not in ("fp32", "bf16"):
             raise ValueError(f"parallel.dense_gather_dtype ({self.dense_gather_dtype!r}) must be one of 'fp32', 'bf16'")
         if self.dense_gather_dtype == "bf16" and (self.dense_sharding != "fsdp" or self.mixed_precision != "bf16"):
             raise ValueError(f"parallel.dense_gather_dtype ({self.dense_gather_dtype!r}) needs parallel.dense_sharding=fsdp "
                              f"and parallel.mixed_precision=bf16, not {self.dense_sharding!r} and {self.mixed_precision!r}")
-        if self.reduce_dtype not in ("fp32", "bf16"):
-            raise ValueError(f"parallel.reduce_dtype ({self.reduce_dtype!r}) must be one of 'fp32', 'bf16'")
+        if self.reduce_dtype not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"parallel.reduce_dtype ({self.reduce_dtype!r}) must be one of 'fp32', 'bf16', 'fp16'")
+        if self.reduce_dtype == "fp16" and self.mixed_precision != "fp16":
+            raise ValueError(f"parallel.reduce_dtype ('fp16') needs parallel.mixed_precision=fp16, not "
+                             f"{self.mixed_precision!r}: only loss-scaled gradients keep their small values in fp16")
         if self.ddp_bucket_order not in ("fixed", "backward"):
             raise ValueError(f"parallel.ddp_bucket_order ({self.ddp_bucket_order!r}) must be one of 'fixed', 'backward'")
         if self.timeout_s <= 0:

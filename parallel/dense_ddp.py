@@ -6,8 +6,9 @@ reduces their gradients.
 Per step (DDP's own sequence):
     1. backward: as a bucket's last gradient is ready, DDP divides the bucket by the world size and
        all-reduces it (asynchronously, overlapping the rest of backward); under
-       `reduce_dtype=torch.bfloat16`, `bf16_allreduce_hook` casts the bucket to bf16 first (half
-       the bytes; Megatron's --grad-reduce-in-bf16, DeepSpeed's communication_data_type);
+       `reduce_dtype=torch.bfloat16` (or `torch.float16`), `half_allreduce_hook` casts the bucket to
+       bf16 (fp16) first (half the bytes; Megatron's --grad-reduce-in-bf16, DeepSpeed's
+       communication_data_type);
     2. end of backward: DDP waits for the buckets and copies the averaged gradients (back to fp32)
        into each parameter's `.grad`.
 """
@@ -25,29 +26,32 @@ def apply_ddp(model: torch.nn.Module, *, device: torch.device, bucket_order: str
               reduce_dtype: torch.dtype = torch.float32) -> DDP:
     """Wrap `model` (materialized, its experts already ignored by DDP) in DDP on `device`.
     `bucket_order`: `fixed` sets the buckets once, before the first step (`fix_ddp_buckets`);
-    `backward` leaves them to DDP. `reduce_dtype`: fp32, or bf16 (the gradients travel and are
-    summed in bf16)."""
+    `backward` leaves them to DDP. `reduce_dtype`: fp32, or bf16 or fp16 (the gradients travel and
+    are summed in it)."""
     if bucket_order not in BUCKET_ORDERS:
         raise ValueError(f"apply_ddp: bucket_order ({bucket_order!r}) must be one of {', '.join(map(repr, BUCKET_ORDERS))}")
-    if reduce_dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"apply_ddp: reduce_dtype ({reduce_dtype}) must be torch.float32 or torch.bfloat16")
+    if reduce_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"apply_ddp: reduce_dtype ({reduce_dtype}) must be torch.float32, torch.bfloat16 or torch.float16")
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if reduce_dtype == torch.bfloat16:
-        ddp.register_comm_hook(None, bf16_allreduce_hook)  # None: the default (whole-world) group
+    if reduce_dtype != torch.float32:
+        ddp.register_comm_hook(reduce_dtype, half_allreduce_hook)  # the hook's state: the dtype
     if bucket_order == "fixed":
         fix_ddp_buckets(ddp)
     return ddp
 
 
-def bf16_allreduce_hook(group, bucket):
-    """DDP's communication hook for reduce_dtype=bf16 (`bucket`: a dist.GradBucket; unannotated, as
-    DDP checks annotations against the class and this module's are strings): torch's own
-    bf16_compress_hook, on any backend (torch's accepts only NCCL or XCCL)."""
+def half_allreduce_hook(dtype, bucket):
+    """DDP's communication hook for reduce_dtype=bf16 or fp16 (`dtype`, the hook's state; `bucket`: a
+    dist.GradBucket; unannotated, as DDP checks annotations against the class and this module's are
+    strings): torch's own bf16_compress_hook and fp16_compress_hook, on any backend (torch's bf16
+    hook accepts only NCCL or XCCL), over the default (whole-world) group."""
     buf = bucket.buffer()
-    # 1. the bucket in bf16, divided by the world size (DDP's mean)
-    comm = buf.to(torch.bfloat16).div_(dist.get_world_size(group))
-    # 2. all-reduce (sum) in bf16, asynchronously: backward goes on
-    fut = dist.all_reduce(comm, group=group, async_op=True).get_future()
+    # 1. the bucket divided by the world size (DDP's mean; first, so that an fp16 sum of loss-scaled
+    #    gradients stays further from fp16's overflow, and in fp32, so that a value in fp16's
+    #    subnormal range is rounded once), in bf16 (fp16)
+    comm = buf.div_(dist.get_world_size()).to(dtype)
+    # 2. all-reduce (sum) in bf16 (fp16), asynchronously: backward goes on
+    fut = dist.all_reduce(comm, async_op=True).get_future()
 
     def back_to_fp32(f: torch.futures.Future) -> torch.Tensor:
         # 3. the sum, back into DDP's fp32 bucket

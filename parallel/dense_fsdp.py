@@ -50,8 +50,8 @@ def apply_fsdp(model: torch.nn.Module, mesh, *, ignored: set[torch.nn.Parameter]
         raise ValueError(f"apply_fsdp: the mesh must be 1-D (FSDP) or 2-D (HSDP: replicate, shard), not {mesh.ndim}-D")
     ignored = set(ignored or ())
     # the blocks' float inputs (the rotary tables) stay as they are: only the weights are cast
-    if reduce_dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"apply_fsdp: reduce_dtype ({reduce_dtype}) must be torch.float32 or torch.bfloat16")
+    if reduce_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"apply_fsdp: reduce_dtype ({reduce_dtype}) must be torch.float32, torch.bfloat16 or torch.float16")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     for block in model.layers:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored, mp_policy=mp)

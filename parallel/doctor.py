@@ -181,9 +181,9 @@ def collectives_check(device: torch.device = torch.device("cpu")) -> list[dict]:
     """The collectives moesaic uses, with known answers, on the backend's device."""
     world, rank = dist.get_world_size(), dist.get_rank()
     out = []
-    # fp32, and bf16: what parallel.mixed_precision=bf16 (tokens, FSSDP's gathers) and
-    # parallel.reduce_dtype=bf16 (gradient sums) move; small integers, exact in both
-    for dtype, tag in ((torch.float32, ""), (torch.bfloat16, " (bf16)")):
+    # fp32, bf16 and fp16: what parallel.mixed_precision=bf16/fp16 (tokens, FSSDP's gathers) and
+    # parallel.reduce_dtype=bf16 (gradient sums) move; small integers, exact in all three
+    for dtype, tag in ((torch.float32, ""), (torch.bfloat16, " (bf16)"), (torch.float16, " (fp16)")):
         t = torch.tensor([float(rank + 1)], device=device, dtype=dtype)
         dist.all_reduce(t)
         out.append({"check": "all_reduce" + tag, "ok": float(t) == world * (world + 1) / 2})

@@ -39,6 +39,7 @@ from moesaic.parallel.gather_schedule import GatherSchedule
 from moesaic.placement.plan import Placement, check_fits
 
 log = logging.getLogger(__name__)
+HALF = (torch.bfloat16, torch.float16)  # the reduce dtypes in which gradients travel (parallel.reduce_dtype)
 
 # Bytes of materialized expert weights alive on this rank (gathered, prefetched), and the peak;
 # `grads`: their gradients, alive from a layer's backward until its sparse_reduce_scatter, and
@@ -66,7 +67,7 @@ class FSSDPExperts(nn.Module):
                  gather_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None):
         super().__init__()
         self._gather_dtype = gather_dtype
-        self.reduce_dtype = reduce_dtype  # bf16 (parallel.reduce_dtype): gradients travel in bf16 whatever the gather's
+        self.reduce_dtype = reduce_dtype  # bf16/fp16 (parallel.reduce_dtype): gradients travel so whatever the gather's
         self.w13_EGD = nn.Parameter(owned_w13.detach().clone())
         self.w2_EDF = nn.Parameter(owned_w2.detach().clone())
         self.kernels = kernels
@@ -244,10 +245,10 @@ class FSSDPExperts(nn.Module):
                 raise RuntimeError("sparse_reduce_scatter ran before this layer's weight gradients were ready")
             grad = self.w2_EDF.new_zeros(self.num_compute, self.row_size, dtype=self.gather_dtype)
         # 1. this rank's gradients in the order it received the weights (the gather's reverse), in bf16
-        #    under parallel.reduce_dtype=bf16
+        #    (fp16) under parallel.reduce_dtype=bf16 (fp16)
         send = grad[list(sch.recv_to_local)] if sch.recv_to_local else grad[:0]
-        if self.reduce_dtype == torch.bfloat16:
-            send = send.to(torch.bfloat16)
+        if self.reduce_dtype in HALF:
+            send = send.to(self.reduce_dtype)
         recv = send.new_empty(sum(sch.in_splits), self.row_size)
         # 2. the reverse all_to_all_single: computing ranks -> owners
         work = dist.all_to_all_single(recv, send.contiguous(), list(sch.in_splits), list(sch.out_splits),
@@ -290,7 +291,7 @@ class FSSDPExperts(nn.Module):
     def _install_grads(self, owned: torch.Tensor, *, accumulate: bool) -> None:
         n = len(self.owned_ids)
         if self.edp_group is not None and dist.get_world_size(self.edp_group) > 1:
-            comm = owned.to(torch.bfloat16) if self.reduce_dtype == torch.bfloat16 else owned
+            comm = owned.to(self.reduce_dtype) if self.reduce_dtype in HALF else owned
             dist.all_reduce(comm, group=self.edp_group)
             owned = comm.to(self.w2_EDF.dtype)
         owned *= self.grad_scale
@@ -313,8 +314,8 @@ def apply_fssdp(model: nn.Module, mesh, plan: Placement, *, reshard_after_forwar
     device (then `device` says where the tokens will be, and `Transformer.materialize` allocates only
     the owned shard). `token_dedup`: False, True or `NodeGroups`, as `ExpertParallelDispatcher` takes it.
     `gather_dtype`: what the weights and gradients travel in (None: the parameters' own dtype).
-    `reduce_dtype=torch.bfloat16` (parallel.reduce_dtype): the gradients travel to their owners in
-    bf16 (summed there in fp32), and are all-reduced across the expert domains in bf16.
+    `reduce_dtype=torch.bfloat16` or `torch.float16` (parallel.reduce_dtype): the gradients travel to
+    their owners in it (summed there in fp32), and are all-reduced across the expert domains in it.
     Returns the names of the parameters and buffers that differ across ranks (keep them out of DDP)."""
     ep_group, rank = mesh.get_group("ep"), mesh.get_local_rank("ep")
     P = mesh.size(-1)

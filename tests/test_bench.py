@@ -163,9 +163,13 @@ def test_trainer_runs_table(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "summary.json").write_text(json.dumps(
             {"device": "cuda", "backend": "nccl", "expert_sharding": "fssdp", "compile": comp, "steps": 300,
-             "final_train_loss": 2.5, "val_bpb": 3.1, "tokens_per_s": 1e5, "median_step_s": 0.01}))
+             "final_train_loss": 2.5, "val_bpb": 3.1, "tokens_per_s": 1e5, "median_step_s": 0.01,
+             **({"config": {"parallel": {"mixed_precision": "fp16", "reduce_dtype": "fp32"}}, "skipped_steps": 3,
+                 "loss_scale": {"scale": 32768.0}} if comp else {})}))
     out = run("trainer_runs.py", tmp_path, "--json", tmp_path / "t.json")
     rows = {r["run"]: r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}
+    assert (rows["compiled"]["precision"], rows["compiled"]["skipped"], rows["compiled"]["loss_scale"]) == ("fp16", 3, 32768.0)
+    assert rows["eager"]["precision"] is None and rows["eager"]["loss_scale"] is None
     assert rows["compiled"]["compile"] and rows["compiled"]["graphs"] == 2 and not rows["eager"]["compile"]
     assert rows["compiled"]["over_recompile_limit"] == 1 and rows["eager"]["over_recompile_limit"] is None
     assert "| compiled" in out

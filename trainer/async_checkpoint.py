@@ -40,11 +40,12 @@ class AsyncCheckpointer:
         self._error: BaseException | None = None
 
     def save(self, ckpt_root: Path, step: int, *, model, optimizer, scheduler, cfg, info, plan=None, routing=None,
-             tokens: int = 0, keep_last: int = 3, extra_arrays: dict | None = None, engine=None) -> Path:
+             tokens: int = 0, keep_last: int = 3, extra_arrays: dict | None = None, engine=None, scaler=None) -> Path:
         self.wait()  # (1)
         tmp, final = ckpt.begin(ckpt_root, step, info)  # (2)
         rest = ckpt.extras(step, model=model, scheduler=scheduler, cfg=cfg, info=info, plan=plan, routing=routing,
-                           tokens=tokens, keep_last=keep_last, extra_arrays=extra_arrays) if info.is_main else None
+                           tokens=tokens, keep_last=keep_last, extra_arrays=extra_arrays,
+                           scaler=scaler) if info.is_main else None
         sd = ckpt.state_dict(model, optimizer, for_save=True, engine=engine)  # ZeRO's moments: gathered here
         with ckpt.no_dist_warning_off(info):
             future = dcp.async_save(sd, checkpoint_id=str(tmp), process_group=self.group,  # (3), (4)

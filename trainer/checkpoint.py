@@ -153,7 +153,7 @@ def _sha256(path: Path) -> str:
 
 
 def save(ckpt_root: Path, step: int, *, model, optimizer, scheduler, cfg, info, plan=None, routing=None,
-         tokens: int = 0, keep_last: int = 3, extra_arrays: dict | None = None, engine=None) -> Path:
+         tokens: int = 0, keep_last: int = 3, extra_arrays: dict | None = None, engine=None, scaler=None) -> Path:
     """Collective: every rank writes its tensors; rank 0 writes the rest and renames atomically."""
     tmp, final = begin(ckpt_root, step, info)
     sd = state_dict(model, optimizer, for_save=True, engine=engine)
@@ -162,7 +162,8 @@ def save(ckpt_root: Path, step: int, *, model, optimizer, scheduler, cfg, info, 
     _barrier(info)
     if info.is_main:
         finish_on_rank0(tmp, final, **extras(step, model=model, scheduler=scheduler, cfg=cfg, info=info, plan=plan,
-                                             routing=routing, tokens=tokens, keep_last=keep_last, extra_arrays=extra_arrays))
+                                             routing=routing, tokens=tokens, keep_last=keep_last, extra_arrays=extra_arrays,
+                                             scaler=scaler))
     _barrier(info)
     return final
 
@@ -178,15 +179,17 @@ def begin(ckpt_root: Path, step: int, info) -> tuple[Path, Path]:
     return tmp, final
 
 
-def extras(step: int, *, model, scheduler, cfg, info, plan, routing, tokens, keep_last, extra_arrays) -> dict:
-    """What rank 0 writes beside the tensors, taken now (an async save writes it after training moved on)."""
+def extras(step: int, *, model, scheduler, cfg, info, plan, routing, tokens, keep_last, extra_arrays, scaler=None) -> dict:
+    """What rank 0 writes beside the tensors, taken now (an async save writes it after training moved on).
+    `scaler`: the fp16 loss scaler (trainer/loss_scale.py), whose state the manifest keeps."""
     import copy
 
     return {"plan": plan, "routing": routing, "extra_arrays": copy.deepcopy(extra_arrays), "keep_last": keep_last,
             "manifest": {"format": FORMAT, "step": step, "tokens": tokens, "time": time.time(),
                          "world_size": info.world_size, "ep_size": (cfg.parallel.ep_size or info.world_size),
                          "expert_sharding": cfg.parallel.expert_sharding, "model_hash": model_hash(cfg.model),
-                         "model_config": asdict(cfg.model), "scheduler": copy.deepcopy(scheduler.state_dict())}}
+                         "model_config": asdict(cfg.model), "scheduler": copy.deepcopy(scheduler.state_dict()),
+                         "loss_scale": scaler.state_dict() if scaler is not None else None}}
 
 
 def finish_on_rank0(tmp: Path, final: Path, *, plan, routing, extra_arrays, keep_last, manifest) -> None:
@@ -293,9 +296,10 @@ def no_dist_warning_off(info):
         yield
 
 
-def load(path: Path, manifest: dict, *, model, optimizer, scheduler, info, engine=None) -> None:
+def load(path: Path, manifest: dict, *, model, optimizer, scheduler, info, engine=None, scaler=None) -> None:
     """Fill the model, the expert shards this rank holds and the optimizer from `path` (collective).
-    With a DeepSpeed `engine`, the dense parameters' AdamW state goes into ZeRO's partitions."""
+    With a DeepSpeed `engine`, the dense parameters' AdamW state goes into ZeRO's partitions. An fp16
+    `scaler` takes the saved scale (a checkpoint of a run without fp16 has none: it starts afresh)."""
     init_optimizer_state(optimizer)
     sd = state_dict(model, optimizer, for_save=False, engine=engine)
     with no_dist_warning_off(info):
@@ -303,6 +307,8 @@ def load(path: Path, manifest: dict, *, model, optimizer, scheduler, info, engin
     for st in optimizer.state.values():
         st["step"].copy_(sd["optim.step"])
     restore_schedule(scheduler, manifest["scheduler"])
+    if scaler is not None and manifest.get("loss_scale"):
+        scaler.load_state_dict(manifest["loss_scale"])
     if engine is not None:
         from moesaic.parallel.deepspeed_engine import load_zero_state
 

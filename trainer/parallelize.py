@@ -187,15 +187,19 @@ class Parallel:
             self.counters["expert_grad_bytes"] = reduce_expert_grads(self.model, self.mesh, self.info.world_size,
                                                                      self.reduce_dtype)
 
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """The global gradient norm (each expert counted once), clipped to max_norm if > 0."""
+    def clip_grad_norm(self, max_norm: float, unscale: float = 1.0) -> torch.Tensor:
+        """The global norm (each expert counted once) of the gradients times `unscale` (1 / the fp16
+        loss scale, trainer/loss_scale.py), which the gradients are multiplied by, and clipped to
+        max_norm if > 0. A non-finite norm leaves them as they are: that step is skipped."""
         if self.ds_engine is not None:
+            assert unscale == 1.0, "parallel.mixed_precision=fp16 is refused under engine=deepspeed"
             return self._clip_with_zero(max_norm)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if not self.expert_parallel and not self.dense_fsdp:
-            if max_norm > 0:
+            if unscale == 1.0 and max_norm > 0:
                 return torch.nn.utils.clip_grad_norm_(params, max_norm)
-            return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else torch.zeros(())
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+            return unscale_and_clip_(params, norm, max_norm, unscale)
         # 1. the dense gradients' norm: equal on every rank under DDP; under FSDP summed over the shards
         dense = [p for n, p in self.model.named_parameters() if p.grad is not None
                  and (".experts." not in n or not self.expert_parallel)]
@@ -205,13 +209,8 @@ class Parallel:
         if self.expert_parallel:
             expert_sq = (fssdp_grad_sq_norm if self.fssdp else expert_grad_sq_norm)(self.model, self.mesh)
             dist.all_reduce(expert_sq)
-        norm = torch.sqrt(dense_sq + expert_sq.cpu())
-        if max_norm > 0:
-            coef = max_norm / (float(norm) + 1e-6)
-            if coef < 1:
-                for p in params:
-                    p.grad.mul_(coef)
-        return norm.float()
+        # 3. one multiply per gradient: the unscaling and the clipping coefficient together
+        return unscale_and_clip_(params, torch.sqrt(dense_sq + expert_sq.cpu()), max_norm, unscale)
 
     def _clip_with_zero(self, max_norm: float) -> torch.Tensor:
         """engine=deepspeed: one global norm over the dense gradients (in ZeRO's partitions at stages 1
@@ -254,6 +253,21 @@ class Parallel:
         return torch.tensor(norm)
 
 
+def unscale_and_clip_(params: list, norm: torch.Tensor, max_norm: float, unscale: float) -> torch.Tensor:
+    """`norm` (of the scaled gradients) times `unscale`; the gradients multiplied by `unscale` and, if
+    that norm exceeds max_norm > 0, by max_norm / norm (DeepSpeed's combined scale), in one pass."""
+    norm = norm * unscale
+    if not math.isfinite(float(norm)):
+        return norm.float()
+    coef = unscale
+    if max_norm > 0 and max_norm / (float(norm) + 1e-6) < 1:
+        coef *= max_norm / (float(norm) + 1e-6)
+    if coef != 1.0:
+        for p in params:
+            p.grad.mul_(coef)
+    return norm.float()
+
+
 def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: Placement | None) -> Parallel:
     """Apply expert parallelism or FSSDP (per the plan), then DDP or FSDP (parallel.dense_sharding).
     The model holds every expert, as built: on the meta device (then it is materialized on
@@ -264,7 +278,7 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
     mesh, gpn = None, 0
     ignored: list[str] = []
     pc = cfg.parallel
-    reduce_dtype = torch.bfloat16 if pc.reduce_dtype == "bf16" else torch.float32
+    reduce_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(pc.reduce_dtype, torch.float32)
     if cfg.model.moe_impl == "deepspeed":
         from moesaic.parallel.deepspeed_moe import apply_deepspeed_moe
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ from moesaic.parallel.dense_fsdp import reshard
 from moesaic.trainer.config import TrainConfig
 from moesaic.trainer.data import TRAIN_STREAM, VAL_STREAM, sample_batch
 from moesaic.trainer.dist import DistInfo, all_reduce_
+from moesaic.trainer.loss_scale import LossScaler
 
 
 @dataclass
@@ -25,6 +27,8 @@ class StepResult:
     grad_norm: float
     lr: float
     skipped: bool
+    loss_scale: float | None  # parallel.mixed_precision=fp16: the scale this step ran with
+    overflow: bool  # fp16: the scaled gradients overflowed, so the step was skipped and the scale halved
     counts_LE: torch.Tensor | None  # this rank's token-slots per expert
     comm: dict = field(default_factory=dict)  # this rank's bytes and dropped tokens
     phase_s: dict = field(default_factory=dict)
@@ -39,10 +43,9 @@ class StepResult:
 
 
 def precision(cfg: TrainConfig, device: torch.device):
-    """The forward pass's context: bf16 autocast for parallel.mixed_precision=bf16, else nothing."""
-    if cfg.parallel.mixed_precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
+    """The forward pass's context: bf16 or fp16 autocast for parallel.mixed_precision, else nothing."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.parallel.mixed_precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def inter_node_bytes(moe, gpus_per_node: int) -> int:
@@ -54,8 +57,12 @@ def inter_node_bytes(moe, gpus_per_node: int) -> int:
     return sum(b for d, b in enumerate(to) if d // gpus_per_node != mine)
 
 
-def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer, scheduler, info: DistInfo) -> StepResult:
+def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer, scheduler, info: DistInfo,
+               scaler: LossScaler | None = None) -> StepResult:
+    """`scaler` (parallel.mixed_precision=fp16): the loss is scaled before backward, the gradients
+    unscaled before clipping, and a step whose gradients overflowed is skipped on every rank."""
     model = par.model
+    scale = scaler.scale if scaler is not None else None
     t0 = time.perf_counter()
     stats = torch.zeros(3, dtype=torch.float64, device="cpu")  # ce, aux, z summed over micro-steps (host)
     counts_LE, comm = None, {"a2a_bytes": 0, "dropped": 0, "a2a_inter_node_bytes": 0}
@@ -67,7 +74,7 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
             with par.no_sync() if not last else nullcontext():
                 with precision(cfg, info.device):
                     out = par.train_model(x.to(info.device), y.to(info.device))
-                par.backward(out.loss, cfg.grad_accum_steps)
+                par.backward(out.loss if scale is None else out.loss * scale, cfg.grad_accum_steps)
             if par.ds_engine is not None and not last:
                 par.ds_engine.step()  # not an accumulation boundary: DeepSpeed only counts the micro-step
             losses = (out.ce_loss, out.aux_loss, out.z_loss)
@@ -84,15 +91,20 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
     with record_function("moesaic.reduce_grads"):
         par.reduce_grads()
     with record_function("moesaic.clip"):
-        grad_norm = float(par.clip_grad_norm(cfg.optim.grad_clip))
+        grad_norm = float(par.clip_grad_norm(cfg.optim.grad_clip, 1.0 / scale if scale else 1.0))
     stats /= cfg.grad_accum_steps
     all_reduce_(stats, info)
     stats /= info.world_size
     ce, aux, z = stats.tolist()
     lr = scheduler.get_last_lr()[0]
     skipped = not (math.isfinite(ce) and math.isfinite(grad_norm))
-    if skipped and cfg.on_nan == "stop":
+    # fp16: a finite loss with non-finite gradients is an overflow of the scaled gradients, which the
+    # scaler answers (skip, halve); a non-finite loss is a divergence, which on_nan answers
+    overflow = scaler is not None and math.isfinite(ce) and not math.isfinite(grad_norm)
+    if skipped and not overflow and cfg.on_nan == "stop":
         raise diverged(step, ce, grad_norm, lr)
+    if scaler is not None and math.isfinite(ce):
+        scaler.update(overflow, step)
     t2 = time.perf_counter()
     with record_function("moesaic.update"):
         if par.ds_engine is not None:
@@ -108,10 +120,12 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
         if not skipped:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        with warnings.catch_warnings():  # torch warns when a run's first steps skip the optimizer: intended
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            scheduler.step()
     comm["expert_grad_bytes"] = par.counters.get("expert_grad_bytes", 0)
     comm["expert_gather_bytes"] = par.counters.get("expert_gather_bytes", 0)
-    result = StepResult(ce, aux, z, grad_norm, lr, skipped, counts_LE, comm)
+    result = StepResult(ce, aux, z, grad_norm, lr, skipped, scale, overflow, counts_LE, comm)
     if counts_LE is not None and any(m.router.cfg.bias_update_rate > 0 for m in model.moe_layers()):
         for moe, c in zip(model.moe_layers(), result.global_counts(info)):
             moe.router.update_bias(c)

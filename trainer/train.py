@@ -23,6 +23,7 @@ from moesaic.trainer.async_checkpoint import AsyncCheckpointer
 from moesaic.trainer.config import TrainConfig
 from moesaic.trainer.data import check_vocab, load_corpus
 from moesaic.trainer.dist import DistInfo, all_gather_object, all_reduce_, init_distributed, shutdown
+from moesaic.trainer.loss_scale import LossScaler
 from moesaic.trainer.metrics import RunLogger, make_run_dir, peak_rss_mib
 from moesaic.trainer.model import Transformer
 from moesaic.trainer.parallelize import (apply_activation_checkpoint, apply_compile, compile_stats, parallelize,
@@ -106,10 +107,12 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
     replanner = Replanner(cfg.placement, par, recorder, optimizer, run_dir, info, logger)
     dynamic = DynamicReplicas(cfg.placement, par, info)
     resharder = Resharder(cfg.parallel, par, recorder, optimizer, logger)
+    scaler = LossScaler.from_config(cfg.parallel)  # parallel.mixed_precision=fp16
     start, tokens_done = 0, 0
     if resume is not None:
         path, manifest = resume
-        ckpt.load(path, manifest, model=model, optimizer=optimizer, scheduler=scheduler, info=info, engine=par.ds_engine)
+        ckpt.load(path, manifest, model=model, optimizer=optimizer, scheduler=scheduler, info=info, engine=par.ds_engine,
+                  scaler=scaler)
         start, tokens_done = manifest["step"], manifest["tokens"]
         ckpt.restore_extras(path, recorder=recorder, replanner=replanner, info=info, dynamic=dynamic)
         logger.progress(start)
@@ -147,7 +150,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
         write = writer.save if writer else ckpt.save
         path = write(ckpt_root, step, model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg, info=info,
                      plan=par.plan, routing=routing, tokens=tokens_done, keep_last=cfg.checkpoint.keep_last,
-                     extra_arrays=ckpt.replan_arrays(replanner, dynamic), engine=par.ds_engine)
+                     extra_arrays=ckpt.replan_arrays(replanner, dynamic), engine=par.ds_engine, scaler=scaler)
         logger.log({"kind": "checkpoint", "step": step, "path": str(path), "seconds": time.perf_counter() - t0,
                     "async": writer is not None})
         return path
@@ -160,7 +163,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
         with profiler.step(done):
             dynamic.before_step()
             r = train_step(step, cfg=cfg, corpus=corpus, par=par, recorder=recorder, optimizer=optimizer,
-                           scheduler=scheduler, info=info)
+                           scheduler=scheduler, info=info, scaler=scaler)
             dynamic.after_step(r.global_counts(info) if dynamic.enabled else None)
         tokens_done += tokens_per_step
         skipped += int(r.skipped)
@@ -212,6 +215,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
         "final_train_loss": history[-1] if history else float("nan"),
         "steps": cfg.steps, "steps_this_run": end - start, "start_step": start, "stopped_at": end, "stopped_by": stopped_by,
         "skipped_steps": skipped, "tokens": tokens_done, "wall_s": wall,
+        "loss_scale": scaler.state_dict() if scaler is not None else None,  # fp16: the last scale, overflows
         "tokens_per_s": ran * tokens_per_step / wall, "median_step_s": steady[len(steady) // 2],
         "world_size": info.world_size, "backend": info.backend, "device": str(info.device), "params": counts,
         "ep_size": ep if plan or par.deepspeed_moe_ep else 1,
@@ -256,6 +260,7 @@ def _train_record(r, done, dt, tokens_done, tok_s, fpt, cfg, info, par, t_start,
         "kind": "train", "step": done, "loss": r.ce, "aux_loss": r.aux, "z_loss": r.z, "lr": r.lr,
         "grad_norm": r.grad_norm, "tokens_per_s": tok_s, "step_s": dt, "tokens": tokens_done,
         "elapsed_s": time.perf_counter() - t_start, "skipped_steps": skipped,
+        **({"loss_scale": r.loss_scale, "overflow": r.overflow} if r.loss_scale is not None else {}),
         "a2a_bytes": int(comm[0]), "dropped_tokens": int(comm[1]), "expert_grad_bytes": int(comm[2]),
         "expert_gather_bytes": int(comm[3]), "tokens_received_per_rank": received, **r.phase_s,
     }

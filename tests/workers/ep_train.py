@@ -78,16 +78,16 @@ def _bytes(model, kind):
     return sum(getattr(m.experts, "bytes", {}).get(kind, 0) for m in model.moe_layers())
 
 
-def _bf16_share(model, num_domains: int, resident: bool) -> dict:
+def _half_share(model, num_domains: int, resident: bool, dtype=torch.bfloat16) -> dict:
     """Of this rank's nonzero gradient elements that were summed across ranks (the dense ones; under
     resident expert parallelism, an expert's where another rank holds it too; under FSSDP, the owned
-    experts' where there are several expert domains), the share that a bf16
-    holds exactly: 1 when the sums ran in bf16 (the world size is a power of 2), about 2**-16 when
-    they ran in fp32. None where there are none."""
+    experts' where there are several expert domains), the share that `dtype` (bf16, fp16)
+    holds exactly: 1 when the sums ran in it (the world size is a power of 2), about 2**-16 (bf16)
+    when they ran in fp32. None where there are none."""
     def share(grads):
         g = torch.cat([t.flatten() for t in grads]) if grads else torch.zeros(0)
         nz = g[g != 0]
-        return float((nz.bfloat16().float() == nz).double().mean()) if nz.numel() else None
+        return float((nz.to(dtype).float() == nz).double().mean()) if nz.numel() else None
 
     dense = [local(p.grad) for n, p in model.named_parameters() if p.grad is not None and ".experts." not in n]
     experts = []
@@ -158,8 +158,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--align", action="store_true", help="FSSDP owners follow the plan (placement.align_owners)")
     ap.add_argument("--micro", type=int, default=1, help="gradient accumulation: micro-batches per step")
     ap.add_argument("--bf16", action="store_true", help="forward passes (both sides) under bf16 autocast")
-    ap.add_argument("--gather-dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="parallel.gather_dtype (FSSDP): auto gathers bf16 under --bf16")
+    ap.add_argument("--fp16", action="store_true", help="forward passes (both sides) under fp16 autocast")
+    ap.add_argument("--loss-scale", type=float, default=1.0,
+                    help="both sides: backward from loss x this, the gradients unscaled before clipping (fp16's static scale)")
+    ap.add_argument("--gather-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="parallel.gather_dtype (FSSDP): auto gathers bf16 (fp16) under --bf16 (--fp16)")
     ap.add_argument("--ffn-dim", type=int, default=16, help="10: breaks torch._grouped_mm's 16-byte rule (the loop path)")
     ap.add_argument("--num-experts", type=int, default=8, help="2 at 4 ranks: ranks that own and compute none")
     ap.add_argument("--dedup", action="store_true", help="parallel.token_dedup: each token once per destination rank")
@@ -174,6 +177,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--reduce-bf16", action="store_true",
                     help="parallel.reduce_dtype=bf16; the reference then rounds each rank's gradient to bf16 and sums "
                          "them in bf16, in rank order")
+    ap.add_argument("--reduce-fp16", action="store_true", help="with --fp16: parallel.reduce_dtype=fp16, as --reduce-bf16")
     ap.add_argument("--out", required=True)
     return ap
 
@@ -195,6 +199,7 @@ def main():
 
 def run(a: argparse.Namespace) -> None:
     W, rank = dist.get_world_size(), dist.get_rank()
+    reduce = torch.bfloat16 if a.reduce_bf16 else torch.float16 if a.reduce_fp16 else None  # parallel.reduce_dtype
     router = {"softmax": RouterConfig(),
               "sigmoid": RouterConfig(score_func="sigmoid", bias_update_rate=0.01),
               # DeepSeek-V3's router: 4 groups of 2 experts, each token in its best 2, weights x2.5,
@@ -218,9 +223,9 @@ def run(a: argparse.Namespace) -> None:
         parallel = ParallelConfig(ep_size=a.ep, expert_sharding=a.sharding, reshard_after_forward=not a.no_remat,
                                   token_dedup=a.dedup or a.node_dispatch > 0, node_dispatch=a.node_dispatch > 0,
                                   gpus_per_node=a.node_dispatch, dense_sharding="fsdp" if a.fsdp else "ddp",
-                                  dense_shard_size=a.fsdp_shard, mixed_precision="bf16" if a.bf16 else "none",
+                                  dense_shard_size=a.fsdp_shard, mixed_precision="bf16" if a.bf16 else "fp16" if a.fp16 else "none",
                                   gather_dtype=a.gather_dtype, dense_gather_dtype="bf16" if a.fsdp_bf16 else "fp32",
-                                  reduce_dtype="bf16" if a.reduce_bf16 else "fp32")
+                                  reduce_dtype="bf16" if a.reduce_bf16 else "fp16" if a.reduce_fp16 else "fp32")
 
         class placement:
             align_owners = a.align
@@ -260,8 +265,10 @@ def run(a: argparse.Namespace) -> None:
         x = torch.randint(0, 256, (2, 16), generator=g)
         return x, torch.randint(0, 256, (2, 16), generator=g)
 
-    def amp():  # parallel.mixed_precision=bf16, as the trainer's step does it
-        return torch.autocast("cpu", dtype=torch.bfloat16) if a.bf16 else contextlib.nullcontext()
+    def amp():  # parallel.mixed_precision=bf16 or fp16, as the trainer's step does it
+        if a.bf16 or a.fp16:
+            return torch.autocast("cpu", dtype=torch.bfloat16 if a.bf16 else torch.float16)
+        return contextlib.nullcontext()
 
     report = {"steps": [], "fsdp_sharded_on": sharded_on}
     seen_dtypes, weight_dtypes = set(), set()  # what the experts compute on, and with which weights
@@ -309,16 +316,18 @@ def run(a: argparse.Namespace) -> None:
             with par.no_sync() if i < a.micro - 1 else contextlib.nullcontext():
                 with amp():
                     out = par.train_model(x.chunk(a.micro)[i], y.chunk(a.micro)[i])
-                (out.loss / a.micro).backward()
+                (out.loss * a.loss_scale / a.micro).backward()
             recorder.observe_model(model)
             losses.append(out.loss.item())
             counts = counts + out.tokens_per_expert_LE.double()
         par.reduce_grads()
         if step == 0:
-            report["reduced_grads_in_bf16"] = _bf16_share(model, W // a.ep, a.sharding == "resident")
-            if a.reduce_bf16:  # the reduced gradients, whole, for the check against the reference below
+            report["reduced_grads_in_bf16"] = _half_share(model, W // a.ep, a.sharding == "resident")
+            if a.reduce_fp16:
+                report["reduced_grads_in_fp16"] = _half_share(model, W // a.ep, a.sharding == "resident", torch.float16)
+            if reduce:  # the reduced (and still loss-scaled) gradients, whole, for the check against the reference below
                 grads0 = assemble(model, ref, a, grads=True)[:2]
-        norm = par.clip_grad_norm(0.5)
+        norm = par.clip_grad_norm(0.5, 1 / a.loss_scale)
         opt.step()
         opt.zero_grad()
         dist.all_reduce(counts)
@@ -338,7 +347,7 @@ def run(a: argparse.Namespace) -> None:
             # --fsdp-bf16: FSDP2's mixed precision, rank by rank: the forward with bf16 copies of the
             # weights (buffers stay fp32), each rank's bf16 gradients cast to fp32 and summed
             fwd = bf16_weights(ref) if a.fsdp_bf16 else ref
-            summed, magnitude = {}, {}  # --reduce-bf16: each parameter's bf16 sum over the ranks, and of |.|
+            summed, magnitude = {}, {}  # --reduce-bf16/fp16: each parameter's half sum over the ranks, and of |.|
             for r in range(W):
                 xr, yr = batch(r, step)
                 ids_r = []
@@ -349,16 +358,19 @@ def run(a: argparse.Namespace) -> None:
                     outs.append(o)
                     ids_r.append([mm.last_route.expert_ids_TK.clone() for mm in fwd.moe_layers()])
                 ref_ids.append([torch.cat([ids[l] for ids in ids_r]) for l in range(mcfg.num_moe_layers)])
-                if a.reduce_bf16:  # this rank's gradient rounded to bf16, added to the others in bf16
-                    total.backward()
+                if reduce:  # this rank's gradient rounded to bf16 (fp16), added to the others in it
+                    # backward from the rank's own mean loss (x the scale), as on the rank: under fp16
+                    # autocast a smaller gradient would round otherwise in fp16's subnormal range;
+                    # then divided by the world size in fp32, as DDP's hook does before the cast
+                    (total * (a.loss_scale * W)).backward()
                     for p in ref.parameters():
                         if p.grad is not None:
-                            g, p.grad = p.grad.bfloat16(), None
+                            g, p.grad = (p.grad / W).to(reduce), None
                             summed[p] = g if p not in summed else summed[p] + g
                             magnitude[p] = g.float().abs() + magnitude.get(p, 0)
                     total = total.detach()
                 if a.fsdp_bf16:  # this rank's gradient, as FSDP reduce-scatters it (fp32)
-                    total.backward()
+                    (total * a.loss_scale).backward()
                     for p, q in zip(ref.parameters(), fwd.parameters()):
                         if q.grad is not None:
                             p.grad = q.grad.float() if p.grad is None else p.grad + q.grad.float()
@@ -366,19 +378,24 @@ def run(a: argparse.Namespace) -> None:
                     total = total.detach()
             for p, g in summed.items():
                 p.grad = g.float()
-            if not (a.fsdp_bf16 or a.reduce_bf16):
-                total.backward()
-            if step == 0 and a.reduce_bf16:  # the reduced gradients against the reference's, in units of
-                # sum_r |g_r| (the size of bf16's rounding of the sum); 0/0 counts as 0
+            if not (a.fsdp_bf16 or reduce):
+                (total * a.loss_scale).backward()
+            if step == 0 and reduce:  # the reduced gradients against the reference's, in units of
+                # sum_r |g_r| (the size of a half-precision rounding of the sum); 0/0 counts as 0
                 ratio = {}
                 for n, p in ref.named_parameters():
                     li, w = (n.split(".")[1], n.split(".")[-1]) if ".experts." in n else (None, None)
                     got = grads0[0][n] if li is None else grads0[1][(_moe_index(ref, int(li)), w)]
                     err = (got - p.grad).abs()
-                    ratio[n] = float((err / magnitude[p].clamp_min(1e-30)).max()) if p in magnitude else float(err.max())
+                    # fp16: below its smallest normal number a rounding is absolute (2**-25), not relative
+                    tiny = torch.finfo(reduce).tiny if reduce == torch.float16 else 1e-30
+                    ratio[n] = float((err / magnitude[p].clamp_min(tiny)).max()) if p in magnitude else float(err.max())
                 report["grad_err_over_magnitude"] = max(ratio.values())
                 report["dense_grad_err_over_magnitude"] = max(v for n, v in ratio.items() if ".experts." not in n)
                 report["grad_err_worst"] = max(ratio, key=ratio.get)
+            for p in ref.parameters():  # the loss scale divided out (1: nothing changes)
+                if p.grad is not None:
+                    p.grad.mul_(1 / a.loss_scale)
             ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
             ref_opt.step()
             ref_opt.zero_grad()
@@ -388,7 +405,7 @@ def run(a: argparse.Namespace) -> None:
             diffs = {n: float((dense[n] - p.detach()).abs().max()) for n, p in ref.named_parameters() if ".experts." not in n}
             for (li, n), full in experts.items():
                 diffs[f"moe{li}.{n}"] = float((full - getattr(ref.moe_layers()[li].experts, n).detach()).abs().max())
-            report["steps"].append({"loss": float(loss) / W, "ref_loss": float(total), "norm": float(norm),
+            report["steps"].append({"loss": float(loss) / W, "ref_loss": float(total.detach()), "norm": float(norm),
                                     "ref_norm": float(ref_norm), "max_param_diff": max(diffs.values()),
                                     "gather_bytes": float(gbytes[0]), "reduce_scatter_bytes": float(gbytes[1]),
                                     "param_sha": hashlib.sha256(b"".join(

@@ -1,0 +1,71 @@
+"""Loss scaling for `parallel.mixed_precision=fp16` (Micikevicius et al., "Mixed Precision Training",
+2018; DeepSpeed's `fp16` block and torch's GradScaler do the same).
+
+fp16 holds magnitudes from 6e-8 (subnormal) to 65504 only, so under fp16 autocast many of the
+backward pass's activation gradients would round to zero. The loss is multiplied by `scale` before
+backward, which lifts every gradient by the same factor; the gradients are divided by it again
+before clipping and the update (`Parallel.clip_grad_norm(..., unscale=1 / scale)`), so the master
+weights see the true gradients. A scale too large makes some gradient overflow: the global
+gradient norm, which every rank computes alike, is then not finite, the step is skipped on every
+rank, and the scale is halved (dynamic scaling); after `window` steps in a row without an overflow
+it is doubled again. Powers of two keep the scaling exact: x * 2**k / 2**k == x in floating point.
+
+Pure bookkeeping: no tensors, no collectives. Its state goes into each checkpoint's manifest, so
+that a resumed run continues with the scale, and the count towards the next doubling, that it had.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class LossScaler:
+    scale: float
+    """What the loss is multiplied by before backward."""
+    dynamic: bool = True
+    """False (parallel.loss_scale > 0): the scale never changes, and an overflow only skips the step."""
+    window: int = 1000
+    """Steps in a row without an overflow after which a dynamic scale doubles."""
+    min_scale: float = 1.0
+    """A dynamic scale's floor: an overflow at it stops the run (FloatingPointError), since the
+    gradients overflow without any lift, and fp16 cannot hold them."""
+    good_steps: int = 0
+    """Steps since the last overflow or doubling."""
+    overflows: int = 0
+    """Skipped steps so far (in this run and the runs it resumes)."""
+
+    @classmethod
+    def from_config(cls, pc) -> "LossScaler | None":
+        """The scaler for a `ParallelConfig`: None unless mixed_precision=fp16."""
+        if pc.mixed_precision != "fp16":
+            return None
+        if pc.loss_scale > 0:
+            return cls(scale=float(pc.loss_scale), dynamic=False, window=pc.loss_scale_window)
+        return cls(scale=2.0 ** pc.initial_scale_power, window=pc.loss_scale_window, min_scale=pc.min_loss_scale)
+
+    def update(self, overflow: bool, step: int) -> None:
+        """After a step: halve on an overflow (or stop at the minimum), double after `window` good steps."""
+        if overflow:
+            self.overflows += 1
+            self.good_steps = 0
+            if not self.dynamic:
+                return
+            if self.scale <= self.min_scale:
+                raise FloatingPointError(
+                    f"the gradients overflowed fp16 at step {step + 1} with the loss scale at its minimum "
+                    f"(parallel.min_loss_scale={self.min_scale:g}); stopping. The last checkpoint is kept; "
+                    "parallel.mixed_precision=bf16 has fp32's range")
+            self.scale = max(self.scale / 2, self.min_scale)
+            return
+        self.good_steps += 1
+        if self.dynamic and self.good_steps >= self.window:
+            self.scale *= 2
+            self.good_steps = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take the saved scale and counters; the policy (dynamic, window, minimum) stays the config's."""
+        self.scale, self.good_steps, self.overflows = float(state["scale"]), int(state["good_steps"]), int(state["overflows"])
