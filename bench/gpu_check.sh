@@ -23,7 +23,8 @@
 # (reduce-overhead) and max-autotune, for the 2.3% that #8 part 2 lacks on the strict measure.
 # trainer (about 5 minutes; first `bash bench/fetch_wheels.sh` here, and carry [".whl"]):
 # moesaic-doctor on one NCCL rank, the trainer's demo model in bf16 eager and compiled (FSSDP, EP,
-# DDP, FSSDP with the Triton kernels, and FSSDP with full activation checkpointing), and gpu_train's
+# DDP, FSSDP with the Triton kernels, FSSDP with full activation checkpointing, FSDP for the dense
+# part, and FSSDP under fp16 autocast with loss scaling: its first CUDA run), and gpu_train's
 # 2.62B model through the trainer, compiled; bench/trainer_runs.py prints them side by side. Since the
 # nineteenth session the trainer builds on meta and initializes each rank's share on its GPU (CUDA
 # generators): these runs are that path's first on CUDA.
@@ -151,15 +152,18 @@ if [ "$PART" = trainer ]; then  # the trainer and the doctor on CUDA (about 5 mi
         "ep_compiled parallel=ep compile=true" "ddp_eager parallel=ddp"
         "fssdp_triton parallel=fssdp model.moe.kernels=triton"
         "fssdp_checkpoint_full parallel=fssdp parallel.activation_checkpoint=full"
-        "fssdp_fsdp_compiled parallel=fssdp parallel.dense_sharding=fsdp compile=true")
+        "fssdp_fsdp_compiled parallel=fssdp parallel.dense_sharding=fsdp compile=true"
+        "fssdp_fp16 parallel=fssdp")  # fp16 autocast and loss scaling (_grouped_mm's fallback off bf16)
   # TRAINER_QUICK=1 (about 3 minutes, for what is left of a session's device time): the compiled,
   # Triton and FSDP runs alone, and the doctor's default suite
   [ "${TRAINER_QUICK:-0}" = 1 ] && runs=("${runs[1]}" "${runs[2]}" "${runs[4]}" "${runs[6]}")
   for run in "${runs[@]}"; do
     set -- $run
     name=$1; shift
+    args=$demo
+    [[ $name == *fp16 ]] && args=${demo/mixed_precision=bf16/mixed_precision=fp16}
     echo "## $(date +%T) trainer, demo model, $name" | tee -a "$LOG"
-    timeout 150 $one -m moesaic.trainer $demo logging.run_name=$name "$@" 2>&1 | grep -E "$keep" | tail -6 | tee -a "$LOG"
+    timeout 150 $one -m moesaic.trainer $args logging.run_name=$name "$@" 2>&1 | grep -E "$keep" | tail -6 | tee -a "$LOG"
   done
   big="model.dim=2048 model.num_layers=16 model.num_heads=16 model.max_seq_len=2048 data.seq_len=2048 model.moe.num_experts=16 model.moe.top_k=4 model.moe.ffn_dim=1408 model.moe.num_shared_experts=1 batch_size=8"
   echo "## $(date +%T) trainer, gpu_train's model (2.62B), compiled, bf16 autocast" | tee -a "$LOG"

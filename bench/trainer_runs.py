@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table, write_json  # noqa: E402
+from common import machine, table, write_json  # noqa: E402
 
 
 def rows(out_dir: Path) -> list[dict]:
@@ -48,7 +48,7 @@ def main() -> None:
     a = ap.parse_args()
     found = rows(Path(a.out_dir))
     print(table(found) if found else f"no summary.json under {a.out_dir}")
-    write_json(a.json, {"rows": found})
+    write_json(a.json, {"machine": machine(), "rows": found})  # the machine that read them (and, as a rule, ran them)
 
 
 if __name__ == "__main__":

@@ -86,9 +86,9 @@ def shared_dir() -> Path:
 # under the other worker's jobs. (xdist's own `--dist loadgroup` does not group with pytest 9: it
 # renames `item._nodeid`, which pytest 9 no longer reads.)
 ONE_WORKER_FILES = ("tests/test_launch.py",)
-# Parametrized cases that share one launch have ids that start with `launch<key>-` (e.g.
-# tests/test_expert_parallel.py: one torchrun per world size runs all its cases): one worker runs
-# every case of a launch, so that the launch runs once.
+# Parametrized cases that share one launch have ids that start with `launch<key>-` (e.g. the cases
+# of tests/ep_cases.py, in two test files: one torchrun per world size runs all of them): one worker
+# runs every case of a launch, whichever file holds it, so that the launch runs once.
 LAUNCH_ID = re.compile(r"\[(launch[^-\]]*)-")
 
 
@@ -105,7 +105,7 @@ def pytest_xdist_make_scheduler(config, log):
             if path in ONE_WORKER_FILES:
                 return path
             launch = LAUNCH_ID.search(nodeid)
-            return f"{path}::{launch.group(1)}" if launch else nodeid
+            return launch.group(1) if launch else nodeid
 
     return Scheduler(config, log)
 

@@ -1,6 +1,6 @@
 """parallel.mixed_precision=fp16: loss scaling (trainer/loss_scale.py), in the trainer and across ranks.
 The distributed paths under fp16 autocast (tokens, FSSDP's fp16 gathers, the unscaling in the
-clipping pass) are checked against the one-process reference in test_expert_parallel.py (FP16)."""
+clipping pass) are checked against the one-process reference in test_mixed_precision.py (the FP16 cases of tests/ep_cases.py)."""
 
 import json
 import math
@@ -99,7 +99,7 @@ def test_fp16_run_skips_its_overflows_on_a_dynamic_scale_and_learns(tmp_path):
 
 def test_fp16_steps_track_fp32_steps_with_the_scale_divided_out(tmp_path):
     """A static scale of 4096 under fp16 autocast against fp32 (no autocast): the same weights and
-    batches, so the gradient norms and losses agree to fp16's rounding (measured: 2e-3 relative on the
+    batches, so the gradient norms and losses agree to fp16's rounding (measured: 9.8e-5 relative on the
     norm); had the scale not been divided out, the norm would be 4096 times larger, and clipping
     (optim.grad_clip=1) would have cut every step to the same length."""
     args = ["steps=6", "optim.warmup_steps=1"]
@@ -109,8 +109,8 @@ def test_fp16_steps_track_fp32_steps_with_the_scale_divided_out(tmp_path):
     assert all(r["loss_scale"] == 4096 and not r["overflow"] for r in fp16)
     assert "loss_scale" not in fp32[0]
     for a, b in zip(fp16, fp32):
-        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-2 * b["grad_norm"], (a, b)
-        assert abs(a["loss"] - b["loss"]) < 1e-2, (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * b["grad_norm"], (a, b)
+        assert abs(a["loss"] - b["loss"]) < 1e-3, (a, b)
 
 
 def test_an_overflow_at_the_minimum_scale_stops_with_a_named_error(tmp_path):
