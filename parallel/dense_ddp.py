@@ -43,8 +43,8 @@ def apply_ddp(model: torch.nn.Module, *, device: torch.device, bucket_order: str
 def half_allreduce_hook(dtype, bucket):
     """DDP's communication hook for reduce_dtype=bf16 or fp16 (`dtype`, the hook's state; `bucket`: a
     dist.GradBucket; unannotated, as DDP checks annotations against the class and this module's are
-    strings): torch's own bf16_compress_hook and fp16_compress_hook, on any backend (torch's bf16
-    hook accepts only NCCL or XCCL), over the default (whole-world) group."""
+    strings): torch's bf16_compress_hook and fp16_compress_hook, on any backend (torch's bf16 hook
+    accepts only NCCL or XCCL), over the default (whole-world) group, dividing before the cast."""
     buf = bucket.buffer()
     # 1. the bucket divided by the world size (DDP's mean; first, so that an fp16 sum of loss-scaled
     #    gradients stays further from fp16's overflow, and in fp32, so that a value in fp16's

@@ -28,12 +28,12 @@ class LossScaler:
     window: int = 1000
     """Steps in a row without an overflow after which a dynamic scale doubles."""
     min_scale: float = 1.0
-    """A dynamic scale's floor: an overflow at it stops the run (FloatingPointError), since the
-    gradients overflow without any lift, and fp16 cannot hold them."""
+    """A dynamic scale's floor: an overflow at it stops the run (FloatingPointError) instead of
+    skipping steps without end."""
     good_steps: int = 0
     """Steps since the last overflow or doubling."""
     overflows: int = 0
-    """Skipped steps so far (in this run and the runs it resumes)."""
+    """Steps skipped for an overflow so far (in this run and the runs it resumes)."""
 
     @classmethod
     def from_config(cls, pc) -> "LossScaler | None":
