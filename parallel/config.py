@@ -158,10 +158,6 @@ class ParallelConfig:
                              f"{', '.join(map(repr, ACTIVATION_CHECKPOINT))}")
         if self.mixed_precision not in ("none", "bf16", "fp16"):
             raise ValueError(f"parallel.mixed_precision ({self.mixed_precision!r}) must be one of 'none', 'bf16', 'fp16'")
-        if self.mixed_precision == "fp16" and self.engine != "torch":
-            raise ValueError(f"parallel.mixed_precision ('fp16') needs parallel.engine (torch), not {self.engine!r}: "
-                             "moesaic's loss scaling spans the dense and the expert gradients, which DeepSpeed's "
-                             "fp16 mode (fp16 weights, its own scaler) would split")
         if self.loss_scale < 0 or (self.loss_scale > 0 and self.mixed_precision != "fp16"):
             raise ValueError(f"parallel.loss_scale ({self.loss_scale}) must be 0 (dynamic), or > 0 (static) with "
                              f"parallel.mixed_precision=fp16, not {self.mixed_precision!r}")

@@ -94,11 +94,14 @@ def boundary_step(engine, *, skip: bool) -> bool:
         grads = [g for group in zero.averaged_gradients.values() for g in group or () if g is not None and g.numel()]
         if grads:
             grads[0].view(-1)[0] = float("nan")
-    # 2. the update, or DeepSpeed's skip
+    # 2. the update, or DeepSpeed's skip; then ZeRO's loss scale back to 1, where fp16's scale
+    #    (set for this step by the trainer's clipping pass) would scale the next backward
     try:
         engine.step()
     finally:
         engine._config.gradient_clipping = clip
+        if zero is not None:
+            zero.loss_scale = 1.0
     applied = bool(engine.was_step_applied())
     if skip and zero is not None and applied:
         raise RuntimeError("DeepSpeed applied a step that on_nan=skip dropped: no rank holds a ZeRO gradient partition")

@@ -93,6 +93,35 @@ def test_bf16_autocast_under_deepspeed_matches_the_torch_engine(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.dist
+def test_fp16_loss_scaling_under_deepspeed_matches_the_torch_engine(tmp_path):
+    """parallel.mixed_precision=fp16 under engine=deepspeed: backward from the scaled loss; for the
+    step, moesaic sets ZeRO's loss scale to its own (ZeRO divides its partitions by it, in the same
+    multiply as its clipping) and divides the expert gradients itself, then puts ZeRO's back to 1.
+    A dynamic scale from 2**18 with a window of 3 overflows at steps 1, 2, 7 and 12: the overflows
+    and scales are the torch engine's, step for step; the losses and norms agree to float rounding
+    (ZeRO-0: equal; ZeRO-2: 6.7e-6 and 5.2e-5 measured). Left at the step's scale, the next backward
+    would be scaled twice; unset, the dense norm would be the scale times too large and clipped. With
+    parallel.reduce_dtype=fp16 (ZeRO's communication_data_type) ZeRO-2 tracks the torch engine's fp16
+    sums the same way (3.1e-6 and 8.7e-5)."""
+    args = [*SMOKE, "steps=16", f"logging.out_dir={tmp_path}", "optim.grad_clip=1.0", "parallel.mixed_precision=fp16",
+            "parallel.initial_scale_power=18", "parallel.loss_scale_window=3"]
+    r16 = ["parallel.reduce_dtype=fp16"]
+    runs = {"torch": [], "zero0": ["parallel.zero_stage=0"], "zero2": ["parallel.zero_stage=2"], "torch_r16": r16,
+            "zero2_r16": ["parallel.zero_stage=2", *r16]}
+    for name, extra in runs.items():
+        engine = ["parallel.engine=deepspeed"] if name.startswith("zero") else []
+        torchrun(2, [*args, f"logging.run_name={name}", *engine, *extra], timeout=600)
+    rows = {n: [r for r in read_metrics(tmp_path / n) if r["kind"] == "train"] for n in runs}
+    for name, ref_name in (("zero0", "torch"), ("zero2", "torch"), ("zero2_r16", "torch_r16")):
+        ref, got = rows[ref_name], rows[name]
+        assert len(ref) == 16 and sum(r["overflow"] for r in ref) >= 3 and ref[-1]["loss"] < ref[0]["loss"] - 0.5
+        assert [(r["loss_scale"], r["overflow"]) for r in got] == [(r["loss_scale"], r["overflow"]) for r in ref], name
+        assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ref, got)) < 1e-4, (name, ref, got)
+        assert max(abs(a["grad_norm"] - b["grad_norm"]) for a, b in zip(ref, got) if not a["overflow"]) < 1e-3, name
+
+
+@pytest.mark.slow
+@pytest.mark.dist
 def test_deepspeed_never_holds_an_expert():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(WORKERS / "ds_engine.py"), "1", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=child_env())

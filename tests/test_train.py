@@ -175,8 +175,8 @@ def test_compiled_training_equals_eager(tmp_path):
         (["logging.out_dir=/proc/no-such"], "logging.out_dir ('/proc/no-such') is not writable"),
         (["data=text", "data.path=/nowhere"], "data.path ('/nowhere') does not exist"),
         (["parallel.mixed_precision=fp8"], "parallel.mixed_precision ('fp8') must be one of 'none', 'bf16', 'fp16'"),
-        (["parallel.mixed_precision=fp16", "parallel.engine=deepspeed"],
-         "parallel.mixed_precision ('fp16') needs parallel.engine (torch), not 'deepspeed'"),
+        (["parallel=deepspeed_moe", "model.moe_impl=deepspeed", "parallel.mixed_precision=fp16"],
+         "parallel.mixed_precision ('fp16') must be 'none' or 'bf16' with model.moe_impl (deepspeed)"),
         (["parallel.loss_scale=1024"], "parallel.loss_scale (1024.0) must be 0 (dynamic), or > 0 (static) with "
                                        "parallel.mixed_precision=fp16, not 'none'"),
         (["parallel.mixed_precision=fp16", "parallel.loss_scale=-1"], "parallel.loss_scale (-1.0) must be 0 (dynamic)"),

@@ -262,6 +262,7 @@ def _check_deepspeed_moe(cfg: "TrainConfig") -> None:
         (m.router.aux_loss_scope == "micro_batch",
          f"model.moe.router.aux_loss_scope ({m.router.aux_loss_scope!r}) must be 'micro_batch'"),
         (not p.token_dedup, f"parallel.token_dedup ({p.token_dedup}) must be false"),
+        (p.mixed_precision != "fp16", f"parallel.mixed_precision ({p.mixed_precision!r}) must be 'none' or 'bf16'"),
         (cfg.placement.plan == "contiguous", f"placement.plan ({cfg.placement.plan!r}) must be 'contiguous'"),
         (not cfg.placement.every_n_steps, f"placement.every_n_steps ({cfg.placement.every_n_steps}) must be 0"),
         (not cfg.placement.dynamic_replicas, f"placement.dynamic_replicas ({cfg.placement.dynamic_replicas}) must be 0"),

@@ -12,6 +12,8 @@ it is doubled again. Powers of two keep the scaling exact: x * 2**k / 2**k == x 
 
 Pure bookkeeping: no tensors, no collectives. Its state goes into each checkpoint's manifest, so
 that a resumed run continues with the scale, and the count towards the next doubling, that it had.
+Under engine=deepspeed the same scale is ZeRO's for each step (`Parallel._clip_with_zero`), so that
+ZeRO unscales its fp32 partitions of the dense gradients as moesaic does the experts'.
 """
 
 from __future__ import annotations

@@ -192,8 +192,7 @@ class Parallel:
         loss scale, trainer/loss_scale.py), which the gradients are multiplied by, and clipped to
         max_norm if > 0. A non-finite norm leaves them as they are: that step is skipped."""
         if self.ds_engine is not None:
-            assert unscale == 1.0, "parallel.mixed_precision=fp16 is refused under engine=deepspeed"
-            return self._clip_with_zero(max_norm)
+            return self._clip_with_zero(max_norm, unscale)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if not self.expert_parallel and not self.dense_fsdp:
             if unscale == 1.0 and max_norm > 0:
@@ -212,10 +211,12 @@ class Parallel:
         # 3. one multiply per gradient: the unscaling and the clipping coefficient together
         return unscale_and_clip_(params, torch.sqrt(dense_sq + expert_sq.cpu()), max_norm, unscale)
 
-    def _clip_with_zero(self, max_norm: float) -> torch.Tensor:
+    def _clip_with_zero(self, max_norm: float, unscale: float = 1.0) -> torch.Tensor:
         """engine=deepspeed: one global norm over the dense gradients (in ZeRO's partitions at stages 1
         and 2) and the experts', and one coefficient for both, as under the torch engine. DeepSpeed's
-        own clipping is off; DeepSpeed-MoE's engine clips its whole model itself."""
+        own clipping is off; DeepSpeed-MoE's engine clips its whole model itself. fp16 (`unscale`):
+        ZeRO's loss scale is set to moesaic's for this step (`boundary_step` puts 1 back), so that
+        ZeRO divides its partitions by it, and the norm it reports is unscaled."""
         from moesaic.parallel.deepspeed_engine import zero_optimizer
 
         zero = zero_optimizer(self.ds_engine)
@@ -231,25 +232,28 @@ class Parallel:
         # 1. the dense gradients' norm: from ZeRO's reduced partitions (an all-reduce over its ranks), or
         #    at stage 0 from the dense gradients, which DeepSpeed's backward has already averaged
         if zero is not None:
+            zero.loss_scale = 1.0 / unscale  # (1 without fp16)
             dense_sq = (float(zero.scaled_global_norm()) / zero.loss_scale) ** 2
         else:
             dense_sq = float(sum((p.grad.double() ** 2).sum() for n, p in self.model.named_parameters()
-                                 if n not in names and p.grad is not None))
+                                 if n not in names and p.grad is not None)) * unscale ** 2
         # 2. the experts' norm, each expert counted once
         expert_sq = torch.zeros((), dtype=torch.float64)
         if self.expert_parallel:
             expert_sq = (fssdp_grad_sq_norm if self.fssdp else expert_grad_sq_norm)(self.model, self.mesh)
             dist.all_reduce(expert_sq)
-        norm = math.sqrt(dense_sq + float(expert_sq))
+        norm = math.sqrt(dense_sq + float(expert_sq) * unscale ** 2)
         coef = max_norm / (norm + 1e-6) if max_norm > 0 else 1.0
-        # 3. ZeRO's step divides its gradients by (dense + 1e-6) / clip_grad when that exceeds 1: set
-        #    clip_grad so that the quotient is 1 / coef; moesaic scales the other gradients by coef
+        # 3. ZeRO's step divides its gradients by (dense + 1e-6) / clip_grad when that exceeds 1 (and by
+        #    its loss scale): set clip_grad so that the quotient is 1 / coef; moesaic scales the other
+        #    gradients by coef (and unscale)
         if zero is not None:
             zero.clip_grad = max_norm * (math.sqrt(dense_sq) + 1e-6) / (norm + 1e-6) if coef < 1 else 0.0
-        if coef < 1:
+        scale_by = unscale * min(coef, 1.0)
+        if scale_by != 1.0 and math.isfinite(norm):
             for n, p in self.model.named_parameters():
                 if p.grad is not None and (n in names or zero is None):
-                    p.grad.mul_(coef)
+                    p.grad.mul_(scale_by)
         return torch.tensor(norm)
 
 
