@@ -25,13 +25,13 @@ def rows(out_dir: Path) -> list[dict]:
     for path in sorted(Path(out_dir).glob("*/summary.json")):
         s = json.loads(path.read_text())
         compiled = s.get("compile") or {}
+        par = (s.get("config") or {}).get("parallel", {})
         out.append({"run": path.parent.name, "device": s.get("device"), "backend": s.get("backend"),
                     "experts": s.get("expert_sharding"), "compile": bool(compiled),
                     "graphs": compiled.get("graphs") if isinstance(compiled, dict) else None,
                     "graph_breaks": compiled.get("graph_breaks") if isinstance(compiled, dict) else None,
                     "over_recompile_limit": compiled.get("recompile_limit_hits") if isinstance(compiled, dict) else None,
-                    "precision": (s.get("config") or {}).get("parallel", {}).get("mixed_precision"),
-                    "reduce": (s.get("config") or {}).get("parallel", {}).get("reduce_dtype"),
+                    "precision": par.get("mixed_precision"), "reduce": par.get("reduce_dtype"),
                     "steps": s.get("steps"), "skipped": s.get("skipped_steps"),
                     "loss_scale": (s.get("loss_scale") or {}).get("scale"),
                     "final_train_loss": s.get("final_train_loss"),

@@ -14,8 +14,8 @@ gradients and AdamW state: one global copy. Each step the plan says which ranks 
 - with `gather_dtype` bf16 (under bf16 autocast), the weights travel and stay materialized in bf16,
   cast at their owner, and the gradients travel back in bf16. A bf16 GEMM's weight gradient is bf16
   anyway, and the owner sums the copies in fp32, so the math equals fp32 gathers bit for bit;
-- with `reduce_dtype` bf16 (parallel.reduce_dtype), the gradients travel back in bf16 whatever the
-  gather's dtype, and the cross-domain all-reduce runs in bf16;
+- with `reduce_dtype` bf16 or fp16 (parallel.reduce_dtype), the gradients travel back in it
+  whatever the gather's dtype, and the cross-domain all-reduce runs in it;
 - under activation checkpointing, a layer recomputed inside backward computes with the weights that
   its backward re-gathers (`restore`), so recomputation adds no gathers.
 Across "edp" (other expert domains) owners' gradients are all-reduced. Gradients are scaled to the

@@ -249,8 +249,8 @@ class Parallel:
         #    gradients by coef (and unscale)
         if zero is not None:
             zero.clip_grad = max_norm * (math.sqrt(dense_sq) + 1e-6) / (norm + 1e-6) if coef < 1 else 0.0
-        scale_by = unscale * min(coef, 1.0)
-        if scale_by != 1.0 and math.isfinite(norm):
+        scale_by = grad_multiplier(norm, max_norm, unscale)
+        if scale_by != 1.0:
             for n, p in self.model.named_parameters():
                 if p.grad is not None and (n in names or zero is None):
                     p.grad.mul_(scale_by)
@@ -261,15 +261,21 @@ def unscale_and_clip_(params: list, norm: torch.Tensor, max_norm: float, unscale
     """`norm` (of the scaled gradients) times `unscale`; the gradients multiplied by `unscale` and, if
     that norm exceeds max_norm > 0, by max_norm / norm (DeepSpeed's combined scale), in one pass."""
     norm = norm * unscale
-    if not math.isfinite(float(norm)):
-        return norm.float()
-    coef = unscale
-    if max_norm > 0 and max_norm / (float(norm) + 1e-6) < 1:
-        coef *= max_norm / (float(norm) + 1e-6)
+    coef = grad_multiplier(float(norm), max_norm, unscale)
     if coef != 1.0:
         for p in params:
             p.grad.mul_(coef)
     return norm.float()
+
+
+def grad_multiplier(norm: float, max_norm: float, unscale: float) -> float:
+    """What the gradients are multiplied by, given their unscaled global `norm`: `unscale` times, where
+    the norm exceeds max_norm > 0, max_norm / norm. 1 for a non-finite norm (that step is skipped)."""
+    if not math.isfinite(norm):
+        return 1.0
+    if max_norm > 0 and max_norm / (norm + 1e-6) < 1:
+        return unscale * (max_norm / (norm + 1e-6))
+    return unscale
 
 
 def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: Placement | None) -> Parallel:
