@@ -1,6 +1,8 @@
 """Token router: scores -> top-k expert ids and weights, plus the auxiliary losses.
 
-Knows nothing about ranks. Shapes: T tokens, D model dim, E experts, K top-k.
+Knows nothing about ranks, except under `aux_loss_scope=global_batch`, where the balance loss counts
+its f_e over a process group that `apply_global_balance` hands it. Shapes: T tokens, D model dim,
+E experts, K top-k.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -40,7 +43,10 @@ class RouterConfig:
     aux_loss_scope: str = "micro_batch"
     """The tokens that f_e and p_e are counted over: `micro_batch`, this rank's tokens (Switch); or
     `sequence`, each sequence on its own, then the mean over sequences (DeepSeek-V3's complementary
-    sequence-wise balance loss, Megatron's seq_aux_loss)."""
+    sequence-wise balance loss, Megatron's seq_aux_loss); or `global_batch`, f_e over the tokens of
+    every data-parallel rank and of the step's micro-batches so far, p_e over this rank's tokens (the
+    global-batch balance loss of "Demons in the Detail", arXiv 2501.11873, Qwen3; Megatron's
+    global_aux_loss). Averaged over the ranks, that is the loss of the whole global batch."""
     z_loss_coef: float = 0.001
     """Coefficient of the router z-loss mean(logsumexp(logits)^2) (ST-MoE)."""
     bias_update_rate: float = 0.0
@@ -101,7 +107,7 @@ GROUP_SCORES = ("top2_sum", "max")
 def resolved_route_norm(score_func: str, route_norm: bool | None) -> bool:
     """`route_norm`, with null resolved as the score function's models do (sigmoid: true, softmax: false)."""
     return score_func == "sigmoid" if route_norm is None else bool(route_norm)
-AUX_LOSS_SCOPES = ("micro_batch", "sequence")
+AUX_LOSS_SCOPES = ("micro_batch", "sequence", "global_batch")
 
 
 @dataclass
@@ -147,6 +153,11 @@ class TopKRouter(nn.Module):
         self.cfg = cfg
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.register_buffer("bias_E", torch.zeros(num_experts))  # selection-only bias (aux-loss-free)
+        # aux_loss_scope=global_batch: the ranks that f_e counts over (None: this process alone), and
+        # (token-slots per expert, token-slots) of the step's micro-batches so far: before this one, and with it
+        self.balance_group: dist.ProcessGroup | None = None
+        self._running_E1: torch.Tensor | None = None
+        self._current_E1: torch.Tensor | None = None
 
     def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> RouterOutput:
         """x_TD: the tokens, sequence after sequence, `seq_len` each (needed for aux_loss_scope=sequence)."""
@@ -167,14 +178,20 @@ class TopKRouter(nn.Module):
 
         num_tokens = x_TD.shape[0]
         counts_E = expert_counts(ids_TK.flatten(), self.num_experts)
+        # global_batch counts over every rank (a collective: every rank, with or without tokens); in
+        # evaluation (no gradient), over this micro-batch as micro_batch does
+        balance_E1 = (self._global_slots(counts_E, num_tokens)
+                      if cfg.aux_loss_scope == "global_batch" and torch.is_grad_enabled() else None)
         if num_tokens > 0:
             # Switch aux loss: E * sum_e (fraction of slots routed to e) * (mean probability of e),
-            # over the micro-batch, or per sequence and then averaged (DeepSeek-V3)
+            # over the micro-batch, per sequence and then averaged (DeepSeek-V3), or with the fractions
+            # of the global batch so far
             probs_TE = scores_TE if cfg.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
             if cfg.aux_loss_scope == "sequence":
                 aux = self._sequence_aux(ids_TK, probs_TE, seq_len)
             else:
-                frac_E = counts_E.to(probs_TE.dtype) / (num_tokens * self.top_k)
+                frac_E = (counts_E.to(probs_TE.dtype) / (num_tokens * self.top_k) if balance_E1 is None
+                          else (balance_E1[:-1].double() / balance_E1[-1]).to(probs_TE.dtype))
                 aux = self.num_experts * (frac_E * probs_TE.mean(dim=0)).sum()
             z = torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
         else:
@@ -186,6 +203,27 @@ class TopKRouter(nn.Module):
             z_loss=z,
             tokens_per_expert_E=counts_E,
         )
+
+    @torch.compiler.disable  # a collective and the step's running total: eager under torch.compile
+    def _global_slots(self, counts_E: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """(token-slots per expert, token-slots) over the balance group's ranks and the step's micro-batches so far."""
+        # 1. this rank's micro-batch: each expert's token-slots, and its token-slots in all
+        slots_E1 = torch.cat([counts_E, counts_E.new_tensor([num_tokens * self.top_k])])
+        # 2. summed over the ranks (int64: exact at any scale)
+        if self.balance_group is not None:
+            dist.all_reduce(slots_E1, group=self.balance_group)
+        # 3. added to the step's earlier micro-batches (Megatron's running mean over the global batch)
+        if self._running_E1 is not None:
+            slots_E1 = slots_E1 + self._running_E1
+        self._current_E1 = slots_E1
+        return slots_E1
+
+    def end_micro_batch(self, last: bool) -> None:
+        """global_batch: a micro-batch is done, backward included (activation checkpointing recomputes
+        its forward within backward, which must find the same running total). Its counts join the
+        total that the step's later micro-batches count f_e over; after the step's last, it restarts."""
+        self._running_E1 = None if last else self._current_E1
+        self._current_E1 = None
 
     def _sequence_aux(self, ids_TK: torch.Tensor, probs_TE: torch.Tensor, seq_len: int | None) -> torch.Tensor:
         T, E = probs_TE.shape
@@ -205,3 +243,14 @@ class TopKRouter(nn.Module):
         if self.cfg.bias_update_rate > 0:
             c = global_counts_E.to(self.bias_E.device, self.bias_E.dtype)
             self.bias_E += self.cfg.bias_update_rate * torch.sign(c.mean() - c)
+
+
+def apply_global_balance(model: nn.Module) -> None:
+    """aux_loss_scope=global_batch: each such router of `model` counts its f_e over every rank (all
+    of them train on tokens of their own). Call on every rank. A group of its own keeps these small
+    all-reduces from queueing among DDP's or FSDP's, also when backward recomputes a checkpointed block."""
+    routers = [m for m in model.modules() if isinstance(m, TopKRouter) and m.cfg.aux_loss_scope == "global_batch"]
+    if routers:
+        group = dist.new_group()
+        for router in routers:
+            router.balance_group = group

@@ -28,6 +28,9 @@ ADAMW = [
     (2, ["--ep", 2, "--plan", "replicated", "--ffn-dim", 10]),  # experts computed by the loop (unaligned)
     (2, ["--ep", 2, "--plan", "random", "--fsdp"]),  # the dense parameters FSDP2-sharded (see _check_fsdp)
     (4, ["--ep", 2, "--plan", "replicated", "--micro", 2, "--fsdp", "--meta"]),  # edp 2, accumulation
+    # aux_loss_scope=global_batch: f_e over every rank's tokens (and the step's micro-batches so far)
+    (2, ["--ep", 2, "--plan", "random", "--global-balance"]),
+    (4, ["--ep", 2, "--plan", "replicated", "--micro", 2, "--router", "sigmoid", "--global-balance"]),
 ]
 HALF = [  # parallel.mixed_precision=bf16 (fp16: FP16 below)
     (2, ["--ep", 2, "--plan", "replicated", "--bf16"]),
@@ -96,6 +99,7 @@ FSSDP = [
     (4, [*F, "--ep", 4, "--plan", "replicated", "--change-plan-after", 2, "--fsdp"]),  # FSSDP experts, FSDP dense
     (4, [*F, "--ep", 4, "--plan", "random", "--micro", 2, "--fsdp", "--fsdp-shard", 2, "--meta"]),  # HSDP: 2 x 2
     (2, [*F, "--ep", 2, "--plan", "random", "--micro", 2, "--fsdp", "--meta"]),
+    (4, [*F, "--ep", 4, "--plan", "random", "--micro", 2, "--fsdp", "--global-balance"]),
 ]
 def cases(table):
     """parametrize's arguments for a case table, with ids that name their launch."""

@@ -95,8 +95,10 @@ def _run(nproc, tmp_path, name, args):
     # 2 expert domains of 2 ranks; full-kept: the gathered weights kept from forward to backward
     (4, 2, "fssdp", ["full", "full-kept"], 1, GATHER),
     (2, 2, "fssdp", ["full"], 1, [*GATHER, "compile=true"]),
+    # the recomputed routers find the running total of global_batch's f_e that their forward counted
+    (2, 2, "ep", ["full"], 2, ["model.moe.router.aux_loss_scope=global_batch"]),
 ], ids=["ep2-full-accum", "ep4-full", "fssdp2-attention-and-full-in-place", "fssdp2-full-gather-accum",
-        "fssdp2x2-full-gather-and-kept", "fssdp2-full-gather-compiled"])
+        "fssdp2x2-full-gather-and-kept", "fssdp2-full-gather-compiled", "ep2-full-accum-global-balance"])
 def test_distributed_training_is_unchanged(tmp_path, nproc, ep, parallel, modes, accum, extra):
     """8 AdamW steps with and without checkpointing: the same loss at every step, and the same
     parameters on every rank afterwards. EP's recomputed blocks run their all-to-alls again; FSSDP's
@@ -118,9 +120,10 @@ def test_distributed_training_is_unchanged(tmp_path, nproc, ep, parallel, modes,
             assert a.keys() == b.keys()
             for k in a:
                 torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=atol, msg=f"{mode}, rank {rank}: {k}")
-        if extra and kept:  # weights kept from forward: one gather per layer, not two, and none added
+        gathers = GATHER[0] in extra
+        if gathers and kept:  # weights kept from forward: one gather per layer, not two, and none added
             assert 2 * gathered_on == gathered_off > 0, (gathered_on, gathered_off)
-        elif extra:  # the gather path ran, and checkpointing added no gathers to it
+        elif gathers:  # the gather path ran, and checkpointing added no gathers to it
             assert gathered_on == gathered_off > 0
 
 

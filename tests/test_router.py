@@ -118,7 +118,7 @@ def test_route_norm_and_scale_set_the_weights_sum_and_their_gradient():
     ({"num_expert_groups": 8, "num_limited_groups": 4}, {}, r"group_score \('top2_sum'\) needs >= 2 experts per group"),
     ({"group_score": "sum"}, {}, r"model\.moe\.router\.group_score \('sum'\) must be one of 'top2_sum', 'max'"),
     ({"route_scale": 0.0}, {}, r"model\.moe\.router\.route_scale \(0\.0\) must be > 0"),
-    ({"aux_loss_scope": "global"}, {}, r"model\.moe\.router\.aux_loss_scope \('global'\) must be one of 'micro_batch', 'sequence'"),
+    ({"aux_loss_scope": "global"}, {}, r"model\.moe\.router\.aux_loss_scope \('global'\) must be one of 'micro_batch', 'sequence', 'global_batch'"),
 ])
 def test_bad_router_config_gets_a_named_error(router, moe, match):
     with pytest.raises(ValueError, match=match):
@@ -195,3 +195,29 @@ def test_sequence_wise_aux_loss_is_the_mean_of_each_sequence_alone(score_func):
     assert seq.gate.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match=r"needs the tokens as whole sequences: 40 tokens, seq_len 7"):
         seq(x, seq_len=7)
+
+
+def test_global_batch_aux_loss_counts_the_steps_micro_batches_so_far():
+    """aux_loss_scope=global_batch in one process: f_e over the step's micro-batches so far (the
+    running mean), p_e over this micro-batch; its first micro-batch is the micro-batch loss. A second
+    forward of one micro-batch (activation checkpointing's recompute) finds the same total, and a
+    forward without gradients (evaluation) neither counts nor touches it."""
+    torch.manual_seed(4)
+    glob = TopKRouter(D, E, K, RouterConfig(aux_loss_scope="global_batch"))
+    local = TopKRouter(D, E, K, RouterConfig())
+    local.load_state_dict(glob.state_dict())
+    x1, x2, x3 = torch.randn(12, D), torch.randn(12, D), torch.randn(20, D)
+    first = glob(x1)
+    torch.testing.assert_close(first.aux_loss, local(x1).aux_loss)
+    with torch.no_grad():
+        torch.testing.assert_close(glob(x3).aux_loss, local(x3).aux_loss)  # evaluation: this batch alone
+    glob.end_micro_batch(last=False)
+    second = glob(x2)
+    torch.testing.assert_close(glob(x2).aux_loss, second.aux_loss, rtol=0, atol=0)  # the recompute's
+    counts = first.tokens_per_expert_E + second.tokens_per_expert_E
+    p2 = torch.softmax(glob.gate(x2).float(), -1).mean(0)
+    torch.testing.assert_close(second.aux_loss, E * (counts / (24 * K) * p2).sum())
+    assert not torch.allclose(second.aux_loss, local(x2).aux_loss)
+    glob.end_micro_batch(last=True)  # the step is done: the next one starts from its own micro-batch
+    torch.testing.assert_close(glob(x3).aux_loss, local(x3).aux_loss)
+

@@ -24,6 +24,7 @@ from moesaic.parallel.dense_fsdp import apply_fsdp, dense_grad_sq_norm, no_gradi
 from moesaic.parallel.expert_parallel import (ExpertParallelDispatcher, apply_expert_parallel, expert_grad_sq_norm,
                                              reduce_expert_grads)
 from moesaic.parallel.fssdp import apply_fssdp, fssdp_bytes, fssdp_grad_sq_norm, fssdp_reduce_scatter
+from moesaic.parallel.router import apply_global_balance
 from moesaic.placement.baselines import static_plan
 from moesaic.placement.plan import Placement, PlanError, check_fits
 from moesaic.trainer.config import TrainConfig
@@ -285,6 +286,7 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
     only what it holds), or initialized."""
     if info.backend is None:
         return Parallel(_materialize(model, info.device), model, info)
+    apply_global_balance(model)  # aux_loss_scope=global_batch: f_e over every rank's tokens
     mesh, gpn = None, 0
     ignored: list[str] = []
     pc = cfg.parallel

@@ -77,6 +77,9 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
                 par.backward(out.loss if scale is None else out.loss * scale, cfg.grad_accum_steps)
             if par.ds_engine is not None and not last:
                 par.ds_engine.step()  # not an accumulation boundary: DeepSpeed only counts the micro-step
+            if cfg.model.moe.router.aux_loss_scope == "global_batch":
+                for moe in model.moe_layers():
+                    moe.router.end_micro_batch(last)
             losses = (out.ce_loss, out.aux_loss, out.z_loss)
             stats += torch.stack([t.detach().float() for t in losses]).to("cpu", torch.float64)  # one device sync
             c = out.tokens_per_expert_LE

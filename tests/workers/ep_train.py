@@ -13,6 +13,7 @@ plan and optimizer from its seed.
 import argparse
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 
@@ -70,6 +71,8 @@ def parser() -> argparse.ArgumentParser:
                     help="parallel.reduce_dtype=bf16; the reference then rounds each rank's gradient to bf16 and sums "
                          "them in bf16, in rank order")
     ap.add_argument("--reduce-fp16", action="store_true", help="with --fp16: parallel.reduce_dtype=fp16, as --reduce-bf16")
+    ap.add_argument("--global-balance", action="store_true",
+                    help="aux_loss_scope=global_batch; the reference then computes each micro-batch of all ranks in one forward")
     ap.add_argument("--out", required=True)
     return ap
 
@@ -98,6 +101,9 @@ def run(a: argparse.Namespace) -> None:
               # the balance loss per sequence
               "grouped": RouterConfig(score_func="sigmoid", bias_update_rate=0.01, route_scale=2.5,
                                       num_expert_groups=4, num_limited_groups=2, aux_loss_scope="sequence")}[a.router]
+    if a.global_balance:  # (the reference computes each rank's gradient alone under --reduce-* and --fsdp-bf16)
+        assert not (reduce or a.fsdp_bf16), "--global-balance computes all ranks in one forward"
+        router = dataclasses.replace(router, aux_loss_scope="global_batch")
     mcfg = ModelConfig(dim=32, num_layers=3, num_heads=2, max_seq_len=32, num_dense_layers=1,
                        moe=MoEConfig(num_experts=a.num_experts, top_k=2, ffn_dim=a.ffn_dim, num_shared_experts=1, router=router))
     torch.manual_seed(0)
@@ -209,6 +215,8 @@ def run(a: argparse.Namespace) -> None:
                 with amp():
                     out = par.train_model(x.chunk(a.micro)[i], y.chunk(a.micro)[i])
                 (out.loss * a.loss_scale / a.micro).backward()
+            for m in model.moe_layers():  # as the trainer's step does (global_batch's running total)
+                m.router.end_micro_batch(i == a.micro - 1)
             recorder.observe_model(model)
             losses.append(out.loss.item())
             counts = counts + out.tokens_per_expert_LE.double()
@@ -240,7 +248,9 @@ def run(a: argparse.Namespace) -> None:
             # weights (buffers stay fp32), each rank's bf16 gradients cast to fp32 and summed
             fwd = bf16_weights(ref) if a.fsdp_bf16 else ref
             summed, magnitude = {}, {}  # --reduce-bf16/fp16: each parameter's half sum over the ranks, and of |.|
-            for r in range(W):
+            if a.global_balance:  # each micro-batch of all ranks in one forward: f_e over all of them
+                total = _global_batch_reference(fwd, batch, step, W, a, amp, outs, ref_ids)
+            for r in range(W if not a.global_balance else 0):
                 xr, yr = batch(r, step)
                 ids_r = []
                 for i in range(a.micro):  # the same micro-batches (the aux loss is per micro-batch)
@@ -334,6 +344,27 @@ def run(a: argparse.Namespace) -> None:
         with open(a.out, "w") as f:
             json.dump(report, f)
     dist.barrier()  # the next case starts on every rank together
+
+
+def _global_batch_reference(ref, batch, step, W, a, amp, outs, ref_ids) -> torch.Tensor:
+    """The reference under aux_loss_scope=global_batch: micro-batch i of every rank in one forward, in
+    rank order. Its mean CE and z-loss are the ranks' mean, and so is its balance loss, whose f_e the
+    ranks all-reduce and whose p_e they average through DDP. Returns the step's loss; appends the
+    outputs and each rank's routed ids, as the per-rank reference does."""
+    total, per_rank = 0.0, [[] for _ in range(W)]
+    for i in range(a.micro):
+        x, y = (torch.cat([batch(r, step)[j].chunk(a.micro)[i] for r in range(W)]) for j in (0, 1))
+        with amp():
+            o = ref(x, y)
+        total = total + o.loss / a.micro
+        outs.append(o)
+        n = x.numel() // W  # each rank's tokens
+        for r in range(W):
+            per_rank[r].append([m.last_route.expert_ids_TK[r * n:(r + 1) * n].clone() for m in ref.moe_layers()])
+        for m in ref.moe_layers():  # no recompute here: the running total may move on before backward
+            m.router.end_micro_batch(i == a.micro - 1)
+    ref_ids.extend([torch.cat([ids[l] for ids in rank_ids]) for l in range(len(rank_ids[0]))] for rank_ids in per_rank)
+    return total
 
 
 if __name__ == "__main__":
