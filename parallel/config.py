@@ -83,6 +83,13 @@ class ParallelConfig:
     """mixed_precision=fp16, dynamic scaling: steps without an overflow before the scale doubles."""
     min_loss_scale: float = 1.0
     """mixed_precision=fp16, dynamic scaling: the scale's floor; an overflow there stops the run."""
+    hysteresis: int = 1
+    """mixed_precision=fp16, dynamic scaling: the overflows that it takes to halve the scale (each one
+    is skipped); after that, every overflow halves it until the scale doubles again, which refills
+    them. 1 halves at every overflow (torch's GradScaler); DeepSpeed's default is 2."""
+    consecutive_hysteresis: bool = False
+    """mixed_precision=fp16, with hysteresis > 1: a step without an overflow refills the hysteresis
+    too (DeepSpeed's consecutive_hysteresis), so that only overflows in a row halve the scale."""
     gather_dtype: str = "auto"
     """FSSDP: the dtype in which the experts' weights are gathered (and computed with) and their
     gradients returned to the owners: `fp32`, `bf16`, `fp16`, or `auto` (mixed_precision's dtype:
@@ -165,6 +172,8 @@ class ParallelConfig:
             raise ValueError(f"parallel.initial_scale_power ({self.initial_scale_power}) must be in 0..64")
         if self.loss_scale_window < 1:
             raise ValueError(f"parallel.loss_scale_window ({self.loss_scale_window}) must be >= 1")
+        if self.hysteresis < 1:
+            raise ValueError(f"parallel.hysteresis ({self.hysteresis}) must be >= 1 (1: every overflow halves the scale)")
         if not 0 < self.min_loss_scale <= 2.0 ** self.initial_scale_power:
             raise ValueError(f"parallel.min_loss_scale ({self.min_loss_scale}) must be > 0 and <= "
                              f"2**parallel.initial_scale_power ({2.0 ** self.initial_scale_power:g})")

@@ -120,6 +120,51 @@ def test_fp16_loss_scaling_under_deepspeed_matches_the_torch_engine(tmp_path):
         assert max(abs(a["grad_norm"] - b["grad_norm"]) for a, b in zip(ref, got) if not a["overflow"]) < 1e-3, name
 
 
+DS_SCALER = """
+import json, os, sys
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import deepspeed, torch
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+deepspeed.init_distributed(dist_backend="gloo")  # its scaler asks for the rank
+out = []
+for h, consecutive, overflows in json.loads(sys.argv[2]):
+    s = DynamicLossScaler(init_scale=2.0 ** 40, scale_window=10 ** 6, min_scale=1, delayed_shift=h,
+                          consecutive_hysteresis=consecutive, dtype=torch.half)
+    out.append([s.update_scale(o) or s.cur_scale for o in overflows])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_loss_scale_hysteresis_halves_as_deepspeeds_own_scaler():
+    """parallel.hysteresis and consecutive_hysteresis against DeepSpeed's DynamicLossScaler, on random
+    overflow sequences: the same scale after every step. (Its window doubles a step later than
+    torch's GradScaler and moesaic's, so the window is out of reach here; test_loss_scale.py checks
+    that a doubling refills the hysteresis.)"""
+    import random
+
+    from moesaic.parallel.config import ParallelConfig
+    from moesaic.trainer.loss_scale import LossScaler
+
+    rng = random.Random(7)
+    cases = [(h, c, [rng.random() < 0.5 for _ in range(60)]) for h, c in ((1, False), (2, False), (3, False),
+                                                                             (2, True), (3, True))]
+    proc = subprocess.run([sys.executable, "-c", DS_SCALER, str(free_port()), json.dumps(cases)], capture_output=True,
+                          text=True, timeout=300, env=child_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (h, consecutive, overflows), expected in zip(cases, theirs):
+        ours = LossScaler.from_config(ParallelConfig(mixed_precision="fp16", initial_scale_power=40,
+                                                     loss_scale_window=10 ** 6, hysteresis=h,
+                                                     consecutive_hysteresis=consecutive))
+        seen = []
+        for step, overflow in enumerate(overflows):
+            ours.update(overflow, step)
+            seen.append(ours.scale)
+        assert seen == expected, (h, consecutive)
+        assert len(set(seen)) > 2, (h, consecutive)  # the scale moved
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 def test_deepspeed_never_holds_an_expert():

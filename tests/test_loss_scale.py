@@ -34,6 +34,31 @@ def test_dynamic_scale_halves_on_an_overflow_and_doubles_after_a_window():
     assert restored == s
 
 
+@pytest.mark.parametrize("consecutive,expected", [
+    (False, [1024, 512, 256, 256, 256, 512, 512, 512, 256]),  # halves until the doubling refills it
+    (True, [1024, 512, 256, 256, 256, 512, 512, 512, 512]),  # each good step refills it
+])
+def test_hysteresis_absorbs_overflows_until_it_is_refilled(consecutive, expected):
+    """DeepSpeed's hysteresis 2: the first overflow only skips its step; then each one halves the scale
+    until a doubling (consecutive_hysteresis: any good step) gives it back. tests/test_deepspeed.py
+    checks the same against DeepSpeed's own scaler on random overflows."""
+    s = LossScaler.from_config(ParallelConfig(mixed_precision="fp16", initial_scale_power=10, loss_scale_window=3,
+                                              hysteresis=2, consecutive_hysteresis=consecutive))
+    seen = []
+    for step, overflow in enumerate([True, True, True, False, False, False, True, False, True]):
+        s.update(overflow, step)
+        seen.append(s.scale)
+    assert seen == expected
+    restored = LossScaler.from_config(ParallelConfig(mixed_precision="fp16", hysteresis=2))
+    restored.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    assert restored.hysteresis_left == s.hysteresis_left == 1  # the last overflow took one
+    old = {k: v for k, v in s.state_dict().items() if k != "hysteresis_left"}  # a checkpoint from before it: full
+    restored.load_state_dict(old)
+    assert restored.hysteresis_left == 2
+    with pytest.raises(ValueError, match=r"parallel.hysteresis \(0\) must be >= 1"):
+        ParallelConfig(mixed_precision="fp16", hysteresis=0)
+
+
 def test_static_scale_never_moves_and_only_the_minimum_stops_a_dynamic_one():
     assert LossScaler.from_config(ParallelConfig(mixed_precision="bf16")) is None
     static = LossScaler.from_config(ParallelConfig(mixed_precision="fp16", loss_scale=128))

@@ -8,7 +8,10 @@ before clipping and the update (`Parallel.clip_grad_norm(..., unscale=1 / scale)
 weights see the true gradients. A scale too large makes some gradient overflow: the global
 gradient norm, which every rank computes alike, is then not finite, the step is skipped on every
 rank, and the scale is halved (dynamic scaling); after `window` steps in a row without an overflow
-it is doubled again. Powers of two keep the scaling exact: x * 2**k / 2**k == x in floating point.
+it is doubled again. With DeepSpeed's `hysteresis` h > 1, the first h - 1 overflows only skip their
+steps; then each overflow halves the scale until a doubling (or, `consecutive_hysteresis`, any step
+without an overflow) gives the h back. Powers of two keep the scaling exact: x * 2**k / 2**k == x
+in floating point.
 
 Pure bookkeeping: no tensors, no collectives. Its state goes into each checkpoint's manifest, so
 that a resumed run continues with the scale, and the count towards the next doubling, that it had.
@@ -32,10 +35,20 @@ class LossScaler:
     min_scale: float = 1.0
     """A dynamic scale's floor: an overflow at it stops the run (FloatingPointError) instead of
     skipping steps without end."""
+    hysteresis: int = 1
+    """Overflows that it takes to halve the scale (DeepSpeed's hysteresis; 1: each one halves it)."""
+    consecutive: bool = False
+    """A step without an overflow refills the hysteresis (else only a doubling does)."""
     good_steps: int = 0
     """Steps since the last overflow or doubling."""
     overflows: int = 0
     """Steps skipped for an overflow so far (in this run and the runs it resumes)."""
+    hysteresis_left: int | None = None
+    """Overflows left before the next one halves the scale (None: `hysteresis`, full)."""
+
+    def __post_init__(self) -> None:
+        if self.hysteresis_left is None:
+            self.hysteresis_left = self.hysteresis
 
     @classmethod
     def from_config(cls, pc) -> "LossScaler | None":
@@ -44,14 +57,19 @@ class LossScaler:
             return None
         if pc.loss_scale > 0:
             return cls(scale=float(pc.loss_scale), dynamic=False, window=pc.loss_scale_window)
-        return cls(scale=2.0 ** pc.initial_scale_power, window=pc.loss_scale_window, min_scale=pc.min_loss_scale)
+        return cls(scale=2.0 ** pc.initial_scale_power, window=pc.loss_scale_window, min_scale=pc.min_loss_scale,
+                   hysteresis=pc.hysteresis, consecutive=pc.consecutive_hysteresis)
 
     def update(self, overflow: bool, step: int) -> None:
-        """After a step: halve on an overflow (or stop at the minimum), double after `window` good steps."""
+        """After a step: halve on an overflow once the hysteresis is spent (or stop at the minimum),
+        double after `window` good steps."""
         if overflow:
             self.overflows += 1
             self.good_steps = 0
             if not self.dynamic:
+                return
+            if self.hysteresis_left > 1:  # an overflow that the hysteresis absorbs: the step is skipped, the scale kept
+                self.hysteresis_left -= 1
                 return
             if self.scale <= self.min_scale:
                 raise FloatingPointError(
@@ -61,13 +79,18 @@ class LossScaler:
             self.scale = max(self.scale / 2, self.min_scale)
             return
         self.good_steps += 1
+        if self.consecutive:
+            self.hysteresis_left = self.hysteresis
         if self.dynamic and self.good_steps >= self.window:
             self.scale *= 2
             self.good_steps = 0
+            self.hysteresis_left = self.hysteresis
 
     def state_dict(self) -> dict:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        """Take the saved scale and counters; the policy (dynamic, window, minimum) stays the config's."""
+        """Take the saved scale and counters; the policy (dynamic, window, minimum, hysteresis) stays the
+        config's. The hysteresis left is capped by the config's (full for checkpoints from before it)."""
         self.scale, self.good_steps, self.overflows = float(state["scale"]), int(state["good_steps"]), int(state["overflows"])
+        self.hysteresis_left = min(int(state.get("hysteresis_left") or self.hysteresis), self.hysteresis)
