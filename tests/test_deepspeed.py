@@ -138,9 +138,9 @@ print(json.dumps(out))
 @pytest.mark.slow
 def test_loss_scale_hysteresis_halves_as_deepspeeds_own_scaler():
     """parallel.hysteresis and consecutive_hysteresis against DeepSpeed's DynamicLossScaler, on random
-    overflow sequences: the same scale after every step. (Its window doubles a step later than
-    torch's GradScaler and moesaic's, so the window is out of reach here; test_loss_scale.py checks
-    that a doubling refills the hysteresis.)"""
+    overflow sequences: the same scale after every step. (Its first doubling comes one good step
+    later than torch's GradScaler's and moesaic's, so the window is out of reach here;
+    test_loss_scale.py checks that a doubling refills the hysteresis.)"""
     import random
 
     from moesaic.parallel.config import ParallelConfig
