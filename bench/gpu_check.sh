@@ -149,11 +149,12 @@ if [ "$PART" = trainer ]; then  # the trainer and the doctor on CUDA (about 5 mi
   keep='^moesaic|^step|^done|^\[rank[0-9]+\]: +File |^\[rank[0-9]+\]: [A-Za-z_.]*(Error|Exception)|^[A-Za-z_.]*(Error|Exception):'
   demo="logging=quiet logging.out_dir=$OUT/trainer steps=${TRAINER_STEPS:-300} eval_every=100 parallel.mixed_precision=bf16"
   runs=("fssdp_eager parallel=fssdp" "fssdp_compiled parallel=fssdp compile=true"
-        "ep_compiled parallel=ep compile=true" "ddp_eager parallel=ddp"
+        "ep_compiled parallel=ep compile=true model.moe.router.aux_loss_scope=global_batch" "ddp_eager parallel=ddp"
         "fssdp_triton parallel=fssdp model.moe.kernels=triton"
         "fssdp_checkpoint_full parallel=fssdp parallel.activation_checkpoint=full"
         "fssdp_fsdp_compiled parallel=fssdp parallel.dense_sharding=fsdp compile=true"
         "fssdp_fp16 parallel=fssdp")  # fp16 autocast and loss scaling (_grouped_mm's fallback off bf16)
+  # (ep_compiled also runs the global-batch balance loss: its int64 all-reduce on NCCL, eager in a compiled block)
   # TRAINER_QUICK=1 (about 3 minutes, for what is left of a session's device time): the compiled,
   # Triton and FSDP runs alone, and the doctor's default suite
   [ "${TRAINER_QUICK:-0}" = 1 ] && runs=("${runs[1]}" "${runs[2]}" "${runs[4]}" "${runs[6]}")

@@ -53,11 +53,12 @@ def test_no_tensor_lands_off_the_model_device_through_training_replanning_and_re
         "fssdp_resume": (2, ["parallel=fssdp", *replan, "steps=12", "eval_every=5", "checkpoint.every_n_steps=5", ck,
                              "model.moe.capacity_factor=1.0", "checkpoint.resume=auto"]),
         # resident EP through the node dispatch (token dedup tables), with a migration to a new plan,
-        # and the dense parameters under HSDP (sharded on meta, 2 copies of 2 shards)
+        # the dense parameters under HSDP (sharded on meta, 2 copies of 2 shards), and the
+        # global-batch balance loss's counts
         "ep_node": (4, ["parallel=ep", "parallel.token_dedup=true", "parallel.node_dispatch=true",
                         "parallel.dense_sharding=fsdp", "parallel.dense_shard_size=2",
                         "parallel.gpus_per_node=2", *replan, "steps=7", "model.moe.router.score_func=sigmoid",
-                        "model.moe.router.bias_update_rate=0.001"]),
+                        "model.moe.router.bias_update_rate=0.001", "model.moe.router.aux_loss_scope=global_batch"]),
     }
     found = {name: _checked_run(tmp_path, name, n, args) for name, (n, args) in runs.items()}
     assert not any(found.values()), "tensors made without a device after the model was built (they land on the " \
