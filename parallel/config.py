@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 ACTIVATION_CHECKPOINT = ("none", "attention", "full")
+ZERO_TUNING = ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "contiguous_gradients", "reduce_scatter",
+               "allgather_partitions", "round_robin_gradients", "use_multi_rank_bucket_allreduce")
+"""The keys of DeepSpeed's `zero_optimization` block (stages 1 and 2) that parallel.zero_config passes on."""
 
 
 @dataclass(kw_only=True)
@@ -60,6 +64,11 @@ class ParallelConfig:
     moesaic's path, and DeepSpeed clips the dense gradients, moesaic the expert ones)."""
     zero_stage: int = 2
     """ZeRO stage for engine=deepspeed: 1 (optimizer states) or 2 (and gradients) partitioned."""
+    zero_config: dict[str, Any] = field(default_factory=dict)
+    """engine=deepspeed (and the DeepSpeed-MoE baseline): more keys of DeepSpeed's `zero_optimization`
+    block, passed to it as they are, for tuning its communication: one of ZERO_TUNING (bucket sizes,
+    overlap_comm, contiguous_gradients, ...), e.g. `+parallel.zero_config.reduce_bucket_size=5e7`.
+    The stage is zero_stage; offloading and ZeRO-3's keys are refused."""
     timeout_s: float = 300.0
     """Rendezvous and collective timeout, seconds."""
     activation_checkpoint: str = "none"
@@ -158,6 +167,13 @@ class ParallelConfig:
                              "both stages send a token once per destination")
         if self.reshard_every_n_steps < 0:
             raise ValueError(f"parallel.reshard_every_n_steps ({self.reshard_every_n_steps}) must be >= 0")
+        unknown = sorted(set(self.zero_config) - set(ZERO_TUNING))
+        if unknown:
+            raise ValueError(f"parallel.zero_config has {', '.join(map(repr, unknown))}: its keys must be among "
+                             f"{', '.join(ZERO_TUNING)} (the stage is parallel.zero_stage; no offloading, no ZeRO-3)")
+        if self.zero_config and self.engine != "deepspeed":
+            raise ValueError(f"parallel.zero_config ({dict(self.zero_config)}) needs parallel.engine=deepspeed, "
+                             f"not {self.engine!r}")
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"parallel.zero_stage ({self.zero_stage}) must be 0, 1 or 2 (ZeRO-3 would partition the experts)")
         if self.activation_checkpoint not in ACTIVATION_CHECKPOINT:

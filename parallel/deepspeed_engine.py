@@ -41,15 +41,16 @@ class DenseView(nn.Module):
 
 
 def deepspeed_config(*, zero_stage: int, micro_batch: int, grad_accum: int, grad_clip: float,
-                     reduce_dtype: str = "fp32") -> dict:
+                     reduce_dtype: str = "fp32", zero_config: dict | None = None) -> dict:
     """The DeepSpeed config moesaic passes to `deepspeed.initialize` (its own loop logs and times).
     `reduce_dtype` (parallel.reduce_dtype) is DeepSpeed's communication_data_type: what ZeRO
-    all-reduces or reduce-scatters the dense gradients in."""
+    all-reduces or reduce-scatters the dense gradients in. `zero_config` (parallel.zero_config):
+    more keys of its zero_optimization block (bucket sizes, overlap), checked by ParallelConfig."""
     return {
         "communication_data_type": reduce_dtype,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": {**(zero_config or {}), "stage": zero_stage},
         "gradient_clipping": grad_clip,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -58,7 +59,8 @@ def deepspeed_config(*, zero_stage: int, micro_batch: int, grad_accum: int, grad
 
 
 def apply_deepspeed(model: nn.Module, expert_names: list[str], dense_optimizer: torch.optim.Optimizer, dense_scheduler, *,
-                    zero_stage: int, micro_batch: int, grad_accum: int, reduce_dtype: str = "fp32"):
+                    zero_stage: int, micro_batch: int, grad_accum: int, reduce_dtype: str = "fp32",
+                    zero_config: dict | None = None):
     """Returns the DeepSpeed engine over the dense parameters. It does not clip: moesaic clips the dense
     and the expert gradients by one global norm (the trainer's `Parallel.clip_grad_norm`)."""
     import deepspeed
@@ -67,7 +69,7 @@ def apply_deepspeed(model: nn.Module, expert_names: list[str], dense_optimizer: 
     dense = [n for n, _ in model.named_parameters() if n not in ignored]
     view = DenseView(model, dense)
     config = deepspeed_config(zero_stage=zero_stage, micro_batch=micro_batch, grad_accum=grad_accum, grad_clip=0.0,
-                              reduce_dtype=reduce_dtype)
+                              reduce_dtype=reduce_dtype, zero_config=zero_config)
     engine, _, _, _ = deepspeed.initialize(model=view, optimizer=dense_optimizer, lr_scheduler=dense_scheduler,
                                            config=config, dist_init_required=False)
     log.info("applied deepspeed: ZeRO stage %d over %d dense parameter tensors", zero_stage, len(dense))

@@ -137,15 +137,16 @@ def deepspeed_moe_optimizer(model: nn.Module, optim_cfg):
 
 
 def initialize_deepspeed_moe(model: nn.Module, optimizer, scheduler, *, zero_stage: int, micro_batch: int,
-                             grad_accum: int, grad_clip: float, reduce_dtype: str = "fp32"):
+                             grad_accum: int, grad_clip: float, reduce_dtype: str = "fp32",
+                             zero_config: dict | None = None):
     """`deepspeed.initialize` over the whole model (dense and DeepSpeed-MoE experts); `reduce_dtype`:
-    DeepSpeed's communication_data_type."""
+    DeepSpeed's communication_data_type; `zero_config`: more zero_optimization keys."""
     import deepspeed
 
     from moesaic.parallel.deepspeed_engine import deepspeed_config
 
     config = deepspeed_config(zero_stage=zero_stage, micro_batch=micro_batch, grad_accum=grad_accum, grad_clip=grad_clip,
-                              reduce_dtype=reduce_dtype)
+                              reduce_dtype=reduce_dtype, zero_config=zero_config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
                                            dist_init_required=False)
     return engine

@@ -73,6 +73,11 @@ def test_experiment_overrides_root_values():
         (["logging.profile_steps=[1,300]"], r"logging\.profile_steps \(\[1, 300\]\) must be"),
         (["optim.decay_type=step"], r"optim\.decay_type \('step'\) must be one of 'cosine', 'linear', 'sqrt'"),
         (["optim.decay_ratio=1.5"], r"optim\.decay_ratio \(1\.5\) must be in \[0, 1\]"),
+        (["parallel.engine=deepspeed", "+parallel.zero_config.offload_optimizer={device: cpu}"],
+         r"parallel\.zero_config has 'offload_optimizer': its keys must be among reduce_bucket_size, "),
+        (["+parallel.zero_config.overlap_comm=true"],
+         r"parallel\.zero_config \(\{'overlap_comm': True\}\) needs parallel\.engine=deepspeed, not 'torch'"),
+        (["parallel.mixed_precision=fp16", "parallel.hysteresis=0"], r"parallel\.hysteresis \(0\) must be >= 1"),
     ],
 )
 def test_bad_config_gets_a_named_error(overrides, match):

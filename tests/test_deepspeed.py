@@ -106,8 +106,10 @@ def test_fp16_loss_scaling_under_deepspeed_matches_the_torch_engine(tmp_path):
     args = [*SMOKE, "steps=16", f"logging.out_dir={tmp_path}", "optim.grad_clip=1.0", "parallel.mixed_precision=fp16",
             "parallel.initial_scale_power=18", "parallel.loss_scale_window=3"]
     r16 = ["parallel.reduce_dtype=fp16"]
+    # zero2_r16 also tunes ZeRO (parallel.zero_config): buckets of 1,000 elements, no contiguous gradients
+    tuned = ["+parallel.zero_config.reduce_bucket_size=1e3", "+parallel.zero_config.contiguous_gradients=false"]
     runs = {"torch": [], "zero0": ["parallel.zero_stage=0"], "zero2": ["parallel.zero_stage=2"], "torch_r16": r16,
-            "zero2_r16": ["parallel.zero_stage=2", *r16]}
+            "zero2_r16": ["parallel.zero_stage=2", *r16, *tuned]}
     for name, extra in runs.items():
         engine = ["parallel.engine=deepspeed"] if name.startswith("zero") else []
         torchrun(2, [*args, f"logging.run_name={name}", *engine, *extra], timeout=600)
@@ -177,6 +179,8 @@ def test_deepspeed_never_holds_an_expert():
         assert report["experts_in_engine_module"] == 0 and report["experts_in_deepspeed_optimizer"] == 0, report
         assert report["engine_module_params"] > 0 and report["expert_grads_present"], report
         assert report["dense_equal_across_ranks"], report
+    tuned = {"reduce_bucket_size": 1000, "allgather_bucket_size": 2000, "contiguous_gradients": False}
+    assert reports[1]["zero"] == tuned and reports[0]["zero"] != tuned  # parallel.zero_config reached ZeRO-2
 
 
 NAN_CASES = [("torch", 0, "logits", "skip"), ("torch", 0, "expert_grad", "skip"), ("deepspeed", 0, "logits", "skip"),

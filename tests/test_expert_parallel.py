@@ -44,6 +44,7 @@ def test_doctor_full_suite_matches_reference(nproc):
     assert "ep/capacity-1.0" in names and "ep/zero-token-rank" in names and "all_to_all_single (uneven)" in names
     assert "all_reduce (bf16)" in names and "all_to_all_single (uneven) (bf16)" in names
     assert "all_reduce (fp16)" in names and "all_to_all_single (uneven) (fp16)" in names
+    assert "all_reduce (int64)" in names
     assert "fssdp/replicated" in names and "fssdp/no-remat" in names and "fssdp/2-experts" in names
     assert "ep/groups+bias" in names and "ep/softmax-renormalised" in names
     for r in report["results"]:

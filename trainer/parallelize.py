@@ -136,7 +136,8 @@ class Parallel:
         dense_sched = torch.optim.lr_scheduler.LambdaLR(dense_opt, lr_lambda(o, cfg.steps))
         self.ds_engine = apply_deepspeed(self.model, self.expert_names, dense_opt, dense_sched,
                                          zero_stage=cfg.parallel.zero_stage, micro_batch=cfg.batch_size,
-                                         grad_accum=cfg.grad_accum_steps, reduce_dtype=cfg.parallel.reduce_dtype)
+                                         grad_accum=cfg.grad_accum_steps, reduce_dtype=cfg.parallel.reduce_dtype,
+                                         zero_config=dict(cfg.parallel.zero_config))
         self.train_model = self.ds_engine
         expert_opt = adamw(experts) if experts else torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=o.lr)
         return expert_opt, torch.optim.lr_scheduler.LambdaLR(expert_opt, lr_lambda(o, cfg.steps))
@@ -150,7 +151,8 @@ class Parallel:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim, cfg.steps))
         self.ds_engine = initialize_deepspeed_moe(self.model, opt, sched, zero_stage=cfg.parallel.zero_stage,
                                                   micro_batch=cfg.batch_size, grad_accum=cfg.grad_accum_steps,
-                                                  grad_clip=cfg.optim.grad_clip, reduce_dtype=cfg.parallel.reduce_dtype)
+                                                  grad_clip=cfg.optim.grad_clip, reduce_dtype=cfg.parallel.reduce_dtype,
+                                                  zero_config=dict(cfg.parallel.zero_config))
         check_expert_groups(self.deepspeed_moe_ep, self.info.rank)
         self.train_model = self.ds_engine
         empty = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=cfg.optim.lr)

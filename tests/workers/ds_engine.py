@@ -1,7 +1,8 @@
 """torchrun worker: engine=deepspeed must never see an expert. Checks that the DeepSpeed engine's
 module and its optimizer hold no expert parameter, that a step leaves the expert gradients to
 moesaic (equal on every rank that computes the same expert), and that the dense parameters stay
-identical across ranks. Prints one JSON line on rank 0."""
+identical across ranks. ZeRO-2 runs with parallel.zero_config (small buckets, no contiguous
+gradients), whose values the report reads back from the engine. Prints one JSON line on rank 0."""
 
 import json
 import sys
@@ -18,6 +19,9 @@ from moesaic.trainer.model import ModelConfig, Transformer
 from moesaic.trainer.parallelize import parallelize, resolve_plan
 
 
+TUNED = {"reduce_bucket_size": 1000, "allgather_bucket_size": 2000, "contiguous_gradients": False}
+
+
 def main():
     dist.init_process_group("gloo")
     for stage in sys.argv[1:]:  # several stages run one after another in one launch
@@ -30,7 +34,8 @@ def run(stage: int) -> None:
     cfg = TrainConfig(model=ModelConfig(dim=32, num_layers=2, num_heads=2, max_seq_len=64,
                                         moe={"num_experts": 4, "top_k": 2, "ffn_dim": 16}),
                       data=DataConfig(seq_len=16), steps=4, optim=OptimConfig(warmup_steps=0),
-                      parallel=ParallelConfig(ep_size=0, expert_sharding="fssdp", engine="deepspeed", zero_stage=stage))
+                      parallel=ParallelConfig(ep_size=0, expert_sharding="fssdp", engine="deepspeed", zero_stage=stage,
+                                              zero_config=TUNED if stage == 2 else {}))
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     par = parallelize(model, cfg, DistInfo(rank, W, rank, torch.device("cpu"), "gloo"), resolve_plan(cfg, W))
@@ -58,7 +63,10 @@ def run(stage: int) -> None:
         print(json.dumps({"stage": stage, "experts_in_engine_module": in_module, "experts_in_deepspeed_optimizer": in_optimizer,
                           "expert_grads_present": all(gr.abs().sum() > 0 for gr in expert_grads),
                           "dense_equal_across_ranks": all(torch.equal(gathered[0], t) for t in gathered[1:]),
-                          "engine_module_params": len(list(engine.module.parameters()))}), flush=True)
+                          "engine_module_params": len(list(engine.module.parameters())),
+                          "zero": {"reduce_bucket_size": engine.zero_reduce_bucket_size(),
+                                   "allgather_bucket_size": engine.zero_allgather_bucket_size(),
+                                   "contiguous_gradients": engine.zero_contiguous_gradients()}}), flush=True)
     dist.barrier()
 
 

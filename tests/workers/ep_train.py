@@ -248,9 +248,10 @@ def run(a: argparse.Namespace) -> None:
             # weights (buffers stay fp32), each rank's bf16 gradients cast to fp32 and summed
             fwd = bf16_weights(ref) if a.fsdp_bf16 else ref
             summed, magnitude = {}, {}  # --reduce-bf16/fp16: each parameter's half sum over the ranks, and of |.|
+            ranks = range(W)  # each rank's micro-batches on their own (the aux loss is per micro-batch)
             if a.global_balance:  # each micro-batch of all ranks in one forward: f_e over all of them
-                total = _global_batch_reference(fwd, batch, step, W, a, amp, outs, ref_ids)
-            for r in range(W if not a.global_balance else 0):
+                total, ranks = _global_batch_reference(fwd, batch, step, W, a, amp, outs, ref_ids), []
+            for r in ranks:
                 xr, yr = batch(r, step)
                 ids_r = []
                 for i in range(a.micro):  # the same micro-batches (the aux loss is per micro-batch)
