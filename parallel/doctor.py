@@ -193,7 +193,7 @@ def collectives_check(device: torch.device = torch.device("cpu")) -> list[dict]:
         dist.all_to_all_single(recv, send, [rank + 1] * world, [d + 1 for d in range(world)])
         expect = torch.cat([torch.full((rank + 1, 3), float(s), device=device, dtype=dtype) for s in range(world)])
         out.append({"check": "all_to_all_single (uneven)" + tag, "ok": bool(torch.equal(recv, expect))})
-    # int64 (the global-batch balance loss's token counts, capacity mode's counts): past fp32's 2**24
+    # int64 sums (the global-batch balance loss's token counts), past fp32's exact 2**24
     big = torch.tensor([2 ** 40 + rank + 1], device=device, dtype=torch.int64)
     dist.all_reduce(big)
     out.append({"check": "all_reduce (int64)", "ok": int(big) == world * 2 ** 40 + world * (world + 1) // 2})
