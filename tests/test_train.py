@@ -101,6 +101,41 @@ def test_single_process_run_writes_the_run_directory(tmp_path):
     above = 100 * (summary["val_vs_unigram"] - 1)  # 10 steps: still above the unigram entropy
     assert above > 0 and f"({above:.1f}% above); summary" in proc.stdout + proc.stderr
 
+def test_a_resumed_run_continues_its_metrics_and_its_wandb_run(tmp_path):
+    """A run stopped at step 8 is resumed in its run directory from step 5's checkpoint: the records
+    of steps 6-8 move to metrics.superseded.jsonl, metrics.jsonl holds each step once, and the
+    offline wandb segments share one run id. A later run from step 0 in that directory starts a new
+    wandb run and moves every earlier record aside."""
+    run = tmp_path / "r"
+    base = ["experiment=smoke", "steps=10", "logging.log_every=1", "logging.wandb_mode=offline",
+            "logging.run_name=r", f"logging.out_dir={tmp_path}", "checkpoint.every_n_steps=5"]
+
+    def train(*extra):
+        proc = _run_single([*base, *extra], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    def steps(name):
+        return [r["step"] for r in map(json.loads, (run / name).read_text().splitlines()) if r["kind"] == "train"]
+
+    def wandb_ids():
+        return [p.name.rsplit("-", 1)[1] for p in sorted((run / "wandb").glob("offline-run-*"))]
+
+    train("stop_at_step=8")
+    first = {r["step"]: r["loss"] for r in read_metrics(run) if r["kind"] == "train"}
+    out = train(f"checkpoint.resume={run / 'checkpoints/step-00000005'}")
+    assert "metrics.jsonl: 4 record(s) after step 5" in out, out[-2000:]  # steps 6-8, and step 8's checkpoint
+    assert steps("metrics.jsonl") == list(range(1, 11)) and steps("metrics.superseded.jsonl") == [6, 7, 8]
+    resumed = {r["step"]: r["loss"] for r in read_metrics(run) if r["kind"] == "train"}
+    assert all(resumed[s] == first[s] for s in range(1, 9))  # one process: the resume is bit-exact
+    ids = wandb_ids()
+    assert len(ids) == 2 and ids[0] == ids[1] == (run / "wandb_run_id").read_text().strip()
+
+    train("steps=3", "optim.warmup_steps=1")
+    assert steps("metrics.jsonl") == [1, 2, 3] and steps("metrics.superseded.jsonl") == [6, 7, 8, *range(1, 11)]
+    assert len(set(wandb_ids())) == 2 and wandb_ids()[-1] == (run / "wandb_run_id").read_text().strip() != ids[0]
+
+
 
 def test_bf16_mixed_precision_trains_like_fp32(tmp_path):
     """parallel.mixed_precision=bf16: the same run's losses within bf16's reach of fp32's, and the

@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import resource
+import secrets
+import string
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -47,13 +49,48 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def rewind_metrics(path: Path, start_step: int) -> int:
+    """A run that starts at `start_step` (0, or its checkpoint's step) continues `path` from there. The
+    records of later steps, which an earlier attempt in this run directory logged before it stopped or
+    crashed, move to `metrics.superseded.jsonl` beside it, as does a line that a crash cut short. Each
+    step then has one record of each kind. Returns how many records moved."""
+    if not path.is_file():
+        return 0
+    keep, moved = [], []
+    for line in path.read_text().splitlines():
+        try:
+            later = json.loads(line).get("step", 0) > start_step
+        except (json.JSONDecodeError, AttributeError):
+            later = True
+        (moved if later else keep).append(line + "\n")
+    if moved:
+        with open(path.with_name("metrics.superseded.jsonl"), "a") as f:
+            f.writelines(moved)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)  # atomic: a crash here leaves the old file whole
+    return len(moved)
+
+
+def wandb_run_id(run_dir: Path, start_step: int) -> str:
+    """One wandb run per training run: a run resumed in its run directory (start_step > 0) logs under
+    the id that the directory's first attempt stored; a run from step 0 gets a new id."""
+    stored = run_dir / "wandb_run_id"
+    if start_step > 0 and stored.is_file() and stored.read_text().strip():
+        return stored.read_text().strip()
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # as wandb's own
+    stored.write_text(run_id + "\n")
+    return run_id
+
+
 class RunLogger:
-    def __init__(self, run_dir: Path, cfg, info: DistInfo, *, total_steps: int):
+    def __init__(self, run_dir: Path, cfg, info: DistInfo, *, total_steps: int, start_step: int = 0):
         self.run_dir, self.info = run_dir, info
         self.enabled = info.is_main
         self._file = self._wandb = self._bar = None
         if not self.enabled:
             return
+        moved = rewind_metrics(run_dir / "metrics.jsonl", start_step)
         self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
         lc = cfg.logging
         if lc.wandb_mode != "disabled":
@@ -68,6 +105,8 @@ class RunLogger:
                     name=run_dir.name,
                     tags=list(lc.wandb_tags),
                     config=asdict(cfg),
+                    id=wandb_run_id(run_dir, start_step),
+                    resume="allow",  # online: the segments form one run; offline: `wandb sync` joins them
                 )
             except wandb.errors.Error as e:  # online without a login, or without a network
                 self._file.close()
@@ -80,6 +119,9 @@ class RunLogger:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
+        if moved:
+            self.message(f"metrics.jsonl: {moved} record(s) after step {start_step}, from an earlier attempt in "
+                         f"this run directory, moved to metrics.superseded.jsonl")
 
     def log(self, record: dict) -> None:
         if not self.enabled:

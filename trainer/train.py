@@ -103,7 +103,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
     mc = cfg.model.moe
     recorder = RoutingRecorder(cfg.model.num_moe_layers, mc.num_experts, mc.top_k)
     optimizer, scheduler = par.build_optimizer(cfg)
-    logger = RunLogger(run_dir, cfg, info, total_steps=cfg.steps)
+    logger = RunLogger(run_dir, cfg, info, total_steps=cfg.steps, start_step=resume[1]["step"] if resume else 0)
     replanner = Replanner(cfg.placement, par, recorder, optimizer, run_dir, info, logger)
     dynamic = DynamicReplicas(cfg.placement, par, info)
     resharder = Resharder(cfg.parallel, par, recorder, optimizer, logger)
