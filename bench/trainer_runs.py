@@ -5,7 +5,8 @@
 One row per run: its name, device and backend, parallelism, compile (graphs, breaks, frames over
 dynamo's recompile limit), mixed precision and the gradient sums' dtype, steps, the steps skipped
 (fp16's overflows, on_nan=skip) and the last fp16 loss scale, the final train loss,
-the validation bits per byte, tokens/s, the median step time and the largest rank's peak GPU memory. `bash bench/gpu_check.sh trainer`
+the validation bits per byte, tokens/s, the median step time, the largest rank's peak GPU memory and the
+median logged MFU (bf16/fp16 runs on a known card). `bash bench/gpu_check.sh trainer`
 prints it after its runs (eager against compiled: the losses should agree within bf16 noise).
 """
 
@@ -37,8 +38,17 @@ def rows(out_dir: Path) -> list[dict]:
                     "final_train_loss": s.get("final_train_loss"),
                     "val_bpb": s.get("val_bpb"), "tokens_per_s": s.get("tokens_per_s"),
                     "median_step_s": s.get("median_step_s"),
-                    "peak_gpu_MiB": max(s.get("peak_gpu_mib_per_rank") or [None], key=lambda v: v or 0)})
+                    "peak_gpu_MiB": max(s.get("peak_gpu_mib_per_rank") or [None], key=lambda v: v or 0),
+                    "mfu_median": _median_mfu(path.parent / "metrics.jsonl")})
     return out
+
+
+def _median_mfu(metrics: Path) -> float | None:
+    """The median MFU of the logged steps after the first (the trainer's, against logging.peak_tflops
+    or the card's data-sheet peak; None where the run logged none)."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    mfu = sorted([r["mfu"] for r in records if r.get("kind") == "train" and "mfu" in r][1:])
+    return round(mfu[len(mfu) // 2], 4) if mfu else None
 
 
 def main() -> None:

@@ -137,8 +137,12 @@ def test_trainer_runs_table(tmp_path):
              "final_train_loss": 2.5, "val_bpb": 3.1, "tokens_per_s": 1e5, "median_step_s": 0.01,
              **({"config": {"parallel": {"mixed_precision": "fp16", "reduce_dtype": "fp32"}}, "skipped_steps": 3,
                  "loss_scale": {"scale": 32768.0}} if comp else {})}))
+    mfu = [0.9, 0.5, 0.52, 0.55]  # the first logged step is left out, whatever its value: median of the other 3
+    (tmp_path / "compiled/metrics.jsonl").write_text("".join(
+        json.dumps({"kind": "train", "step": 10 * (i + 1), "mfu": m}) + "\n" for i, m in enumerate(mfu)))
     out = run("trainer_runs.py", tmp_path, "--json", tmp_path / "t.json")
     rows = {r["run"]: r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}
+    assert rows["compiled"]["mfu_median"] == 0.52 and rows["eager"]["mfu_median"] is None
     assert (rows["compiled"]["precision"], rows["compiled"]["skipped"], rows["compiled"]["loss_scale"]) == ("fp16", 3, 32768.0)
     assert rows["eager"]["precision"] is None and rows["eager"]["loss_scale"] is None
     assert rows["compiled"]["compile"] and rows["compiled"]["graphs"] == 2 and not rows["eager"]["compile"]

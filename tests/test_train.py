@@ -22,6 +22,10 @@ def test_two_rank_training_learns_and_ranks_agree(tmp_path):
     assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30]
     assert train[-1]["loss"] < train[0]["loss"] - 0.5, [r["loss"] for r in train]
     assert all(len(r["load_max_over_mean"]) == 2 for r in train)
+    # memory peaks so far, the largest rank's, in every record: never falling, within the run's own peaks
+    rss = [r["peak_rss_mib"] for r in train]
+    assert rss == sorted(rss) and 100 < rss[-1] <= max(summary["peak_rss_mib_per_rank"]), (rss, summary)
+    assert "peak_gpu_mib" not in train[-1] and "mfu" not in train[-1] and summary["peak_tflops"] == 0
     assert summary["val_bpb"] < 8.0 and summary["unigram_bpb"] > 3.0
     p0 = torch.load(run / "params-rank0.pt", weights_only=True)
     p1 = torch.load(run / "params-rank1.pt", weights_only=True)
@@ -241,7 +245,7 @@ def test_compiled_training_equals_eager(tmp_path):
         (["parallel=ddp", "placement.plan=round_robin"], "placement.plan ('round_robin') needs expert parallelism"),
         (["checkpoint.async_mode=yes"], "checkpoint.async_mode ('yes') must be 'disabled' or 'async'"),
         (["seed=-1"], "seed (-1) must be in [0, 2**63)"),
-        (["logging.peak_tflops=-1"], "logging.peak_tflops (-1.0) must be >= 0 (0: no MFU)"),
+        (["logging.peak_tflops=-1"], "logging.peak_tflops (-1.0) must be >= 0 (0: the GPU's own, if known)"),
         (["launcher.requeue=true"], "launcher.requeue (True) needs launcher=slurm or launcher=submitit_slurm, not launcher.name ('local')"),
     ],
 )
@@ -268,3 +272,16 @@ def test_warmup_stable_decay_schedule(decay_type, at_80):
     assert all(fn(s) > fn(s + 1) for s in range(82, 100))
     cosine = lr_lambda(OptimConfig(warmup_steps=10, min_lr_ratio=0.1), 100)
     assert [cosine(s) for s in range(10, 100)] == [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * ((s - 10) / 90))) for s in range(10, 100)]
+
+
+@pytest.mark.parametrize("name,peak", [
+    ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.5), ("NVIDIA H200", 989.4),
+    ("NVIDIA GH200 480GB", 989.4), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A100 80GB PCIe", 312.0),
+    ("NVIDIA L40S", 362.1), ("NVIDIA B200", 2250.0), ("AMD Instinct MI300X", 1307.4), ("NVIDIA L4", 0.0),
+    ("Tesla V100-SXM2-16GB", 0.0),
+])
+def test_a_gpu_s_bf16_peak_comes_from_its_name(name, peak):
+    """The MFU's default peak for bf16/fp16 runs (logging.peak_tflops=0), by torch.cuda.get_device_name."""
+    from moesaic.trainer.step import device_peak_tflops
+
+    assert device_peak_tflops(name) == peak

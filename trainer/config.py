@@ -78,7 +78,8 @@ class LoggingConfig:
     dump_rank_params: bool = False
     """At the end, every rank writes its parameters to params-rank<r>.pt (a cross-rank divergence check)."""
     peak_tflops: float = 0.0
-    """Dense peak of one device (TFLOP/s) for the MFU estimate; 0 leaves MFU out."""
+    """Dense peak of one device (TFLOP/s) for the MFU estimate. 0: a bf16 or fp16 run on a GPU whose data
+    sheet `trainer/step.py` knows (A100, H100, H200, B200, L40S, MI300X) uses that; otherwise no MFU."""
     profile_steps: list[int] = field(default_factory=list)
     """[first, last]: torch.profiler records these steps on every rank and writes a Chrome trace and an
     operator table per rank to <run dir>/profile/ (trainer/profile.py). []: off."""
@@ -87,7 +88,7 @@ class LoggingConfig:
         if self.log_every < 1:
             raise ValueError(f"logging.log_every ({self.log_every}) must be >= 1")
         if self.peak_tflops < 0:
-            raise ValueError(f"logging.peak_tflops ({self.peak_tflops}) must be >= 0 (0: no MFU)")
+            raise ValueError(f"logging.peak_tflops ({self.peak_tflops}) must be >= 0 (0: the GPU's own, if known)")
         if self.wandb_mode not in ("offline", "online", "disabled"):
             raise ValueError(
                 f"logging.wandb_mode ({self.wandb_mode!r}) must be one of 'offline', 'online', 'disabled'"

@@ -167,6 +167,18 @@ def flops_per_token(cfg: TrainConfig, active_params: int) -> float:
     return 6.0 * active_params + 12.0 * m.num_layers * m.dim * cfg.data.seq_len / 2
 
 
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s per device, for the
+# MFU of mixed-precision runs when logging.peak_tflops is 0 (torchtitan's convention); fp16 is the same.
+# Longest name first: "H100 NVL" and "H100 PCIe" before "H100" (SXM), "GH200" before "H200".
+PEAK_BF16_TFLOPS = {"H100 NVL": 835.5, "H100 PCIe": 756.0, "GH200": 989.4, "H100": 989.4, "H200": 989.4,
+                    "B200": 2250.0, "A100": 312.0, "L40S": 362.1, "MI300X": 1307.4, "MI325X": 1307.4}
+
+
+def device_peak_tflops(device_name: str) -> float:
+    """The bf16 dense peak of a device named as torch.cuda.get_device_name names it; 0 if unknown."""
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), 0.0)
+
+
 def load_stats(counts_LE: torch.Tensor) -> list[float]:
     """Per-layer max/mean of token-slots per expert (1.0 is perfect balance)."""
     c = counts_LE.double()

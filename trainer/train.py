@@ -31,7 +31,7 @@ from moesaic.trainer.parallelize import (apply_activation_checkpoint, apply_comp
 from moesaic.trainer.preempt import Preemption
 from moesaic.trainer.profile import StepProfiler
 from moesaic.trainer.replan import DynamicReplicas, Replanner, Resharder
-from moesaic.trainer.step import evaluate, flops_per_token, load_stats, train_step
+from moesaic.trainer.step import device_peak_tflops, evaluate, flops_per_token, load_stats, train_step
 
 log = logging.getLogger(__name__)
 LN2 = math.log(2.0)
@@ -135,6 +135,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
     )
     tokens_per_step = cfg.batch_size * cfg.data.seq_len * cfg.grad_accum_steps * info.world_size
     fpt = flops_per_token(cfg, counts["active"])
+    peak_tflops = _peak_tflops(cfg, info, logger)
     end = cfg.stop_at_step or cfg.steps
     ckpt_root = checkpoint_root(cfg, run_dir)
     history, best_val, val_loss, skipped, stopped_by = [], float("inf"), float("nan"), 0, None
@@ -172,7 +173,8 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
         tok_s = tokens_per_step / dt
         logger.progress(1, loss=f"{r.ce:.3f}", tok_s=f"{tok_s:,.0f}")
         if done % cfg.logging.log_every == 0 or done == end:
-            record = _train_record(r, done, dt, tokens_done, tok_s, fpt, cfg, info, par, t_start, skipped)
+            record = _train_record(r, done, dt, tokens_done, tok_s, fpt, peak_tflops, cfg, info, par, t_start,
+                                   skipped)
             logger.log(record)
             history.append(r.ce)
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
@@ -225,6 +227,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
         "plan": par.plan.to_dict() if par.plan is not None else None,
         "placement_history": replanner.history, "reshard_history": resharder.history, "peak_rss_mib_per_rank": list(rss),
         "peak_gpu_mib_per_rank": list(gpu_peak),  # torch.cuda.max_memory_allocated; None on CPU
+        "peak_tflops": peak_tflops,  # what the records' mfu divides by (0: no MFU)
         "dense_state_bytes_per_rank": list(dense),  # dense parameters and AdamW moments held, from the tensors
         "dynamic_replicas_added_mean": float(np.mean(dynamic.replicas_added)) if dynamic.replicas_added else 0.0,
         "run_dir": str(run_dir), "config": asdict(cfg), "compile": compile_stats() if cfg.compile else None,
@@ -251,23 +254,39 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
     return summary
 
 
-def _train_record(r, done, dt, tokens_done, tok_s, fpt, cfg, info, par, t_start, skipped) -> dict:
+def _peak_tflops(cfg: TrainConfig, info: DistInfo, logger: RunLogger) -> float:
+    """The peak that MFU divides by: logging.peak_tflops, or else, for a bf16/fp16 run on a GPU that
+    PEAK_BF16_TFLOPS knows, its data sheet's dense bf16 peak (0: no MFU)."""
+    if cfg.logging.peak_tflops or info.device.type != "cuda" or cfg.parallel.mixed_precision == "none":
+        return cfg.logging.peak_tflops
+    name = torch.cuda.get_device_name(info.device)
+    peak = device_peak_tflops(name)
+    logger.message(f"MFU against the {name}'s dense bf16 peak, {peak:g} TFLOP/s (logging.peak_tflops sets another)"
+                   if peak else f"no MFU: the {name}'s bf16 peak is not known; set logging.peak_tflops")
+    return peak
+
+
+def _train_record(r, done, dt, tokens_done, tok_s, fpt, peak_tflops, cfg, info, par, t_start, skipped) -> dict:
     comm = all_reduce_(torch.tensor([r.comm["a2a_bytes"], r.comm["dropped"], r.comm["expert_grad_bytes"],
                                      r.comm["expert_gather_bytes"], r.comm["a2a_inter_node_bytes"]], dtype=torch.float64,
                                     device="cpu"), info)  # host counters (NCCL: all_reduce_ goes through the GPU)
-    received = all_gather_object(sum(m.dispatcher.counters.get("tokens_received", 0) for m in par.model.moe_layers()), info)
+    gpu = info.device.type == "cuda"
+    received, rss, gpu_mib = zip(*all_gather_object((  # one collective: the ranks' tokens and memory peaks so far
+        sum(m.dispatcher.counters.get("tokens_received", 0) for m in par.model.moe_layers()), peak_rss_mib(),
+        torch.cuda.max_memory_allocated(info.device) / 2**20 if gpu else 0.0), info))
     record = {
         "kind": "train", "step": done, "loss": r.ce, "aux_loss": r.aux, "z_loss": r.z, "lr": r.lr,
         "grad_norm": r.grad_norm, "tokens_per_s": tok_s, "step_s": dt, "tokens": tokens_done,
         "elapsed_s": time.perf_counter() - t_start, "skipped_steps": skipped,
         **({"loss_scale": r.loss_scale, "overflow": r.overflow} if r.loss_scale is not None else {}),
         "a2a_bytes": int(comm[0]), "dropped_tokens": int(comm[1]), "expert_grad_bytes": int(comm[2]),
-        "expert_gather_bytes": int(comm[3]), "tokens_received_per_rank": received, **r.phase_s,
+        "expert_gather_bytes": int(comm[3]), "tokens_received_per_rank": list(received),
+        "peak_rss_mib": round(max(rss), 1), **({"peak_gpu_mib": round(max(gpu_mib), 1)} if gpu else {}), **r.phase_s,
     }
     if par.plan is not None and par.gpus_per_node < par.plan.num_gpus:  # EP over several nodes
         record["a2a_inter_node_bytes"] = int(comm[4])  # the part of a2a_bytes that crossed nodes
-    if cfg.logging.peak_tflops > 0:
-        record["mfu"] = fpt * tok_s / info.world_size / (cfg.logging.peak_tflops * 1e12)
+    if peak_tflops > 0:
+        record["mfu"] = fpt * tok_s / info.world_size / (peak_tflops * 1e12)
     if r.counts_LE is not None:
         record["load_max_over_mean"] = load_stats(r.global_counts(info))
     return record
