@@ -111,18 +111,18 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in model.state_dict().items()}
 
 
-def dense_state_bytes(model: torch.nn.Module, optimizer, expert_names) -> dict[str, int]:
-    """This rank's bytes of dense parameters and of their AdamW moments, measured from the tensors it
-    holds (a shard's local part under FSDP, the whole tensor under DDP). Parameters named in
-    `expert_names` are left out; tied ones count once (named_parameters lists them once)."""
+def state_bytes(model: torch.nn.Module, optimizer, expert_names) -> dict[str, dict[str, int]]:
+    """This rank's bytes of parameters and of their AdamW moments, measured from the tensors it holds
+    (a shard's local part under FSDP, the whole tensor under DDP): {"dense": ..., "experts": ...},
+    each {"params", "optimizer"}. The parameters named in `expert_names` (EP's and FSSDP's) are the
+    experts; tied ones count once (named_parameters lists them once)."""
     reshard(model)
-    out = {"params": 0, "optimizer": 0}
-    skip = set(expert_names)
+    out = {"dense": {"params": 0, "optimizer": 0}, "experts": {"params": 0, "optimizer": 0}}
+    experts = set(expert_names)
     for name, p in model.named_parameters():
-        if name in skip:
-            continue
-        out["params"] += local(p).numel() * p.element_size()
+        held = out["experts" if name in experts else "dense"]
+        held["params"] += local(p).numel() * p.element_size()
         for v in optimizer.state.get(p, {}).values():
             if torch.is_tensor(v) and v.ndim:
-                out["optimizer"] += local(v).numel() * v.element_size()
+                held["optimizer"] += local(v).numel() * v.element_size()
     return out

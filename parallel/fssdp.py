@@ -195,8 +195,15 @@ class FSSDPExperts(nn.Module):
 
     # -- re-materialization -------------------------------------------------------------------------
     def release(self) -> None:
-        """After the layer's forward: free the materialized storage (autograd keeps its views)."""
-        if self.reshard_after_forward and self._mat is not None and torch.is_grad_enabled():
+        """After the layer's forward: free the materialized storage (autograd keeps its views). Without
+        gradients (evaluation) no backward needs the weights: they go whatever reshard_after_forward
+        says, so that an evaluation holds one layer's at a time, not every layer's."""
+        if self._mat is None or self.direct:
+            return
+        if not torch.is_grad_enabled():
+            _track(-self._mat.untyped_storage().nbytes())
+            self._mat = None
+        elif self.reshard_after_forward:
             _track(-self._mat.untyped_storage().nbytes())
             self._mat.untyped_storage().resize_(0)
             self._released = True

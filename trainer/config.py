@@ -310,3 +310,10 @@ def to_train_config(cfg) -> TrainConfig:
         raise
     assert isinstance(obj, TrainConfig), type(obj)
     return obj
+
+
+def load_config_yaml(path) -> TrainConfig:
+    """A run directory's config.yaml (the resolved config that the trainer writes) -> TrainConfig."""
+    from omegaconf import OmegaConf
+
+    return to_train_config(OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path)))

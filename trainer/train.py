@@ -201,11 +201,16 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
         writer.wait()  # the last checkpoint is complete before the run says it has stopped
     wall = time.perf_counter() - t_start
     gpu_mib = round(torch.cuda.max_memory_allocated(info.device) / 2**20, 1) if info.device.type == "cuda" else None
-    from moesaic.parallel.dense_fsdp import dense_state_bytes
+    from moesaic.parallel.dense_fsdp import state_bytes
 
     # what this rank holds (its shards under FSDP); under DeepSpeed, ZeRO holds the dense AdamW state
-    dense = dense_state_bytes(model, optimizer, par.expert_names) if par.ds_engine is None else None
-    rss, gpu_peak, dense = zip(*all_gather_object((round(peak_rss_mib(), 1), gpu_mib, dense), info))  # one collective
+    held = state_bytes(model, optimizer, par.expert_names) if par.ds_engine is None else {"dense": None, "experts": None}
+    from moesaic.parallel.fssdp import WORKING_SET
+
+    # FSSDP: the peak bytes of gathered expert weights, and of them with their gradients
+    gathered = {"weights": WORKING_SET["peak"], "with_grads": WORKING_SET["peak_total"]} if par.fssdp else None
+    rss, gpu_peak, dense, experts, gathered = zip(*all_gather_object(
+        (round(peak_rss_mib(), 1), gpu_mib, held["dense"], held["experts"], gathered), info))  # one collective
     routing = recorder.stats(all_reduce=True)
     if info.is_main:
         np.savez(run_dir / "routing_stats.npz", **routing.to_npz_dict())
@@ -229,6 +234,8 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
         "peak_gpu_mib_per_rank": list(gpu_peak),  # torch.cuda.max_memory_allocated; None on CPU
         "peak_tflops": peak_tflops,  # what the records' mfu divides by (0: no MFU)
         "dense_state_bytes_per_rank": list(dense),  # dense parameters and AdamW moments held, from the tensors
+        "expert_state_bytes_per_rank": list(experts),  # EP's and FSSDP's experts (without a plan: in dense)
+        "fssdp_gathered_peak_bytes_per_rank": list(gathered),
         "dynamic_replicas_added_mean": float(np.mean(dynamic.replicas_added)) if dynamic.replicas_added else 0.0,
         "run_dir": str(run_dir), "config": asdict(cfg), "compile": compile_stats() if cfg.compile else None,
     }

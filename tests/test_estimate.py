@@ -1,0 +1,99 @@
+"""`moesaic-estimate` against the trainer's own tensors: every rank's parameters and AdamW moments,
+dense and expert, byte for byte, and FSSDP's peak of gathered expert weights, in layouts with uneven
+FSDP shards, replicas, expert data parallelism, HSDP, uneven owners and the gather's three schedules."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import child_env, torchrun
+
+BASE = ["experiment=smoke", "steps=3", "optim.warmup_steps=1", "eval_every=0"]
+
+
+def _plan(path, kind: str, ep: int, layers: int, seed: int = 1) -> str:
+    from moesaic.parallel.doctor import make_plan
+
+    make_plan(kind, 4, ep, seed=seed, num_layers=layers).save(path)
+    return str(path)
+
+
+def _check(run_dir) -> dict:
+    """The estimate of the run's own config.yaml against what its summary.json measured."""
+    from moesaic.trainer.config import load_config_yaml
+    from moesaic.trainer.estimate import estimate
+
+    s = json.loads((run_dir / "summary.json").read_text())
+    rows = estimate(load_config_yaml(run_dir / "config.yaml"), s["world_size"])
+    assert len(rows) == s["world_size"]
+    for est, dense, experts, gathered in zip(rows, s["dense_state_bytes_per_rank"], s["expert_state_bytes_per_rank"],
+                                             s["fssdp_gathered_peak_bytes_per_rank"]):
+        want = (est["dense_params"], est["dense_moments"], est["expert_params"], est["expert_moments"])
+        if s["expert_sharding"] == "replicated":  # no plan: the trainer counts the experts among the dense parameters
+            want = (want[0] + want[2], want[1] + want[3], 0, 0)
+        got = (dense["params"], dense["optimizer"], experts["params"], experts["optimizer"])
+        assert got == want, (est, got)
+        if gathered is None:
+            assert est["gathered_weights"] == 0
+        else:
+            assert gathered["weights"] == est["gathered_weights"], (est, gathered)
+            assert gathered["with_grads"] <= est["gathered_weights"] + est["gathered_grads"], (est, gathered)
+    return s
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_the_estimate_is_what_each_rank_holds(tmp_path):
+    rep2 = _plan(tmp_path / "rep2.json", "replicated", 2, 2)
+    rep4 = _plan(tmp_path / "rep4.json", "replicated", 4, 2)
+    rand = _plan(tmp_path / "rand.json", "random", 4, 3, seed=3)
+    three = ["model.num_layers=3", f"placement.plan={rand}", "placement.align_owners=false"]
+    cases = {  # name: (ranks, overrides)
+        "fsdp_padded": (2, ["parallel=ddp", "parallel.dense_sharding=fsdp", "model.dim=36", "model.num_heads=3",
+                            "model.moe.num_experts=3"]),
+        "ep2_edp": (4, ["parallel=ep", "parallel.ep_size=2", f"placement.plan={rep2}"]),
+        "ep_replicas_hsdp": (4, ["parallel=ep", f"placement.plan={rep4}", "parallel.dense_sharding=fsdp",
+                                 "parallel.dense_shard_size=2"]),
+        "fssdp_uneven_owners": (3, ["parallel=fssdp", "parallel.dense_sharding=fsdp"]),
+        "fssdp_prefetch_bf16": (4, ["parallel=fssdp", *three, "parallel.mixed_precision=bf16"]),
+        "fssdp_kept": (4, ["parallel=fssdp", *three, "parallel.reshard_after_forward=false"]),
+        "fssdp_replicas_no_prefetch": (4, ["parallel=fssdp", f"placement.plan={rep4}", "parallel.prefetch=false"]),
+    }
+    seen = {}
+    for name, (n, extra) in cases.items():
+        torchrun(n, [*BASE, *extra, f"logging.out_dir={tmp_path}", f"logging.run_name={name}"])
+        seen[name] = _check(tmp_path / name)
+    # the cases do exercise what they are named for
+    held = [r["params"] for r in seen["fsdp_padded"]["dense_state_bytes_per_rank"]]
+    assert held[0] != held[1]  # padded shards: rank 1 holds fewer rows
+    owners = [r["params"] for r in seen["fssdp_uneven_owners"]["expert_state_bytes_per_rank"]]
+    assert owners[0] == 2 * owners[1] == 2 * owners[2]  # 4 experts over 3 ranks
+    peaks = {k: max(r["weights"] for r in seen[k]["fssdp_gathered_peak_bytes_per_rank"])
+             for k in ("fssdp_prefetch_bf16", "fssdp_kept", "fssdp_replicas_no_prefetch")}
+    assert all(peaks.values()), peaks
+
+
+def test_the_cli_compares_layouts_and_names_bad_input(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "moesaic.trainer.estimate", *args], capture_output=True, text=True,
+                              timeout=120, env=child_env(), cwd=tmp_path)
+
+    proc = run("--world-size", "4", "--compare", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert set(out) == {"ddp", "ddp+fsdp", "ep", "ep+fsdp", "fssdp", "fssdp+fsdp"}
+    big = {k: v["largest_rank"] for k, v in out.items()}
+    # the demo model at 4 ranks: every rank of ddp holds all 8 experts, of EP and FSSDP 2 of them
+    assert big["ddp"]["expert_params"] == 4 * big["ep"]["expert_params"] == 4 * big["fssdp"]["expert_params"]
+    assert big["ep+fsdp"]["dense_params"] < big["ep"]["dense_params"] and big["ep"]["total"] < big["ddp"]["total"]
+    proc = run("--world-size", "4", "model=fine_grained")
+    assert proc.returncode == 0 and "| this config |" in proc.stdout and "MiB" in proc.stdout, proc.stderr
+    for args, message in [(["--world-size", "3", "parallel=ep", "parallel.ep_size=2"],
+                           "parallel.ep_size (2) must divide the world size (3)"),
+                          (["--world-size", "0"], "--world-size (0) must be >= 1"),
+                          (["--world-size", "2", "parallel.engine=deepspeed"], "parallel.engine (deepspeed)")]:
+        proc = run(*args)
+        assert proc.returncode == 2 and f"moesaic-estimate: error: {message}" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr

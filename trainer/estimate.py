@@ -1,0 +1,216 @@
+"""How much model state each rank holds, before any rank starts: `moesaic-estimate`, in the spirit of
+DeepSpeed's `estimate_zero2_model_states_mem_needs`, for moesaic's own layouts.
+
+    moesaic-estimate --world-size 64 model=fine_grained parallel=fssdp [more Hydra overrides] [--json]
+    moesaic-estimate --world-size 64 --compare model=fine_grained     # DDP, EP and FSSDP side by side
+
+Per rank, from the model's shapes (built on the meta device, nothing allocated) and the same layout
+code the trainer runs (the plan, FSSDP's owners, FSDP2's dim-0 shards):
+- parameters (fp32: the master weights under any mixed precision) and AdamW's two moments, the
+  state held between steps. The trainer measures the same from its tensors
+  (`summary.json`: `dense_state_bytes_per_rank`, `expert_state_bytes_per_rank`), and the tests
+  check that the two agree byte for byte;
+- gradients at the end of backward, an upper bound: one fp32 gradient per held parameter, and under
+  DDP its buckets, a second copy of the dense gradients (DDP's default, `gradient_as_bucket_view=False`);
+- FSSDP's gathered working set: the weights of the experts a rank computes, in the gather dtype, in
+  each layer that does not compute in place, for the layers in flight at once (two consecutive ones
+  with prefetch, one without, every MoE layer with `parallel.reshard_after_forward=false`); the
+  trainer tracks the same peak (`fssdp_gathered_peak_bytes_per_rank`). Their gradients: as many
+  bytes again, an upper bound.
+Not included: activations, which depend on the batch, the routing and activation checkpointing
+(`bench/activation_memory.py` measures them), and FSDP2's gathered blocks of dense weights. DeepSpeed's
+ZeRO engine and the DeepSpeed-MoE baseline are refused by name: DeepSpeed pads and flattens its
+partitions in its own way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import torch
+
+from moesaic.trainer.config import TrainConfig
+
+FP32 = 4
+GIB = 2**30
+
+
+def fsdp_rows(rows: int, shards: int, index: int) -> int:
+    """Rows of a dim-0 shard, as FSDP2 cuts a tensor: torch.chunk into `shards`, empty chunks last."""
+    chunk = -(-rows // shards) if rows else 0
+    return max(0, min(chunk, rows - index * chunk))
+
+
+def held_experts(cfg: TrainConfig, world_size: int, rank: int, plan) -> list[int]:
+    """Experts of each MoE layer whose parameters (and AdamW moments) `rank` holds: every one without
+    expert parallelism, the plan's (with replicas) under resident EP, the owned ones under FSSDP."""
+    L, E = cfg.model.num_moe_layers, cfg.model.moe.num_experts
+    if plan is None:
+        return [E] * L
+    ep = cfg.parallel.ep_size or world_size
+    ep_rank = rank % ep  # the mesh is (edp, ep), row-major
+    if cfg.parallel.expert_sharding != "fssdp":
+        return [len(plan.experts_on(layer, ep_rank)) for layer in range(L)]
+    return [int((own == ep_rank).sum()) for own in fssdp_owners(cfg, plan, ep)]
+
+
+def fssdp_owners(cfg: TrainConfig, plan, ep: int) -> np.ndarray:
+    """(L, E) owners, as `parallelize` assigns them: even contiguous shards, aligned to the plan
+    when placement.align_owners holds."""
+    from moesaic.parallel.fssdp import even_owners
+    from moesaic.trainer.parallelize import align_owners
+
+    even = np.tile(even_owners(plan.num_experts(), ep), (plan.num_layers, 1))
+    if not align_owners(cfg):
+        return even
+    from moesaic.placement.dynamic import aligned_owners
+
+    return aligned_owners(plan, even)
+
+
+def materialized_experts(cfg: TrainConfig, world_size: int, rank: int, plan) -> list[int]:
+    """FSSDP: per MoE layer, the experts whose weights `rank` materializes: every expert it computes,
+    owned ones included, unless the layer computes in place (each expert on its owner alone, on every
+    rank: `FSSDPExperts.direct`); 0 elsewhere."""
+    if plan is None or cfg.parallel.expert_sharding != "fssdp":
+        return [0] * cfg.model.num_moe_layers
+    ep = cfg.parallel.ep_size or world_size
+    owners = fssdp_owners(cfg, plan, ep)
+    out = []
+    for layer, own in enumerate(owners):
+        direct = all(tuple(h) == (int(own[e]),) for e, h in enumerate(plan.placement[layer]))
+        out.append(0 if direct else len(plan.experts_on(layer, rank % ep)))
+    return out
+
+
+def in_flight(counts: list[int], *, reshard_after_forward: bool, prefetch: bool) -> int:
+    """The most experts materialized at once: a layer and the next one that prefetch gathers while it
+    computes (forward) or the previous one (backward); every layer when forward keeps them."""
+    if not reshard_after_forward:
+        return sum(counts)
+    if not prefetch or len(counts) < 2:
+        return max(counts, default=0)
+    return max(a + b for a, b in zip(counts, counts[1:]))
+
+
+def estimate(cfg: TrainConfig, world_size: int) -> list[dict]:
+    """One row per rank: bytes of parameters, gradients and AdamW moments, dense and expert, and
+    FSSDP's gathered working set. Raises ValueError naming the field for a layout it cannot model."""
+    from moesaic.trainer.model import Transformer
+    from moesaic.trainer.parallelize import resolve_plan
+
+    if cfg.parallel.engine == "deepspeed" or cfg.model.moe_impl == "deepspeed":
+        raise ValueError("parallel.engine (deepspeed) / model.moe_impl (deepspeed): not modelled here; DeepSpeed "
+                         "partitions its own flat buffers (see deepspeed.runtime.zero.stage_1_and_2."
+                         "estimate_zero2_model_states_mem_needs)")
+    plan = resolve_plan(cfg, world_size)
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    pc = cfg.parallel
+    fsdp = pc.dense_sharding == "fsdp"
+    shards = (pc.dense_shard_size or world_size) if fsdp else 1
+    per_expert = sum(p.numel() for p in model.moe_layers()[0].experts.parameters()) // cfg.model.moe.num_experts
+    dense_tensors = [p for n, p in model.named_parameters() if ".experts." not in n]
+    expert_tensors = [p for n, p in model.named_parameters() if ".experts." in n]  # (E, ...) per weight, per layer
+    gather_bytes = torch.finfo(pc.expert_gather_dtype() or torch.float32).bits // 8
+    rows = []
+    for rank in range(world_size):
+        index = rank % shards
+
+        def local(p) -> int:
+            return fsdp_rows(p.shape[0], shards, index) * (p.numel() // p.shape[0]) if shards > 1 else p.numel()
+
+        dense = sum(local(p) for p in dense_tensors) * FP32
+        if plan is None:  # every expert is a dense parameter: under FSDP, sharded by experts like the rest
+            experts = sum(local(p) for p in expert_tensors) * FP32
+        else:
+            experts = sum(held_experts(cfg, world_size, rank, plan)) * per_expert * FP32
+        working = per_expert * in_flight(materialized_experts(cfg, world_size, rank, plan),
+                                         reshard_after_forward=pc.reshard_after_forward, prefetch=pc.prefetch)
+        rows.append({
+            "rank": rank, "dense_params": dense, "dense_moments": 2 * dense,
+            "dense_grads": dense * (1 if fsdp else 2),  # DDP: its buckets too
+            "expert_params": experts, "expert_moments": 2 * experts, "expert_grads": experts,
+            # their gradients (in the gather dtype) live from a layer's backward to its reduce-scatter:
+            # at most as many bytes again (an upper bound; the trainer tracks the peak of both together)
+            "gathered_weights": working * gather_bytes, "gathered_grads": working * gather_bytes,
+        })
+    for r in rows:
+        r["total"] = sum(v for k, v in r.items() if k != "rank")
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    """The largest rank's figure of each kind (ranks differ under uneven plans and FSDP padding)."""
+    return {k: max(r[k] for r in rows) for k in rows[0] if k != "rank"}
+
+
+def _table(named: dict[str, dict]) -> str:
+    keys = ["dense_params", "dense_grads", "dense_moments", "expert_params", "expert_grads", "expert_moments",
+            "gathered_weights", "gathered_grads", "total"]
+    unit, div = ("GiB", GIB) if max(s["total"] for s in named.values()) >= GIB else ("MiB", 2**20)
+    lines = ["| layout | " + " | ".join(f"{k.replace('_', ' ')} ({unit})" for k in keys) + " |",
+             "|---|" + "---|" * len(keys)]
+    for name, s in named.items():
+        lines.append(f"| {name} | " + " | ".join(f"{s[k] / div:,.2f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+COMPARE = {  # --compare: the layouts side by side, on top of the given overrides
+    "ddp": ["parallel=ddp"], "ddp+fsdp": ["parallel=ddp", "parallel.dense_sharding=fsdp"],
+    "ep": ["parallel=ep"], "ep+fsdp": ["parallel=ep", "parallel.dense_sharding=fsdp"],
+    "fssdp": ["parallel=fssdp"], "fssdp+fsdp": ["parallel=fssdp", "parallel.dense_sharding=fsdp"],
+}
+
+
+def layout_overrides(overrides: list[str], layout: str) -> list[str]:
+    """The given overrides with the layout's in place of theirs: the layout sets the parallel group
+    and the dense sharding; a given parallel.ep_size holds for EP and FSSDP, not for DDP."""
+    drop = ("parallel=", "parallel.dense_sharding=", "parallel.expert_sharding=")
+    if layout.startswith("ddp"):
+        drop += ("parallel.ep_size=",)
+    return [o for o in overrides if not o.startswith(drop)] + COMPARE[layout]
+
+
+def compose(overrides: list[str]) -> TrainConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    from moesaic.trainer.config import register_configs, to_train_config
+
+    register_configs()
+    with initialize_config_module(config_module="moesaic.configs", version_base=None):
+        return to_train_config(hydra_compose(config_name="config", overrides=overrides))
+
+
+def main_cli(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="moesaic-estimate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) of the run")
+    ap.add_argument("--compare", action="store_true", help="DDP, EP and FSSDP, each with DDP or FSDP dense")
+    ap.add_argument("--json", action="store_true", help="every rank's figures, machine-readable")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, as moesaic-train takes them")
+    a = ap.parse_args(argv)
+    try:
+        if a.world_size < 1:
+            raise ValueError(f"--world-size ({a.world_size}) must be >= 1")
+        layouts = {n: layout_overrides(a.overrides, n) for n in COMPARE} if a.compare else {"this config": a.overrides}
+        results = {n: estimate(compose(o), a.world_size) for n, o in layouts.items()}
+    except ValueError as e:
+        sys.stderr.write(f"moesaic-estimate: error: {e}\n")
+        sys.exit(2)
+    if a.json:
+        print(json.dumps({n: {"largest_rank": summarize(r), "ranks": r} for n, r in results.items()}, indent=1))
+        return
+    cfg = compose(a.overrides)
+    m = cfg.model
+    print(f"model: d {m.dim}, {m.num_layers} layers ({m.num_moe_layers} MoE), {m.moe.num_experts} experts of "
+          f"ffn {m.moe.ffn_dim}, top-{m.moe.top_k}; {a.world_size} ranks; the largest rank's model state per "
+          "layout (activations not included)")
+    print(_table({n: summarize(r) for n, r in results.items()}))
+
+
+if __name__ == "__main__":
+    main_cli()
