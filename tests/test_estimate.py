@@ -57,6 +57,8 @@ def test_the_estimate_is_what_each_rank_holds(tmp_path):
         "ep_replicas_hsdp": (4, ["parallel=ep", f"placement.plan={rep4}", "parallel.dense_sharding=fsdp",
                                  "parallel.dense_shard_size=2"]),
         "fssdp_uneven_owners": (3, ["parallel=fssdp", "parallel.dense_sharding=fsdp"]),
+        # (the run's closing evaluation held all 3 layers' gathered experts at once before FSSDPExperts.release
+        # freed them without gradients: rank 0's peak was 6 experts, not the 4 of two consecutive layers)
         "fssdp_prefetch_bf16": (4, ["parallel=fssdp", *three, "parallel.mixed_precision=bf16"]),
         "fssdp_kept": (4, ["parallel=fssdp", *three, "parallel.reshard_after_forward=false"]),
         "fssdp_replicas_no_prefetch": (4, ["parallel=fssdp", f"placement.plan={rep4}", "parallel.prefetch=false"]),
