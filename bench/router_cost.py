@@ -30,6 +30,7 @@ SHAPES = {"deepseek-v3-like": (256, 8, 8, 4), "fine-grained": (64, 6, 8, 4)}  # 
 ROUTERS = {
     "softmax": {},
     "softmax, renormalised": {"route_norm": True},
+    "softmax, fp32 gate": {"dtype": "fp32"},  # model.moe.router.dtype=fp32: the gate's matmul in fp32
     "sigmoid + bias": {"score_func": "sigmoid"},
     "sigmoid + bias, groups": {"score_func": "sigmoid", "route_scale": 2.5, "groups": True},
     "sigmoid + bias, groups, sequence aux": {"score_func": "sigmoid", "route_scale": 2.5, "groups": True,

@@ -49,6 +49,10 @@ class RouterConfig:
     global_aux_loss). Averaged over the ranks, that is the loss of the whole global batch."""
     z_loss_coef: float = 0.001
     """Coefficient of the router z-loss mean(logsumexp(logits)^2) (ST-MoE)."""
+    dtype: str = "auto"
+    """The gate's matmul: `auto` computes it as the rest of the model does (bf16 under bf16 autocast;
+    the scores are fp32 either way); `fp32` computes it in fp32 under any mixed precision, as DeepSpeed's
+    TopKGate always does and Megatron's --moe-router-dtype fp32 (fewer near-ties among many experts)."""
     bias_update_rate: float = 0.0
     """Aux-loss-free balancing (DeepSeek-V3): after each step, each expert's selection bias moves by
     this much towards balance (bias += rate * sign(mean load - load)). 0 turns it off. The bias
@@ -68,6 +72,8 @@ class RouterConfig:
         if self.aux_loss_scope not in AUX_LOSS_SCOPES:
             raise ValueError(f"model.moe.router.aux_loss_scope ({self.aux_loss_scope!r}) must be one of "
                              f"{', '.join(map(repr, AUX_LOSS_SCOPES))}")
+        if self.dtype not in ("auto", "fp32"):
+            raise ValueError(f"model.moe.router.dtype ({self.dtype!r}) must be one of 'auto', 'fp32'")
         if self.group_score not in GROUP_SCORES:
             raise ValueError(f"model.moe.router.group_score ({self.group_score!r}) must be one of "
                              f"{', '.join(map(repr, GROUP_SCORES))}")
@@ -162,7 +168,11 @@ class TopKRouter(nn.Module):
     def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> RouterOutput:
         """x_TD: the tokens, sequence after sequence, `seq_len` each (needed for aux_loss_scope=sequence)."""
         cfg = self.cfg
-        logits_TE = self.gate(x_TD).float()
+        if cfg.dtype == "fp32":  # outside autocast, with fp32 copies (the weight is bf16 under FSDP's bf16 gathers)
+            with torch.autocast(x_TD.device.type, enabled=False):
+                logits_TE = nn.functional.linear(x_TD.float(), self.gate.weight.float())
+        else:
+            logits_TE = self.gate(x_TD).float()
         scores_TE = logits_TE.softmax(dim=-1) if cfg.score_func == "softmax" else logits_TE.sigmoid()
         # 1. selection: the scores plus the balancing bias, limited to each token's best groups
         select_TE = scores_TE.detach() + self.bias_E

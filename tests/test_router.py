@@ -109,6 +109,32 @@ def test_route_norm_and_scale_set_the_weights_sum_and_their_gradient():
     assert norm.gate.weight.grad.abs().sum() > 0
 
 
+def test_fp32_router_under_bf16_autocast_routes_as_the_fp32_model():
+    """model.moe.router.dtype=fp32: under bf16 autocast the gate's matmul stays fp32, so the choices,
+    weights, losses and the gate's gradient are those of the fp32 model, bit for bit; `auto` computes
+    the logits in bf16 and routes some of these 512 tokens of 64 experts otherwise."""
+    torch.manual_seed(0)
+    D, E, K = 64, 64, 6
+    x = torch.randn(512, D)
+    routers = {d: TopKRouter(D, E, K, RouterConfig(dtype=d)) for d in ("auto", "fp32")}
+    routers["fp32"].load_state_dict(routers["auto"].state_dict())
+
+    def route(router, autocast: bool):
+        router.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = router(x)
+        (out.weights_TK.float().square().sum() + out.aux_loss + out.z_loss).backward()
+        return out, router.gate.weight.grad.clone()
+
+    ref, ref_grad = route(routers["fp32"], autocast=False)
+    for name, autocast, equal in (("fp32", True, True), ("auto", True, False)):
+        out, grad = route(routers[name], autocast)
+        same = (torch.equal(out.expert_ids_TK, ref.expert_ids_TK) and torch.equal(out.weights_TK, ref.weights_TK)
+                and torch.equal(out.aux_loss, ref.aux_loss) and torch.equal(grad, ref_grad))
+        assert same == equal, name
+    assert not torch.equal(route(routers["auto"], True)[0].expert_ids_TK, ref.expert_ids_TK)  # some choices move
+
+
 @pytest.mark.parametrize("router,moe,match", [
     ({"num_expert_groups": 3, "num_limited_groups": 1}, {}, r"num_expert_groups \(3\) must divide model\.moe\.num_experts \(8\)"),
     ({"num_expert_groups": 4}, {}, r"num_limited_groups \(0\) must be in \[1, num_expert_groups \(4\)\]"),
@@ -119,6 +145,7 @@ def test_route_norm_and_scale_set_the_weights_sum_and_their_gradient():
     ({"group_score": "sum"}, {}, r"model\.moe\.router\.group_score \('sum'\) must be one of 'top2_sum', 'max'"),
     ({"route_scale": 0.0}, {}, r"model\.moe\.router\.route_scale \(0\.0\) must be > 0"),
     ({"aux_loss_scope": "global"}, {}, r"model\.moe\.router\.aux_loss_scope \('global'\) must be one of 'micro_batch', 'sequence', 'global_batch'"),
+    ({"dtype": "bf16"}, {}, r"model\.moe\.router\.dtype \('bf16'\) must be one of 'auto', 'fp32'"),
 ])
 def test_bad_router_config_gets_a_named_error(router, moe, match):
     with pytest.raises(ValueError, match=match):
@@ -140,6 +167,7 @@ def test_checkpoint_identity_keeps_older_checkpoints_and_tells_real_changes():
     assert model_hash(with_router(route_norm=False)) == model_hash(base)  # softmax's default, said out loud
     assert model_hash(with_router(score_func="sigmoid", route_norm=True)) == model_hash(with_router(score_func="sigmoid"))
     assert model_hash(with_router(group_score="max")) == model_hash(base)  # no groups: how they rank is moot
+    assert model_hash(with_router(dtype="fp32")) == model_hash(base)  # a precision choice, as mixed precision
     changed = [with_router(route_norm=True), with_router(route_scale=2.5), with_router(aux_loss_scope="sequence"),
                with_router(num_expert_groups=4, num_limited_groups=2), with_router(score_func="sigmoid")]
     assert len({model_hash(c) for c in changed} | {model_hash(base)}) == len(changed) + 1

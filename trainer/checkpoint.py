@@ -50,12 +50,14 @@ _ROUTER_SINCE_V1 = {"route_norm": None, "route_scale": 1.0, "num_expert_groups":
 
 
 def _identity(model_cfg: dict) -> dict:
-    """The model config without what does not change the model's math: which kernels compute it, and
-    router fields at the values that checkpoints from before those fields existed computed with
-    (route_norm is compared resolved: null for sigmoid is true; group_score only with groups)."""
+    """The model config without what does not change the model's math: which kernels compute it, the
+    router's matmul precision (as mixed precision, a choice of the run), and router fields at the
+    values that checkpoints from before those fields existed computed with (route_norm is compared
+    resolved: null for sigmoid is true; group_score only with groups)."""
     moe = {k: v for k, v in model_cfg.get("moe", {}).items() if k != "kernels"}
     if "router" in moe:
         router = dict(moe["router"])
+        router.pop("dtype", None)
         score_func = router.get("score_func", "softmax")
         if router.get("route_norm") is not None and router["route_norm"] == resolved_route_norm(score_func, None):
             router["route_norm"] = None  # said out loud, the score function's own default
