@@ -100,6 +100,8 @@ FSSDP = [
     (4, [*F, "--ep", 4, "--plan", "random", "--micro", 2, "--fsdp", "--fsdp-shard", 2, "--meta"]),  # HSDP: 2 x 2
     (2, [*F, "--ep", 2, "--plan", "random", "--micro", 2, "--fsdp", "--meta"]),
     (4, [*F, "--ep", 4, "--plan", "random", "--micro", 2, "--fsdp", "--global-balance"]),
+    # model.moe_every=2: blocks dense, dense, MoE, dense, MoE; the prefetch reaches across a dense block
+    (4, [*F, "--ep", 4, "--plan", "random", "--change-plan-after", 2, "--moe-every", 2, "--meta"]),
 ]
 def cases(table):
     """parametrize's arguments for a case table, with ids that name their launch."""

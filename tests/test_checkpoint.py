@@ -122,24 +122,27 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path)
     assert json.loads((tmp_path / "s/summary.json").read_text())["skipped_steps"] > 0
 
 
-def test_consolidated_export(tmp_path):
+@pytest.mark.parametrize("extra,moe_blocks", [([], [0, 1]), (["model.num_layers=4", "model.moe_every=2"], [1, 3])])
+def test_consolidated_export(tmp_path, extra, moe_blocks):
+    """The export names each MoE layer's experts by its block, with model.moe_every too (dense blocks
+    between them: the checkpoint counts MoE layers, the model counts blocks)."""
     from moesaic.trainer.export import export_consolidated
     from moesaic.trainer.model import ModelConfig, Transformer
 
     base = [*SMOKE, "steps=2", "optim.warmup_steps=1", f"logging.out_dir={tmp_path}", "logging.run_name=e",
-            "checkpoint.every_n_steps=2"]
+            "checkpoint.every_n_steps=2", *extra]
     assert _single(base, tmp_path).returncode == 0
     out = export_consolidated(str(tmp_path / "e/checkpoints/step-00000002"), str(tmp_path / "model.pt"))  # str or Path
     blob = torch.load(out, weights_only=True)
     cfg = ModelConfig(**blob["model_config"])
     model = Transformer(cfg)
-    model.load_state_dict(blob["model"], strict=False)
-    missing = set(model.state_dict()) - set(blob["model"])
-    assert missing <= {"head.weight"}  # tied to the embedding
-    assert blob["model"]["layers.0.moe.experts.w1_EFD"].shape == (4, 32, 32)
-    ex = model.layers[0].moe.experts  # stored as one w13: the export's w1 and w3 are its halves
-    torch.testing.assert_close(ex.w1_EFD, blob["model"]["layers.0.moe.experts.w1_EFD"], rtol=0, atol=0)
-    torch.testing.assert_close(ex.w3_EFD, blob["model"]["layers.0.moe.experts.w3_EFD"], rtol=0, atol=0)
+    missing, unexpected = model.load_state_dict(blob["model"], strict=False)
+    assert set(missing) <= {"head.weight"} and not unexpected  # the head is tied to the embedding
+    for b in moe_blocks:
+        assert blob["model"][f"layers.{b}.moe.experts.w1_EFD"].shape == (4, 32, 32)
+        ex = model.layers[b].moe.experts  # stored as one w13: the export's w1 and w3 are its halves
+        torch.testing.assert_close(ex.w1_EFD, blob["model"][f"layers.{b}.moe.experts.w1_EFD"], rtol=0, atol=0)
+        torch.testing.assert_close(ex.w3_EFD, blob["model"][f"layers.{b}.moe.experts.w3_EFD"], rtol=0, atol=0)
 
 
 def _export(*args, cwd):

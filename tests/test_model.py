@@ -45,6 +45,22 @@ def test_dense_first_layers_and_shared_experts():
     assert counts["active"] < counts["total"]
 
 
+@pytest.mark.parametrize("layers,dense,every,moe", [(5, 1, 2, [2, 4]), (6, 0, 3, [2, 5]), (4, 0, 2, [1, 3]),
+                                                     (4, 2, 1, [2, 3]), (3, 0, 4, [])])
+def test_moe_every_interleaves_dense_and_moe_blocks(layers, dense, every, moe):
+    """model.moe_every=N: after the dense first blocks, every N-th block is MoE (Llama 4's interleave
+    step: dense, MoE, dense, MoE for N=2); the plan's and the checkpoint's MoE layer i is block moe[i]."""
+    cfg = ModelConfig(dim=32, num_layers=layers, num_heads=2, max_seq_len=32, num_dense_layers=dense, moe_every=every,
+                      dense_ffn_dim=48, moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=16))
+    model = Transformer(cfg)
+    assert [i for i, b in enumerate(model.layers) if b.is_moe] == cfg.moe_layer_ids == moe
+    assert cfg.num_moe_layers == len(model.moe_layers()) == len(moe)
+    out = model(torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8)))
+    assert (out.tokens_per_expert_LE.shape[0] if moe else out.tokens_per_expert_LE) in (len(moe), None)
+    with pytest.raises(ValueError, match=r"model\.moe_every \(0\) must be >= 1"):
+        ModelConfig(moe_every=0)
+
+
 def test_meta_build_materializes_to_the_eager_model_and_each_expert_has_its_own_seed():
     """Built on meta and materialized (the trainer's way) equals the eager build of the same seed;
     an expert's values depend on its global id, not on which other experts a tensor holds; the

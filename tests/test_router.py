@@ -157,9 +157,12 @@ def test_checkpoint_identity_keeps_older_checkpoints_and_tells_real_changes():
     the math changes the model hash."""
     base = ModelConfig()
     old = asdict(base)
-    for k in ("route_norm", "route_scale", "num_expert_groups", "num_limited_groups", "group_score", "aux_loss_scope"):
+    for k in ("route_norm", "route_scale", "num_expert_groups", "num_limited_groups", "group_score", "aux_loss_scope",
+              "dtype"):
         del old["moe"]["router"][k]
+    del old["moe_every"]
     assert _identity(json.loads(json.dumps(old))) == _identity(asdict(base))
+    assert model_hash(replace(base, moe_every=2)) != model_hash(base)
 
     def with_router(**kw):
         return replace(base, moe=replace(base.moe, router=replace(base.moe.router, **kw)))

@@ -246,6 +246,8 @@ def test_compiled_training_equals_eager(tmp_path):
         (["checkpoint.async_mode=yes"], "checkpoint.async_mode ('yes') must be 'disabled' or 'async'"),
         (["seed=-1"], "seed (-1) must be in [0, 2**63)"),
         (["logging.peak_tflops=-1"], "logging.peak_tflops (-1.0) must be >= 0 (0: the GPU's own, if known)"),
+        (["model.moe_every=3"], "model.num_dense_layers (0) and model.moe_every (3) leave no MoE block of "
+                                "model.num_layers (2): use parallel=ddp"),
         (["launcher.requeue=true"], "launcher.requeue (True) needs launcher=slurm or launcher=submitit_slurm, not launcher.name ('local')"),
     ],
 )

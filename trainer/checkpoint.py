@@ -64,7 +64,8 @@ def _identity(model_cfg: dict) -> dict:
         if not router.get("num_expert_groups"):  # without groups, how they would rank changes nothing
             router.pop("group_score", None)
         moe["router"] = {k: v for k, v in router.items() if not (k in _ROUTER_SINCE_V1 and v == _ROUTER_SINCE_V1[k])}
-    return {**model_cfg, "moe": moe}
+    top = {k: v for k, v in model_cfg.items() if not (k == "moe_every" and v == 1)}  # a field since the 26th session
+    return {**top, "moe": moe}
 
 
 def model_hash(model_cfg) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from moesaic.trainer.checkpoint import CheckpointError, list_checkpoints, newest_verified, verify
-from moesaic.trainer.model import ModelConfig, Transformer
+from moesaic.trainer.model import ModelConfig, Transformer, moe_layer_ids
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -62,7 +62,7 @@ def consolidated(path: str | Path, report=print) -> dict:
             experts.setdefault((int(li), n), {})[int(e)] = v
     cfg = manifest["model_config"]
     E = cfg["moe"]["num_experts"]
-    moe_layers = [i for i in range(cfg["num_layers"]) if i >= cfg["num_dense_layers"]]
+    moe_layers = moe_layer_ids(cfg["num_layers"], cfg["num_dense_layers"], cfg.get("moe_every", 1))
     for (li, n), per in experts.items():
         missing = sorted(set(range(E)) - set(per))
         if missing:

@@ -1,5 +1,6 @@
 """Decoder-only MoE transformer: RMSNorm, rotary embeddings, causal SDPA attention, and an MoE
-feed-forward in every layer (the first `num_dense_layers` may be dense SwiGLU instead).
+feed-forward in every layer (the first `num_dense_layers` may be dense SwiGLU instead, and with
+`moe_every` N only every N-th block after them is MoE).
 
 Legend: B batch, S sequence, D model dim, H heads, Dh head dim, V vocab.
 """
@@ -36,7 +37,11 @@ class ModelConfig:
     num_dense_layers: int = 0
     """The first N blocks use a dense SwiGLU FFN instead of MoE."""
     dense_ffn_dim: int = 512
-    """Hidden size of the dense FFN in those first blocks."""
+    """Hidden size of the dense FFN blocks (the first ones, and those between MoE blocks)."""
+    moe_every: int = 1
+    """After the first `num_dense_layers`, every N-th block is MoE and the others dense: 2 gives dense,
+    MoE, dense, MoE, ... (GShard's and Switch's MoE in every other layer, Llama 4 Maverick's
+    interleave step, Megatron's --moe-layer-freq). 1: every block after the dense ones is MoE."""
     rope_theta: float = 10000.0
     """Rotary embedding base."""
     norm_eps: float = 1e-5
@@ -69,10 +74,22 @@ class ModelConfig:
             raise ValueError(
                 f"model.num_dense_layers ({self.num_dense_layers}) must be in [0, model.num_layers ({self.num_layers})]"
             )
+        if self.moe_every < 1:
+            raise ValueError(f"model.moe_every ({self.moe_every}) must be >= 1")
+
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        """The blocks that are MoE, in order (MoE layer i of a plan or a checkpoint is block moe_layer_ids[i])."""
+        return moe_layer_ids(self.num_layers, self.num_dense_layers, self.moe_every)
 
     @property
     def num_moe_layers(self) -> int:
-        return self.num_layers - self.num_dense_layers
+        return len(self.moe_layer_ids)
+
+
+def moe_layer_ids(num_layers: int, num_dense_layers: int, moe_every: int = 1) -> list[int]:
+    """Blocks num_dense_layers + moe_every - 1, then every moe_every-th one after it."""
+    return list(range(num_dense_layers + moe_every - 1, num_layers, moe_every))
 
 
 class RMSNorm(nn.Module):
@@ -157,7 +174,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.is_moe = layer_id >= cfg.num_dense_layers
+        self.is_moe = layer_id in cfg.moe_layer_ids
         if self.is_moe:
             self.moe = MoE(cfg.dim, cfg.moe, init_std=cfg.init_std, out_std=out_std)
         else:

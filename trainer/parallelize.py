@@ -58,6 +58,9 @@ def resolve_plan(cfg: TrainConfig, world_size: int) -> Placement | None:
     if gpn and ep % gpn:
         raise ValueError(f"parallel.gpus_per_node ({gpn}) must divide the expert-parallel size ({ep})")
     L = cfg.model.num_moe_layers
+    if L == 0:  # a dense model trains without expert parallelism
+        raise ValueError(f"model.num_dense_layers ({cfg.model.num_dense_layers}) and model.moe_every ({cfg.model.moe_every}) "
+                         f"leave no MoE block of model.num_layers ({cfg.model.num_layers}): use parallel=ddp")
     source = cfg.placement.plan
     if source in ("contiguous", "round_robin"):
         return static_plan(source, L, E, ep)

@@ -71,6 +71,8 @@ def parser() -> argparse.ArgumentParser:
                     help="parallel.reduce_dtype=bf16; the reference then rounds each rank's gradient to bf16 and sums "
                          "them in bf16, in rank order")
     ap.add_argument("--reduce-fp16", action="store_true", help="with --fp16: parallel.reduce_dtype=fp16, as --reduce-bf16")
+    ap.add_argument("--moe-every", type=int, default=1,
+                    help="model.moe_every: dense blocks between the MoE ones (2 MoE layers, 1 + 2N blocks)")
     ap.add_argument("--global-balance", action="store_true",
                     help="aux_loss_scope=global_batch; the reference then computes each micro-batch of all ranks in one forward")
     ap.add_argument("--out", required=True)
@@ -104,7 +106,8 @@ def run(a: argparse.Namespace) -> None:
     if a.global_balance:  # (the reference computes each rank's gradient alone under --reduce-* and --fsdp-bf16)
         assert not (reduce or a.fsdp_bf16), "--global-balance computes all ranks in one forward"
         router = dataclasses.replace(router, aux_loss_scope="global_batch")
-    mcfg = ModelConfig(dim=32, num_layers=3, num_heads=2, max_seq_len=32, num_dense_layers=1,
+    mcfg = ModelConfig(dim=32, num_layers=1 + 2 * a.moe_every, num_heads=2, max_seq_len=32, num_dense_layers=1,
+                       moe_every=a.moe_every,
                        moe=MoEConfig(num_experts=a.num_experts, top_k=2, ffn_dim=a.ffn_dim, num_shared_experts=1, router=router))
     torch.manual_seed(0)
     model = Transformer(mcfg)
