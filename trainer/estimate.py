@@ -112,7 +112,8 @@ def estimate(cfg: TrainConfig, world_size: int) -> list[dict]:
     pc = cfg.parallel
     fsdp = pc.dense_sharding == "fsdp"
     shards = (pc.dense_shard_size or world_size) if fsdp else 1
-    per_expert = sum(p.numel() for p in model.moe_layers()[0].experts.parameters()) // cfg.model.moe.num_experts
+    moes = model.moe_layers()  # none in a dense model (parallel=ddp)
+    per_expert = sum(p.numel() for p in moes[0].experts.parameters()) // cfg.model.moe.num_experts if moes else 0
     dense_tensors = [p for n, p in model.named_parameters() if ".experts." not in n]
     expert_tensors = [p for n, p in model.named_parameters() if ".experts." in n]  # (E, ...) per weight, per layer
     gather_bytes = torch.finfo(pc.expert_gather_dtype() or torch.float32).bits // 8
