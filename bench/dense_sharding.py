@@ -3,6 +3,7 @@
     python bench/dense_sharding.py [--nproc 4] [--repeats 2] [--steps 20] [--experts fssdp] [--json out.json] [overrides...]
     python bench/dense_sharding.py --modes ddp fsdp fsdp-bf16 --mixed-precision bf16   # FSDP2's bf16 gathers
     python bench/dense_sharding.py --modes ddp ddp-r16 fsdp fsdp-r16   # parallel.reduce_dtype=bf16
+    python bench/dense_sharding.py --modes ddp ddp-copy   # gradients as views into DDP's buckets, or copies
 
 Each (dense_sharding) runs in its own torchrun launch of `--nproc` gloo ranks, `--repeats` times,
 interleaved (ddp, fsdp, ddp, fsdp, ...). From each run's summary.json: the dense state each rank
@@ -40,7 +41,9 @@ MODES = {"ddp": ["parallel.dense_sharding=ddp"], "fsdp": ["parallel.dense_shardi
          "fsdp-bf16": ["parallel.dense_sharding=fsdp", "parallel.dense_gather_dtype=bf16"],
          # parallel.reduce_dtype=bf16: the gradients' all-reduce (DDP) or reduce-scatter (FSDP) in bf16
          "ddp-r16": ["parallel.dense_sharding=ddp", "parallel.reduce_dtype=bf16"],
-         "fsdp-r16": ["parallel.dense_sharding=fsdp", "parallel.reduce_dtype=bf16"]}
+         "fsdp-r16": ["parallel.dense_sharding=fsdp", "parallel.reduce_dtype=bf16"],
+         # DDP's own gradients beside its buckets (parallel.ddp_bucket_view=false), the default before
+         "ddp-copy": ["parallel.dense_sharding=ddp", "parallel.ddp_bucket_view=false"]}
 
 
 def dense_collective_bytes(dense_bytes: float, mode: str, world: int, reshard_after_forward: bool) -> float:

@@ -122,6 +122,10 @@ class ParallelConfig:
     expert-data-parallel copies are summed in it, and FSSDP's expert gradients travel to their
     owners in it (the owners sum them in fp32) and are all-reduced across expert domains in it;
     each rank keeps fp32 gradients and fp32 master weights."""
+    ddp_bucket_view: bool = True
+    """DDP's `gradient_as_bucket_view`: each dense gradient is a view into DDP's all-reduce bucket, so
+    a rank holds the dense gradients once, not twice (false: DDP's default, a gradient and a bucket,
+    and a copy between them each step). The sums are the same."""
     ddp_bucket_order: str = "fixed"
     """The order in which DDP packs the dense gradients into its buckets (engine=torch). `fixed`: the
     parameters' reverse registration order, which backward roughly follows, set by one all-zero

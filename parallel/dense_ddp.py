@@ -9,8 +9,9 @@ Per step (DDP's own sequence):
        `reduce_dtype=torch.bfloat16` (or `torch.float16`), `half_allreduce_hook` casts the bucket to
        bf16 (fp16) first (half the bytes; Megatron's --grad-reduce-in-bf16, DeepSpeed's
        communication_data_type);
-    2. end of backward: DDP waits for the buckets and copies the averaged gradients (back to fp32)
-       into each parameter's `.grad`.
+    2. end of backward: DDP waits for the buckets; each parameter's `.grad` is a view into its
+       bucket (`bucket_view`, DDP's gradient_as_bucket_view), or, without it, DDP copies the
+       averaged gradients into each `.grad`.
 """
 
 from __future__ import annotations
@@ -23,16 +24,16 @@ BUCKET_ORDERS = ("fixed", "backward")
 
 
 def apply_ddp(model: torch.nn.Module, *, device: torch.device, bucket_order: str = "fixed",
-              reduce_dtype: torch.dtype = torch.float32) -> DDP:
+              reduce_dtype: torch.dtype = torch.float32, bucket_view: bool = True) -> DDP:
     """Wrap `model` (materialized, its experts already ignored by DDP) in DDP on `device`.
     `bucket_order`: `fixed` sets the buckets once, before the first step (`fix_ddp_buckets`);
     `backward` leaves them to DDP. `reduce_dtype`: fp32, or bf16 or fp16 (the gradients travel and
-    are summed in it)."""
+    are summed in it). `bucket_view`: the gradients are views into the buckets (one copy, not two)."""
     if bucket_order not in BUCKET_ORDERS:
         raise ValueError(f"apply_ddp: bucket_order ({bucket_order!r}) must be one of {', '.join(map(repr, BUCKET_ORDERS))}")
     if reduce_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"apply_ddp: reduce_dtype ({reduce_dtype}) must be torch.float32, torch.bfloat16 or torch.float16")
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=bucket_view)
     if reduce_dtype != torch.float32:
         ddp.register_comm_hook(reduce_dtype, half_allreduce_hook)  # the hook's state: the dtype
     if bucket_order == "fixed":

@@ -170,7 +170,7 @@ class TopKRouter(nn.Module):
         cfg = self.cfg
         if cfg.dtype == "fp32":  # outside autocast, with fp32 copies (the weight is bf16 under FSDP's bf16 gathers)
             with torch.autocast(x_TD.device.type, enabled=False):
-                logits_TE = nn.functional.linear(x_TD.float(), self.gate.weight.float())
+                logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
         else:
             logits_TE = self.gate(x_TD).float()
         scores_TE = logits_TE.softmax(dim=-1) if cfg.score_func == "softmax" else logits_TE.sigmoid()

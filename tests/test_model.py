@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moesaic.parallel.experts import (GroupedExperts, _warn_unaligned, combine_slots, compiled_grouped_swiglu, gather_slots,
+from moesaic.parallel.experts import (GroupedExperts, _warn_unaligned, combine_slots, gather_slots,
                                       grouped_mm_aligned, grouped_swiglu, looped_swiglu)
 from moesaic.parallel.moe import MoE, MoEConfig
 from moesaic.parallel.router import RouterConfig

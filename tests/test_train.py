@@ -287,3 +287,36 @@ def test_a_gpu_s_bf16_peak_comes_from_its_name(name, peak):
     from moesaic.trainer.step import device_peak_tflops
 
     assert device_peak_tflops(name) == peak
+
+
+_BUCKET_VIEW = """
+import sys, torch, torch.distributed as dist
+from moesaic.parallel.dense_ddp import apply_ddp
+from moesaic.trainer.model import ModelConfig, Transformer
+from moesaic.parallel.moe import MoEConfig
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+out = {}
+for view in (True, False):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, num_layers=2, num_heads=2, max_seq_len=16, moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=16)))
+    ddp = apply_ddp(model, device=torch.device("cpu"), bucket_view=view)
+    for _ in range(2):  # the second backward after zero_grad(set_to_none=True), as the trainer's steps
+        model.zero_grad(set_to_none=True)
+        x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+        ddp(x, torch.roll(x, -1, 1)).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    out[view] = (len({g.untyped_storage().data_ptr() for g in grads}), len(grads), [g.clone() for g in grads])
+(sv, n, gv), (sc, _, gc) = out[True], out[False]
+assert sc == n and sv < n, (sv, sc, n)  # copies: a storage per gradient; views: the buckets' storages
+assert all(torch.equal(a, b) for a, b in zip(gv, gc))
+print("ok", sv, sc, n)
+"""
+
+
+def test_ddp_gradients_are_views_into_its_buckets(tmp_path):
+    """parallel.ddp_bucket_view (default true): after a step's zero_grad(set_to_none=True) the dense
+    gradients are views into DDP's buckets (a few storages for all of them, not one each), and they
+    equal DDP's copied gradients bit for bit."""
+    proc = subprocess.run([sys.executable, "-c", _BUCKET_VIEW], capture_output=True, text=True, timeout=120,
+                          env=child_env(), cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-3000:]

@@ -10,8 +10,8 @@ code the trainer runs (the plan, FSSDP's owners, FSDP2's dim-0 shards):
   state held between steps. The trainer measures the same from its tensors
   (`summary.json`: `dense_state_bytes_per_rank`, `expert_state_bytes_per_rank`), and the tests
   check that the two agree byte for byte;
-- gradients at the end of backward, an upper bound: one fp32 gradient per held parameter, and under
-  DDP its buckets, a second copy of the dense gradients (DDP's default, `gradient_as_bucket_view=False`);
+- gradients at the end of backward, an upper bound: one fp32 gradient per held parameter (views into
+  DDP's buckets; with `parallel.ddp_bucket_view=false` the buckets are a second copy of the dense ones);
 - FSSDP's gathered working set: the weights of the experts a rank computes, in the gather dtype, in
   each layer that does not compute in place, for the layers in flight at once (two consecutive ones
   with prefetch, one without, every MoE layer with `parallel.reshard_after_forward=false`); the
@@ -133,7 +133,7 @@ def estimate(cfg: TrainConfig, world_size: int) -> list[dict]:
                                          reshard_after_forward=pc.reshard_after_forward, prefetch=pc.prefetch)
         rows.append({
             "rank": rank, "dense_params": dense, "dense_moments": 2 * dense,
-            "dense_grads": dense * (1 if fsdp else 2),  # DDP: its buckets too
+            "dense_grads": dense * (2 if not fsdp and not pc.ddp_bucket_view else 1),  # DDP's own buckets: twice
             "expert_params": experts, "expert_moments": 2 * experts, "expert_grads": experts,
             # their gradients (in the gather dtype) live from a layer's backward to its reduce-scatter:
             # at most as many bytes again (an upper bound; the trainer tracks the peak of both together)

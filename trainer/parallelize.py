@@ -338,8 +338,7 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
                                    mesh_dim_names=("dp_replicate", "dp_shard"))
         if shard == info.world_size:
             dp_mesh = dp_mesh["dp_shard"]  # FSDP; else HSDP: replicated across the groups
-        names = set(ignored)
-        experts = {p for n, p in model.named_parameters() if n in names}
+        experts = {p for n, p in model.named_parameters() if n in ignored}
         apply_fsdp(model, dp_mesh, ignored=experts, reshard_after_forward=pc.reshard_after_forward,
                    param_dtype=torch.bfloat16 if pc.dense_gather_dtype == "bf16" else None, reduce_dtype=reduce_dtype)
     _materialize(model, info.device)
@@ -351,7 +350,8 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
         group = dp_mesh.get_group("dp_shard") if dp_mesh.ndim == 2 else None
         return Parallel(model, model, info, mesh, plan, pc.expert_sharding, expert_names=ignored, align_owners=align,
                         gpus_per_node=gpn, dense_fsdp=True, dense_shard_group=group, reduce_dtype=reduce_dtype)
-    ddp = apply_ddp(model, device=info.device, bucket_order=pc.ddp_bucket_order, reduce_dtype=reduce_dtype)
+    ddp = apply_ddp(model, device=info.device, bucket_order=pc.ddp_bucket_order, reduce_dtype=reduce_dtype,
+                    bucket_view=pc.ddp_bucket_view)
     return Parallel(model, ddp, info, mesh, plan, pc.expert_sharding, expert_names=ignored, align_owners=align,
                     gpus_per_node=gpn, reduce_dtype=reduce_dtype)
 
