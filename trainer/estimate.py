@@ -44,17 +44,12 @@ def fsdp_rows(rows: int, shards: int, index: int) -> int:
     return max(0, min(chunk, rows - index * chunk))
 
 
-def held_experts(cfg: TrainConfig, world_size: int, rank: int, plan) -> list[int]:
-    """Experts of each MoE layer whose parameters (and AdamW moments) `rank` holds: every one without
-    expert parallelism, the plan's (with replicas) under resident EP, the owned ones under FSSDP."""
-    L, E = cfg.model.num_moe_layers, cfg.model.moe.num_experts
-    if plan is None:
-        return [E] * L
-    ep = cfg.parallel.ep_size or world_size
-    ep_rank = rank % ep  # the mesh is (edp, ep), row-major
-    if cfg.parallel.expert_sharding != "fssdp":
-        return [len(plan.experts_on(layer, ep_rank)) for layer in range(L)]
-    return [int((own == ep_rank).sum()) for own in fssdp_owners(cfg, plan, ep)]
+def held_experts(cfg: TrainConfig, ep_rank: int, plan, owners) -> list[int]:
+    """Experts of each MoE layer whose parameters (and AdamW moments) the rank holds: the plan's
+    (with replicas) under resident EP, the owned ones under FSSDP (`owners`, (L, E))."""
+    if owners is None:
+        return [len(plan.experts_on(layer, ep_rank)) for layer in range(cfg.model.num_moe_layers)]
+    return [int((own == ep_rank).sum()) for own in owners]
 
 
 def fssdp_owners(cfg: TrainConfig, plan, ep: int) -> np.ndarray:
@@ -71,18 +66,14 @@ def fssdp_owners(cfg: TrainConfig, plan, ep: int) -> np.ndarray:
     return aligned_owners(plan, even)
 
 
-def materialized_experts(cfg: TrainConfig, world_size: int, rank: int, plan) -> list[int]:
-    """FSSDP: per MoE layer, the experts whose weights `rank` materializes: every expert it computes,
+def materialized_experts(ep_rank: int, plan, owners) -> list[int]:
+    """FSSDP: per MoE layer, the experts whose weights the rank materializes: every expert it computes,
     owned ones included, unless the layer computes in place (each expert on its owner alone, on every
-    rank: `FSSDPExperts.direct`); 0 elsewhere."""
-    if plan is None or cfg.parallel.expert_sharding != "fssdp":
-        return [0] * cfg.model.num_moe_layers
-    ep = cfg.parallel.ep_size or world_size
-    owners = fssdp_owners(cfg, plan, ep)
+    rank: `FSSDPExperts.direct`)."""
     out = []
     for layer, own in enumerate(owners):
         direct = all(tuple(h) == (int(own[e]),) for e, h in enumerate(plan.placement[layer]))
-        out.append(0 if direct else len(plan.experts_on(layer, rank % ep)))
+        out.append(0 if direct else len(plan.experts_on(layer, ep_rank)))
     return out
 
 
@@ -117,9 +108,11 @@ def estimate(cfg: TrainConfig, world_size: int) -> list[dict]:
     dense_tensors = [p for n, p in model.named_parameters() if ".experts." not in n]
     expert_tensors = [p for n, p in model.named_parameters() if ".experts." in n]  # (E, ...) per weight, per layer
     gather_bytes = torch.finfo(pc.expert_gather_dtype() or torch.float32).bits // 8
+    ep = pc.ep_size or world_size
+    owners = fssdp_owners(cfg, plan, ep) if plan is not None and pc.expert_sharding == "fssdp" else None
     rows = []
     for rank in range(world_size):
-        index = rank % shards
+        index, ep_rank = rank % shards, rank % ep  # the meshes are row-major: (dp_replicate, dp_shard), (edp, ep)
 
         def local(p) -> int:
             return fsdp_rows(p.shape[0], shards, index) * (p.numel() // p.shape[0]) if shards > 1 else p.numel()
@@ -128,9 +121,9 @@ def estimate(cfg: TrainConfig, world_size: int) -> list[dict]:
         if plan is None:  # every expert is a dense parameter: under FSDP, sharded by experts like the rest
             experts = sum(local(p) for p in expert_tensors) * FP32
         else:
-            experts = sum(held_experts(cfg, world_size, rank, plan)) * per_expert * FP32
-        working = per_expert * in_flight(materialized_experts(cfg, world_size, rank, plan),
-                                         reshard_after_forward=pc.reshard_after_forward, prefetch=pc.prefetch)
+            experts = sum(held_experts(cfg, ep_rank, plan, owners)) * per_expert * FP32
+        gathered = materialized_experts(ep_rank, plan, owners) if owners is not None else []
+        working = per_expert * in_flight(gathered, reshard_after_forward=pc.reshard_after_forward, prefetch=pc.prefetch)
         rows.append({
             "rank": rank, "dense_params": dense, "dense_moments": 2 * dense,
             "dense_grads": dense * (2 if not fsdp and not pc.ddp_bucket_view else 1),  # DDP's own buckets: twice
