@@ -35,7 +35,7 @@ from moesaic.parallel.expert_state import reshard_owners  # noqa: F401  (re-expo
 from moesaic.parallel.experts import compiled_grouped_swiglu, grouped_swiglu
 from moesaic.parallel.expert_parallel import LayerPlan
 from moesaic.parallel.fssdp_dispatch import FSSDPDispatcher
-from moesaic.parallel.gather_schedule import GatherSchedule
+from moesaic.parallel.gather_schedule import GatherSchedule, computes_in_place, even_owners  # noqa: F401  (re-exported)
 from moesaic.placement.plan import Placement, check_fits
 
 log = logging.getLogger(__name__)
@@ -51,11 +51,6 @@ def _track(delta: int, grads: bool = False) -> None:
     WORKING_SET["grads" if grads else "live"] += delta
     WORKING_SET["peak"] = max(WORKING_SET["peak"], WORKING_SET["live"])
     WORKING_SET["peak_total"] = max(WORKING_SET["peak_total"], WORKING_SET["live"] + WORKING_SET["grads"])
-
-
-def even_owners(num_experts: int, num_ranks: int) -> np.ndarray:
-    """(E,) owner of each expert: contiguous, as even as possible (Hecate's default sharding)."""
-    return (np.arange(num_experts) * num_ranks) // num_experts
 
 
 class FSSDPExperts(nn.Module):
@@ -102,9 +97,7 @@ class FSSDPExperts(nn.Module):
         self.schedule = GatherSchedule.build(layer_plan.holders, self.owners, self.rank, self.P)
         self.num_compute = len(layer_plan.local_experts)
         self._pending = None
-        # every expert computed by its owner alone, on every rank (the plan and owners are global):
-        # the layer computes with the owned shard in place, and nothing is gathered or scattered
-        self.direct = all(tuple(h) == (int(self.owners[e]),) for e, h in enumerate(layer_plan.holders))
+        self.direct = computes_in_place(layer_plan.holders, self.owners)
 
     @property
     def gather_dtype(self) -> torch.dtype:

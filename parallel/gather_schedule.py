@@ -1,12 +1,37 @@
 """FSSDP's gather schedule: for one layer and one plan, which owned rows a rank sends to whom in the
 SparseAllGather, and where the rows it receives go. The SparseReduceScatter runs the same schedule
-backwards. Pure: built from the plan's holders and the owners alone."""
+backwards. Pure: built from the plan's holders and the owners alone. Also the owners a run starts
+from, and whether a layer needs no gather at all (the trainer and `moesaic-estimate` both use them)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+from moesaic.placement.plan import Placement
+
+
+def even_owners(num_experts: int, num_ranks: int) -> np.ndarray:
+    """(E,) owner of each expert: contiguous, as even as possible (Hecate's default sharding)."""
+    return (np.arange(num_experts) * num_ranks) // num_experts
+
+
+def start_owners(plan: Placement, num_ranks: int, align: bool) -> np.ndarray:
+    """(L, E) owners of a fresh run: even contiguous shards, or, with `align` (placement.align_owners),
+    moved to GPUs that the plan has compute them (a fresh model holds every expert: this moves nothing)."""
+    even = np.tile(even_owners(plan.num_experts(), num_ranks), (plan.num_layers, 1))
+    if not align:
+        return even
+    from moesaic.placement.dynamic import aligned_owners
+
+    return aligned_owners(plan, even)
+
+
+def computes_in_place(holders, owners) -> bool:
+    """Every expert of the layer computed by its owner alone, on every rank (the plan and owners are
+    global): the layer computes with the owned shard in place, and nothing is gathered or scattered."""
+    return all(tuple(h) == (int(owners[e]),) for e, h in enumerate(holders))
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,9 @@ import argparse
 import json
 import sys
 
-import numpy as np
 import torch
 
+from moesaic.parallel.gather_schedule import computes_in_place
 from moesaic.trainer.config import TrainConfig
 
 FP32 = 4
@@ -44,37 +44,19 @@ def fsdp_rows(rows: int, shards: int, index: int) -> int:
     return max(0, min(chunk, rows - index * chunk))
 
 
-def held_experts(cfg: TrainConfig, ep_rank: int, plan, owners) -> list[int]:
+def held_experts(ep_rank: int, plan, owners) -> list[int]:
     """Experts of each MoE layer whose parameters (and AdamW moments) the rank holds: the plan's
     (with replicas) under resident EP, the owned ones under FSSDP (`owners`, (L, E))."""
     if owners is None:
-        return [len(plan.experts_on(layer, ep_rank)) for layer in range(cfg.model.num_moe_layers)]
+        return [len(plan.experts_on(layer, ep_rank)) for layer in range(plan.num_layers)]
     return [int((own == ep_rank).sum()) for own in owners]
-
-
-def fssdp_owners(cfg: TrainConfig, plan, ep: int) -> np.ndarray:
-    """(L, E) owners, as `parallelize` assigns them: even contiguous shards, aligned to the plan
-    when placement.align_owners holds."""
-    from moesaic.parallel.fssdp import even_owners
-    from moesaic.trainer.parallelize import align_owners
-
-    even = np.tile(even_owners(plan.num_experts(), ep), (plan.num_layers, 1))
-    if not align_owners(cfg):
-        return even
-    from moesaic.placement.dynamic import aligned_owners
-
-    return aligned_owners(plan, even)
 
 
 def materialized_experts(ep_rank: int, plan, owners) -> list[int]:
     """FSSDP: per MoE layer, the experts whose weights the rank materializes: every expert it computes,
-    owned ones included, unless the layer computes in place (each expert on its owner alone, on every
-    rank: `FSSDPExperts.direct`)."""
-    out = []
-    for layer, own in enumerate(owners):
-        direct = all(tuple(h) == (int(own[e]),) for e, h in enumerate(plan.placement[layer]))
-        out.append(0 if direct else len(plan.experts_on(layer, ep_rank)))
-    return out
+    owned ones included, unless the layer computes in place (`FSSDPExperts.direct`)."""
+    return [0 if computes_in_place(plan.placement[layer], own) else len(plan.experts_on(layer, ep_rank))
+            for layer, own in enumerate(owners)]
 
 
 def in_flight(counts: list[int], *, reshard_after_forward: bool, prefetch: bool) -> int:
@@ -90,8 +72,9 @@ def in_flight(counts: list[int], *, reshard_after_forward: bool, prefetch: bool)
 def estimate(cfg: TrainConfig, world_size: int) -> list[dict]:
     """One row per rank: bytes of parameters, gradients and AdamW moments, dense and expert, and
     FSSDP's gathered working set. Raises ValueError naming the field for a layout it cannot model."""
+    from moesaic.parallel.gather_schedule import start_owners
     from moesaic.trainer.model import Transformer
-    from moesaic.trainer.parallelize import resolve_plan
+    from moesaic.trainer.parallelize import align_owners, resolve_plan
 
     if cfg.parallel.engine == "deepspeed" or cfg.model.moe_impl == "deepspeed":
         raise ValueError("parallel.engine (deepspeed) / model.moe_impl (deepspeed): not modelled here; DeepSpeed "
@@ -109,7 +92,8 @@ def estimate(cfg: TrainConfig, world_size: int) -> list[dict]:
     expert_tensors = [p for n, p in model.named_parameters() if ".experts." in n]  # (E, ...) per weight, per layer
     gather_bytes = torch.finfo(pc.expert_gather_dtype() or torch.float32).bits // 8
     ep = pc.ep_size or world_size
-    owners = fssdp_owners(cfg, plan, ep) if plan is not None and pc.expert_sharding == "fssdp" else None
+    owners = (start_owners(plan, ep, align_owners(cfg)) if plan is not None and pc.expert_sharding == "fssdp"
+              else None)  # as parallelize assigns them
     rows = []
     for rank in range(world_size):
         index, ep_rank = rank % shards, rank % ep  # the meshes are row-major: (dp_replicate, dp_shard), (edp, ep)
@@ -121,7 +105,7 @@ def estimate(cfg: TrainConfig, world_size: int) -> list[dict]:
         if plan is None:  # every expert is a dense parameter: under FSDP, sharded by experts like the rest
             experts = sum(local(p) for p in expert_tensors) * FP32
         else:
-            experts = sum(held_experts(cfg, ep_rank, plan, owners)) * per_expert * FP32
+            experts = sum(held_experts(ep_rank, plan, owners)) * per_expert * FP32
         gathered = materialized_experts(ep_rank, plan, owners) if owners is not None else []
         working = per_expert * in_flight(gathered, reshard_after_forward=pc.reshard_after_forward, prefetch=pc.prefetch)
         rows.append({
@@ -191,15 +175,15 @@ def main_cli(argv: list[str] | None = None) -> None:
         if a.world_size < 1:
             raise ValueError(f"--world-size ({a.world_size}) must be >= 1")
         layouts = {n: layout_overrides(a.overrides, n) for n in COMPARE} if a.compare else {"this config": a.overrides}
-        results = {n: estimate(compose(o), a.world_size) for n, o in layouts.items()}
+        configs = {n: compose(o) for n, o in layouts.items()}
+        results = {n: estimate(c, a.world_size) for n, c in configs.items()}
     except ValueError as e:
         sys.stderr.write(f"moesaic-estimate: error: {e}\n")
         sys.exit(2)
     if a.json:
         print(json.dumps({n: {"largest_rank": summarize(r), "ranks": r} for n, r in results.items()}, indent=1))
         return
-    cfg = compose(a.overrides)
-    m = cfg.model
+    m = next(iter(configs.values())).model  # the layouts share the model
     print(f"model: d {m.dim}, {m.num_layers} layers ({m.num_moe_layers} MoE), {m.moe.num_experts} experts of "
           f"ffn {m.moe.ffn_dim}, top-{m.moe.top_k}; {a.world_size} ranks; the largest rank's model state per "
           "layout (activations not included)")

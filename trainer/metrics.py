@@ -76,8 +76,9 @@ def wandb_run_id(run_dir: Path, start_step: int) -> str:
     """One wandb run per training run: a run resumed in its run directory (start_step > 0) logs under
     the id that the directory's first attempt stored; a run from step 0 gets a new id."""
     stored = run_dir / "wandb_run_id"
-    if start_step > 0 and stored.is_file() and stored.read_text().strip():
-        return stored.read_text().strip()
+    run_id = stored.read_text().strip() if start_step > 0 and stored.is_file() else ""
+    if run_id:
+        return run_id
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # as wandb's own
     stored.write_text(run_id + "\n")
     return run_id

@@ -14,7 +14,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -315,13 +314,9 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: 
 
             dedup = node_groups(mesh, gpn)
         if pc.expert_sharding == "fssdp":
-            owners = None
-            if align_owners(cfg):
-                from moesaic.parallel.fssdp import even_owners
-                from moesaic.placement.dynamic import aligned_owners
+            from moesaic.parallel.gather_schedule import start_owners
 
-                even = np.tile(even_owners(plan.num_experts(), ep), (plan.num_layers, 1))
-                owners = aligned_owners(plan, even)  # a fresh model holds every expert: this moves nothing
+            owners = start_owners(plan, ep, align_owners(cfg))
             ignored = apply_fssdp(model, mesh, plan, reshard_after_forward=pc.reshard_after_forward,
                                   prefetch=pc.prefetch, capacity_factor=cf, owners=owners, token_dedup=dedup,
                                   device=info.device, gather_dtype=pc.expert_gather_dtype(), reduce_dtype=reduce_dtype)
