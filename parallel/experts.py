@@ -18,6 +18,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 log = logging.getLogger(__name__)
 GROUPED_MM_ALIGN = 16
@@ -169,6 +170,7 @@ def grouped_swiglu(
     w2_EDF: torch.Tensor,
     *,
     kernels: str = "torch",
+    recompute_act: bool = False,
 ) -> torch.Tensor:
     """out_t = w2[e] (silu(w1[e] x_t) * w3[e] x_t) for the expert e that token t is sorted under,
     where w13[e] = [w1[e]; w3[e]].
@@ -176,6 +178,8 @@ def grouped_swiglu(
     `counts_E` (int, sums to T) gives how many consecutive rows of x belong to each expert; an expert
     with zero rows is fine. Runs in fp32/bf16/fp16 on CPU and bf16 on Hopper. Where D or F breaks
     `torch._grouped_mm`'s 16-byte rule (`grouped_mm_aligned`), it runs `looped_swiglu`, and says so once.
+    `recompute_act`: keep only the first GEMM's output h13 for backward, and recompute the activation
+    from it there (`swiglu_down_recomputed`); the same gradients, bit for bit.
     """
     x_TD, w13_EGD, w2_EDF = autocast_cast(x_TD, w13_EGD, w2_EDF)
     dim, ffn_dim = w2_EDF.shape[1:]
@@ -184,12 +188,12 @@ def grouped_swiglu(
     if torch.compiler.is_compiling() and x_TD.dtype != torch.bfloat16:
         # torch.compile's shape check of _grouped_mm takes bf16 only (the CPU kernel takes any float):
         # other dtypes leave the compiled region for this call
-        return _grouped_swiglu_eager(x_TD, counts_E, w13_EGD, w2_EDF, kernels)
-    return _grouped_swiglu(x_TD, counts_E, w13_EGD, w2_EDF, kernels)
+        return _grouped_swiglu_eager(x_TD, counts_E, w13_EGD, w2_EDF, kernels, recompute_act)
+    return _grouped_swiglu(x_TD, counts_E, w13_EGD, w2_EDF, kernels, recompute_act)
 
 
 def compiled_grouped_swiglu(x_TD: torch.Tensor, counts_E: torch.Tensor, w13_EGD: torch.Tensor,
-                            w2_EDF: torch.Tensor, *, kernels: str = "torch") -> torch.Tensor:
+                            w2_EDF: torch.Tensor, *, kernels: str = "torch", recompute_act: bool = False) -> torch.Tensor:
     """`grouped_swiglu` under torch.compile, one compiled function per process shared by every layer:
     what the experts run where their dispatcher stays outside the compiled blocks (expert parallelism
     and FSSDP, see `apply_compile`). Only shapes and dtypes key its graphs, never a layer's plan: the
@@ -199,8 +203,9 @@ def compiled_grouped_swiglu(x_TD: torch.Tensor, counts_E: torch.Tensor, w13_EGD:
     receives 0 or 1 tokens, or holds 0 or 1 experts, in some layer would add graphs (twice with
     eval's no_grad) until the shared function reached the recompile limit and ran eagerly for all."""
     if x_TD.shape[0] < 2 or w2_EDF.shape[0] < 2:
-        return grouped_swiglu(x_TD, counts_E, w13_EGD, w2_EDF, kernels=kernels)
-    return _compiled_swiglu()(x_TD, counts_E, w13_EGD.view_as(w13_EGD), w2_EDF.view_as(w2_EDF), kernels=kernels)
+        return grouped_swiglu(x_TD, counts_E, w13_EGD, w2_EDF, kernels=kernels, recompute_act=recompute_act)
+    return _compiled_swiglu()(x_TD, counts_E, w13_EGD.view_as(w13_EGD), w2_EDF.view_as(w2_EDF), kernels=kernels,
+                              recompute_act=recompute_act)
 
 
 @functools.cache
@@ -230,47 +235,124 @@ def _warn_unaligned(dim: int, ffn_dim: int, dtype: torch.dtype) -> None:
 class _SwiGLU13(torch.autograd.Function):
     """h = silu(a) * b for h13 = [a | b] (N, 2F), with a backward that writes both halves of dh13 in
     place: autograd's own backward of the two chunks ends in a cat of their gradients, another read
-    and write of N x 2F. It keeps what autograd keeps (h13 and silu(a))."""
+    and write of N x 2F. It keeps what autograd keeps (h13 and silu(a)), or with `keep_silu` False
+    only h13, recomputing silu(a) in backward."""
 
     @staticmethod
-    def forward(ctx, h13):
+    def forward(ctx, h13, keep_silu=True):
         a, b = h13.chunk(2, dim=-1)
         silu_a = F.silu(a)
-        ctx.save_for_backward(h13, silu_a)
+        ctx.save_for_backward(h13, silu_a if keep_silu else None)
         return silu_a * b
 
     @staticmethod
     def backward(ctx, grad_h):
         h13, silu_a = ctx.saved_tensors
         a, b = h13.chunk(2, dim=-1)
+        if silu_a is None:
+            silu_a = F.silu(a)
         grad_h13 = torch.empty_like(h13)
         grad_a, grad_b = grad_h13.chunk(2, dim=-1)
         torch.mul(grad_h, silu_a, out=grad_b)
         torch.ops.aten.silu_backward.grad_input(grad_h * b, a, grad_input=grad_a)
-        return grad_h13
+        return grad_h13, None
 
 
-def swiglu13_torch(h13_TG: torch.Tensor) -> torch.Tensor:
+def swiglu13_torch(h13_TG: torch.Tensor, keep_silu: bool = True) -> torch.Tensor:
     """silu(h13[:, :F]) * h13[:, F:] in torch: `_SwiGLU13` in eager mode; under torch.compile the
     plain expression, which inductor fuses (the cat included)."""
     if torch.compiler.is_compiling():
         h1_TF, h3_TF = h13_TG.chunk(2, dim=-1)
         return F.silu(h1_TF) * h3_TF
-    return _SwiGLU13.apply(h13_TG)
+    return _SwiGLU13.apply(h13_TG, keep_silu)
 
 
-def _grouped_swiglu(x_TD, counts_E, w13_EGD, w2_EDF, kernels):
-    offs = _offsets(counts_E)
-    x_TD = _ContiguousGrad.apply(x_TD)
-    h13_TG = torch._grouped_mm(x_TD, w13_EGD.transpose(-2, -1), offs=offs)
+def _activation(h13_TG: torch.Tensor, kernels: str, keep_silu: bool = True) -> torch.Tensor:
     if kernels == "triton":
         from moesaic.parallel.kernels import swiglu13
 
-        h_TF = swiglu13(h13_TG)
-    else:
-        h_TF = swiglu13_torch(h13_TG)
-    out_TD = torch._grouped_mm(h_TF, w2_EDF.transpose(-2, -1), offs=offs)
-    return _ContiguousGrad.apply(out_TD)
+        return swiglu13(h13_TG)  # keeps h13 only
+    return swiglu13_torch(h13_TG, keep_silu)
+
+
+def swiglu_down(h13_TG: torch.Tensor, w2_EDF: torch.Tensor, offs: torch.Tensor, kernels: str = "torch") -> torch.Tensor:
+    """The experts' second half: the activation h = silu(h13[:, :F]) * h13[:, F:], then the down
+    projection's grouped GEMM."""
+    return torch._grouped_mm(_activation(h13_TG, kernels), w2_EDF.transpose(-2, -1), offs=offs)
+
+
+class _Recompute:
+    """What the down GEMM keeps for backward in place of its input h: how to recompute h from h13."""
+
+    __slots__ = ("h13", "kernels")
+
+    def __init__(self, h13: torch.Tensor, kernels: str):
+        self.h13, self.kernels = h13, kernels
+
+    def __call__(self) -> torch.Tensor:
+        with torch.no_grad():
+            return _activation(self.h13, self.kernels, keep_silu=False)
+
+
+def _enclosing_hooks():
+    """The saved-tensor (pack, unpack) hooks in force here, or None (torch's own accessor)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top(False) if top is not None else None
+
+
+class _Outer:
+    __slots__ = ("packed",)
+
+    def __init__(self, packed):
+        self.packed = packed
+
+
+def swiglu_down_recomputed(h13_TG: torch.Tensor, w2_EDF: torch.Tensor, offs: torch.Tensor,
+                           kernels: str = "torch") -> torch.Tensor:
+    """`swiglu_down` that keeps h13 alone for backward (Megatron's `--recompute-modules moe_act`):
+    the activation keeps only h13, and the down GEMM, instead of its input h (N x F), a `_Recompute`
+    that its backward turns back into h. Eager: saved-tensor hooks around the GEMM (selective
+    checkpointing would keep the GEMM's output, N x D, in its cache). Under torch.compile:
+    selective checkpointing, whose policy the partitioner applies to the graph (nothing cached)."""
+    if torch.compiler.is_compiling():
+        return checkpoint(swiglu_down, h13_TG, w2_EDF, offs, kernels, use_reentrant=False,
+                          preserve_rng_state=False, context_fn=_recompute_context)
+    h_TF = _activation(h13_TG, kernels, keep_silu=False)
+    key, recipe = (h_TF.untyped_storage().data_ptr(), h_TF.shape), _Recompute(h13_TG, kernels)
+    # hooks nest by replacing: the GEMM's other tensors go through the enclosing hooks (an outer
+    # checkpoint, torch.autograd.graph.save_on_cpu, a memory count) as they would without these
+    outer = _enclosing_hooks()
+
+    def pack(t):
+        if (t.untyped_storage().data_ptr(), t.shape) == key:
+            return recipe
+        return _Outer(outer[0](t)) if outer else t
+
+    def unpack(t):
+        if t is recipe:
+            return t()
+        return outer[1](t.packed) if isinstance(t, _Outer) else t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return torch._grouped_mm(h_TF, w2_EDF.transpose(-2, -1), offs=offs)
+
+
+def _keep_gemm_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective checkpointing's policy for `swiglu_down` under torch.compile: the grouped GEMM is
+    never recomputed, the activation always."""
+    return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten._grouped_mm.default else CheckpointPolicy.MUST_RECOMPUTE
+
+
+def _recompute_context():
+    return create_selective_checkpoint_contexts(_keep_gemm_outputs)
+
+
+def _grouped_swiglu(x_TD, counts_E, w13_EGD, w2_EDF, kernels, recompute_act=False):
+    offs = _offsets(counts_E)
+    x_TD = _ContiguousGrad.apply(x_TD)
+    h13_TG = torch._grouped_mm(x_TD, w13_EGD.transpose(-2, -1), offs=offs)
+    down = swiglu_down_recomputed if recompute_act and torch.is_grad_enabled() else swiglu_down
+    return _ContiguousGrad.apply(down(h13_TG, w2_EDF, offs, kernels))
 
 
 _grouped_swiglu_eager = torch.compiler.disable(_grouped_swiglu)
@@ -305,6 +387,7 @@ class GroupedExperts(nn.Module):
         super().__init__()
         self.num_experts, self.dim, self.ffn_dim, self.kernels = num_experts, dim, ffn_dim, kernels
         self.compiled = False  # run compiled_grouped_swiglu (set by apply_compile under EP and FSSDP)
+        self.recompute_act = False  # recompute the activation in backward (set by apply_activation_checkpoint)
         # device and dtype as nn.Linear's factory kwargs: None is torch's default (a `with torch.device`)
         self.w13_EGD = nn.Parameter(torch.empty(num_experts, 2 * ffn_dim, dim, device=device, dtype=dtype))
         self.w2_EDF = nn.Parameter(torch.empty(num_experts, dim, ffn_dim, device=device, dtype=dtype))
@@ -328,7 +411,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         swiglu = compiled_grouped_swiglu if self.compiled else grouped_swiglu
-        return swiglu(x_TD, counts_E, self.w13_EGD, self.w2_EDF, kernels=self.kernels)
+        return swiglu(x_TD, counts_E, self.w13_EGD, self.w2_EDF, kernels=self.kernels, recompute_act=self.recompute_act)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, dim={self.dim}, ffn_dim={self.ffn_dim}, kernels={self.kernels}"
@@ -351,4 +434,5 @@ def swiglu_flops(num_tokens: int, dim: int, ffn_dim: int) -> int:
 
 
 __all__ = ["EXPERT_WEIGHTS", "GroupedExperts", "KERNELS", "combine_slots", "compiled_grouped_swiglu",
-           "expert_weight_shapes", "gather_slots", "grouped_swiglu", "looped_swiglu", "swiglu_flops"]
+           "expert_weight_shapes", "gather_slots", "grouped_swiglu", "looped_swiglu", "swiglu_down",
+           "swiglu_down_recomputed", "swiglu_flops"]

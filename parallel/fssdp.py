@@ -67,6 +67,7 @@ class FSSDPExperts(nn.Module):
         self.w2_EDF = nn.Parameter(owned_w2.detach().clone())
         self.kernels = kernels
         self.compiled = False  # run compiled_grouped_swiglu (set by apply_compile)
+        self.recompute_act = False  # recompute the activation in backward (set by apply_activation_checkpoint)
         self.owned_ids = owned_ids
         self.owners = owners
         self.group = group
@@ -184,7 +185,7 @@ class FSSDPExperts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         swiglu = compiled_grouped_swiglu if self.compiled else grouped_swiglu
-        return swiglu(x_TD, counts_E, *self.weights(), kernels=self.kernels)
+        return swiglu(x_TD, counts_E, *self.weights(), kernels=self.kernels, recompute_act=self.recompute_act)
 
     # -- re-materialization -------------------------------------------------------------------------
     def release(self) -> None:

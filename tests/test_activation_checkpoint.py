@@ -19,12 +19,12 @@ from activation_memory import kept_bytes  # noqa: E402  (the bench counts the sa
 MODES = ("none", "attention", "full")
 
 
-def _model(mode: str) -> Transformer:
+def _model(mode: str, *, moe_act: bool = False, kernels: str = "torch") -> Transformer:
     torch.manual_seed(0)
     cfg = ModelConfig(dim=32, num_layers=3, num_heads=4, max_seq_len=16, num_dense_layers=1, dense_ffn_dim=64,
-                      moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=32, num_shared_experts=1))
+                      moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=32, num_shared_experts=1, kernels=kernels))
     model = Transformer(cfg)
-    apply_activation_checkpoint(model, mode)
+    apply_activation_checkpoint(model, mode, recompute_moe_act=moe_act)
     return model
 
 
@@ -49,6 +49,53 @@ def test_same_loss_and_gradients_and_fewer_kept_bytes():
     assert kept["full"] < kept["attention"] < kept["none"], kept
 
 
+def _step(model, x, y, autocast):
+    out, kept = kept_bytes(model, x, y, autocast=autocast)
+    out.loss.backward()
+    return out.loss, kept, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["none", "attention", "full"])
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_recompute_moe_act_keeps_h13_alone_with_the_same_gradients(mode, kernels, autocast):
+    """parallel.recompute_moe_act: the loss and every gradient bit for bit, and per MoE layer exactly
+    the activation h (N x F) fewer bytes kept, and silu(h1) (N x F) too on torch's eager path (the
+    Triton kernel keeps h13 alone already; off a GPU it runs its torch fallback through the same op).
+    Under full checkpointing the block is recomputed anyway: nothing changes."""
+    x = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    y = torch.roll(x, -1, 1)
+    loss, kept, grads = _step(_model(mode, kernels=kernels), x, y, autocast)
+    loss_r, kept_r, grads_r = _step(_model(mode, moe_act=True, kernels=kernels), x, y, autocast)
+    torch.testing.assert_close(loss_r, loss, rtol=0, atol=0)
+    assert grads_r.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_r[name], grads[name], rtol=0, atol=0, msg=name)
+    slots, ffn, layers = 4 * 16 * 2, 32, 2  # N = tokens x top-k (dropless), two MoE layers
+    per_slot = 0 if mode == "full" else ffn * (2 if kernels == "torch" else 1)
+    assert kept - kept_r == layers * slots * per_slot * (2 if autocast else 4), (kept, kept_r)
+
+
+@pytest.mark.slow
+def test_recompute_moe_act_compiled():
+    """Per-block torch.compile in bf16 (the compiled _grouped_mm takes bf16 only): selective
+    checkpointing's policy reaches inductor's partitioner, which then keeps h13 without h (it drops
+    silu(h1) by itself); the same loss and gradients as the compiled blocks without it."""
+    x = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    y = torch.roll(x, -1, 1)
+    runs = []
+    for moe_act in (False, True):
+        model = _model("none", moe_act=moe_act)
+        for block in model.layers:
+            block.compile()
+        runs.append(_step(model, x, y, True))
+    (loss, kept, grads), (loss_r, kept_r, grads_r) = runs
+    torch.testing.assert_close(loss_r, loss, rtol=0, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads_r[name], grads[name], rtol=1e-6, atol=1e-6, msg=name)
+    assert kept - kept_r == 2 * (4 * 16 * 2) * 32 * 2, (kept, kept_r)
+
+
 def test_no_checkpoint_without_grad():
     model = _model("full")
     x = torch.randint(0, 256, (2, 16))
@@ -69,6 +116,9 @@ def test_bad_modes_are_named():
     with pytest.raises(ValueError, match=r"activation_checkpoint \('attention'\) with model.moe_impl \('deepspeed'\)"):
         TrainConfig(parallel=ParallelConfig(activation_checkpoint="attention", engine="deepspeed"),
                     model=ModelConfig(moe_impl="deepspeed"))
+    with pytest.raises(ValueError, match=r"recompute_moe_act \(True\) with model.moe_impl \('deepspeed'\)"):
+        TrainConfig(parallel=ParallelConfig(recompute_moe_act=True, engine="deepspeed"),
+                    model=ModelConfig(moe_impl="deepspeed"))
 
 
 SMOKE = ["experiment=smoke", "logging.log_every=1", "eval_every=0", "steps=8", "logging.dump_rank_params=true"]
@@ -88,29 +138,31 @@ def _run(nproc, tmp_path, name, args):
 @pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.parametrize("nproc,ep,parallel,modes,accum,extra", [
-    (2, 2, "ep", ["full"], 2, []),
-    (4, 4, "ep", ["full"], 1, []),
+    (2, 2, "ep", ["full", "attention+moe_act"], 2, []),
+    (4, 4, "ep", ["full", "moe_act"], 1, []),
     (2, 2, "fssdp", ["attention", "full"], 1, []),  # full: owners aligned to the plan, every layer in place
     (2, 2, "fssdp", ["full"], 2, GATHER),
     # 2 expert domains of 2 ranks; full-kept: the gathered weights kept from forward to backward
-    (4, 2, "fssdp", ["full", "full-kept"], 1, GATHER),
-    (2, 2, "fssdp", ["full"], 1, [*GATHER, "compile=true"]),
+    (4, 2, "fssdp", ["full", "full-kept", "moe_act"], 1, GATHER),
+    (2, 2, "fssdp", ["full", "moe_act"], 1, [*GATHER, "compile=true"]),
     # the recomputed routers find the running total of global_batch's f_e that their forward counted
     (2, 2, "ep", ["full"], 2, ["model.moe.router.aux_loss_scope=global_batch"]),
-], ids=["ep2-full-accum", "ep4-full", "fssdp2-attention-and-full-in-place", "fssdp2-full-gather-accum",
-        "fssdp2x2-full-gather-and-kept", "fssdp2-full-gather-compiled", "ep2-full-accum-global-balance"])
+], ids=["ep2-full-and-moe-act-accum", "ep4-full-and-moe-act", "fssdp2-attention-and-full-in-place", "fssdp2-full-gather-accum",
+        "fssdp2x2-full-gather-kept-moe-act", "fssdp2-full-and-moe-act-gather-compiled", "ep2-full-accum-global-balance"])
 def test_distributed_training_is_unchanged(tmp_path, nproc, ep, parallel, modes, accum, extra):
     """8 AdamW steps with and without checkpointing: the same loss at every step, and the same
     parameters on every rank afterwards. EP's recomputed blocks run their all-to-alls again; FSSDP's
-    recomputed layers compute with the weights that their backward re-gathers."""
+    recomputed layers compute with the weights that their backward re-gathers. `moe_act`:
+    parallel.recompute_moe_act, alone or with a block mode."""
     args = [f"parallel={parallel}", f"parallel.ep_size={ep}", f"grad_accum_steps={accum}", *extra]
     off, p_off, gathered_off = _run(nproc, tmp_path, "off", args)
     for mode in modes:
         # reshard_after_forward=false changes where the weights come from in backward, not the math:
         # the baseline (which keeps them too) serves it
         kept = ["parallel.reshard_after_forward=false"] if mode.endswith("-kept") else []
-        on, p_on, gathered_on = _run(nproc, tmp_path, mode, [*args, *kept,
-                                                             f"parallel.activation_checkpoint={mode.removesuffix('-kept')}"])
+        block_mode = mode.removesuffix("-kept").removesuffix("moe_act").rstrip("+") or "none"
+        on, p_on, gathered_on = _run(nproc, tmp_path, mode, [*args, *kept, f"parallel.activation_checkpoint={block_mode}",
+                                                             f"parallel.recompute_moe_act={'moe_act' in mode}"])
         assert sorted(on) == list(range(1, 9))
         assert max(abs(on[s] - off[s]) for s in off) < 1e-6, (mode, on, off)
         # compiled, the recomputed graph fuses otherwise than the original: 1.2e-6 measured after 8 steps

@@ -236,6 +236,9 @@ class TrainConfig:
             raise ValueError(f"parallel.activation_checkpoint ({self.parallel.activation_checkpoint!r}) with "
                              "model.moe_impl ('deepspeed'): DeepSpeed-MoE's layer is the comparison baseline and runs "
                              "as DeepSpeed ships it; use activation_checkpoint=none")
+        if self.parallel.recompute_moe_act and self.model.moe_impl == "deepspeed":
+            raise ValueError("parallel.recompute_moe_act (True) with model.moe_impl ('deepspeed'): DeepSpeed-MoE's "
+                             "experts are its own; use recompute_moe_act=false")
         if not 0 <= self.seed < 2**63:  # numpy's SeedSequence draws the batches and takes no negative seed
             raise ValueError(f"seed ({self.seed}) must be in [0, 2**63)")
         if self.on_nan not in ("stop", "skip"):

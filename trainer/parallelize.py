@@ -357,12 +357,16 @@ def _materialize(model: torch.nn.Module, device) -> torch.nn.Module:
     return model
 
 
-def apply_activation_checkpoint(model: torch.nn.Module, mode: str) -> None:
+def apply_activation_checkpoint(model: torch.nn.Module, mode: str, *, recompute_moe_act: bool = False) -> None:
     """Recompute each block's activations in backward (`mode`: none, attention or full; see
-    ParallelConfig.activation_checkpoint). Non-reentrant torch.utils.checkpoint, so it composes with
-    DDP, autocast, gradient accumulation and torch.compile. The state dict does not change."""
+    ParallelConfig.activation_checkpoint), and with `recompute_moe_act` the experts' activation in
+    the blocks that full leaves alone (ParallelConfig.recompute_moe_act). Non-reentrant
+    torch.utils.checkpoint, so it composes with DDP, autocast, gradient accumulation and
+    torch.compile. The state dict does not change."""
     for block in model.layers:
         block.activation_checkpoint = mode
+        if block.is_moe and hasattr(block.moe.experts, "recompute_act"):  # not DeepSpeed-MoE's layer
+            block.moe.experts.recompute_act = recompute_moe_act and mode != "full"
 
 
 def apply_compile(model: torch.nn.Module) -> None:
