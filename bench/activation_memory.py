@@ -1,4 +1,5 @@
-"""What activation checkpointing saves and costs (`parallel.activation_checkpoint`): the bytes that
+"""What activation checkpointing saves and costs (`parallel.activation_checkpoint`, and
+`parallel.recompute_moe_act`, the modes ending in moe_act): the bytes that
 autograd keeps for backward, per mode, counted from the tensors (each storage once, parameters left
 out), and the forward+backward time of the same model on this machine, the modes interleaved.
 
@@ -34,7 +35,8 @@ from moesaic.parallel.moe import MoEConfig  # noqa: E402
 from moesaic.trainer.model import ModelConfig, Transformer  # noqa: E402
 from moesaic.trainer.parallelize import apply_activation_checkpoint  # noqa: E402
 
-MODES = ("none", "attention", "full")
+MODES = ("none", "moe_act", "attention", "attention+moe_act", "full")
+"""parallel.activation_checkpoint's modes, and `+moe_act`: with parallel.recompute_moe_act."""
 
 
 def kept_bytes(model: Transformer, x: torch.Tensor, y: torch.Tensor | None = None, *,
@@ -61,7 +63,8 @@ def kept_bytes(model: Transformer, x: torch.Tensor, y: torch.Tensor | None = Non
 def build(cfg: ModelConfig, mode: str) -> Transformer:
     torch.manual_seed(0)
     model = Transformer(cfg)
-    apply_activation_checkpoint(model, mode)
+    block_mode = mode.removesuffix("moe_act").rstrip("+") or "none"
+    apply_activation_checkpoint(model, block_mode, recompute_moe_act=mode.endswith("moe_act"))
     return model
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issues #4 and #8 as prepared runs for a lent H100/H200 (the device tool):
-#   bash bench/gpu_check.sh [first|fused|moments|autotune|modes|next|layer|trainer|baseline]   # JSON and one log under $OUT (or bench/results)
+#   bash bench/gpu_check.sh [first|fused|moments|autotune|modes|moe_act|next|layer|trainer|baseline]   # JSON and one log under $OUT (or bench/results)
 # The library stores w13 = [w1; w3] since the fourth session; `--variant w1w3` (bench/gpu_variants.py)
 # is the layout before it, and `--variant fused` is `model.moe.kernels=triton`. The parts that
 # produced the second session's tables (overlap, ablate, confirm, w13check) are in git history
@@ -21,6 +21,9 @@
 # grouped-GEMM template timed against torch._grouped_mm per GEMM) and with CUDA graphs, per shape.
 # modes (about 5 minutes, not yet run): the best setup with torch.compile's CUDA graphs
 # (reduce-overhead) and max-autotune, for the 2.3% that #8 part 2 lacks on the strict measure.
+# moe_act (about 3 minutes, not yet run): parallel.recompute_moe_act (`--variant moe-act`) on the best
+# setup at batch 8 and 16, off and on: its cost in time, and the peak memory it saves (whether batch
+# 16 fits an H100's 80 GB).
 # trainer (about 5 minutes; first `bash bench/fetch_wheels.sh` here, and carry [".whl"]):
 # moesaic-doctor on one NCCL rank, the trainer's demo model in bf16 eager and compiled (FSSDP, EP,
 # DDP, FSSDP with the Triton kernels, FSSDP with full activation checkpointing, FSDP for the dense
@@ -114,6 +117,13 @@ if [ "$PART" = modes ]; then  # (about 5 minutes) #8's remaining 2.3%: torch.com
   echo "## $(date +%T) done" | tee -a "$LOG"
   exit 0
 fi
+if [ "$PART" = moe_act ]; then  # (about 3 minutes) the experts' activation recomputed: time and peak memory
+  best="--compile blocks --moments bf16 --steps 20 --batch 8 16"
+  train gpu_train_moe_act_off 120 $best --variant fused
+  train gpu_train_moe_act_on 120 $best --variant fused moe-act
+  echo "## $(date +%T) done" | tee -a "$LOG"
+  exit 0
+fi
 if [ "$PART" = autotune ]; then  # (about 5 minutes) #4's fine-grained shapes under inductor's max-autotune and CUDA graphs
   # one shape per process, each with its own limit, fine-grained first: a part cut off keeps the rows printed
   for shape in deepseekmoe-16b olmoe mixtral; do
@@ -153,7 +163,8 @@ if [ "$PART" = trainer ]; then  # the trainer and the doctor on CUDA (about 5 mi
         "fssdp_triton parallel=fssdp model.moe.kernels=triton"
         "fssdp_checkpoint_full parallel=fssdp parallel.activation_checkpoint=full"
         "fssdp_fsdp_compiled parallel=fssdp parallel.dense_sharding=fsdp compile=true"
-        "fssdp_fp16 parallel=fssdp")  # fp16 autocast and loss scaling (_grouped_mm's fallback off bf16)
+        "fssdp_fp16 parallel=fssdp"  # fp16 autocast and loss scaling (_grouped_mm's fallback off bf16)
+        "fssdp_moe_act_compiled parallel=fssdp parallel.recompute_moe_act=true compile=true")
   # (ep_compiled also runs the global-batch balance loss: its int64 all-reduce on NCCL, eager in a compiled block)
   # TRAINER_QUICK=1 (about 3 minutes, for what is left of a session's device time): the compiled,
   # Triton and FSDP runs alone, and the doctor's default suite
@@ -181,5 +192,5 @@ if [ "$PART" = baseline ]; then
   echo "## $(date +%T) done" | tee -a "$LOG"
   exit 0
 fi
-echo "gpu_check.sh: unknown part ($PART): first, next, layer, trainer or baseline" >&2
+echo "gpu_check.sh: unknown part ($PART): first, fused, moments, autotune, modes, moe_act, next, layer, trainer or baseline" >&2
 exit 2

@@ -11,6 +11,8 @@ the same function as the code it replaces (tests/test_bench_kernels.py checks th
   parameters and two grouped GEMMs of N = F. It is the control for the stored w13's loss and time.
 - `complex-rotary`: the rotary embedding as one complex multiply in fp32, against the
   library's eight bf16 element-wise passes per tensor.
+- `moe-act`: the library's `parallel.recompute_moe_act` (the experts keep h13 alone and recompute
+  their activation in backward): what it saves in peak memory, and costs in time.
 
 The H200 profile in bench/RESULTS.md motivates them: in eager mode `aten::mul` takes 40 ms per step
 (rotary, SwiGLU, combine), and the grouped GEMMs run at about 71% of the dense rate.
@@ -23,7 +25,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ("w1w3", "complex-rotary", "triton-experts", "fused")
+VARIANTS = ("w1w3", "complex-rotary", "triton-experts", "fused", "moe-act")
 
 
 def split_swiglu(x_TD, counts_E, w1_EFD, w2_EDF, w3_EFD):
@@ -96,6 +98,8 @@ def apply(model: torch.nn.Module, variants) -> None:
                 mod.kernels = "triton"
             if "triton-experts" in variants:
                 mod.forward = types.MethodType(_triton_forward, mod)
+            if "moe-act" in variants:
+                mod.recompute_act = True
     if "w1w3" in variants:
         split_w13(model)
 

@@ -42,6 +42,8 @@ def test_activation_memory_demo_model(tmp_path):
     assert "| demo, 2 x 32 tokens | full" in out
     rows = {r["mode"]: r for r in json.loads((tmp_path / "a.json").read_text())["demo"]}
     assert rows["full"]["activations_MiB"] < rows["attention"]["activations_MiB"] < rows["none"]["activations_MiB"]
+    assert rows["attention+moe_act"]["activations_MiB"] < rows["attention"]["activations_MiB"]
+    assert rows["moe_act"]["activations_MiB"] < rows["none"]["activations_MiB"]
 
 
 def test_placement_scale_small(tmp_path):

@@ -115,16 +115,17 @@ def test_experts_state_dict_keeps_three_tensors_and_loads_strictly():
 
 def test_swiglu13_backward_writes_what_autograd_computes():
     """The torch path's SwiGLU over [a | b]: gradcheck in float64, and equal to autograd's own in fp32."""
-    from moesaic.parallel.experts import _SwiGLU13
+    from moesaic.parallel.swiglu import _SwiGLU13
 
     h13 = torch.randn(7, 10, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_SwiGLU13.apply, (h13,))
-    h = torch.randn(6, 8, requires_grad=True)
-    g = torch.randn(6, 4)
-    (ours,) = torch.autograd.grad(_SwiGLU13.apply(h), h, g)
-    a, b = h.chunk(2, dim=-1)
-    (ref,) = torch.autograd.grad(F.silu(a) * b, h, g)
-    torch.testing.assert_close(ours, ref)
+    for keep_silu in (True, False):  # False: silu(a) recomputed in backward (parallel.recompute_moe_act)
+        assert torch.autograd.gradcheck(lambda t: _SwiGLU13.apply(t, keep_silu), (h13,))
+        h = torch.randn(6, 8, requires_grad=True)
+        g = torch.randn(6, 4)
+        (ours,) = torch.autograd.grad(_SwiGLU13.apply(h, keep_silu), h, g)
+        a, b = h.chunk(2, dim=-1)
+        (ref,) = torch.autograd.grad(F.silu(a) * b, h, g)
+        torch.testing.assert_close(ours, ref)
 
 
 @pytest.mark.parametrize("D,F_", [(16, 24), (30, 22)])  # (30, 22) breaks _grouped_mm's 16-byte rule
