@@ -53,6 +53,36 @@ def test_bin_file_and_folder(tmp_path):
     assert len(load_corpus(DataConfig(source="bin", path=str(d), seq_len=32)).val) == 100
 
 
+def test_uint32_tokens_for_large_vocabularies(tmp_path):
+    """data.token_dtype=uint32: ids over 65,535 (Llama 3's 128,256-id vocabulary) read back as
+    written, in the windows the trainer samples; a file of the wrong size, the wrong dtype's ids and
+    the field off data.source=bin are named."""
+    tokens = (np.arange(6000, dtype=np.uint32) * 37) % 128_256
+    tokens.astype("<u4").tofile(tmp_path / "big.bin")
+    c = load_corpus(DataConfig(source="bin", path=str(tmp_path / "big.bin"), token_dtype="uint32", seq_len=32))
+    assert c.train.dtype == np.dtype("<u4") and len(c.train) == 5700 and int(c.train.max()) == int(tokens[:5700].max())
+    assert np.array_equal(np.asarray(c.val), tokens[5700:])
+    check_vocab(c, 128_256)
+    x, y = sample_batch(c.train, 4, 32, seed=0, stream=(0,))
+    assert int(x.max()) > 65_535 and x.dtype == torch.int64
+    assert all(np.array_equal(x[i].numpy(), tokens[s : s + 32]) for i, s in
+               enumerate(int(np.flatnonzero(tokens == int(x[i, 0]))[0]) for i in range(4)))
+    as16 = load_corpus(DataConfig(source="bin", path=str(tmp_path / "big.bin"), seq_len=32))  # read as uint16
+    with pytest.raises(ValueError, match=r"must be > the largest token id .*"):
+        check_vocab(as16, 50_000)
+    (tmp_path / "odd.bin").write_bytes(b"\0" * 4002)
+    with pytest.raises(ValueError, match=r"has 4002 bytes, not a multiple of 4: not a flat uint32 token file"):
+        load_corpus(DataConfig(source="bin", path=str(tmp_path / "odd.bin"), token_dtype="uint32"))
+    with pytest.raises(ValueError, match=r"data.token_dtype \('int8'\) must be one of 'uint16', 'uint32'"):
+        DataConfig(source="bin", path=str(tmp_path / "big.bin"), token_dtype="int8")
+    with pytest.raises(ValueError, match=r"data.token_dtype \('uint32'\) applies to data.source=bin only"):
+        DataConfig(token_dtype="uint32")
+    c = load_corpus(DataConfig(source="bin", path=str(tmp_path / "big.bin"), token_dtype="uint32", seq_len=32))
+    with pytest.raises(ValueError, match=rf"model.vocab_size \(65536\) must be > the largest token id in data.path "
+                                         rf"\({int(tokens.max())}\); or is data.token_dtype \(uint32\) not the file's\?"):
+        check_vocab(c, 65_536)
+
+
 def test_empty_and_missing_paths_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"data\.path \('/nope'\) does not exist \(data\.source='text'\)"):
         DataConfig(source="text", path="/nope")

@@ -1,6 +1,7 @@
 """Training data: byte-level text (the embedded default is the Python standard library's own
-source), or a nanoGPT-style flat uint16 `.bin` token file. Windows are sampled at seeded random
-offsets, so a batch is a pure function of (seed, rank, step): resuming needs only the step.
+source), or a nanoGPT-style flat `.bin` token file (uint16, or uint32 for vocabularies over 65,536).
+Windows are sampled at seeded random offsets, so a batch is a pure function of (seed, rank, step):
+resuming needs only the step.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 SOURCES = ("stdlib", "text", "bin")
+TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
 
@@ -24,11 +26,15 @@ class DataConfig:
 
     source: str = "stdlib"
     """`stdlib` (the Python standard library's .py files, as bytes), `text` (a file or folder of text
-    files, as bytes) or `bin` (flat uint16 tokens: a file, or a folder with train.bin and val.bin)."""
+    files, as bytes) or `bin` (flat tokens of `token_dtype`: a file, or a folder with train.bin and
+    val.bin)."""
     path: str | None = None
     """File or folder for `text` and `bin`; unused for `stdlib`."""
     pattern: str = "**/*"
     """Glob of files to read when `path` is a folder of text files."""
+    token_dtype: str = "uint16"
+    """data.source=bin: the tokens' type, `uint16` (nanoGPT's; ids below 65,536) or `uint32` (larger
+    vocabularies, such as Llama 3's 128,256 or Qwen's 151,936 ids), little-endian."""
     seq_len: int = 128
     """Tokens per training window."""
     val_percent: float = 5.0
@@ -39,6 +45,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"data.source ({self.source!r}) must be one of {', '.join(map(repr, SOURCES))}")
+        if self.token_dtype not in TOKEN_DTYPES:
+            raise ValueError(f"data.token_dtype ({self.token_dtype!r}) must be one of {', '.join(map(repr, TOKEN_DTYPES))}")
+        if self.token_dtype != "uint16" and self.source != "bin":
+            raise ValueError(f"data.token_dtype ({self.token_dtype!r}) applies to data.source=bin only, not "
+                             f"{self.source!r} (text is read as bytes)")
         if self.seq_len < 2:
             raise ValueError(f"data.seq_len ({self.seq_len}) must be >= 2")
         if not 0 < self.val_percent < 100:
@@ -126,12 +137,9 @@ def load_corpus(cfg: DataConfig) -> Corpus:
             missing = [n for n in ("train.bin", "val.bin") if not (root / n).is_file()]
             if missing:
                 raise ValueError(f"data.path ({cfg.path!r}) is a folder without {' and '.join(missing)}")
-            train = np.memmap(root / "train.bin", dtype=np.uint16, mode="r")
-            val = np.memmap(root / "val.bin", dtype=np.uint16, mode="r")
+            train, val = (_tokens(root / n, cfg) for n in ("train.bin", "val.bin"))
         else:
-            if root.stat().st_size % 2:
-                raise ValueError(f"data.path ({cfg.path!r}) has an odd size: not a flat uint16 token file")
-            train, val = _split_tail(np.memmap(root, dtype=np.uint16, mode="r"), cfg.val_percent)
+            train, val = _split_tail(_tokens(root, cfg), cfg.val_percent)
         corpus = Corpus(train, val, f"bin:{root}", False)
     for split, arr in (("training", corpus.train), ("validation", corpus.val)):
         if len(arr) <= cfg.seq_len + 1:
@@ -142,11 +150,25 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     return corpus
 
 
+def _tokens(path: Path, cfg: DataConfig) -> np.ndarray:
+    """A flat token file, memory-mapped (nothing read until a window is)."""
+    dtype = np.dtype(TOKEN_DTYPES[cfg.token_dtype]).newbyteorder("<")
+    size = path.stat().st_size
+    if size % dtype.itemsize:
+        raise ValueError(f"data.path ({str(path)!r}) has {size} bytes, not a multiple of {dtype.itemsize}: not a "
+                         f"flat {cfg.token_dtype} token file (data.token_dtype={cfg.token_dtype!r})")
+    if size == 0:  # np.memmap refuses an empty file; the size check below names it
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
 def check_vocab(corpus: Corpus, vocab_size: int) -> None:
     top = int(np.max(corpus.train)) if len(corpus.train) else 0
     top = max(top, int(np.max(corpus.val)) if len(corpus.val) else 0)
     if top >= vocab_size:
-        raise ValueError(f"model.vocab_size ({vocab_size}) must be > the largest token id in data.path ({top})")
+        hint = (f"; or is data.token_dtype ({corpus.train.dtype.name}) not the file's?" if not corpus.is_bytes
+                and top >= 1 << 16 else "")
+        raise ValueError(f"model.vocab_size ({vocab_size}) must be > the largest token id in data.path ({top}){hint}")
 
 
 def sample_batch(
