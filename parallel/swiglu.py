@@ -62,16 +62,19 @@ def swiglu_down(h13_TG: torch.Tensor, w2_EDF: torch.Tensor, offs: torch.Tensor, 
 
 
 class _Recompute:
-    """What the down GEMM keeps for backward in place of its input h: how to recompute h from h13."""
+    """What the down GEMM keeps for backward in place of its input h: how to recompute h from h13
+    (itself kept as the enclosing hooks keep tensors, if there are any)."""
 
-    __slots__ = ("h13", "kernels")
+    __slots__ = ("h13", "unpack", "kernels")
 
-    def __init__(self, h13: torch.Tensor, kernels: str):
-        self.h13, self.kernels = h13, kernels
+    def __init__(self, h13: torch.Tensor, outer, kernels: str):
+        self.h13, self.unpack = (outer[0](h13), outer[1]) if outer else (h13, None)
+        self.kernels = kernels
 
     def __call__(self) -> torch.Tensor:
+        h13 = self.unpack(self.h13) if self.unpack else self.h13
         with torch.no_grad():
-            return _activation(self.h13, self.kernels, keep_silu=False)
+            return _activation(h13, self.kernels, keep_silu=False)
 
 
 def _enclosing_hooks():
@@ -98,10 +101,10 @@ def swiglu_down_recomputed(h13_TG: torch.Tensor, w2_EDF: torch.Tensor, offs: tor
         return checkpoint(swiglu_down, h13_TG, w2_EDF, offs, kernels, use_reentrant=False,
                           preserve_rng_state=False, context_fn=_recompute_context)
     h_TF = _activation(h13_TG, kernels, keep_silu=False)
-    key, recipe = (h_TF.untyped_storage().data_ptr(), h_TF.shape), _Recompute(h13_TG, kernels)
-    # hooks nest by replacing: the GEMM's other tensors go through the enclosing hooks (an outer
-    # checkpoint, torch.autograd.graph.save_on_cpu, a memory count) as they would without these
+    # hooks nest by replacing: the GEMM's other tensors, and h13, go through the enclosing hooks (an
+    # outer checkpoint, torch.autograd.graph.save_on_cpu, a memory count) as they would without these
     outer = _enclosing_hooks()
+    key, recipe = (h_TF.untyped_storage().data_ptr(), h_TF.shape), _Recompute(h13_TG, outer, kernels)
 
     def pack(t):
         if (t.untyped_storage().data_ptr(), t.shape) == key:

@@ -76,6 +76,35 @@ def test_recompute_moe_act_keeps_h13_alone_with_the_same_gradients(mode, kernels
     assert kept - kept_r == layers * slots * per_slot * (2 if autocast else 4), (kept, kept_r)
 
 
+@pytest.mark.parametrize("outer", ["checkpoint", "save_on_cpu"])
+def test_recompute_moe_act_inside_other_saved_tensor_hooks(outer):
+    """The experts' recomputation inside an enclosing non-reentrant checkpoint or save_on_cpu, whose
+    hooks it passes the GEMM's other tensors and h13 to: the same gradients as plain experts."""
+    from torch.utils.checkpoint import checkpoint
+
+    from moesaic.parallel.experts import grouped_swiglu
+
+    gen = torch.Generator().manual_seed(0)
+    x0, w13, w2 = torch.randn(128, 32, generator=gen), torch.randn(4, 64, 32, generator=gen), torch.randn(4, 32, 32, generator=gen)
+    counts, g = torch.tensor([30, 40, 0, 58]), torch.randn(128, 32, generator=gen)
+
+    def grads(recompute, wrap):
+        leaves = [t.clone().requires_grad_() for t in (x0, w13, w2)]
+        f = lambda *ts: grouped_swiglu(ts[0], counts, ts[1], ts[2], recompute_act=recompute)  # noqa: E731
+        if wrap == "checkpoint":
+            y = checkpoint(f, *leaves, use_reentrant=False)
+        elif wrap == "save_on_cpu":
+            with torch.autograd.graph.save_on_cpu():
+                y = f(*leaves)
+        else:
+            y = f(*leaves)
+        y.backward(g)
+        return [t.grad for t in leaves]
+
+    for a, b in zip(grads(True, outer), grads(False, None)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_recompute_moe_act_compiled():
     """Per-block torch.compile in bf16 (the compiled _grouped_mm takes bf16 only): selective
