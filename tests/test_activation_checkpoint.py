@@ -76,17 +76,20 @@ def test_recompute_moe_act_keeps_h13_alone_with_the_same_gradients(mode, kernels
     assert kept - kept_r == layers * slots * per_slot * (2 if autocast else 4), (kept, kept_r)
 
 
-@pytest.mark.parametrize("outer", ["checkpoint", "save_on_cpu"])
+@pytest.mark.parametrize("outer", ["checkpoint", "save_on_cpu", "recording"])
 def test_recompute_moe_act_inside_other_saved_tensor_hooks(outer):
-    """The experts' recomputation inside an enclosing non-reentrant checkpoint or save_on_cpu, whose
-    hooks it passes the GEMM's other tensors and h13 to: the same gradients as plain experts."""
+    """The experts' recomputation inside an enclosing non-reentrant checkpoint, save_on_cpu, or hooks
+    that record what they are given: the same gradients as plain experts, and the enclosing hooks
+    get every tensor that the down GEMM keeps (its weights, and h13 for the recomputation), but not
+    the activation h."""
     from torch.utils.checkpoint import checkpoint
 
     from moesaic.parallel.experts import grouped_swiglu
 
     gen = torch.Generator().manual_seed(0)
-    x0, w13, w2 = torch.randn(128, 32, generator=gen), torch.randn(4, 64, 32, generator=gen), torch.randn(4, 32, 32, generator=gen)
+    x0, w13, w2 = torch.randn(128, 32, generator=gen), torch.randn(4, 96, 32, generator=gen), torch.randn(4, 32, 48, generator=gen)
     counts, g = torch.tensor([30, 40, 0, 58]), torch.randn(128, 32, generator=gen)
+    seen = []
 
     def grads(recompute, wrap):
         leaves = [t.clone().requires_grad_() for t in (x0, w13, w2)]
@@ -96,6 +99,9 @@ def test_recompute_moe_act_inside_other_saved_tensor_hooks(outer):
         elif wrap == "save_on_cpu":
             with torch.autograd.graph.save_on_cpu():
                 y = f(*leaves)
+        elif wrap == "recording":
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(tuple(t.shape)) or t, lambda t: t):
+                y = f(*leaves)
         else:
             y = f(*leaves)
         y.backward(g)
@@ -103,6 +109,8 @@ def test_recompute_moe_act_inside_other_saved_tensor_hooks(outer):
 
     for a, b in zip(grads(True, outer), grads(False, None)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if outer == "recording":
+        assert seen.count((128, 96)) == 2 and (4, 48, 32) in seen and (128, 48) not in seen, seen
 
 
 @pytest.mark.slow
