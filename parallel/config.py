@@ -78,10 +78,11 @@ class ParallelConfig:
     layer's backward re-gather serves the recomputation too). The math is unchanged."""
     recompute_moe_act: bool = False
     """Recompute the experts' SwiGLU activation in backward (Megatron's `--recompute-modules moe_act`):
-    each MoE layer keeps its first grouped GEMM's output h13 (token-slots x 2 ffn_dim) and drops the
-    activation h (x ffn_dim), and in eager torch silu(h1) too (x ffn_dim), for one more element-wise
-    pass in backward; the gradients are the same, bit for bit. With activation_checkpoint=full the
-    whole block is recomputed anyway, and this has no effect."""
+    each MoE layer's routed experts keep their first grouped GEMM's output h13 (token-slots x 2
+    ffn_dim) and drop the activation h (x ffn_dim), and in eager torch silu(h1) too; the shared
+    experts likewise keep w1 x and w3 x alone. One more element-wise pass in backward; the gradients
+    are the same, bit for bit. With activation_checkpoint=full the whole block is recomputed anyway,
+    and this has no effect."""
     mixed_precision: str = "none"
     """`none` (fp32), `bf16` or `fp16`: forward and backward run under torch.autocast in bfloat16 or
     float16 (matmuls, attention, the experts' grouped GEMMs, and the tokens that the all-to-all

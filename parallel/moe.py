@@ -15,6 +15,7 @@ from torch import nn
 
 from moesaic.parallel.experts import KERNELS, GroupedExperts, combine_slots, gather_slots
 from moesaic.parallel.router import RouterConfig, RouterOutput, TopKRouter, expert_counts
+from moesaic.parallel.swiglu import silu_mul_down_recomputed
 
 
 @dataclass(kw_only=True)
@@ -69,8 +70,11 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(dim, ffn_dim, bias=False)
         self.w3 = nn.Linear(dim, ffn_dim, bias=False)
         self.w2 = nn.Linear(ffn_dim, dim, bias=False)
+        self.recompute_act = False  # keep w1 x and w3 x alone for backward (parallel.recompute_moe_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute_act and torch.is_grad_enabled():
+            return silu_mul_down_recomputed(self.w1(x), self.w3(x), self.w2)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 

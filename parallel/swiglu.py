@@ -1,6 +1,7 @@
 """The experts' activation, SwiGLU over the stacked gate and up projections h13 = [h1 | h3], and the
 down projection after it: `swiglu_down`, and `swiglu_down_recomputed`, which keeps h13 alone for
-backward and recomputes the activation there (`parallel.recompute_moe_act`).
+backward and recomputes the activation there (`parallel.recompute_moe_act`); the same for a dense
+SwiGLU's two projections (the shared experts), `silu_mul_down_recomputed`.
 
 Legend: N token-slots (sorted by expert), D model dim, F expert ffn dim, E experts.
 """
@@ -61,20 +62,38 @@ def swiglu_down(h13_TG: torch.Tensor, w2_EDF: torch.Tensor, offs: torch.Tensor, 
     return torch._grouped_mm(_activation(h13_TG, kernels), w2_EDF.transpose(-2, -1), offs=offs)
 
 
+class _SiluMul(torch.autograd.Function):
+    """h = silu(h1) * h3 that keeps h1 and h3 alone for backward (autograd's own keeps silu(h1) too)."""
+
+    @staticmethod
+    def forward(ctx, h1, h3):
+        ctx.save_for_backward(h1, h3)
+        return F.silu(h1) * h3
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        h1, h3 = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(grad_h * h3, h1), grad_h * F.silu(h1)
+
+
+def _silu_mul(h1, h3):
+    return F.silu(h1) * h3
+
+
 class _Recompute:
-    """What the down GEMM keeps for backward in place of its input h: how to recompute h from h13
-    (itself kept as the enclosing hooks keep tensors, if there are any)."""
+    """What a GEMM keeps for backward in place of its input h: how to recompute h, `act(*inputs)`,
+    the inputs kept as the enclosing hooks keep tensors, if there are any."""
 
-    __slots__ = ("h13", "unpack", "kernels")
+    __slots__ = ("inputs", "unpack", "act")
 
-    def __init__(self, h13: torch.Tensor, outer, kernels: str):
-        self.h13, self.unpack = (outer[0](h13), outer[1]) if outer else (h13, None)
-        self.kernels = kernels
+    def __init__(self, inputs: tuple, outer, act):
+        self.inputs, self.unpack = (tuple(outer[0](t) for t in inputs), outer[1]) if outer else (inputs, None)
+        self.act = act
 
     def __call__(self) -> torch.Tensor:
-        h13 = self.unpack(self.h13) if self.unpack else self.h13
+        inputs = tuple(self.unpack(t) for t in self.inputs) if self.unpack else self.inputs
         with torch.no_grad():
-            return _activation(h13, self.kernels, keep_silu=False)
+            return self.act(*inputs)
 
 
 def _enclosing_hooks():
@@ -90,21 +109,12 @@ class _Outer:
         self.packed = packed
 
 
-def swiglu_down_recomputed(h13_TG: torch.Tensor, w2_EDF: torch.Tensor, offs: torch.Tensor,
-                           kernels: str = "torch") -> torch.Tensor:
-    """`swiglu_down` that keeps h13 alone for backward (Megatron's `--recompute-modules moe_act`):
-    the activation keeps only h13, and the down GEMM, instead of its input h (N x F), a `_Recompute`
-    that its backward turns back into h. Eager: saved-tensor hooks around the GEMM (selective
-    checkpointing would keep the GEMM's output, N x D, in its cache). Under torch.compile:
-    selective checkpointing, whose policy the partitioner applies to the graph (nothing cached)."""
-    if torch.compiler.is_compiling():
-        return checkpoint(swiglu_down, h13_TG, w2_EDF, offs, kernels, use_reentrant=False,
-                          preserve_rng_state=False, context_fn=_recompute_context)
-    h_TF = _activation(h13_TG, kernels, keep_silu=False)
-    # hooks nest by replacing: the GEMM's other tensors, and h13, go through the enclosing hooks (an
-    # outer checkpoint, torch.autograd.graph.save_on_cpu, a memory count) as they would without these
+def _consume_recomputed(h: torch.Tensor, inputs: tuple, act, consume):
+    """consume(h), under saved-tensor hooks that keep, in place of h, a `_Recompute` of act(*inputs).
+    Hooks nest by replacing: every other tensor, and the inputs, go through the enclosing hooks (an
+    outer checkpoint, torch.autograd.graph.save_on_cpu, a memory count) as they would without these."""
     outer = _enclosing_hooks()
-    key, recipe = (h_TF.untyped_storage().data_ptr(), h_TF.shape), _Recompute(h13_TG, outer, kernels)
+    key, recipe = (h.untyped_storage().data_ptr(), h.shape), _Recompute(inputs, outer, act)
 
     def pack(t):
         if (t.untyped_storage().data_ptr(), t.shape) == key:
@@ -117,13 +127,41 @@ def swiglu_down_recomputed(h13_TG: torch.Tensor, w2_EDF: torch.Tensor, offs: tor
         return outer[1](t.packed) if isinstance(t, _Outer) else t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        return torch._grouped_mm(h_TF, w2_EDF.transpose(-2, -1), offs=offs)
+        return consume(h)
+
+
+def swiglu_down_recomputed(h13_TG: torch.Tensor, w2_EDF: torch.Tensor, offs: torch.Tensor,
+                           kernels: str = "torch") -> torch.Tensor:
+    """`swiglu_down` that keeps h13 alone for backward (Megatron's `--recompute-modules moe_act`):
+    the activation keeps only h13, and the down GEMM, instead of its input h (N x F), a `_Recompute`
+    that its backward turns back into h. Eager: saved-tensor hooks around the GEMM (selective
+    checkpointing would keep the GEMM's output, N x D, in its cache). Under torch.compile:
+    selective checkpointing, whose policy the partitioner applies to the graph (nothing cached)."""
+    if torch.compiler.is_compiling():
+        return checkpoint(swiglu_down, h13_TG, w2_EDF, offs, kernels, use_reentrant=False,
+                          preserve_rng_state=False, context_fn=_recompute_context)
+    act = lambda h13: _activation(h13, kernels, keep_silu=False)  # noqa: E731
+    return _consume_recomputed(act(h13_TG), (h13_TG,), act,
+                               lambda h: torch._grouped_mm(h, w2_EDF.transpose(-2, -1), offs=offs))
+
+
+def silu_mul_down_recomputed(h1: torch.Tensor, h3: torch.Tensor, down) -> torch.Tensor:
+    """down(silu(h1) * h3), keeping h1 and h3 alone for backward: a dense SwiGLU's (the shared
+    experts') second half, as `swiglu_down_recomputed` does the routed experts'."""
+    if torch.compiler.is_compiling():
+        return checkpoint(lambda a, b: down(_silu_mul(a, b)), h1, h3, use_reentrant=False,
+                          preserve_rng_state=False, context_fn=_recompute_context)
+    return _consume_recomputed(_SiluMul.apply(h1, h3), (h1, h3), _silu_mul, down)
+
+
+_MATMULS = {torch.ops.aten._grouped_mm.default, torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
+            torch.ops.aten.bmm.default}
 
 
 def _keep_gemm_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Selective checkpointing's policy for `swiglu_down` under torch.compile: the grouped GEMM is
-    never recomputed, the activation always."""
-    return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten._grouped_mm.default else CheckpointPolicy.MUST_RECOMPUTE
+    """Selective checkpointing's policy for the recomputed regions under torch.compile: the GEMMs are
+    never recomputed, the activation (and any cast) always."""
+    return CheckpointPolicy.MUST_SAVE if op in _MATMULS else CheckpointPolicy.MUST_RECOMPUTE
 
 
 def _recompute_context():

@@ -60,9 +60,10 @@ def _step(model, x, y, autocast):
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 def test_recompute_moe_act_keeps_h13_alone_with_the_same_gradients(mode, kernels, autocast):
     """parallel.recompute_moe_act: the loss and every gradient bit for bit, and per MoE layer exactly
-    the activation h (N x F) fewer bytes kept, and silu(h1) (N x F) too on torch's eager path (the
-    Triton kernel keeps h13 alone already; off a GPU it runs its torch fallback through the same op).
-    Under full checkpointing the block is recomputed anyway: nothing changes."""
+    the routed experts' activation h (N x F) fewer bytes kept, and silu(h1) (N x F) too on torch's
+    eager path (the Triton kernel keeps h13 alone already; off a GPU it runs its torch fallback
+    through the same op), and the shared expert's h and silu(h1) (T x F each). Under full
+    checkpointing the block is recomputed anyway: nothing changes."""
     x = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
     y = torch.roll(x, -1, 1)
     loss, kept, grads = _step(_model(mode, kernels=kernels), x, y, autocast)
@@ -71,9 +72,9 @@ def test_recompute_moe_act_keeps_h13_alone_with_the_same_gradients(mode, kernels
     assert grads_r.keys() == grads.keys()
     for name in grads:
         torch.testing.assert_close(grads_r[name], grads[name], rtol=0, atol=0, msg=name)
-    slots, ffn, layers = 4 * 16 * 2, 32, 2  # N = tokens x top-k (dropless), two MoE layers
-    per_slot = 0 if mode == "full" else ffn * (2 if kernels == "torch" else 1)
-    assert kept - kept_r == layers * slots * per_slot * (2 if autocast else 4), (kept, kept_r)
+    tokens, ffn, layers = 4 * 16, 32, 2  # N = tokens x top-k 2 (dropless); the shared expert's ffn is 32 too
+    elements = 0 if mode == "full" else tokens * 2 * ffn * (2 if kernels == "torch" else 1) + tokens * ffn * 2
+    assert kept - kept_r == layers * elements * (2 if autocast else 4), (kept, kept_r)
 
 
 @pytest.mark.parametrize("outer", ["checkpoint", "save_on_cpu", "recording"])
@@ -117,7 +118,8 @@ def test_recompute_moe_act_inside_other_saved_tensor_hooks(outer):
 def test_recompute_moe_act_compiled():
     """Per-block torch.compile in bf16 (the compiled _grouped_mm takes bf16 only): selective
     checkpointing's policy reaches inductor's partitioner, which then keeps h13 without h (it drops
-    silu(h1) by itself); the same loss and gradients as the compiled blocks without it."""
+    silu(h1) by itself), and the shared expert's h1 and h3 without h and without the bf16 copy of
+    its w2 (recast in backward); the same loss and gradients as the compiled blocks without it."""
     x = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
     y = torch.roll(x, -1, 1)
     runs = []
@@ -130,7 +132,8 @@ def test_recompute_moe_act_compiled():
     torch.testing.assert_close(loss_r, loss, rtol=0, atol=0)
     for name in grads:
         torch.testing.assert_close(grads_r[name], grads[name], rtol=1e-6, atol=1e-6, msg=name)
-    assert kept - kept_r == 2 * (4 * 16 * 2) * 32 * 2, (kept, kept_r)
+    tokens, ffn, dim = 4 * 16, 32, 32
+    assert kept - kept_r == 2 * (tokens * 2 * ffn + tokens * ffn + ffn * dim) * 2, (kept, kept_r)
 
 
 def test_no_checkpoint_without_grad():

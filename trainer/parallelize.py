@@ -367,6 +367,8 @@ def apply_activation_checkpoint(model: torch.nn.Module, mode: str, *, recompute_
         block.activation_checkpoint = mode
         if block.is_moe and hasattr(block.moe.experts, "recompute_act"):  # not DeepSpeed-MoE's layer
             block.moe.experts.recompute_act = recompute_moe_act and mode != "full"
+            if block.moe.shared is not None:
+                block.moe.shared.recompute_act = recompute_moe_act and mode != "full"
 
 
 def apply_compile(model: torch.nn.Module) -> None:
