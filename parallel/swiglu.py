@@ -114,10 +114,11 @@ def _consume_recomputed(h: torch.Tensor, inputs: tuple, act, consume):
     Hooks nest by replacing: every other tensor, and the inputs, go through the enclosing hooks (an
     outer checkpoint, torch.autograd.graph.save_on_cpu, a memory count) as they would without these."""
     outer = _enclosing_hooks()
-    key, recipe = (h.untyped_storage().data_ptr(), h.shape), _Recompute(inputs, outer, act)
+    # h's storage (its StorageImpl: a fake tensor, as moesaic-estimate runs, has no data pointer)
+    key, recipe = (h.untyped_storage()._cdata, h.shape), _Recompute(inputs, outer, act)
 
     def pack(t):
-        if (t.untyped_storage().data_ptr(), t.shape) == key:
+        if (t.untyped_storage()._cdata, t.shape) == key:
             return recipe
         return _Outer(outer[0](t)) if outer else t
 
