@@ -40,10 +40,10 @@ MODES = ("none", "moe_act", "attention", "attention+moe_act", "full")
 
 
 def kept_bytes(model: Transformer, x: torch.Tensor, y: torch.Tensor | None = None, *,
-               autocast: bool = True) -> tuple:
+               autocast: bool = True, dtype: torch.dtype = torch.bfloat16) -> tuple:
     """(the model's output, bytes of non-parameter tensors kept for backward, each storage once).
     Inside a checkpointed region torch's own hooks take the tensors, which is what checkpointing
-    drops. `y` defaults to x shifted by one; `autocast` runs the forward in bf16."""
+    drops. `y` defaults to x shifted by one; `autocast` runs the forward in `dtype` (bf16)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept: dict[int, int] = {}
 
@@ -55,7 +55,7 @@ def kept_bytes(model: Transformer, x: torch.Tensor, y: torch.Tensor | None = Non
 
     y = torch.roll(x, -1, 1) if y is None else y
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            torch.autocast("cpu", dtype=dtype, enabled=autocast):
         out = model(x, y)
     return out, sum(kept.values())
 

@@ -18,6 +18,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from moesaic.parallel.swiglu import swiglu_down, swiglu_down_recomputed
 
@@ -45,9 +46,10 @@ class _ContiguousGrad(torch.autograd.Function):
 
 def _words(x: torch.Tensor) -> torch.Tensor:
     """x's rows as 8-byte words where the layout allows: the same bytes, a quarter of the elements
-    (bf16) for the GPU's element-wise index kernels to move. Under torch.compile, x itself."""
+    (bf16) for the GPU's element-wise index kernels to move. Under torch.compile, and for a fake
+    tensor (moesaic-estimate's count, which has no data pointer), x itself."""
     if (torch.compiler.is_compiling() or not x.is_contiguous() or x.dim() != 2
-            or (x.shape[-1] * x.element_size()) % 8 or x.data_ptr() % 8):
+            or (x.shape[-1] * x.element_size()) % 8 or is_fake(x) or x.data_ptr() % 8):
         return x
     return x.view(torch.int64)
 

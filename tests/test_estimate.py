@@ -1,10 +1,12 @@
 """`moesaic-estimate` against the trainer's own tensors: every rank's parameters and AdamW moments,
 dense and expert, byte for byte, and FSSDP's peak of gathered expert weights, in layouts with uneven
-FSDP shards, replicas, expert data parallelism, HSDP, uneven owners and the gather's three schedules."""
+FSDP shards, replicas, expert data parallelism, HSDP, uneven owners and the gather's three schedules;
+and its count of activations against what a real forward keeps."""
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +101,57 @@ def test_the_cli_compares_layouts_and_names_bad_input(tmp_path):
         proc = run(*args)
         assert proc.returncode == 2 and f"moesaic-estimate: error: {message}" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["parallel.mixed_precision=bf16"],
+    ["parallel.mixed_precision=bf16", "parallel.recompute_moe_act=true", "model.moe.num_shared_experts=1"],
+    ["parallel.activation_checkpoint=attention", "model.num_dense_layers=1", "model.moe_every=2", "model.num_layers=4"],
+    ["parallel.activation_checkpoint=full", "parallel.mixed_precision=bf16"],
+    ["model=fine_grained", "model.dim=64", "parallel.mixed_precision=fp16", "model.moe.router.score_func=sigmoid"],
+], ids=["fp32", "bf16", "bf16-moe-act-shared", "attention-interleaved", "full-bf16", "fine-grained-fp16"])
+def test_the_activation_count_is_what_a_forward_keeps(overrides):
+    """The estimate's count, on fake tensors, equals the bytes that a real forward of the same model
+    keeps for backward (bench/activation_memory.py's count), byte for byte: activations and
+    autocast's weight copies together, at the smoke batch."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from activation_memory import kept_bytes
+
+    from moesaic.trainer.activations import kept_for_backward
+    from moesaic.trainer.estimate import compose
+    from moesaic.trainer.model import Transformer
+    from moesaic.trainer.parallelize import apply_activation_checkpoint
+
+    cfg = compose(["experiment=smoke", *overrides])
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    apply_activation_checkpoint(model, cfg.parallel.activation_checkpoint, recompute_moe_act=cfg.parallel.recompute_moe_act)
+    x = torch.randint(0, 256, (cfg.batch_size, cfg.data.seq_len), generator=torch.Generator().manual_seed(1))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.parallel.mixed_precision)
+    _, real = kept_bytes(model, x, x, autocast=dtype is not None, dtype=dtype or torch.bfloat16)
+    assert kept_for_backward(cfg, cfg.batch_size) == real > 0
+
+
+def test_the_cli_counts_activations():
+    """The activations column: per micro-batch, fewer with the Triton kernels' activation (h13 kept
+    alone) by exactly the slots' silu(h1), a capacity counted as dropless and said so, and dims that
+    only the per-expert loop takes named as not counted."""
+    from moesaic.trainer.estimate import compose, estimate
+
+    def act(*overrides):
+        rows = estimate(compose(["experiment=smoke", *overrides]), 2)
+        assert rows[0]["activations"] == rows[1]["activations"]
+        return rows[0]
+
+    torch_k, triton_k = act("parallel.mixed_precision=bf16"), act("parallel.mixed_precision=bf16", "model.moe.kernels=triton")
+    m = compose(["experiment=smoke"])
+    slots = m.batch_size * m.data.seq_len * m.model.moe.top_k
+    assert torch_k["activations"] - triton_k["activations"] == m.model.num_moe_layers * slots * m.model.moe.ffn_dim * 2
+    assert torch_k["total"] - triton_k["total"] == torch_k["activations"] - triton_k["activations"]
+    capped = act("model.moe.capacity_factor=1.0")
+    assert capped["activations"] == act()["activations"] and "dropless" in capped["activations_note"]
+    loop = act("model.dim=36", "model.num_heads=3", "model.moe.ffn_dim=20", "parallel.mixed_precision=bf16")
+    assert loop["activations"] is None and "per-expert loop" in loop["activations_note"]

@@ -16,11 +16,14 @@ code the trainer runs (the plan, FSSDP's owners, FSDP2's dim-0 shards):
   each layer that does not compute in place, for the layers in flight at once (two consecutive ones
   with prefetch, one without, every MoE layer with `parallel.reshard_after_forward=false`); the
   trainer tracks the same peak (`fssdp_gathered_peak_bytes_per_rank`). Their gradients: as many
-  bytes again, an upper bound.
-Not included: activations, which depend on the batch, the routing and activation checkpointing
-(`bench/activation_memory.py` measures them), and FSDP2's gathered blocks of dense weights. DeepSpeed's
-ZeRO engine and the DeepSpeed-MoE baseline are refused by name: DeepSpeed pads and flattens its
-partitions in its own way.
+  bytes again, an upper bound;
+- activations: what autograd keeps for backward after the forward of one micro-batch (batch_size x
+  data.seq_len), counted on fake tensors with the run's mixed precision and checkpointing
+  (`moesaic.trainer.activations`, which says what it assumes: dropless, balanced routing, eager
+  kernels).
+Not included: autocast's bf16 copies of the weights that a forward keeps, and FSDP2's gathered
+blocks of dense weights. DeepSpeed's ZeRO engine and the DeepSpeed-MoE baseline are refused by name:
+DeepSpeed pads and flattens its partitions in its own way.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ def estimate(cfg: TrainConfig, world_size: int) -> list[dict]:
     """One row per rank: bytes of parameters, gradients and AdamW moments, dense and expert, and
     FSSDP's gathered working set. Raises ValueError naming the field for a layout it cannot model."""
     from moesaic.parallel.gather_schedule import start_owners
+    from moesaic.trainer.activations import activation_bytes
     from moesaic.trainer.model import Transformer
     from moesaic.trainer.parallelize import align_owners, resolve_plan
 
@@ -94,6 +98,8 @@ def estimate(cfg: TrainConfig, world_size: int) -> list[dict]:
     ep = pc.ep_size or world_size
     owners = (start_owners(plan, ep, align_owners(cfg)) if plan is not None and pc.expert_sharding == "fssdp"
               else None)  # as parallelize assigns them
+    counted = activation_bytes(cfg)  # the same on every rank (balanced routing)
+    activations = counted["activations"]
     rows = []
     for rank in range(world_size):
         index, ep_rank = rank % shards, rank % ep  # the meshes are row-major: (dp_replicate, dp_shard), (edp, ep)
@@ -115,26 +121,31 @@ def estimate(cfg: TrainConfig, world_size: int) -> list[dict]:
             # their gradients (in the gather dtype) live from a layer's backward to its reduce-scatter:
             # at most as many bytes again (an upper bound; the trainer tracks the peak of both together)
             "gathered_weights": working * gather_bytes, "gathered_grads": working * gather_bytes,
+            "activations": activations,
         })
     for r in rows:
-        r["total"] = sum(v for k, v in r.items() if k != "rank")
+        r["total"] = sum(v for k, v in r.items() if k != "rank" and v is not None)
+        if counted["note"]:
+            r["activations_note"] = counted["note"]
     return rows
 
 
 def summarize(rows: list[dict]) -> dict:
     """The largest rank's figure of each kind (ranks differ under uneven plans and FSDP padding)."""
-    return {k: max(r[k] for r in rows) for k in rows[0] if k != "rank"}
+    out = {k: max(r[k] for r in rows) for k in rows[0] if k not in ("rank", "activations", "activations_note")}
+    return {**out, "activations": rows[0]["activations"], **{k: rows[0][k] for k in rows[0] if k == "activations_note"}}
 
 
 def _table(named: dict[str, dict]) -> str:
     keys = ["dense_params", "dense_grads", "dense_moments", "expert_params", "expert_grads", "expert_moments",
-            "gathered_weights", "gathered_grads", "total"]
+            "gathered_weights", "gathered_grads", "activations", "total"]
     unit, div = ("GiB", GIB) if max(s["total"] for s in named.values()) >= GIB else ("MiB", 2**20)
     lines = ["| layout | " + " | ".join(f"{k.replace('_', ' ')} ({unit})" for k in keys) + " |",
              "|---|" + "---|" * len(keys)]
     for name, s in named.items():
-        lines.append(f"| {name} | " + " | ".join(f"{s[k] / div:,.2f}" for k in keys) + " |")
-    return "\n".join(lines)
+        lines.append(f"| {name} | " + " | ".join("n/a" if s[k] is None else f"{s[k] / div:,.2f}" for k in keys) + " |")
+    notes = {s["activations_note"] for s in named.values() if s.get("activations_note")}
+    return "\n".join(lines + [f"activations: {n}" for n in sorted(notes)])
 
 
 COMPARE = {  # --compare: the layouts side by side, on top of the given overrides
@@ -154,14 +165,21 @@ def layout_overrides(overrides: list[str], layout: str) -> list[str]:
 
 
 def compose(overrides: list[str]) -> TrainConfig:
+    """The run's config. `model.moe.kernels=triton` is taken as given where the Triton kernels cannot
+    run (a login node without a GPU): the estimate runs no kernel, and counts with their fake shapes."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
     from moesaic.trainer.config import register_configs, to_train_config
 
+    triton = "model.moe.kernels=triton" in overrides
+    overrides = [o for o in overrides if o != "model.moe.kernels=triton"]
     register_configs()
     with initialize_config_module(config_module="moesaic.configs", version_base=None):
-        return to_train_config(hydra_compose(config_name="config", overrides=overrides))
+        cfg = to_train_config(hydra_compose(config_name="config", overrides=overrides))
+    if triton:
+        cfg.model.moe.kernels = "triton"  # (the environment check of TrainConfig is the trainer's)
+    return cfg
 
 
 def main_cli(argv: list[str] | None = None) -> None:
@@ -184,9 +202,12 @@ def main_cli(argv: list[str] | None = None) -> None:
         print(json.dumps({n: {"largest_rank": summarize(r), "ranks": r} for n, r in results.items()}, indent=1))
         return
     m = next(iter(configs.values())).model  # the layouts share the model
+    c = next(iter(configs.values()))
     print(f"model: d {m.dim}, {m.num_layers} layers ({m.num_moe_layers} MoE), {m.moe.num_experts} experts of "
           f"ffn {m.moe.ffn_dim}, top-{m.moe.top_k}; {a.world_size} ranks; the largest rank's model state per "
-          "layout (activations not included)")
+          f"layout, and the activations of one micro-batch of {c.batch_size} x {c.data.seq_len} tokens "
+          f"(mixed_precision {c.parallel.mixed_precision}, activation_checkpoint {c.parallel.activation_checkpoint}, "
+          f"recompute_moe_act {c.parallel.recompute_moe_act}; eager kernels, balanced routing)")
     print(_table({n: summarize(r) for n, r in results.items()}))
 
 
