@@ -23,6 +23,7 @@ from moesaic.parallel.dense_fsdp import apply_fsdp, dense_grad_sq_norm, no_gradi
 from moesaic.parallel.expert_parallel import (ExpertParallelDispatcher, apply_expert_parallel, expert_grad_sq_norm,
                                              reduce_expert_grads)
 from moesaic.parallel.fssdp import apply_fssdp, fssdp_bytes, fssdp_grad_sq_norm, fssdp_reduce_scatter
+from moesaic.parallel.moe import MoE
 from moesaic.parallel.router import apply_global_balance
 from moesaic.placement.baselines import static_plan
 from moesaic.placement.plan import Placement, PlanError, check_fits
@@ -358,14 +359,12 @@ def _materialize(model: torch.nn.Module, device) -> torch.nn.Module:
 
 
 def apply_activation_checkpoint(model: torch.nn.Module, mode: str, *, recompute_moe_act: bool = False) -> None:
-    """Recompute each block's activations in backward (`mode`: none, attention or full; see
-    ParallelConfig.activation_checkpoint), and with `recompute_moe_act` the experts' activation in
-    the blocks that full leaves alone (ParallelConfig.recompute_moe_act). Non-reentrant
-    torch.utils.checkpoint, so it composes with DDP, autocast, gradient accumulation and
-    torch.compile. The state dict does not change."""
+    """Recompute each block's activations in backward (`mode`: none, attention or full), and with
+    `recompute_moe_act` the experts' activation where full does not (see ParallelConfig). It composes
+    with DDP, autocast, gradient accumulation and torch.compile. The state dict does not change."""
     for block in model.layers:
         block.activation_checkpoint = mode
-        if block.is_moe and hasattr(block.moe.experts, "recompute_act"):  # not DeepSpeed-MoE's layer
+        if block.is_moe and isinstance(block.moe, MoE):  # not DeepSpeed-MoE's layer (model.moe_impl=deepspeed)
             block.moe.experts.recompute_act = recompute_moe_act and mode != "full"
             if block.moe.shared is not None:
                 block.moe.shared.recompute_act = recompute_moe_act and mode != "full"
