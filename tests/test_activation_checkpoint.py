@@ -125,15 +125,16 @@ def test_recompute_moe_act_compiled():
     runs = []
     for moe_act in (False, True):
         model = _model("none", moe_act=moe_act)
-        for block in model.layers:
-            block.compile()
+        model.layers[2].compile()  # one MoE block compiled (one graph each way), the others eager
         runs.append(_step(model, x, y, True))
     (loss, kept, grads), (loss_r, kept_r, grads_r) = runs
     torch.testing.assert_close(loss_r, loss, rtol=0, atol=0)
     for name in grads:
         torch.testing.assert_close(grads_r[name], grads[name], rtol=1e-6, atol=1e-6, msg=name)
     tokens, ffn, dim = 4 * 16, 32, 32
-    assert kept - kept_r == 2 * (tokens * 2 * ffn + tokens * ffn + ffn * dim) * 2, (kept, kept_r)
+    eager = tokens * 2 * ffn * 2 + tokens * ffn * 2  # block 1: h and silu(h1), routed and shared
+    compiled = tokens * 2 * ffn + tokens * ffn + ffn * dim  # block 2: h, routed and shared, and w2's bf16 copy
+    assert kept - kept_r == (eager + compiled) * 2, (kept, kept_r)
 
 
 def test_no_checkpoint_without_grad():
@@ -179,7 +180,7 @@ def _run(nproc, tmp_path, name, args):
 @pytest.mark.dist
 @pytest.mark.parametrize("nproc,ep,parallel,modes,accum,extra", [
     (2, 2, "ep", ["full", "attention+moe_act"], 2, []),
-    (4, 4, "ep", ["full", "moe_act"], 1, []),
+    (4, 4, "ep", ["full"], 1, []),
     (2, 2, "fssdp", ["attention", "full"], 1, []),  # full: owners aligned to the plan, every layer in place
     (2, 2, "fssdp", ["full"], 2, GATHER),
     # 2 expert domains of 2 ranks; full-kept: the gathered weights kept from forward to backward
@@ -187,7 +188,7 @@ def _run(nproc, tmp_path, name, args):
     (2, 2, "fssdp", ["full", "moe_act"], 1, [*GATHER, "compile=true"]),
     # the recomputed routers find the running total of global_batch's f_e that their forward counted
     (2, 2, "ep", ["full"], 2, ["model.moe.router.aux_loss_scope=global_batch"]),
-], ids=["ep2-full-and-moe-act-accum", "ep4-full-and-moe-act", "fssdp2-attention-and-full-in-place", "fssdp2-full-gather-accum",
+], ids=["ep2-full-and-moe-act-accum", "ep4-full", "fssdp2-attention-and-full-in-place", "fssdp2-full-gather-accum",
         "fssdp2x2-full-gather-kept-moe-act", "fssdp2-full-and-moe-act-gather-compiled", "ep2-full-accum-global-balance"])
 def test_distributed_training_is_unchanged(tmp_path, nproc, ep, parallel, modes, accum, extra):
     """8 AdamW steps with and without checkpointing: the same loss at every step, and the same

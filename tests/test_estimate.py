@@ -79,12 +79,21 @@ def test_the_estimate_is_what_each_rank_holds(tmp_path):
     assert all(peaks.values()), peaks
 
 
-def test_the_cli_compares_layouts_and_names_bad_input(tmp_path):
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "moesaic.trainer.estimate", *args], capture_output=True, text=True,
-                              timeout=120, env=child_env(), cwd=tmp_path)
+def test_the_cli_compares_layouts_and_names_bad_input(tmp_path, capsys):
+    """The command once in a process of its own, then its main in this one."""
+    from moesaic.trainer.estimate import main_cli
 
-    proc = run("--world-size", "4", "--compare", "--json")
+    def run(*args):
+        try:
+            main_cli(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    proc = subprocess.run([sys.executable, "-m", "moesaic.trainer.estimate", "--world-size", "4", "--compare", "--json"],
+                          capture_output=True, text=True, timeout=120, env=child_env(), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert set(out) == {"ddp", "ddp+fsdp", "ep", "ep+fsdp", "fssdp", "fssdp+fsdp"}
