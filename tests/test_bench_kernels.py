@@ -41,7 +41,9 @@ def test_gpu_variants_compute_what_they_replace():
     torch.testing.assert_close(y_split, y)
     torch.testing.assert_close(x.grad, ref[0])
     torch.testing.assert_close(w2.grad, 2 * ref[2])  # w2's gradient accumulated twice
-    torch.testing.assert_close(torch.cat([w1.grad, w3.grad], dim=1), ref[1])
+    # one GEMM of N = 2F against two of N = F: with more than one thread the CPU's kernels sum in
+    # other orders (1.1e-5 relative measured with 2 threads; equal to fp32's default with 1)
+    torch.testing.assert_close(torch.cat([w1.grad, w3.grad], dim=1), ref[1], rtol=1e-4, atol=1e-5)
     cos, sin = rotary_tables(8, 16, 10000.0)
     q = torch.randn(2, 3, 16, 8)
     torch.testing.assert_close(complex_rotary(q, cos, sin), apply_rotary(q, cos, sin))
