@@ -98,8 +98,11 @@ def apply(model: torch.nn.Module, variants) -> None:
                 mod.kernels = "triton"
             if "triton-experts" in variants:
                 mod.forward = types.MethodType(_triton_forward, mod)
-            if "moe-act" in variants:
-                mod.recompute_act = True
+    if "moe-act" in variants:  # as apply_activation_checkpoint(model, "none", recompute_moe_act=True) sets them
+        for moe in model.moe_layers():
+            moe.experts.recompute_act = True
+            if moe.shared is not None:
+                moe.shared.recompute_act = True
     if "w1w3" in variants:
         split_w13(model)
 
