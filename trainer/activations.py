@@ -101,21 +101,22 @@ def activation_bytes(cfg: TrainConfig) -> dict:
     of the unsharded model); "per_token_per_layer"; "note"}. A capacity factor is counted as
     dropless (an upper bound). Where the rows' sizes depend on the routing (the per-expert loop of
     dims that `torch._grouped_mm` cannot take), the figures are None and the note says why."""
-    from dataclasses import replace
+    import copy
 
     from torch._subclasses.fake_tensor import DataDependentOutputException
 
     note = ""
     if cfg.model.moe.capacity_factor > 0:
-        cfg = replace(cfg, model=replace(cfg.model, moe=replace(cfg.model.moe, capacity_factor=0.0)))
+        cfg = copy.deepcopy(cfg)  # (not dataclasses.replace: TrainConfig's checks are the trainer's)
+        cfg.model.moe.capacity_factor = 0.0
         note = "capacity counted as dropless (an upper bound)"
     b = cfg.batch_size
     try:
         one, two = kept_for_backward(cfg, b), kept_for_backward(cfg, 2 * b)
     except DataDependentOutputException:
         return {"activations": None, "weight_copies": None, "per_token_per_layer": None,
-                "note": "not counted: the experts run as a per-expert loop (model.dim and model.moe.ffn_dim "
-                        "not multiples of 8), whose sizes depend on the routing"}
+                "note": "not counted: the experts run as a per-expert loop (model.dim or model.moe.ffn_dim breaks "
+                        "torch._grouped_mm's 16-byte rule), whose sizes depend on the routing"}
     grows = two - one
     return {"activations": grows, "weight_copies": one - grows,
             "per_token_per_layer": grows / (b * cfg.data.seq_len * cfg.model.num_layers), "note": note}
