@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moesaic.parallel.all_to_all import all_gather_single, all_to_all, exchange_counts
-from moesaic.parallel.experts import EXPERT_WEIGHTS, GroupedExperts, combine_slots, gather_slots
+from moesaic.parallel.experts import EXPERT_WEIGHTS, GroupedExperts, combine_slots, gather_slots, place_rows
 from moesaic.parallel.router import RouterOutput, expert_counts
 from moesaic.parallel.node_dispatch import NodeGroups, node_dispatch
 from moesaic.parallel.token_dedup import dedup_dispatch, local_index_table
@@ -153,7 +153,7 @@ class ExpertParallelDispatcher(nn.Module):
         if len(self.local_experts):
             perm = _source_to_expert_major(cnt_PL)
             y = experts(x_recv[perm], cnt_PL.sum(0))
-            y_recv = torch.empty_like(y).index_copy(0, perm, y)
+            y_recv = place_rows(y, perm, y.shape[0])  # (index_copy would keep y for its backward)
         else:  # this rank computes no expert in this layer: it receives nothing
             y_recv = x_recv
         # 7. results back to the tokens' ranks, then the weighted combine

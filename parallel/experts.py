@@ -101,18 +101,26 @@ class _SlotGather(torch.autograd.Function):
         return g.view(T, K, D).sum(1), None, None
 
 
-class _Unpermute(torch.autograd.Function):
-    """y_slot = y_sorted[inv]: rows back to slot order, for a full permutation (dropless)."""
+class _PlaceRows(torch.autograd.Function):
+    """out[order[i]] = y[i] in `num_rows` rows, zero where no row goes. Autograd's index_copy would
+    keep y (N x D) for its backward; this keeps the indices alone."""
 
     @staticmethod
-    def forward(ctx, y_ND, order_N):
+    def forward(ctx, y_ND, order_N, num_rows):
         ctx.save_for_backward(order_N)
-        return take_rows(y_ND, _inverse(order_N))
+        if order_N.numel() == num_rows:  # a full permutation: a gather by its inverse
+            return take_rows(y_ND, _inverse(order_N))
+        return put_rows(y_ND.new_zeros(num_rows, y_ND.shape[-1]), order_N, y_ND)
 
     @staticmethod
     def backward(ctx, grad_ND):
         (order_N,) = ctx.saved_tensors
-        return take_rows(grad_ND.contiguous(), order_N), None
+        return take_rows(grad_ND.contiguous(), order_N), None, None
+
+
+def place_rows(y_ND: torch.Tensor, order_N: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Rows of `y_ND` to the positions `order_N` (distinct) of `num_rows` rows; zero elsewhere."""
+    return _PlaceRows.apply(y_ND, order_N, num_rows)
 
 
 KERNELS = ("torch", "triton")
@@ -147,10 +155,7 @@ def combine_slots(y_ND: torch.Tensor, order_N: torch.Tensor, weights_TK: torch.T
         from moesaic.parallel import kernels as kn
 
         return kn.slot_sum(y_ND, kn.slot_positions(order_N, T, K), weights_TK.to(y_ND.dtype))
-    if order_N.numel() == T * K:
-        y_TKD = _Unpermute.apply(y_ND, order_N).view(T, K, D)
-    else:
-        y_TKD = y_ND.new_zeros(T * K, D).index_copy_(0, order_N, y_ND).view(T, K, D)
+    y_TKD = place_rows(y_ND, order_N, T * K).view(T, K, D)
     return (y_TKD * weights_TK.to(y_ND.dtype).unsqueeze(-1)).sum(1)
 
 
