@@ -299,3 +299,26 @@ def test_backward_gives_gradients_in_reverse_registration_order(name):
     x = torch.randint(0, cfg.vocab_size, (2, 32))
     model(x, torch.roll(x, -1, 1)).loss.backward()
     assert order == [n for n, _ in model.named_parameters()][::-1]
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["permutation", "capacity-drops"])
+def test_place_rows_equals_index_copy_and_keeps_the_indices_alone(partial):
+    """`place_rows` (the EP dispatch's rows back from expert order, and the combine's rows back to
+    slot order) gives index_copy's values and gradients, and keeps for backward only the indices:
+    index_copy kept its (N x D) source too, one more copy of every expert output row."""
+    from moesaic.parallel.experts import place_rows
+
+    gen = torch.Generator().manual_seed(0)
+    rows = 12
+    order = torch.randperm(rows, generator=gen)[: 9 if partial else rows]
+    y = torch.randn(order.numel(), 8, generator=gen, requires_grad=True)
+    g = torch.randn(rows, 8, generator=gen)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
+        out = place_rows(y, order, rows)
+    (ours,) = torch.autograd.grad(out, y, g)
+    ref = torch.zeros(rows, 8).index_copy(0, order, y)
+    (ref_g,) = torch.autograd.grad(ref, y, g)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(ours, ref_g, rtol=0, atol=0)
+    assert saved == [((order.numel(),), torch.int64)], saved
