@@ -32,6 +32,7 @@ from common import ensure_importable, machine, table, write_json  # noqa: E402
 
 ensure_importable()
 from moesaic.parallel.moe import MoEConfig  # noqa: E402
+from moesaic.trainer.activations import forward_kept  # noqa: E402
 from moesaic.trainer.model import ModelConfig, Transformer  # noqa: E402
 from moesaic.trainer.parallelize import apply_activation_checkpoint  # noqa: E402
 
@@ -41,23 +42,12 @@ MODES = ("none", "moe_act", "attention", "attention+moe_act", "full")
 
 def kept_bytes(model: Transformer, x: torch.Tensor, y: torch.Tensor | None = None, *,
                autocast: bool = True, dtype: torch.dtype = torch.bfloat16) -> tuple:
-    """(the model's output, bytes of non-parameter tensors kept for backward, each storage once).
-    Inside a checkpointed region torch's own hooks take the tensors, which is what checkpointing
-    drops. `y` defaults to x shifted by one; `autocast` runs the forward in `dtype` (bf16)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            kept[st.data_ptr()] = st.nbytes()
-        return t
-
+    """(the model's output, bytes of non-parameter tensors kept for backward, each storage once:
+    `moesaic-estimate`'s count, of a real forward). `y` defaults to x shifted by one; `autocast` runs
+    the forward in `dtype` (bf16)."""
     y = torch.roll(x, -1, 1) if y is None else y
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=dtype, enabled=autocast):
-        out = model(x, y)
-    return out, sum(kept.values())
+    with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+        return forward_kept(model, lambda: model(x, y))
 
 
 def build(cfg: ModelConfig, mode: str) -> Transformer:

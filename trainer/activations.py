@@ -61,6 +61,25 @@ def _grouped_mm_any_dtype():
         torch._grouped_mm = real
 
 
+def forward_kept(model: torch.nn.Module, forward) -> tuple:
+    """(forward(), bytes of the tensors that autograd keeps for backward meanwhile): each storage
+    once, `model`'s parameters left out. Inside a checkpointed region torch's own hooks take the
+    tensors, which is what checkpointing drops. Real or fake tensors alike (bench/activation_memory.py
+    counts real forwards with it)."""
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st._cdata not in params:
+            kept[st._cdata] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    return out, sum(kept.values())
+
+
 def kept_for_backward(cfg: TrainConfig, batch: int) -> int:
     """Bytes that autograd keeps after the forward of `batch` sequences of data.seq_len tokens: each
     storage once, parameters left out, counted on fake tensors."""
@@ -74,34 +93,23 @@ def kept_for_backward(cfg: TrainConfig, batch: int) -> int:
         model = Transformer(cfg.model)
     apply_activation_checkpoint(model, pc.activation_checkpoint, recompute_moe_act=pc.recompute_moe_act)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(pc.mixed_precision)
-    kept: dict[int, int] = {}
     with FakeTensorMode(allow_non_fake_inputs=True), _grouped_mm_any_dtype():
         model.materialize("cpu", init=False)
         if dtype is torch.bfloat16 and pc.dense_sharding == "fsdp" and pc.dense_gather_dtype == "bf16":
             for name, p in model.named_parameters():  # FSDP2 computes with bf16 copies: a bf16 residual stream
                 if ".experts." not in name:
                     p.data = p.data.to(torch.bfloat16)
-        params = {p.untyped_storage()._cdata for p in model.parameters()}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            st = t.untyped_storage()
-            if st._cdata not in params:
-                kept[st._cdata] = st.nbytes()
-            return t
-
         idx = torch.zeros(batch, cfg.data.seq_len, dtype=torch.int64)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            model(idx, idx)
-    return sum(kept.values())
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            return forward_kept(model, lambda: model(idx, idx))[1]
 
 
 def activation_bytes(cfg: TrainConfig) -> dict:
     """{"activations": bytes kept for backward that grow with the tokens, for one micro-batch of
-    batch_size x data.seq_len; "weight_copies": those that do not (autocast's copies of every weight
-    of the unsharded model); "per_token_per_layer"; "note"}. A capacity factor is counted as
-    dropless (an upper bound). Where the rows' sizes depend on the routing (the per-expert loop of
-    dims that `torch._grouped_mm` cannot take), the figures are None and the note says why."""
+    batch_size x data.seq_len (what does not grow: autocast's copies of the weights); "note"}. A
+    capacity factor is counted as dropless (an upper bound). Where the rows' sizes depend on the
+    routing (the per-expert loop of dims that `torch._grouped_mm` cannot take), the activations are
+    None and the note says why."""
     import copy
 
     from torch._subclasses.fake_tensor import DataDependentOutputException
@@ -111,13 +119,10 @@ def activation_bytes(cfg: TrainConfig) -> dict:
         cfg = copy.deepcopy(cfg)  # (not dataclasses.replace: TrainConfig's checks are the trainer's)
         cfg.model.moe.capacity_factor = 0.0
         note = "capacity counted as dropless (an upper bound)"
-    b = cfg.batch_size
     try:
-        one, two = kept_for_backward(cfg, b), kept_for_backward(cfg, 2 * b)
+        one, two = kept_for_backward(cfg, cfg.batch_size), kept_for_backward(cfg, 2 * cfg.batch_size)
     except DataDependentOutputException:
-        return {"activations": None, "weight_copies": None, "per_token_per_layer": None,
+        return {"activations": None,
                 "note": "not counted: the experts run as a per-expert loop (model.dim or model.moe.ffn_dim breaks "
                         "torch._grouped_mm's 16-byte rule), whose sizes depend on the routing"}
-    grows = two - one
-    return {"activations": grows, "weight_copies": one - grows,
-            "per_token_per_layer": grows / (b * cfg.data.seq_len * cfg.model.num_layers), "note": note}
+    return {"activations": two - one, "note": note}

@@ -132,8 +132,9 @@ def estimate(cfg: TrainConfig, world_size: int) -> list[dict]:
 
 def summarize(rows: list[dict]) -> dict:
     """The largest rank's figure of each kind (ranks differ under uneven plans and FSDP padding)."""
-    out = {k: max(r[k] for r in rows) for k in rows[0] if k not in ("rank", "activations", "activations_note")}
-    return {**out, "activations": rows[0]["activations"], **{k: rows[0][k] for k in rows[0] if k == "activations_note"}}
+    same = ("activations", "activations_note")  # every rank's (None where not counted)
+    out = {k: max(r[k] for r in rows) for k in rows[0] if k != "rank" and k not in same}
+    return {**out, **{k: rows[0][k] for k in same if k in rows[0]}}
 
 
 def _table(named: dict[str, dict]) -> str:

@@ -362,12 +362,12 @@ def apply_activation_checkpoint(model: torch.nn.Module, mode: str, *, recompute_
     """Recompute each block's activations in backward (`mode`: none, attention or full), and with
     `recompute_moe_act` the experts' activation where full does not (see ParallelConfig). It composes
     with DDP, autocast, gradient accumulation and torch.compile. The state dict does not change."""
+    act = recompute_moe_act and mode != "full"
     for block in model.layers:
         block.activation_checkpoint = mode
         if block.is_moe and isinstance(block.moe, MoE):  # not DeepSpeed-MoE's layer (model.moe_impl=deepspeed)
-            block.moe.experts.recompute_act = recompute_moe_act and mode != "full"
-            if block.moe.shared is not None:
-                block.moe.shared.recompute_act = recompute_moe_act and mode != "full"
+            for store in [m for m in (block.moe.experts, block.moe.shared) if m is not None]:
+                store.recompute_act = act
 
 
 def apply_compile(model: torch.nn.Module) -> None:
