@@ -43,11 +43,12 @@ MODES = ("none", "moe_act", "attention", "attention+moe_act", "full")
 def kept_bytes(model: Transformer, x: torch.Tensor, y: torch.Tensor | None = None, *,
                autocast: bool = True, dtype: torch.dtype = torch.bfloat16) -> tuple:
     """(the model's output, bytes of non-parameter tensors kept for backward, each storage once:
-    `moesaic-estimate`'s count, of a real forward). `y` defaults to x shifted by one; `autocast` runs
-    the forward in `dtype` (bf16)."""
+    `moesaic-estimate`'s count, of a real forward, weight copies included). `y` defaults to x shifted
+    by one; `autocast` runs the forward in `dtype` (bf16)."""
     y = torch.roll(x, -1, 1) if y is None else y
     with torch.autocast("cpu", dtype=dtype, enabled=autocast):
-        return forward_kept(model, lambda: model(x, y))
+        out, kept = forward_kept(model, lambda: model(x, y), copies=False)  # (compiled code stays compiled)
+    return out, kept.total
 
 
 def build(cfg: ModelConfig, mode: str) -> Transformer:

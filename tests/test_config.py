@@ -78,6 +78,8 @@ def test_experiment_overrides_root_values():
         (["+parallel.zero_config.overlap_comm=true"],
          r"parallel\.zero_config \(\{'overlap_comm': True\}\) needs parallel\.engine=deepspeed, not 'torch'"),
         (["parallel.mixed_precision=fp16", "parallel.hysteresis=0"], r"parallel\.hysteresis \(0\) must be >= 1"),
+        (["logging.count_kept=true", "compile=true"],
+         r"logging\.count_kept \(True\) with compile \(True\): the count runs a dispatch mode"),
     ],
 )
 def test_bad_config_gets_a_named_error(overrides, match):

@@ -7,7 +7,9 @@ the trainer's autocast (`parallel.mixed_precision`), FSDP2's bf16 compute weight
 every tensor that autograd keeps for backward is counted once per storage, parameters left out: the
 same count as `bench/activation_memory.py` makes of a real forward, and the tests check that the two
 agree byte for byte. Two token counts separate what grows with the tokens (the activations) from
-what does not (autocast's bf16 copies of the weights).
+what does not: the weights' copies in the autocast dtype, which the GEMMs keep until their backward
+(a dispatch mode picks them out of the casts, the experts' apart from the dense ones), and the
+rotary tables.
 
 What it assumes:
 - Dropless routing (or a capacity that drops nothing): every rank's experts receive tokens x top-k
@@ -24,8 +26,10 @@ What it assumes:
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moesaic.trainer.config import TrainConfig
 
@@ -61,28 +65,71 @@ def _grouped_mm_any_dtype():
         torch._grouped_mm = real
 
 
-def forward_kept(model: torch.nn.Module, forward) -> tuple:
-    """(forward(), bytes of the tensors that autograd keeps for backward meanwhile): each storage
-    once, `model`'s parameters left out. Inside a checkpointed region torch's own hooks take the
-    tensors, which is what checkpointing drops. Real or fake tensors alike (bench/activation_memory.py
-    counts real forwards with it)."""
-    params = {p.untyped_storage()._cdata for p in model.parameters()}
+@dataclass(frozen=True)
+class Kept:
+    """Bytes that autograd keeps for backward after a forward, each storage once, the weights
+    themselves left out (the parameters, and any leaf that requires grad: FSDP2's unsharded
+    parameters, FSSDP's gathered experts)."""
+
+    total: int
+    weight_copies: int
+    """of which: the weights' copies in another dtype (autocast's casts, the experts' `autocast_cast`),
+    which the GEMMs keep until their backward"""
+    expert_copies: int
+    """of which: those of the model's expert parameters (names with ".experts.")"""
+
+
+def _weight_of(t: torch.Tensor) -> torch.Tensor | None:
+    """The weight that `t` is or views: a leaf that requires grad."""
+    base = t._base if t._base is not None else t
+    return base if base.is_leaf and base.requires_grad else None
+
+
+class _WeightCopies(TorchDispatchMode):
+    """Notes every dtype cast of a weight (aten._to_copy; autocast's casts reach the dispatcher as it),
+    holding the copies so that their storages cannot be reused by other tensors meanwhile."""
+
+    def __init__(self, experts: set[int]):
+        super().__init__()
+        self.experts, self.copies = experts, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and isinstance(out, torch.Tensor):
+            w = _weight_of(args[0])
+            if w is not None and out.dtype != args[0].dtype:
+                self.copies[out.untyped_storage()._cdata] = (out, w.untyped_storage()._cdata in self.experts)
+        return out
+
+
+def forward_kept(model: torch.nn.Module, forward, *, copies: bool = True) -> tuple:
+    """(forward(), `Kept`): the tensors that autograd keeps for backward meanwhile. Inside a
+    checkpointed region torch's own hooks take the tensors, which is what checkpointing drops. Real
+    or fake tensors alike (bench/activation_memory.py counts real forwards with it). `copies=False`
+    leaves the weights' copies among the rest (Kept's two parts 0) and runs no dispatch mode, under
+    which torch.compile'd code would run eagerly."""
+    experts = {getattr(p, "_local_tensor", p).untyped_storage()._cdata  # (a DTensor: its local shard)
+               for n, p in model.named_parameters() if ".experts." in n}
     kept: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st._cdata not in params:
+        if _weight_of(t) is None:
+            st = t.untyped_storage()
             kept[st._cdata] = st.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    casts = _WeightCopies(experts) if copies else contextlib.nullcontext(_WeightCopies(set()))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), casts as casts:
         out = forward()
-    return out, sum(kept.values())
+    copies = {k: n for k, n in kept.items() if k in casts.copies}
+    expert = sum(n for k, n in copies.items() if casts.copies[k][1])
+    return out, Kept(sum(kept.values()), sum(copies.values()), expert)
 
 
-def kept_for_backward(cfg: TrainConfig, batch: int) -> int:
-    """Bytes that autograd keeps after the forward of `batch` sequences of data.seq_len tokens: each
-    storage once, parameters left out, counted on fake tensors."""
+def kept_for_backward(cfg: TrainConfig, batch: int, *, fsdp_experts: bool = False) -> Kept:
+    """What autograd keeps after the forward of `batch` sequences of data.seq_len tokens, every expert
+    local, counted on fake tensors. `fsdp_experts`: without a plan, FSDP shards (and gathers) the
+    experts as dense parameters."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from moesaic.trainer.model import Transformer
@@ -97,19 +144,24 @@ def kept_for_backward(cfg: TrainConfig, batch: int) -> int:
         model.materialize("cpu", init=False)
         if dtype is torch.bfloat16 and pc.dense_sharding == "fsdp" and pc.dense_gather_dtype == "bf16":
             for name, p in model.named_parameters():  # FSDP2 computes with bf16 copies: a bf16 residual stream
-                if ".experts." not in name:
+                if fsdp_experts or ".experts." not in name:
                     p.data = p.data.to(torch.bfloat16)
         idx = torch.zeros(batch, cfg.data.seq_len, dtype=torch.int64)
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             return forward_kept(model, lambda: model(idx, idx))[1]
 
 
-def activation_bytes(cfg: TrainConfig) -> dict:
-    """{"activations": bytes kept for backward that grow with the tokens, for one micro-batch of
-    batch_size x data.seq_len (what does not grow: autocast's copies of the weights); "note"}. A
-    capacity factor is counted as dropless (an upper bound). Where the rows' sizes depend on the
-    routing (the per-expert loop of dims that `torch._grouped_mm` cannot take), the activations are
-    None and the note says why."""
+def activation_bytes(cfg: TrainConfig, *, fsdp_experts: bool = False) -> dict:
+    """What one micro-batch of batch_size x data.seq_len keeps for backward, apart:
+    - "activations": everything but the weights' copies (the rotary tables' casts among it);
+    - "dense_copies": the dense weights' copies in the autocast dtype (none where FSDP2 gathers them
+      in bf16, or without autocast);
+    - "expert_copy": the copy of one expert's weights in one MoE layer: a rank keeps one for every
+      expert whose fp32 weights it computes with under autocast (`estimate` counts them per rank);
+    - "note".
+    A capacity factor is counted as dropless (an upper bound). Where the rows' sizes depend on the
+    routing (the per-expert loop of dims that `torch._grouped_mm` cannot take), the figures are None
+    and the note says why."""
     import copy
 
     from torch._subclasses.fake_tensor import DataDependentOutputException
@@ -120,9 +172,11 @@ def activation_bytes(cfg: TrainConfig) -> dict:
         cfg.model.moe.capacity_factor = 0.0
         note = "capacity counted as dropless (an upper bound)"
     try:
-        one, two = kept_for_backward(cfg, cfg.batch_size), kept_for_backward(cfg, 2 * cfg.batch_size)
+        kept = kept_for_backward(cfg, cfg.batch_size, fsdp_experts=fsdp_experts)
     except DataDependentOutputException:
-        return {"activations": None,
+        return {"activations": None, "dense_copies": None, "expert_copy": None,
                 "note": "not counted: the experts run as a per-expert loop (model.dim or model.moe.ffn_dim breaks "
                         "torch._grouped_mm's 16-byte rule), whose sizes depend on the routing"}
-    return {"activations": two - one, "note": note}
+    slots = cfg.model.num_moe_layers * cfg.model.moe.num_experts
+    return {"activations": kept.total - kept.weight_copies, "dense_copies": kept.weight_copies - kept.expert_copies,
+            "expert_copy": kept.expert_copies // slots if slots else 0, "note": note}

@@ -83,6 +83,10 @@ class LoggingConfig:
     profile_steps: list[int] = field(default_factory=list)
     """[first, last]: torch.profiler records these steps on every rank and writes a Chrome trace and an
     operator table per rank to <run dir>/profile/ (trainer/profile.py). []: off."""
+    count_kept: bool = False
+    """The first step's first forward counts, on every rank, the bytes that autograd keeps for
+    backward: the activations, and the weights' copies in the autocast dtype apart (summary.json's
+    `kept_for_backward_per_rank`; `moesaic-estimate` predicts both). Eager runs only."""
 
     def __post_init__(self) -> None:
         if self.log_every < 1:
@@ -229,6 +233,9 @@ class TrainConfig:
             raise ValueError(
                 f"parallel.reshard_every_n_steps ({self.parallel.reshard_every_n_steps}) needs parallel.expert_sharding=fssdp"
             )
+        if self.compile and self.logging.count_kept:
+            raise ValueError(f"logging.count_kept ({self.logging.count_kept}) with compile ({self.compile}): the count "
+                             "runs a dispatch mode, under which compiled code runs eagerly; count an eager run")
         if self.compile and self.model.moe_impl == "deepspeed":
             raise ValueError(f"compile ({self.compile}) with model.moe_impl ('deepspeed'): DeepSpeed-MoE's layer is "
                              "the comparison baseline and runs as DeepSpeed ships it; use compile=false")

@@ -20,9 +20,13 @@ code the trainer runs (the plan, FSSDP's owners, FSDP2's dim-0 shards):
 - activations: what autograd keeps for backward after the forward of one micro-batch (batch_size x
   data.seq_len), counted on fake tensors with the run's mixed precision and checkpointing
   (`moesaic.trainer.activations`, which says what it assumes: dropless, balanced routing, eager
-  kernels).
-Not included: autocast's bf16 copies of the weights that a forward keeps, and FSDP2's gathered
-blocks of dense weights. DeepSpeed's ZeRO engine and the DeepSpeed-MoE baseline are refused by name:
+  kernels);
+- weight copies: under autocast, the GEMMs keep the weights' copies in the autocast dtype until
+  their backward: every dense weight's, unless FSDP2 gathers them in bf16 (dense_gather_dtype), and
+  those of the experts a rank computes with fp32 weights (resident EP: the experts it holds; FSSDP:
+  those it gathers in fp32, and those it computes in place from the weights it owns). Counted in
+  the same fake forward, a dispatch mode noting each cast of a weight.
+Not included: FSDP2's gathered blocks of dense weights. DeepSpeed's ZeRO engine and the DeepSpeed-MoE baseline are refused by name:
 DeepSpeed pads and flattens its partitions in its own way.
 """
 
@@ -72,6 +76,28 @@ def in_flight(counts: list[int], *, reshard_after_forward: bool, prefetch: bool)
     return max(a + b for a, b in zip(counts, counts[1:]))
 
 
+def cast_experts(ep_rank: int, plan, owners, cfg: TrainConfig) -> int:
+    """Under autocast: the (expert, MoE layer) pairs whose fp32 weights the rank computes with, each
+    cast to the autocast dtype and kept so until backward. Without a plan every expert is a dense
+    parameter (FSDP2 may gather them in bf16); FSSDP gathers in the autocast dtype by default, and a
+    layer that computes in place uses the owned (fp32) weights."""
+    pc, E = cfg.parallel, cfg.model.moe.num_experts
+    if plan is None:
+        return 0 if pc.dense_sharding == "fsdp" and pc.dense_gather_dtype == "bf16" else E * cfg.model.num_moe_layers
+    if owners is None:
+        return sum(len(plan.experts_on(layer, ep_rank)) for layer in range(plan.num_layers))
+    gathered_cast = pc.expert_gather_dtype() != {"bf16": torch.bfloat16, "fp16": torch.float16}[pc.mixed_precision]
+    return sum(len(plan.experts_on(layer, ep_rank)) for layer, own in enumerate(owners)
+               if gathered_cast or computes_in_place(plan.placement[layer], own))
+
+
+def weight_copies(counted: dict, experts: int) -> int | None:
+    """The dense weights' copies and `experts` experts' (`cast_experts`), None where not counted."""
+    if counted["dense_copies"] is None:
+        return None
+    return counted["dense_copies"] + experts * counted["expert_copy"]
+
+
 def estimate(cfg: TrainConfig, world_size: int) -> list[dict]:
     """One row per rank: bytes of parameters, gradients and AdamW moments, dense and expert, and
     FSSDP's gathered working set. Raises ValueError naming the field for a layout it cannot model."""
@@ -98,8 +124,9 @@ def estimate(cfg: TrainConfig, world_size: int) -> list[dict]:
     ep = pc.ep_size or world_size
     owners = (start_owners(plan, ep, align_owners(cfg)) if plan is not None and pc.expert_sharding == "fssdp"
               else None)  # as parallelize assigns them
-    counted = activation_bytes(cfg)  # the same on every rank (balanced routing)
+    counted = activation_bytes(cfg, fsdp_experts=plan is None)  # the same on every rank (balanced routing)
     activations = counted["activations"]
+    casts = cfg.parallel.mixed_precision in ("bf16", "fp16")
     rows = []
     for rank in range(world_size):
         index, ep_rank = rank % shards, rank % ep  # the meshes are row-major: (dp_replicate, dp_shard), (edp, ep)
@@ -122,6 +149,7 @@ def estimate(cfg: TrainConfig, world_size: int) -> list[dict]:
             # at most as many bytes again (an upper bound; the trainer tracks the peak of both together)
             "gathered_weights": working * gather_bytes, "gathered_grads": working * gather_bytes,
             "activations": activations,
+            "weight_copies": weight_copies(counted, cast_experts(ep_rank, plan, owners, cfg) if casts else 0),
         })
     for r in rows:
         r["total"] = sum(v for k, v in r.items() if k != "rank" and v is not None)
@@ -131,15 +159,19 @@ def estimate(cfg: TrainConfig, world_size: int) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """The largest rank's figure of each kind (ranks differ under uneven plans and FSDP padding)."""
-    same = ("activations", "activations_note")  # every rank's (None where not counted)
-    out = {k: max(r[k] for r in rows) for k in rows[0] if k != "rank" and k not in same}
-    return {**out, **{k: rows[0][k] for k in same if k in rows[0]}}
+    """The largest rank's figure of each kind (ranks differ under uneven plans and FSDP padding); None
+    where a figure is not counted."""
+    out = {}
+    for k in rows[0]:
+        vals = [r[k] for r in rows]
+        if k != "rank":
+            out[k] = vals[0] if k == "activations_note" or None in vals else max(vals)
+    return out
 
 
 def _table(named: dict[str, dict]) -> str:
     keys = ["dense_params", "dense_grads", "dense_moments", "expert_params", "expert_grads", "expert_moments",
-            "gathered_weights", "gathered_grads", "activations", "total"]
+            "gathered_weights", "gathered_grads", "activations", "weight_copies", "total"]
     unit, div = ("GiB", GIB) if max(s["total"] for s in named.values()) >= GIB else ("MiB", 2**20)
     lines = ["| layout | " + " | ".join(f"{k.replace('_', ' ')} ({unit})" for k in keys) + " |",
              "|---|" + "---|" * len(keys)]

@@ -13,6 +13,7 @@ import torch
 from torch.profiler import record_function
 
 from moesaic.parallel.dense_fsdp import reshard
+from moesaic.trainer.activations import forward_kept
 from moesaic.trainer.config import TrainConfig
 from moesaic.trainer.data import TRAIN_STREAM, VAL_STREAM, sample_batch
 from moesaic.trainer.dist import DistInfo, all_reduce_
@@ -32,6 +33,7 @@ class StepResult:
     counts_LE: torch.Tensor | None  # this rank's token-slots per expert
     comm: dict = field(default_factory=dict)  # this rank's bytes and dropped tokens
     phase_s: dict = field(default_factory=dict)
+    kept: object = None  # count_kept: what the first micro-batch's forward kept for backward (activations.Kept)
     _global_LE: torch.Tensor | None = None
 
     def global_counts(self, info: DistInfo) -> torch.Tensor | None:
@@ -58,22 +60,27 @@ def inter_node_bytes(moe, gpus_per_node: int) -> int:
 
 
 def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer, scheduler, info: DistInfo,
-               scaler: LossScaler | None = None) -> StepResult:
+               scaler: LossScaler | None = None, count_kept: bool = False) -> StepResult:
     """`scaler` (parallel.mixed_precision=fp16): the loss is scaled before backward, the gradients
-    unscaled before clipping, and a step whose gradients overflowed is skipped on every rank."""
+    unscaled before clipping, and a step whose gradients overflowed is skipped on every rank.
+    `count_kept`: the first micro-batch's forward counts what autograd keeps for backward."""
     model = par.model
     scale = scaler.scale if scaler is not None else None
     t0 = time.perf_counter()
     stats = torch.zeros(3, dtype=torch.float64, device="cpu")  # ce, aux, z summed over micro-steps (host)
-    counts_LE, comm = None, {"a2a_bytes": 0, "dropped": 0, "a2a_inter_node_bytes": 0}
+    counts_LE, comm, kept = None, {"a2a_bytes": 0, "dropped": 0, "a2a_inter_node_bytes": 0}, None
     with record_function("moesaic.forward_backward"):  # ranges that logging.profile_steps shows
         for micro in range(cfg.grad_accum_steps):
             x, y = sample_batch(corpus.train, cfg.batch_size, cfg.data.seq_len, seed=cfg.seed,
                                 stream=(TRAIN_STREAM, step, micro), rank=info.rank, world_size=info.world_size)
             last = micro == cfg.grad_accum_steps - 1
             with par.no_sync() if not last else nullcontext():
+                x, y = x.to(info.device), y.to(info.device)
                 with precision(cfg, info.device):
-                    out = par.train_model(x.to(info.device), y.to(info.device))
+                    if count_kept and micro == 0:
+                        out, kept = forward_kept(model, lambda: par.train_model(x, y))
+                    else:
+                        out = par.train_model(x, y)
                 par.backward(out.loss if scale is None else out.loss * scale, cfg.grad_accum_steps)
             if par.ds_engine is not None and not last:
                 par.ds_engine.step()  # not an accumulation boundary: DeepSpeed only counts the micro-step
@@ -128,7 +135,7 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
             scheduler.step()
     comm["expert_grad_bytes"] = par.counters.get("expert_grad_bytes", 0)
     comm["expert_gather_bytes"] = par.counters.get("expert_gather_bytes", 0)
-    result = StepResult(ce, aux, z, grad_norm, lr, skipped, scale, overflow, counts_LE, comm)
+    result = StepResult(ce, aux, z, grad_norm, lr, skipped, scale, overflow, counts_LE, comm, kept=kept)
     if counts_LE is not None and any(m.router.cfg.bias_update_rate > 0 for m in model.moe_layers()):
         for moe, c in zip(model.moe_layers(), result.global_counts(info)):
             moe.router.update_bias(c)

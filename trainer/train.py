@@ -141,6 +141,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
     history, best_val, val_loss, skipped, stopped_by = [], float("inf"), float("nan"), 0, None
     t_start = time.perf_counter()
     step_times: list[float] = []
+    kept = None  # logging.count_kept: the first step's count
 
     writer = AsyncCheckpointer(info) if cfg.checkpoint.async_mode == "async" else None
     profiler = StepProfiler(cfg.logging.profile_steps, run_dir, info.rank, info.device)
@@ -164,7 +165,8 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
         with profiler.step(done):
             dynamic.before_step()
             r = train_step(step, cfg=cfg, corpus=corpus, par=par, recorder=recorder, optimizer=optimizer,
-                           scheduler=scheduler, info=info, scaler=scaler)
+                           scheduler=scheduler, info=info, scaler=scaler, count_kept=cfg.logging.count_kept and step == start)
+            kept = r.kept if step == start else kept
             dynamic.after_step(r.global_counts(info) if dynamic.enabled else None)
         tokens_done += tokens_per_step
         skipped += int(r.skipped)
@@ -209,8 +211,9 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
 
     # FSSDP: the peak bytes of gathered expert weights, and of them with their gradients
     gathered = {"weights": WORKING_SET["peak"], "with_grads": WORKING_SET["peak_total"]} if par.fssdp else None
-    rss, gpu_peak, dense, experts, gathered = zip(*all_gather_object(
-        (round(peak_rss_mib(), 1), gpu_mib, held["dense"], held["experts"], gathered), info))  # one collective
+    kept = {"total": kept.total, "weight_copies": kept.weight_copies} if kept is not None else None
+    rss, gpu_peak, dense, experts, gathered, kept = zip(*all_gather_object(
+        (round(peak_rss_mib(), 1), gpu_mib, held["dense"], held["experts"], gathered, kept), info))  # one collective
     routing = recorder.stats(all_reduce=True)
     if info.is_main:
         np.savez(run_dir / "routing_stats.npz", **routing.to_npz_dict())
@@ -236,6 +239,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
         "dense_state_bytes_per_rank": list(dense),  # dense parameters and AdamW moments held, from the tensors
         "expert_state_bytes_per_rank": list(experts),  # EP's and FSSDP's experts (without a plan: in dense)
         "fssdp_gathered_peak_bytes_per_rank": list(gathered),
+        "kept_for_backward_per_rank": list(kept),  # logging.count_kept: bytes, the weights' copies among them
         "dynamic_replicas_added_mean": float(np.mean(dynamic.replicas_added)) if dynamic.replicas_added else 0.0,
         "run_dir": str(run_dir), "config": asdict(cfg), "compile": compile_stats() if cfg.compile else None,
     }
