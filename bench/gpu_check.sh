@@ -158,10 +158,13 @@ if [ "$PART" = trainer ]; then  # the trainer and the doctor on CUDA (about 5 mi
   # (torchrun's closing ChildFailedError lines would push the cause out of `tail`)
   keep='^moesaic|^step|^done|^\[rank[0-9]+\]: +File |^\[rank[0-9]+\]: [A-Za-z_.]*(Error|Exception)|^[A-Za-z_.]*(Error|Exception):'
   demo="logging=quiet logging.out_dir=$OUT/trainer steps=${TRAINER_STEPS:-300} eval_every=100 parallel.mixed_precision=bf16"
-  runs=("fssdp_eager parallel=fssdp" "fssdp_compiled parallel=fssdp compile=true"
-        "ep_compiled parallel=ep compile=true model.moe.router.aux_loss_scope=global_batch" "ddp_eager parallel=ddp"
-        "fssdp_triton parallel=fssdp model.moe.kernels=triton"
-        "fssdp_checkpoint_full parallel=fssdp parallel.activation_checkpoint=full"
+  # (logging.count_kept: the eager runs count what the GPU's kernels keep for backward, which
+  # trainer_runs.py puts beside moesaic-estimate's count of the CPU's)
+  runs=("fssdp_eager parallel=fssdp logging.count_kept=true" "fssdp_compiled parallel=fssdp compile=true"
+        "ep_compiled parallel=ep compile=true model.moe.router.aux_loss_scope=global_batch"
+        "ddp_eager parallel=ddp logging.count_kept=true"
+        "fssdp_triton parallel=fssdp model.moe.kernels=triton logging.count_kept=true"
+        "fssdp_checkpoint_full parallel=fssdp parallel.activation_checkpoint=full logging.count_kept=true"
         "fssdp_fsdp_compiled parallel=fssdp parallel.dense_sharding=fsdp compile=true"
         "fssdp_fp16 parallel=fssdp"  # fp16 autocast and loss scaling (_grouped_mm's fallback off bf16)
         "fssdp_moe_act_compiled parallel=fssdp parallel.recompute_moe_act=true compile=true")

@@ -6,7 +6,8 @@ One row per run: its name, device and backend, parallelism, compile (graphs, bre
 dynamo's recompile limit), mixed precision and the gradient sums' dtype, steps, the steps skipped
 (fp16's overflows, on_nan=skip) and the last fp16 loss scale, the final train loss,
 the validation bits per byte, tokens/s, the median step time, the largest rank's peak GPU memory and the
-median logged MFU (bf16/fp16 runs on a known card). `bash bench/gpu_check.sh trainer`
+median logged MFU (bf16/fp16 runs on a known card); for runs with `logging.count_kept=true`, the bytes
+the first forward kept for backward beside `moesaic-estimate`'s count. `bash bench/gpu_check.sh trainer`
 prints it after its runs (eager against compiled: the losses should agree within bf16 noise).
 """
 
@@ -39,8 +40,32 @@ def rows(out_dir: Path) -> list[dict]:
                     "val_bpb": s.get("val_bpb"), "tokens_per_s": s.get("tokens_per_s"),
                     "median_step_s": s.get("median_step_s"),
                     "peak_gpu_MiB": max(s.get("peak_gpu_mib_per_rank") or [None], key=lambda v: v or 0),
-                    "mfu_median": _median_mfu(path.parent / "metrics.jsonl")})
+                    "mfu_median": _median_mfu(path.parent / "metrics.jsonl"), **_kept(s, path.parent)})
     return out
+
+
+def _kept(s: dict, run: Path) -> dict:
+    """logging.count_kept: the largest rank's bytes kept for backward after its first forward, as
+    this device's kernels keep them, beside `moesaic-estimate`'s count of the run's config (the CPU's
+    eager kernels): MiB, and the weights' copies among them."""
+    kept = [k for k in s.get("kept_for_backward_per_rank") or [] if k]
+    if not kept:
+        return {}
+    from moesaic.trainer.config import load_config_yaml
+    from moesaic.trainer.estimate import estimate
+
+    try:
+        est = estimate(load_config_yaml(run / "config.yaml"), s["world_size"])
+        counted = max(r["activations"] + r["weight_copies"] for r in est)
+        copies = max(r["weight_copies"] for r in est)
+    except (ValueError, TypeError) as e:  # a layout it refuses, or dims it cannot count (None)
+        counted = copies = None
+        print(f"{run.name}: no estimate ({e})", file=sys.stderr)
+    mib = 2**20
+    return {"kept_MiB": round(max(k["total"] for k in kept) / mib, 2),
+            "kept_copies_MiB": round(max(k["weight_copies"] for k in kept) / mib, 2),
+            "estimated_MiB": None if counted is None else round(counted / mib, 2),
+            "estimated_copies_MiB": None if copies is None else round(copies / mib, 2)}
 
 
 def _median_mfu(metrics: Path) -> float | None:
