@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 
-from moesaic.parallel.swiglu import swiglu_down, swiglu_down_recomputed
+from moesaic.parallel.swiglu import _enclosing_hooks, _Outer, swiglu_down, swiglu_down_recomputed
 
 log = logging.getLogger(__name__)
 GROUPED_MM_ALIGN = 16
@@ -169,6 +169,48 @@ def autocast_cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
         return tensors  # (a meta tensor has no autocast: bench/fused_moe.traffic runs layers on meta)
     return tuple(t.to(torch.get_autocast_dtype(device)) for t in tensors)
+
+
+class _Recast:
+    """What a GEMM keeps for backward in place of its weight operand, a view of a weight's cast: the
+    weight itself, cast again (into the same view) when backward unpacks it."""
+
+    __slots__ = ("weight", "dtype", "view")
+
+    def __init__(self, weight: torch.Tensor, saved: torch.Tensor):
+        self.weight, self.dtype = weight, saved.dtype
+        self.view = (saved.size(), saved.stride(), saved.storage_offset())
+
+    def __call__(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.weight.to(self.dtype).as_strided(*self.view)
+
+
+def recast_in_backward(weights: tuple, compute):
+    """compute(*casts), the weights cast as `autocast_cast` casts them, where autograd keeps, in place
+    of each cast (or a view of it), a `_Recast`: the weight, cast again in backward. The casts live
+    for the forward alone, as FSSDP's gathered weights do (its layers that compute in place from the
+    owned fp32 weights). The same values, bit for bit; every other tensor goes through the enclosing
+    saved-tensor hooks, if any."""
+    casts = autocast_cast(*weights)
+    recast = {c.untyped_storage()._cdata: w for c, w in zip(casts, weights) if c.dtype != w.dtype}
+    if not recast or not torch.is_grad_enabled():
+        return compute(*casts)
+    outer = _enclosing_hooks()
+
+    def pack(t):
+        weight = recast.get(t.untyped_storage()._cdata)
+        if weight is not None:
+            return _Recast(weight, t)
+        return _Outer(outer[0](t)) if outer else t
+
+    def unpack(t):
+        if isinstance(t, _Recast):
+            return t()
+        return outer[1](t.packed) if isinstance(t, _Outer) else t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return compute(*casts)
 
 
 def grouped_swiglu(

@@ -8,6 +8,7 @@ gradients and AdamW state: one global copy. Each step the plan says which ranks 
   asynchronously while this one computes;
 - with re-materialization on, the gathered weights are freed after the layer's forward pass and
   gathered again at the start of its backward pass (the previous layer's re-gather is prefetched);
+  a layer that computes in place keeps no autocast cast of its owned weights either (cast again);
 - `sparse_reduce_scatter` returns each materialized expert's gradient to its owner, summed over every
   rank that computed it, after backward;
 - a new plan only changes what the next gather fetches: nothing migrates;
@@ -32,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moesaic.parallel.expert_state import reshard_owners  # noqa: F401  (re-exported: FSSDP's owner moves)
-from moesaic.parallel.experts import compiled_grouped_swiglu, grouped_swiglu
+from moesaic.parallel.experts import compiled_grouped_swiglu, grouped_swiglu, recast_in_backward
 from moesaic.parallel.expert_parallel import LayerPlan
 from moesaic.parallel.fssdp_dispatch import FSSDPDispatcher
 from moesaic.parallel.gather_schedule import GatherSchedule, computes_in_place, even_owners  # noqa: F401  (re-exported)
@@ -184,6 +185,11 @@ class FSSDPExperts(nn.Module):
         return w13.reshape(n, 2 * F, D), w2.reshape(n, D, F)
 
     def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        if self.direct and self.reshard_after_forward and not self.compiled:
+            # in place, under autocast: no cast of the owned weights kept until backward (compiled, the
+            # partitioner chooses, and keeps the fp32 weights, which are there anyway)
+            return recast_in_backward(self.weights(), lambda w13, w2: grouped_swiglu(
+                x_TD, counts_E, w13, w2, kernels=self.kernels, recompute_act=self.recompute_act))
         swiglu = compiled_grouped_swiglu if self.compiled else grouped_swiglu
         return swiglu(x_TD, counts_E, *self.weights(), kernels=self.kernels, recompute_act=self.recompute_act)
 

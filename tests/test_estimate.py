@@ -80,7 +80,9 @@ def test_the_estimate_is_what_each_rank_holds(tmp_path):
         "fssdp_kept": (4, ["parallel=fssdp", *three, "parallel.reshard_after_forward=false", BF16,
                            "parallel.gather_dtype=fp32"]),  # gathered in fp32: every computed expert's copy
         "fssdp_replicas_no_prefetch": (4, ["parallel=fssdp", f"placement.plan={rep4}", "parallel.prefetch=false"]),
-        "fssdp_in_place_bf16": (2, ["parallel=fssdp", BF16]),  # contiguous, owners aligned: the owned weights' copies
+        # contiguous, owners aligned: computed in place, the owned weights cast again in backward, or kept
+        "fssdp_in_place_bf16": (2, ["parallel=fssdp", BF16]),
+        "fssdp_in_place_kept_bf16": (2, ["parallel=fssdp", BF16, "parallel.reshard_after_forward=false"]),
     }
     seen = {}
     for name, (n, extra) in cases.items():
@@ -94,6 +96,10 @@ def test_the_estimate_is_what_each_rank_holds(tmp_path):
     peaks = {k: max(r["weights"] for r in seen[k]["fssdp_gathered_peak_bytes_per_rank"])
              for k in ("fssdp_prefetch_bf16", "fssdp_kept", "fssdp_replicas_no_prefetch")}
     assert all(peaks.values()), peaks
+    copies = {k: seen[k]["kept_for_backward_per_rank"][0]["weight_copies"] for k in ("fssdp_in_place_bf16",
+                                                                                      "fssdp_in_place_kept_bf16")}
+    owned = 3 * 32 * 32 * 2 * 2 * 2  # per rank 2 of 4 experts (d 32, ffn 32: 3FD each) in 2 layers, bf16
+    assert copies["fssdp_in_place_kept_bf16"] - copies["fssdp_in_place_bf16"] == owned, copies
 
 
 def test_the_cli_compares_layouts_and_names_bad_input(tmp_path, capsys):

@@ -144,3 +144,35 @@ def test_trainer_gathers_bf16_under_bf16_autocast(tmp_path):
     assert 2 * bf16["gather"] == fp32["gather"] > 0 and 2 * bf16["grad"] == fp32["grad"] > 0, (bf16, fp32)
     for a, b in zip(bf16["params"], fp32["params"]):
         assert a.keys() == b.keys() and all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_in_place_layers_cast_their_weights_again_in_backward(tmp_path):
+    """FSSDP computing in place (contiguous plan, owners aligned) under bf16 autocast: with
+    reshard_after_forward (the default) each layer keeps no bf16 cast of its owned weights for
+    backward and casts them again there (`recast_in_backward`); without it, it keeps them. The
+    losses, the evaluations and every rank's parameters are the same bit for bit, with the
+    recomputed activation (its hooks nest inside) and with full checkpointing (the block recomputed),
+    and the first forward keeps the casts' bytes fewer."""
+    def train(name: str, *extra: str) -> dict:
+        torchrun(2, ["experiment=smoke", "parallel=fssdp", "parallel.mixed_precision=bf16", "grad_accum_steps=2",
+                     "steps=4", "optim.warmup_steps=1", "eval_every=2", "eval_batches=2", "logging.log_every=1",
+                     "logging.dump_rank_params=true", "logging.count_kept=true", f"logging.out_dir={tmp_path}",
+                     f"logging.run_name={name}", *extra])
+        run = tmp_path / name
+        metrics = read_metrics(run)
+        return {"losses": [r["loss"] for r in metrics if r["kind"] == "train"],
+                "val": [r["val_loss"] for r in metrics if r["kind"] == "eval"],
+                "kept": json.loads((run / "summary.json").read_text())["kept_for_backward_per_rank"],
+                "params": [torch.load(run / f"params-rank{r}.pt", weights_only=True) for r in range(2)]}
+
+    for mode in (["parallel.recompute_moe_act=true"], ["parallel.activation_checkpoint=full"]):
+        recast = train("recast" + mode[0][-4:], *mode)
+        kept = train("kept" + mode[0][-4:], *mode, "parallel.reshard_after_forward=false")
+        assert len(recast["losses"]) == 4 and recast["losses"] == kept["losses"] and recast["val"] == kept["val"]
+        for a, b in zip(recast["params"], kept["params"]):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        owned = 3 * 32 * 32 * 2 * 2 * 2  # 2 of 4 experts (d 32, ffn 32) per rank, 2 layers, in bf16
+        diff = [k["weight_copies"] - r["weight_copies"] for r, k in zip(recast["kept"], kept["kept"])]
+        assert diff == ([owned] * 2 if mode[0].startswith("parallel.recompute") else [0, 0]), diff  # full: none kept

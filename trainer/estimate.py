@@ -24,8 +24,8 @@ code the trainer runs (the plan, FSSDP's owners, FSDP2's dim-0 shards):
 - weight copies: under autocast, the GEMMs keep the weights' copies in the autocast dtype until
   their backward: every dense weight's, unless FSDP2 gathers them in bf16 (dense_gather_dtype), and
   those of the experts a rank computes with fp32 weights (resident EP: the experts it holds; FSSDP:
-  those it gathers in fp32, and those it computes in place from the weights it owns). Counted in
-  the same fake forward, a dispatch mode noting each cast of a weight.
+  those it gathers in fp32, and with reshard_after_forward=false those it computes in place from
+  the weights it owns). Counted in the same fake forward, a dispatch mode noting each cast of a weight.
 Not included: FSDP2's gathered blocks of dense weights. DeepSpeed's ZeRO engine and the DeepSpeed-MoE baseline are refused by name:
 DeepSpeed pads and flattens its partitions in its own way.
 """
@@ -80,15 +80,17 @@ def cast_experts(ep_rank: int, plan, owners, cfg: TrainConfig) -> int:
     """Under autocast: the (expert, MoE layer) pairs whose fp32 weights the rank computes with, each
     cast to the autocast dtype and kept so until backward. Without a plan every expert is a dense
     parameter (FSDP2 may gather them in bf16); FSSDP gathers in the autocast dtype by default, and a
-    layer that computes in place uses the owned (fp32) weights."""
+    layer that computes in place casts the owned (fp32) weights, but keeps the casts only with
+    parallel.reshard_after_forward=false (else backward casts them again, as it gathers again)."""
     pc, E = cfg.parallel, cfg.model.moe.num_experts
     if plan is None:
         return 0 if pc.dense_sharding == "fsdp" and pc.dense_gather_dtype == "bf16" else E * cfg.model.num_moe_layers
     if owners is None:
         return sum(len(plan.experts_on(layer, ep_rank)) for layer in range(plan.num_layers))
     gathered_cast = pc.expert_gather_dtype() != {"bf16": torch.bfloat16, "fp16": torch.float16}[pc.mixed_precision]
+    in_place_cast = not pc.reshard_after_forward  # else cast again in backward (FSSDPExperts.forward)
     return sum(len(plan.experts_on(layer, ep_rank)) for layer, own in enumerate(owners)
-               if gathered_cast or computes_in_place(plan.placement[layer], own))
+               if (in_place_cast if computes_in_place(plan.placement[layer], own) else gathered_cast))
 
 
 def weight_copies(counted: dict, experts: int) -> int | None:
