@@ -41,7 +41,8 @@ class ParallelConfig:
     packs whole groups onto nodes."""
     reshard_after_forward: bool = True
     """FSSDP re-materialization: free gathered expert weights after a layer's forward pass and gather
-    them again for its backward pass."""
+    them again for its backward pass; a layer that computes in place under autocast keeps no cast of
+    its owned weights either, and casts them again (under compile=true, inductor decides)."""
     prefetch: bool = True
     """FSSDP: gather the next layer's experts asynchronously while this one computes."""
     reshard_every_n_steps: int = 0

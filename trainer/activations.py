@@ -6,10 +6,9 @@ the trainer's autocast (`parallel.mixed_precision`), FSDP2's bf16 compute weight
 (`parallel.dense_gather_dtype=bf16`), activation checkpointing and `parallel.recompute_moe_act`, and
 every tensor that autograd keeps for backward is counted once per storage, parameters left out: the
 same count as `bench/activation_memory.py` makes of a real forward, and the tests check that the two
-agree byte for byte. Two token counts separate what grows with the tokens (the activations) from
-what does not: the weights' copies in the autocast dtype, which the GEMMs keep until their backward
-(a dispatch mode picks them out of the casts, the experts' apart from the dense ones), and the
-rotary tables.
+agree byte for byte. The weights' copies in the autocast dtype, which the GEMMs keep until their
+backward, are counted apart: a dispatch mode notes each cast of a weight, the experts' apart from
+the dense ones, since a rank keeps the casts of only the experts it computes.
 
 What it assumes:
 - Dropless routing (or a capacity that drops nothing): every rank's experts receive tokens x top-k
@@ -118,12 +117,12 @@ def forward_kept(model: torch.nn.Module, forward, *, copies: bool = True) -> tup
             kept[st._cdata] = st.nbytes()
         return t
 
-    casts = _WeightCopies(experts) if copies else contextlib.nullcontext(_WeightCopies(set()))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), casts as casts:
+    casts = _WeightCopies(experts)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), casts if copies else contextlib.nullcontext():
         out = forward()
-    copies = {k: n for k, n in kept.items() if k in casts.copies}
-    expert = sum(n for k, n in copies.items() if casts.copies[k][1])
-    return out, Kept(sum(kept.values()), sum(copies.values()), expert)
+    kept_casts = {k: n for k, n in kept.items() if k in casts.copies}
+    expert = sum(n for k, n in kept_casts.items() if casts.copies[k][1])
+    return out, Kept(sum(kept.values()), sum(kept_casts.values()), expert)
 
 
 def kept_for_backward(cfg: TrainConfig, batch: int, *, fsdp_experts: bool = False) -> Kept:

@@ -26,8 +26,8 @@ code the trainer runs (the plan, FSSDP's owners, FSDP2's dim-0 shards):
   those of the experts a rank computes with fp32 weights (resident EP: the experts it holds; FSSDP:
   those it gathers in fp32, and with reshard_after_forward=false those it computes in place from
   the weights it owns). Counted in the same fake forward, a dispatch mode noting each cast of a weight.
-Not included: FSDP2's gathered blocks of dense weights. DeepSpeed's ZeRO engine and the DeepSpeed-MoE baseline are refused by name:
-DeepSpeed pads and flattens its partitions in its own way.
+Not included: FSDP2's gathered blocks of dense weights. DeepSpeed's ZeRO engine and the
+DeepSpeed-MoE baseline are refused by name: DeepSpeed pads and flattens its partitions in its own way.
 """
 
 from __future__ import annotations
