@@ -158,18 +158,16 @@ def test_trainer_runs_table(tmp_path):
 
 def test_trainer_runs_puts_the_kept_bytes_beside_the_estimate(tmp_path):
     """A run with logging.count_kept: what its first forward kept, beside moesaic-estimate's count of
-    its config.yaml; in one process (no routing between ranks) the two agree but for the batch's own
-    buffer (x and y are views of one row longer)."""
-    from conftest import child_env
+    its config.yaml; on one rank (no routing between ranks) the weights' copies agree exactly, the
+    rest but for the FSSDP dispatch's index tensors (under 1%)."""
+    from conftest import torchrun
 
-    proc = subprocess.run([sys.executable, "-m", "moesaic.trainer", "experiment=smoke", "steps=2", "optim.warmup_steps=1",
-                           "logging.count_kept=true", "parallel.mixed_precision=bf16", f"logging.out_dir={tmp_path}",
-                           "logging.run_name=counted"], capture_output=True, text=True, timeout=300, env=child_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(1, ["experiment=smoke", "steps=2", "optim.warmup_steps=1", "logging.count_kept=true",  # (FSSDP over 1 rank)
+                 "parallel.mixed_precision=bf16", f"logging.out_dir={tmp_path}", "logging.run_name=counted"])
     run("trainer_runs.py", tmp_path, "--json", tmp_path / "t.json")
     row = json.loads((tmp_path / "t.json").read_text())["rows"][0]
     assert row["kept_copies_MiB"] == row["estimated_copies_MiB"] > 0
-    assert 0 <= row["kept_MiB"] - row["estimated_MiB"] <= 0.01, row
+    assert 0 <= row["kept_MiB"] - row["estimated_MiB"] <= 0.02 * row["estimated_MiB"], row  # the dispatch's indices
 
 
 @pytest.mark.slow

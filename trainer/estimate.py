@@ -26,6 +26,8 @@ code the trainer runs (the plan, FSSDP's owners, FSDP2's dim-0 shards):
   those of the experts a rank computes with fp32 weights (resident EP: the experts it holds; FSSDP:
   those it gathers in fp32, and with reshard_after_forward=false those it computes in place from
   the weights it owns). Counted in the same fake forward, a dispatch mode noting each cast of a weight.
+A run without torch.distributed (`python -m moesaic.trainer`, one process) applies neither EP nor
+FSSDP: estimate it with parallel=ddp --world-size 1 (torchrun's one rank applies them).
 Not included: FSDP2's gathered blocks of dense weights. DeepSpeed's ZeRO engine and the
 DeepSpeed-MoE baseline are refused by name: DeepSpeed pads and flattens its partitions in its own way.
 """
