@@ -72,6 +72,19 @@ def reshard(model: torch.nn.Module) -> None:
             m.reshard()
 
 
+def gathered_bytes(model: torch.nn.Module) -> int:
+    """Bytes of FSDP2's gathered (unsharded) dense weights alive on this rank now, padding included: a
+    freed buffer counts 0. 0 without FSDP. (FSDP2's own buffers: `FSDPParam.all_gather_outputs`.)"""
+    from torch.distributed.fsdp import FSDPModule
+
+    total = 0
+    for m in model.modules():
+        group = m._get_fsdp_state()._fsdp_param_group if isinstance(m, FSDPModule) else None
+        for fp in group.fsdp_params if group is not None else ():
+            total += sum(t.untyped_storage().nbytes() for t in fp.all_gather_outputs)
+    return total
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor; a plain tensor as it is."""
     return t.to_local() if isinstance(t, DTensor) else t

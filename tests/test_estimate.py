@@ -50,7 +50,7 @@ def _check(run_dir) -> dict:
     # about 0.75% (ratios seen: mean 1.005-1.008)
     ratios = []
     for est, kept in zip(rows, s["kept_for_backward_per_rank"]):
-        assert kept["weight_copies"] == est["weight_copies"], (est, kept)
+        assert kept["weight_copies"] == est["weight_copies"] and kept["fsdp_gathered"] == est["fsdp_gathered"], (est, kept)
         ratios.append((kept["total"] - kept["weight_copies"]) / est["activations"])
     if s["expert_sharding"] == "replicated":
         assert all(1 <= r < 1.005 for r in ratios), ratios
@@ -77,8 +77,9 @@ def test_the_estimate_is_what_each_rank_holds(tmp_path):
         # (the run's closing evaluation held all 3 layers' gathered experts at once before FSSDPExperts.release
         # freed them without gradients: rank 0's peak was 6 experts, not the 4 of two consecutive layers)
         "fssdp_prefetch_bf16": (4, ["parallel=fssdp", *three, BF16]),  # experts gathered in bf16: no copies
-        "fssdp_kept": (4, ["parallel=fssdp", *three, "parallel.reshard_after_forward=false", BF16,
-                           "parallel.gather_dtype=fp32"]),  # gathered in fp32: every computed expert's copy
+        "fssdp_kept": (4, ["parallel=fssdp", *three, "parallel.reshard_after_forward=false", BF16,  # gathered in fp32:
+                           "parallel.gather_dtype=fp32", "parallel.dense_sharding=fsdp"]),  # every computed expert's
+        # copy; FSDP2 keeps every block's dense weights gathered too
         "fssdp_replicas_no_prefetch": (4, ["parallel=fssdp", f"placement.plan={rep4}", "parallel.prefetch=false"]),
         # contiguous, owners aligned: computed in place, the owned weights cast again in backward, or kept
         "fssdp_in_place_bf16": (2, ["parallel=fssdp", BF16]),
@@ -100,6 +101,11 @@ def test_the_estimate_is_what_each_rank_holds(tmp_path):
                                                                                       "fssdp_in_place_kept_bf16")}
     owned = 3 * 32 * 32 * 2 * 2 * 2  # per rank 2 of 4 experts (d 32, ffn 32: 3FD each) in 2 layers, bf16
     assert copies["fssdp_in_place_kept_bf16"] - copies["fssdp_in_place_bf16"] == owned, copies
+    gathered = {k: [r["fsdp_gathered"] for r in seen[k]["kept_for_backward_per_rank"]]
+                for k in ("fsdp_padded", "ep_replicas_hsdp", "fssdp_kept", "ep2_edp")}
+    assert gathered["fsdp_padded"] == [256 * 40 * 4 + 40 * 4] * 2  # the root: the tied embedding (fp32) and norm
+    assert gathered["ep_replicas_hsdp"] == [(256 * 32 + 32) * 2] * 4  # in bf16
+    assert all(g > (256 * 32 + 32) * 4 for g in gathered["fssdp_kept"]) and gathered["ep2_edp"] == [0] * 4  # DDP
 
 
 def test_the_cli_compares_layouts_and_names_bad_input(tmp_path, capsys):

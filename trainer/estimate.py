@@ -26,9 +26,13 @@ code the trainer runs (the plan, FSSDP's owners, FSDP2's dim-0 shards):
   those of the experts a rank computes with fp32 weights (resident EP: the experts it holds; FSSDP:
   those it gathers in fp32, and with reshard_after_forward=false those it computes in place from
   the weights it owns). Counted in the same fake forward, a dispatch mode noting each cast of a weight.
+- FSDP2's gathered dense weights kept from the forward to the backward: the root's (FSDP2 keeps it
+  gathered), and with reshard_after_forward=false every block's; the trainer measures the same
+  (`logging.count_kept`), and the tests check that the two agree byte for byte.
 A run without torch.distributed (`python -m moesaic.trainer`, one process) applies neither EP nor
 FSSDP: estimate it with parallel=ddp --world-size 1 (torchrun's one rank applies them).
-Not included: FSDP2's gathered blocks of dense weights. DeepSpeed's ZeRO engine and the
+Not included: the backward's working set (a block's dense weights gathered again, and the one
+prefetched, with their unsharded gradients; a layer's activation gradients). DeepSpeed's ZeRO engine and the
 DeepSpeed-MoE baseline are refused by name: DeepSpeed pads and flattens its partitions in its own way.
 """
 
@@ -102,6 +106,23 @@ def weight_copies(counted: dict, experts: int) -> int | None:
     return counted["dense_copies"] + experts * counted["expert_copy"]
 
 
+def fsdp_gathered(model, cfg: TrainConfig, shards: int, experts_in_fsdp: bool) -> int:
+    """FSDP2's gathered dense weights that stay so from the forward to the backward, padding included:
+    the root's (embedding, final norm, head), which FSDP2 keeps gathered, and with
+    parallel.reshard_after_forward=false every block's too; in the gather dtype. A block's own,
+    gathered again for its backward, is the backward's working set (not counted)."""
+    pc = cfg.parallel
+    if pc.dense_sharding != "fsdp":
+        return 0
+    size = 2 if pc.dense_gather_dtype == "bf16" else FP32
+    total = 0
+    for name, p in model.named_parameters():  # (a tied head is the embedding's parameter: counted once)
+        if (".experts." in name and not experts_in_fsdp) or (name.startswith("layers.") and pc.reshard_after_forward):
+            continue
+        total += -(-p.shape[0] // shards) * shards * (p.numel() // p.shape[0]) * size
+    return total
+
+
 def estimate(cfg: TrainConfig, world_size: int) -> list[dict]:
     """One row per rank: bytes of parameters, gradients and AdamW moments, dense and expert, and
     FSSDP's gathered working set. Raises ValueError naming the field for a layout it cannot model."""
@@ -131,6 +152,7 @@ def estimate(cfg: TrainConfig, world_size: int) -> list[dict]:
     counted = activation_bytes(cfg, fsdp_experts=plan is None)  # the same on every rank (balanced routing)
     activations = counted["activations"]
     casts = cfg.parallel.mixed_precision in ("bf16", "fp16")
+    gathered_dense = fsdp_gathered(model, cfg, shards, plan is None)  # the same on every rank
     rows = []
     for rank in range(world_size):
         index, ep_rank = rank % shards, rank % ep  # the meshes are row-major: (dp_replicate, dp_shard), (edp, ep)
@@ -154,6 +176,7 @@ def estimate(cfg: TrainConfig, world_size: int) -> list[dict]:
             "gathered_weights": working * gather_bytes, "gathered_grads": working * gather_bytes,
             "activations": activations,
             "weight_copies": weight_copies(counted, cast_experts(ep_rank, plan, owners, cfg) if casts else 0),
+            "fsdp_gathered": gathered_dense,
         })
     for r in rows:
         r["total"] = sum(v for k, v in r.items() if k != "rank" and v is not None)
@@ -175,7 +198,7 @@ def summarize(rows: list[dict]) -> dict:
 
 def _table(named: dict[str, dict]) -> str:
     keys = ["dense_params", "dense_grads", "dense_moments", "expert_params", "expert_grads", "expert_moments",
-            "gathered_weights", "gathered_grads", "activations", "weight_copies", "total"]
+            "gathered_weights", "gathered_grads", "activations", "weight_copies", "fsdp_gathered", "total"]
     unit, div = ("GiB", GIB) if max(s["total"] for s in named.values()) >= GIB else ("MiB", 2**20)
     lines = ["| layout | " + " | ".join(f"{k.replace('_', ' ')} ({unit})" for k in keys) + " |",
              "|---|" + "---|" * len(keys)]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.profiler import record_function
 
-from moesaic.parallel.dense_fsdp import reshard
+from moesaic.parallel.dense_fsdp import gathered_bytes, reshard
 from moesaic.trainer.activations import forward_kept
 from moesaic.trainer.config import TrainConfig
 from moesaic.trainer.data import TRAIN_STREAM, VAL_STREAM, sample_batch
@@ -33,7 +33,7 @@ class StepResult:
     counts_LE: torch.Tensor | None  # this rank's token-slots per expert
     comm: dict = field(default_factory=dict)  # this rank's bytes and dropped tokens
     phase_s: dict = field(default_factory=dict)
-    kept: object = None  # count_kept: what the first micro-batch's forward kept for backward (activations.Kept)
+    kept: dict | None = None  # count_kept: bytes the first micro-batch's forward kept for backward
     _global_LE: torch.Tensor | None = None
 
     def global_counts(self, info: DistInfo) -> torch.Tensor | None:
@@ -79,6 +79,8 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
                 with precision(cfg, info.device):
                     if count_kept and micro == 0:
                         out, kept = forward_kept(model, lambda: par.train_model(x, y))
+                        kept = {"total": kept.total, "weight_copies": kept.weight_copies,
+                                "fsdp_gathered": gathered_bytes(model)}  # FSDP2's weights gathered until backward
                     else:
                         out = par.train_model(x, y)
                 par.backward(out.loss if scale is None else out.loss * scale, cfg.grad_accum_steps)

@@ -211,7 +211,6 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
 
     # FSSDP: the peak bytes of gathered expert weights, and of them with their gradients
     gathered = {"weights": WORKING_SET["peak"], "with_grads": WORKING_SET["peak_total"]} if par.fssdp else None
-    kept = {"total": kept.total, "weight_copies": kept.weight_copies} if kept is not None else None
     rss, gpu_peak, dense, experts, gathered, kept = zip(*all_gather_object(
         (round(peak_rss_mib(), 1), gpu_mib, held["dense"], held["experts"], gathered, kept), info))  # one collective
     routing = recorder.stats(all_reduce=True)
@@ -239,7 +238,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
         "dense_state_bytes_per_rank": list(dense),  # dense parameters and AdamW moments held, from the tensors
         "expert_state_bytes_per_rank": list(experts),  # EP's and FSSDP's experts (without a plan: in dense)
         "fssdp_gathered_peak_bytes_per_rank": list(gathered),
-        "kept_for_backward_per_rank": list(kept),  # logging.count_kept: bytes, the weights' copies among them
+        "kept_for_backward_per_rank": list(kept),  # logging.count_kept: bytes (copies among them), FSDP2's gathered
         "dynamic_replicas_added_mean": float(np.mean(dynamic.replicas_added)) if dynamic.replicas_added else 0.0,
         "run_dir": str(run_dir), "config": asdict(cfg), "compile": compile_stats() if cfg.compile else None,
     }
