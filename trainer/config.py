@@ -85,8 +85,9 @@ class LoggingConfig:
     operator table per rank to <run dir>/profile/ (trainer/profile.py). []: off."""
     count_kept: bool = False
     """The first step's first forward counts, on every rank, the bytes that autograd keeps for
-    backward: the activations, and the weights' copies in the autocast dtype apart (summary.json's
-    `kept_for_backward_per_rank`; `moesaic-estimate` predicts both). Eager runs only."""
+    backward: the activations, and the weights' copies in the autocast dtype apart; and FSDP2's
+    gathered dense weights then (summary.json's `kept_for_backward_per_rank`; `moesaic-estimate`
+    predicts all three). Eager runs only."""
 
     def __post_init__(self) -> None:
         if self.log_every < 1:
