@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 
-from moesaic.parallel.swiglu import _enclosing_hooks, _Outer, swiglu_down, swiglu_down_recomputed
+from moesaic.parallel.swiglu import SavedRecipe, saved_instead, swiglu_down, swiglu_down_recomputed
 
 log = logging.getLogger(__name__)
 GROUPED_MM_ALIGN = 16
@@ -171,7 +171,7 @@ def autocast_cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(torch.get_autocast_dtype(device)) for t in tensors)
 
 
-class _Recast:
+class _Recast(SavedRecipe):
     """What a GEMM keeps for backward in place of its weight operand, a view of a weight's cast: the
     weight itself, cast again (into the same view) when backward unpacks it."""
 
@@ -196,20 +196,12 @@ def recast_in_backward(weights: tuple, compute):
     recast = {c.untyped_storage()._cdata: w for c, w in zip(casts, weights) if c.dtype != w.dtype}
     if not recast or not torch.is_grad_enabled():
         return compute(*casts)
-    outer = _enclosing_hooks()
 
-    def pack(t):
+    def recipe(t):
         weight = recast.get(t.untyped_storage()._cdata)
-        if weight is not None:
-            return _Recast(weight, t)
-        return _Outer(outer[0](t)) if outer else t
+        return _Recast(weight, t) if weight is not None else None
 
-    def unpack(t):
-        if isinstance(t, _Recast):
-            return t()
-        return outer[1](t.packed) if isinstance(t, _Outer) else t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+    with saved_instead(recipe):
         return compute(*casts)
 
 

@@ -8,6 +8,8 @@ Legend: N token-slots (sorted by expert), D model dim, F expert ffn dim, E exper
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
@@ -80,7 +82,17 @@ def _silu_mul(h1, h3):
     return F.silu(h1) * h3
 
 
-class _Recompute:
+class SavedRecipe:
+    """What autograd keeps in place of a tensor under `saved_instead`: called when backward unpacks
+    it, it gives the tensor back."""
+
+    __slots__ = ()
+
+    def __call__(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _Recompute(SavedRecipe):
     """What a GEMM keeps for backward in place of its input h: how to recompute h, `act(*inputs)`,
     the inputs kept as the enclosing hooks keep tensors, if there are any."""
 
@@ -109,25 +121,35 @@ class _Outer:
         self.packed = packed
 
 
-def _consume_recomputed(h: torch.Tensor, inputs: tuple, act, consume):
-    """consume(h), under saved-tensor hooks that keep, in place of h, a `_Recompute` of act(*inputs).
-    Hooks nest by replacing: every other tensor, and the inputs, go through the enclosing hooks (an
-    outer checkpoint, torch.autograd.graph.save_on_cpu, a memory count) as they would without these."""
+@contextlib.contextmanager
+def saved_instead(recipe_for):
+    """Saved-tensor hooks under which autograd keeps `recipe_for(t)`, a `SavedRecipe`, in place of
+    each tensor t for which it is not None. Hooks nest by replacing: every other tensor goes through
+    the enclosing hooks (an outer checkpoint, torch.autograd.graph.save_on_cpu, a memory count) as
+    it would without these."""
     outer = _enclosing_hooks()
-    # h's storage (its StorageImpl: a fake tensor, as moesaic-estimate runs, has no data pointer)
-    key, recipe = (h.untyped_storage()._cdata, h.shape), _Recompute(inputs, outer, act)
 
     def pack(t):
-        if (t.untyped_storage()._cdata, t.shape) == key:
+        recipe = recipe_for(t)
+        if recipe is not None:
             return recipe
         return _Outer(outer[0](t)) if outer else t
 
     def unpack(t):
-        if t is recipe:
+        if isinstance(t, SavedRecipe):
             return t()
         return outer[1](t.packed) if isinstance(t, _Outer) else t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+def _consume_recomputed(h: torch.Tensor, inputs: tuple, act, consume):
+    """consume(h), keeping in place of h a `_Recompute` of act(*inputs) (`saved_instead`); the
+    inputs go through the enclosing hooks, as every other tensor does."""
+    # h's storage (its StorageImpl: a fake tensor, as moesaic-estimate runs, has no data pointer)
+    key, recipe = (h.untyped_storage()._cdata, h.shape), _Recompute(inputs, _enclosing_hooks(), act)
+    with saved_instead(lambda t: recipe if (t.untyped_storage()._cdata, t.shape) == key else None):
         return consume(h)
 
 

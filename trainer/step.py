@@ -78,8 +78,8 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
                 x, y = x.to(info.device), y.to(info.device)
                 with precision(cfg, info.device):
                     if count_kept and micro == 0:
-                        out, kept = forward_kept(model, lambda: par.train_model(x, y))
-                        kept = {"total": kept.total, "weight_copies": kept.weight_copies,
+                        out, counted = forward_kept(model, lambda: par.train_model(x, y))
+                        kept = {"total": counted.total, "weight_copies": counted.weight_copies,
                                 "fsdp_gathered": gathered_bytes(model)}  # FSDP2's weights gathered until backward
                     else:
                         out = par.train_model(x, y)

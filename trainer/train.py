@@ -166,7 +166,7 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
             dynamic.before_step()
             r = train_step(step, cfg=cfg, corpus=corpus, par=par, recorder=recorder, optimizer=optimizer,
                            scheduler=scheduler, info=info, scaler=scaler, count_kept=cfg.logging.count_kept and step == start)
-            kept = r.kept if step == start else kept
+            kept = r.kept or kept  # (set by the first step alone)
             dynamic.after_step(r.global_counts(info) if dynamic.enabled else None)
         tokens_done += tokens_per_step
         skipped += int(r.skipped)
