@@ -84,6 +84,14 @@ class ParallelConfig:
     experts likewise keep w1 x and w3 x alone. One more element-wise pass in backward; the gradients
     are the same, bit for bit. With activation_checkpoint=full the whole block is recomputed anyway,
     and this has no effect."""
+    recast_expert_weights: bool = False
+    """Under autocast, keep no cast of the routed experts' weights that a rank holds as parameters
+    (resident EP's held experts; every expert without a plan) from a layer's forward to its
+    backward: autograd keeps the fp32 weight itself, and backward casts it again (one more pass over
+    the held weights, 6 bytes a parameter). It saves their bf16 copies, e.g. 4.4 GiB of the 2.62B
+    model of bench/gpu_train.py on one GPU. The same gradients, bit for bit; eager only
+    (`compile=true` leaves it to inductor's partitioner). FSSDP does the same for the layers that it
+    computes in place, under reshard_after_forward (the shared experts, dense MLPs, keep autocast's)."""
     mixed_precision: str = "none"
     """`none` (fp32), `bf16` or `fp16`: forward and backward run under torch.autocast in bfloat16 or
     float16 (matmuls, attention, the experts' grouped GEMMs, and the tokens that the all-to-all
@@ -205,6 +213,13 @@ class ParallelConfig:
         if not 0 < self.min_loss_scale <= 2.0 ** self.initial_scale_power:
             raise ValueError(f"parallel.min_loss_scale ({self.min_loss_scale}) must be > 0 and <= "
                              f"2**parallel.initial_scale_power ({2.0 ** self.initial_scale_power:g})")
+        if self.recast_expert_weights and self.mixed_precision == "none":
+            raise ValueError(f"parallel.recast_expert_weights ({self.recast_expert_weights}) needs parallel.mixed_precision="
+                             "bf16 or fp16: in fp32 the experts compute with their weights themselves, and keep no cast")
+        if self.recast_expert_weights and self.expert_sharding == "fssdp":
+            raise ValueError(f"parallel.recast_expert_weights ({self.recast_expert_weights}) is for resident experts, not "
+                             "parallel.expert_sharding ('fssdp'), whose in-place layers cast again in backward under "
+                             "parallel.reshard_after_forward and whose gathered experts are cast as they are gathered")
         if self.gather_dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"parallel.gather_dtype ({self.gather_dtype!r}) must be one of 'auto', 'fp32', 'bf16', 'fp16'")
         if self.gather_dtype in ("bf16", "fp16") and self.mixed_precision != self.gather_dtype:

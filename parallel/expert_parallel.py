@@ -333,7 +333,7 @@ def migrate_resident(model: nn.Module, optimizer: torch.optim.Optimizer, plan: P
         for name in EXPERT_WEIGHTS:  # the optimizer's entries are keyed by the old tensors
             setattr(sub, name, getattr(store, name))
         expert_state.install(sub, optimizer, rows, moments, store.ffn_dim, store.dim)
-        sub.compiled, sub.recompute_act = store.compiled, store.recompute_act
+        sub.compiled, sub.recompute_act, sub.recast_weights = store.compiled, store.recompute_act, store.recast_weights
         moe.experts = sub
         old_dispatcher = moe.dispatcher
         moe.dispatcher = ExpertParallelDispatcher(new, old_dispatcher.group, device=store.w2_EDF.device,

@@ -315,6 +315,7 @@ class GroupedExperts(nn.Module):
         self.num_experts, self.dim, self.ffn_dim, self.kernels = num_experts, dim, ffn_dim, kernels
         self.compiled = False  # run compiled_grouped_swiglu (set by apply_compile under EP and FSSDP)
         self.recompute_act = False  # recompute the activation in backward (set by apply_activation_checkpoint)
+        self.recast_weights = False  # keep no cast of the weights for backward (set by apply_activation_checkpoint)
         # device and dtype as nn.Linear's factory kwargs: None is torch's default (a `with torch.device`)
         self.w13_EGD = nn.Parameter(torch.empty(num_experts, 2 * ffn_dim, dim, device=device, dtype=dtype))
         self.w2_EDF = nn.Parameter(torch.empty(num_experts, dim, ffn_dim, device=device, dtype=dtype))
@@ -337,6 +338,9 @@ class GroupedExperts(nn.Module):
         return self.w13_EGD[:, self.ffn_dim :]
 
     def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        if self.recast_weights and not self.compiled:  # (parallel.recast_expert_weights)
+            return recast_in_backward((self.w13_EGD, self.w2_EDF), lambda w13, w2: grouped_swiglu(
+                x_TD, counts_E, w13, w2, kernels=self.kernels, recompute_act=self.recompute_act))
         swiglu = compiled_grouped_swiglu if self.compiled else grouped_swiglu
         return swiglu(x_TD, counts_E, self.w13_EGD, self.w2_EDF, kernels=self.kernels, recompute_act=self.recompute_act)
 

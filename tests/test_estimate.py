@@ -84,6 +84,8 @@ def test_the_estimate_is_what_each_rank_holds(tmp_path):
         # contiguous, owners aligned: computed in place, the owned weights cast again in backward, or kept
         "fssdp_in_place_bf16": (2, ["parallel=fssdp", BF16]),
         "fssdp_in_place_kept_bf16": (2, ["parallel=fssdp", BF16, "parallel.reshard_after_forward=false"]),
+        # resident EP whose held experts are cast again in backward: the dense weights' copies alone
+        "ep_recast_bf16": (2, ["parallel=ep", BF16, "parallel.recast_expert_weights=true"]),
     }
     seen = {}
     for name, (n, extra) in cases.items():
@@ -97,10 +99,11 @@ def test_the_estimate_is_what_each_rank_holds(tmp_path):
     peaks = {k: max(r["weights"] for r in seen[k]["fssdp_gathered_peak_bytes_per_rank"])
              for k in ("fssdp_prefetch_bf16", "fssdp_kept", "fssdp_replicas_no_prefetch")}
     assert all(peaks.values()), peaks
-    copies = {k: seen[k]["kept_for_backward_per_rank"][0]["weight_copies"] for k in ("fssdp_in_place_bf16",
-                                                                                      "fssdp_in_place_kept_bf16")}
+    copies = {k: [r["weight_copies"] for r in seen[k]["kept_for_backward_per_rank"]]
+              for k in ("fssdp_in_place_bf16", "fssdp_in_place_kept_bf16", "ep_recast_bf16")}
     owned = 3 * 32 * 32 * 2 * 2 * 2  # per rank 2 of 4 experts (d 32, ffn 32: 3FD each) in 2 layers, bf16
-    assert copies["fssdp_in_place_kept_bf16"] - copies["fssdp_in_place_bf16"] == owned, copies
+    assert [a - b for a, b in zip(copies["fssdp_in_place_kept_bf16"], copies["fssdp_in_place_bf16"])] == [owned] * 2
+    assert copies["ep_recast_bf16"] == copies["fssdp_in_place_bf16"], copies  # the dense weights' alone
     gathered = {k: [r["fsdp_gathered"] for r in seen[k]["kept_for_backward_per_rank"]]
                 for k in ("fsdp_padded", "ep_replicas_hsdp", "fssdp_kept", "ep2_edp")}
     assert gathered["fsdp_padded"] == [256 * 40 * 4 + 40 * 4] * 2  # the root: the tied embedding (fp32) and norm

@@ -13,7 +13,7 @@ import torch
 from conftest import child_env, read_metrics, torchrun
 from moesaic.parallel.config import ParallelConfig
 from moesaic.trainer.loss_scale import LossScaler
-from moesaic.trainer.parallelize import unscale_and_clip_
+from moesaic.trainer.loss_scale import unscale_and_clip_
 
 SMOKE = ["experiment=smoke", "logging.log_every=1", "eval_every=0", "logging.progress=false"]
 FP16 = ["parallel.mixed_precision=fp16"]

@@ -146,6 +146,27 @@ def test_trainer_gathers_bf16_under_bf16_autocast(tmp_path):
         assert a.keys() == b.keys() and all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a)
 
 
+def _train(tmp_path, name: str, *extra: str) -> dict:
+    """2 ranks, bf16, gradient accumulation and evaluations: the losses, the evaluations, what the first
+    forward kept (`logging.count_kept`) and every rank's parameters."""
+    torchrun(2, ["experiment=smoke", "parallel.mixed_precision=bf16", "grad_accum_steps=2", "steps=4",
+                 "optim.warmup_steps=1", "eval_every=2", "eval_batches=2", "logging.log_every=1",
+                 "logging.dump_rank_params=true", "logging.count_kept=true", f"logging.out_dir={tmp_path}",
+                 f"logging.run_name={name}", *extra])
+    run = tmp_path / name
+    metrics = read_metrics(run)
+    return {"losses": [r["loss"] for r in metrics if r["kind"] == "train"],
+            "val": [r["val_loss"] for r in metrics if r["kind"] == "eval"],
+            "kept": json.loads((run / "summary.json").read_text())["kept_for_backward_per_rank"],
+            "params": [torch.load(run / f"params-rank{r}.pt", weights_only=True) for r in range(2)]}
+
+
+def _same_training(a: dict, b: dict) -> None:
+    assert len(a["losses"]) == 4 and a["losses"] == b["losses"] and a["val"] == b["val"]
+    for x, y in zip(a["params"], b["params"]):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 def test_in_place_layers_cast_their_weights_again_in_backward(tmp_path):
@@ -155,24 +176,29 @@ def test_in_place_layers_cast_their_weights_again_in_backward(tmp_path):
     losses, the evaluations and every rank's parameters are the same bit for bit, with the
     recomputed activation (its hooks nest inside) and with full checkpointing (the block recomputed),
     and the first forward keeps the casts' bytes fewer."""
-    def train(name: str, *extra: str) -> dict:
-        torchrun(2, ["experiment=smoke", "parallel=fssdp", "parallel.mixed_precision=bf16", "grad_accum_steps=2",
-                     "steps=4", "optim.warmup_steps=1", "eval_every=2", "eval_batches=2", "logging.log_every=1",
-                     "logging.dump_rank_params=true", "logging.count_kept=true", f"logging.out_dir={tmp_path}",
-                     f"logging.run_name={name}", *extra])
-        run = tmp_path / name
-        metrics = read_metrics(run)
-        return {"losses": [r["loss"] for r in metrics if r["kind"] == "train"],
-                "val": [r["val_loss"] for r in metrics if r["kind"] == "eval"],
-                "kept": json.loads((run / "summary.json").read_text())["kept_for_backward_per_rank"],
-                "params": [torch.load(run / f"params-rank{r}.pt", weights_only=True) for r in range(2)]}
-
     for mode in (["parallel.recompute_moe_act=true"], ["parallel.activation_checkpoint=full"]):
-        recast = train("recast" + mode[0][-4:], *mode)
-        kept = train("kept" + mode[0][-4:], *mode, "parallel.reshard_after_forward=false")
-        assert len(recast["losses"]) == 4 and recast["losses"] == kept["losses"] and recast["val"] == kept["val"]
-        for a, b in zip(recast["params"], kept["params"]):
-            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        recast = _train(tmp_path, "recast" + mode[0][-4:], "parallel=fssdp", *mode)
+        kept = _train(tmp_path, "kept" + mode[0][-4:], "parallel=fssdp", *mode, "parallel.reshard_after_forward=false")
+        _same_training(recast, kept)
         owned = 3 * 32 * 32 * 2 * 2 * 2  # 2 of 4 experts (d 32, ffn 32) per rank, 2 layers, in bf16
         diff = [k["weight_copies"] - r["weight_copies"] for r, k in zip(recast["kept"], kept["kept"])]
         assert diff == ([owned] * 2 if mode[0].startswith("parallel.recompute") else [0, 0]), diff  # full: none kept
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_resident_experts_cast_their_weights_again_in_backward(tmp_path):
+    """parallel.recast_expert_weights under bf16 autocast: resident EP's held experts (with the
+    recomputed activation), and every expert as an FSDP2 parameter, gathered in fp32 and resharded
+    after forward, so that backward casts again from the weights that FSDP2 gathers again. The
+    losses, the evaluations and every rank's parameters are those of keeping the casts, bit for bit,
+    and the first forward keeps exactly the held experts' casts fewer."""
+    expert = 3 * 32 * 32 * 2  # one expert (d 32, ffn 32) of one layer, in bf16
+    for layout, held in ((["parallel=ep", "parallel.recompute_moe_act=true"], 2 * 2),  # 2 of 4 experts, 2 layers
+                         (["parallel=ddp", "parallel.dense_sharding=fsdp", "parallel.activation_checkpoint=attention"],
+                          4 * 2)):  # every expert
+        recast = _train(tmp_path, "recast-" + layout[0][9:], *layout, "parallel.recast_expert_weights=true")
+        kept = _train(tmp_path, "kept-" + layout[0][9:], *layout)
+        _same_training(recast, kept)
+        diff = [k["weight_copies"] - r["weight_copies"] for r, k in zip(recast["kept"], kept["kept"])]
+        assert diff == [held * expert] * 2, (layout, diff)

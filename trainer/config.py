@@ -237,6 +237,12 @@ class TrainConfig:
         if self.compile and self.logging.count_kept:
             raise ValueError(f"logging.count_kept ({self.logging.count_kept}) with compile ({self.compile}): the count "
                              "runs a dispatch mode, under which compiled code runs eagerly; count an eager run")
+        if self.compile and self.parallel.recast_expert_weights:
+            raise ValueError(f"parallel.recast_expert_weights ({self.parallel.recast_expert_weights}) with compile "
+                             f"({self.compile}): eager only; compiled, inductor's partitioner chooses what backward keeps")
+        if self.parallel.recast_expert_weights and self.model.moe_impl == "deepspeed":
+            raise ValueError("parallel.recast_expert_weights (True) with model.moe_impl ('deepspeed'): DeepSpeed-MoE's "
+                             "experts are its own; use recast_expert_weights=false")
         if self.compile and self.model.moe_impl == "deepspeed":
             raise ValueError(f"compile ({self.compile}) with model.moe_impl ('deepspeed'): DeepSpeed-MoE's layer is "
                              "the comparison baseline and runs as DeepSpeed ships it; use compile=false")

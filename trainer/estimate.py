@@ -89,6 +89,8 @@ def cast_experts(ep_rank: int, plan, owners, cfg: TrainConfig) -> int:
     layer that computes in place casts the owned (fp32) weights, but keeps the casts only with
     parallel.reshard_after_forward=false (else backward casts them again, as it gathers again)."""
     pc, E = cfg.parallel, cfg.model.moe.num_experts
+    if owners is None and pc.recast_expert_weights:  # resident experts cast again in backward
+        return 0
     if plan is None:
         return 0 if pc.dense_sharding == "fsdp" and pc.dense_gather_dtype == "bf16" else E * cfg.model.num_moe_layers
     if owners is None:

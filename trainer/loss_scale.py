@@ -13,7 +13,8 @@ steps; then each overflow halves the scale until a doubling (or, `consecutive_hy
 without an overflow) gives the h back. Powers of two keep the scaling exact: x * 2**k / 2**k == x
 in floating point.
 
-Pure bookkeeping: no tensors, no collectives. Its state goes into each checkpoint's manifest, so
+The scaler is pure bookkeeping: no tensors, no collectives (`unscale_and_clip_` then multiplies the
+gradients by the unscaling and the clipping coefficient together, in one pass). Its state goes into each checkpoint's manifest, so
 that a resumed run continues with the scale, and the count towards the next doubling, that it had.
 Under engine=deepspeed the same scale is ZeRO's for each step (`Parallel._clip_with_zero`), so that
 ZeRO unscales its fp32 partitions of the dense gradients as moesaic does the experts'.
@@ -21,7 +22,10 @@ ZeRO unscales its fp32 partitions of the dense gradients as moesaic does the exp
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+
+import torch
 
 
 @dataclass
@@ -94,3 +98,24 @@ class LossScaler:
         config's. The hysteresis left is capped by the config's (full for checkpoints from before it)."""
         self.scale, self.good_steps, self.overflows = float(state["scale"]), int(state["good_steps"]), int(state["overflows"])
         self.hysteresis_left = min(int(state.get("hysteresis_left") or self.hysteresis), self.hysteresis)
+
+
+def unscale_and_clip_(params: list, norm: torch.Tensor, max_norm: float, unscale: float) -> torch.Tensor:
+    """`norm` (of the scaled gradients) times `unscale`; the gradients multiplied by `unscale` and, if
+    that norm exceeds max_norm > 0, by max_norm / norm (DeepSpeed's combined scale), in one pass."""
+    norm = norm * unscale
+    coef = grad_multiplier(float(norm), max_norm, unscale)
+    if coef != 1.0:
+        for p in params:
+            p.grad.mul_(coef)
+    return norm.float()
+
+
+def grad_multiplier(norm: float, max_norm: float, unscale: float) -> float:
+    """What the gradients are multiplied by, given their unscaled global `norm`: `unscale` times, where
+    the norm exceeds max_norm > 0, max_norm / norm. 1 for a non-finite norm (that step is skipped)."""
+    if not math.isfinite(norm):
+        return 1.0
+    if max_norm > 0 and max_norm / (norm + 1e-6) < 1:
+        return unscale * (max_norm / (norm + 1e-6))
+    return unscale

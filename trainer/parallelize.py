@@ -23,12 +23,14 @@ from moesaic.parallel.dense_fsdp import apply_fsdp, dense_grad_sq_norm, no_gradi
 from moesaic.parallel.expert_parallel import (ExpertParallelDispatcher, apply_expert_parallel, expert_grad_sq_norm,
                                              reduce_expert_grads)
 from moesaic.parallel.fssdp import apply_fssdp, fssdp_bytes, fssdp_grad_sq_norm, fssdp_reduce_scatter
+from moesaic.parallel.experts import GroupedExperts
 from moesaic.parallel.moe import MoE
 from moesaic.parallel.router import apply_global_balance
 from moesaic.placement.baselines import static_plan
 from moesaic.placement.plan import Placement, PlanError, check_fits
 from moesaic.trainer.config import TrainConfig
 from moesaic.trainer.dist import DistInfo, launcher_gpus_per_node
+from moesaic.trainer.loss_scale import grad_multiplier, unscale_and_clip_
 
 log = logging.getLogger(__name__)
 
@@ -263,27 +265,6 @@ class Parallel:
         return torch.tensor(norm)
 
 
-def unscale_and_clip_(params: list, norm: torch.Tensor, max_norm: float, unscale: float) -> torch.Tensor:
-    """`norm` (of the scaled gradients) times `unscale`; the gradients multiplied by `unscale` and, if
-    that norm exceeds max_norm > 0, by max_norm / norm (DeepSpeed's combined scale), in one pass."""
-    norm = norm * unscale
-    coef = grad_multiplier(float(norm), max_norm, unscale)
-    if coef != 1.0:
-        for p in params:
-            p.grad.mul_(coef)
-    return norm.float()
-
-
-def grad_multiplier(norm: float, max_norm: float, unscale: float) -> float:
-    """What the gradients are multiplied by, given their unscaled global `norm`: `unscale` times, where
-    the norm exceeds max_norm > 0, max_norm / norm. 1 for a non-finite norm (that step is skipped)."""
-    if not math.isfinite(norm):
-        return 1.0
-    if max_norm > 0 and max_norm / (norm + 1e-6) < 1:
-        return unscale * (max_norm / (norm + 1e-6))
-    return unscale
-
-
 def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, plan: Placement | None) -> Parallel:
     """Apply expert parallelism or FSSDP (per the plan), then DDP or FSDP (parallel.dense_sharding).
     The model holds every expert, as built: on the meta device (then it is materialized on
@@ -358,16 +339,20 @@ def _materialize(model: torch.nn.Module, device) -> torch.nn.Module:
     return model
 
 
-def apply_activation_checkpoint(model: torch.nn.Module, mode: str, *, recompute_moe_act: bool = False) -> None:
-    """Recompute each block's activations in backward (`mode`: none, attention or full), and with
-    `recompute_moe_act` the experts' activation where full does not (see ParallelConfig). It composes
-    with DDP, autocast, gradient accumulation and torch.compile. The state dict does not change."""
+def apply_activation_checkpoint(model: torch.nn.Module, mode: str, *, recompute_moe_act: bool = False,
+                                recast_expert_weights: bool = False) -> None:
+    """Recompute each block's activations in backward (`mode`: none, attention or full), with
+    `recompute_moe_act` the experts' activation where full does not, and with `recast_expert_weights`
+    the casts of the experts' weights that the rank holds (see ParallelConfig). It composes with DDP,
+    FSDP2, autocast, gradient accumulation and torch.compile. The state dict does not change."""
     act = recompute_moe_act and mode != "full"
     for block in model.layers:
         block.activation_checkpoint = mode
         if block.is_moe and isinstance(block.moe, MoE):  # not DeepSpeed-MoE's layer (model.moe_impl=deepspeed)
             for store in [m for m in (block.moe.experts, block.moe.shared) if m is not None]:
                 store.recompute_act = act
+                if isinstance(store, GroupedExperts):  # the routed experts (FSSDP's: reshard_after_forward)
+                    store.recast_weights = recast_expert_weights
 
 
 def apply_compile(model: torch.nn.Module) -> None:

@@ -97,7 +97,8 @@ def _train(cfg: TrainConfig, corpus, info: DistInfo, plan, resume, preempt: Pree
         model = Transformer(cfg.model)
     counts = model.num_params()
     par = parallelize(model, cfg, info, plan)
-    apply_activation_checkpoint(model, cfg.parallel.activation_checkpoint, recompute_moe_act=cfg.parallel.recompute_moe_act)
+    apply_activation_checkpoint(model, cfg.parallel.activation_checkpoint, recompute_moe_act=cfg.parallel.recompute_moe_act,
+                                recast_expert_weights=cfg.parallel.recast_expert_weights)
     if cfg.compile:
         apply_compile(model)
     mc = cfg.model.moe
