@@ -11,10 +11,11 @@ Two models, both in bf16 autocast as `parallel.mixed_precision=bf16` runs them:
 Activations are the bytes that grow with the tokens. What does not (autocast's bf16 copies of the
 weights, alive during the forward's autocast region) is given apart for the demo model.
 CPU autocast keeps what CUDA's keeps for the matmuls; its SDPA kernel may keep different statistics.
-First, FSSDP's layer computing in place under bf16 autocast: its experts' casts of the owned fp32
-weights kept for backward, or cast again there (`recast_in_backward`), time and bytes.
+First, the experts under bf16 autocast: the casts of their fp32 weights kept for backward, or cast
+again there (`parallel.recast_expert_weights`; FSSDP's in-place layers), time and bytes.
 
     python bench/activation_memory.py [--iters 5] [--json out.json]
+    python bench/activation_memory.py --recast-only --iters 200 --recast-rows 1024 4096
 """
 
 from __future__ import annotations
@@ -132,27 +133,34 @@ def one(mode: str, layers: int, batch: int, seq: int) -> int:
 
 
 def recast(iters: int, tokens: int = 1024, experts: int = 2, dim: int = 128, ffn: int = 256) -> list[dict]:
-    """FSSDP's layer computing in place under bf16 autocast (`FSSDPExperts.forward`): the experts'
-    forward+backward keeping the casts of their fp32 weights, against `recast_in_backward` (cast
-    again in backward), interleaved, median of `iters`; and the bytes each keeps. Default: a demo
-    rank's layer (2 owned experts of d 128, ffn 256; 8 x 128 tokens, top-2)."""
-    from moesaic.parallel.experts import grouped_swiglu, recast_in_backward
+    """The experts' forward+backward under bf16 autocast, keeping the casts of their fp32 weights for
+    backward, against casting them again there (`recast_in_backward`: what
+    `parallel.recast_expert_weights` does for resident experts, and FSSDP for the layers it computes
+    in place), interleaved, median of `iters`; and the bytes each keeps. Default: a demo rank's layer
+    (2 experts of d 128, ffn 256; 8 x 128 tokens, top-2)."""
+    from moesaic.parallel.experts import GroupedExperts
 
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(tokens, dim, generator=g, requires_grad=True)  # x: not a leaf, as a layer's input is
-    w13 = torch.nn.Parameter(torch.randn(experts, 2 * ffn, dim, generator=g) * dim**-0.5)
-    w2 = torch.nn.Parameter(torch.randn(experts, dim, ffn, generator=g) * ffn**-0.5)
+    torch.manual_seed(0)
+    store = GroupedExperts(experts, dim, ffn)
+    x0 = torch.randn(tokens, dim, requires_grad=True)  # x: not a leaf, as a layer's input is
     counts = torch.full((experts,), tokens // experts, dtype=torch.int64)
-    holder = torch.nn.ModuleDict({"experts": torch.nn.ParameterList([w13, w2])})  # (".experts." in the names)
-    runs = {"casts kept": lambda: grouped_swiglu(x0 * 1, counts, w13, w2),
-            "cast again in backward": lambda: recast_in_backward((w13, w2), lambda a, b: grouped_swiglu(x0 * 1, counts, a, b))}
+    holder = torch.nn.ModuleDict({"experts": store})  # (".experts." in the names)
+
+    def run(recast_weights: bool):
+        def fwd():
+            store.recast_weights = recast_weights
+            return store(x0 * 1, counts)
+        return fwd
+
+    runs = {"casts kept": run(False), "cast again in backward": run(True)}
+    layer = f"{experts} experts, d {dim}, ffn {ffn}, {tokens} rows"
     rows = {}
     for name, fwd in runs.items():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out, kept = forward_kept(holder, fwd)
         out.float().sum().backward()
-        rows[name] = {"layer": f"{experts} experts, d {dim}, ffn {ffn}, {tokens} rows", "weights": name,
-                      "kept_KiB": kept.total / 2**10, "of which casts (KiB)": kept.weight_copies / 2**10, "times": []}
+        rows[name] = {"layer": layer, "weights": name, "kept_KiB": kept.total / 2**10,
+                      "of which casts (KiB)": kept.weight_copies / 2**10, "times": []}
     for _ in range(iters + 1):  # interleaved; the first round warms up
         for name, fwd in runs.items():
             t0 = time.perf_counter()
@@ -173,11 +181,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="the demo model's batch (the demo's per-rank batch)")
     ap.add_argument("--seq", type=int, default=128, help="the demo's data.seq_len")
     ap.add_argument("--skip-big", action="store_true", help="only the demo model")
-    ap.add_argument("--recast-only", action="store_true", help="only FSSDP's in-place layer, casts kept or cast again")
+    ap.add_argument("--recast-only", action="store_true", help="only the experts' weights, casts kept or cast again")
+    ap.add_argument("--recast-rows", type=int, nargs="+", default=[1024], help="the experts' rows (2 experts)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     print("machine:", machine())
-    casts = recast(max(a.iters, 30))
+    casts = [r for rows in a.recast_rows for r in recast(max(a.iters, 30), tokens=rows)]
     print(table(casts))
     small = [] if a.recast_only else demo(a.iters, a.batch, a.seq)
     big = [] if a.skip_big or a.recast_only else gpu_train_model()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issues #4 and #8 as prepared runs for a lent H100/H200 (the device tool):
-#   bash bench/gpu_check.sh [first|fused|moments|autotune|modes|moe_act|next|layer|trainer|baseline]   # JSON and one log under $OUT (or bench/results)
+#   bash bench/gpu_check.sh [first|fused|moments|autotune|modes|moe_act|next|layer|trainer|recast|baseline]   # JSON and one log under $OUT (or bench/results)
 # The library stores w13 = [w1; w3] since the fourth session; `--variant w1w3` (bench/gpu_variants.py)
 # is the layout before it, and `--variant fused` is `model.moe.kernels=triton`. The parts that
 # produced the second session's tables (overlap, ablate, confirm, w13check) are in git history
@@ -31,6 +31,9 @@
 # 2.62B model through the trainer, compiled; bench/trainer_runs.py prints them side by side. Since the
 # nineteenth session the trainer builds on meta and initializes each rank's share on its GPU (CUDA
 # generators): these runs are that path's first on CUDA.
+# recast (about 2 minutes, the wheels as for trainer; not yet run): gpu_train's model through the
+# trainer, eager at batch 4 on one GPU, with parallel.recast_expert_weights off and on: the peak
+# memory, the bytes kept for backward beside moesaic-estimate's, and the step time.
 # baseline (about 4.5 minutes): the expert layer table, and whole steps eager and compiled.
 # Name the H200 kind (nvidia-h200): batch 16 peaks at 94 GiB, over an H100's 80 (such a run fails alone
 # and the others go on), and the earlier figures are from H200s.
@@ -140,14 +143,31 @@ if [ "$PART" = next ] || [ "$PART" = layer ]; then
   echo "## $(date +%T) done" | tee -a "$LOG"
   exit 0
 fi
-if [ "$PART" = trainer ]; then  # the trainer and the doctor on CUDA (about 5 minutes): run
-  # `bash bench/fetch_wheels.sh` here first, and carry [".whl"]: the image lacks hydra, omegaconf and PuLP
+install_moesaic() {  # for the trainer's parts: run `bash bench/fetch_wheels.sh` here first, and carry
+  # [".whl"]: the image lacks hydra, omegaconf and PuLP
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --target /tmp/site . || exit 1
   export PYTHONPATH=/tmp/site OUT
   REPO=$(pwd)
   cd /tmp  # the installed moesaic, not the checkout's folders
   one="python3 -m torch.distributed.run --standalone --nproc_per_node 1"
+  big="model.dim=2048 model.num_layers=16 model.num_heads=16 model.max_seq_len=2048 data.seq_len=2048 model.moe.num_experts=16 model.moe.top_k=4 model.moe.ffn_dim=1408 model.moe.num_shared_experts=1 batch_size=8"
+}
+if [ "$PART" = recast ]; then  # parallel.recast_expert_weights on CUDA (about 2 minutes; the wheels, as trainer)
+  install_moesaic
+  # gpu_train's model through the trainer, eager, DDP on one GPU (every expert resident), at batch 4 (8
+  # would need about 83 GiB with the casts kept, by moesaic-estimate): the casts kept, then cast again
+  for flag in false true; do
+    echo "## $(date +%T) trainer, gpu_train's model (2.62B), eager, batch 4, recast_expert_weights=$flag" | tee -a "$LOG"
+    timeout 150 $one -m moesaic.trainer logging=quiet logging.out_dir=$OUT/trainer logging.run_name=big_recast_$flag \
+      steps=${BIG_STEPS:-30} eval_every=1000 parallel=ddp parallel.mixed_precision=bf16 logging.count_kept=true \
+      parallel.recast_expert_weights=$flag ${big/batch_size=8/batch_size=4} 2>&1 | tail -4 | tee -a "$LOG"
+  done
+  python3 "$REPO/bench/trainer_runs.py" "$OUT/trainer" 2>&1 | tee -a "$LOG"
+  exit 0
+fi
+if [ "$PART" = trainer ]; then  # the trainer and the doctor on CUDA (about 5 minutes)
+  install_moesaic
   echo "## $(date +%T) moesaic-doctor, 1 rank, nccl" | tee -a "$LOG"
   timeout 120 $one -m moesaic.parallel.doctor --suite "$([ "${TRAINER_QUICK:-0}" = 1 ] && echo default || echo full)" 2>&1 | tee -a "$LOG"
   if [ "${TRAINER_QUICK:-0}" != 1 ]; then
@@ -180,7 +200,6 @@ if [ "$PART" = trainer ]; then  # the trainer and the doctor on CUDA (about 5 mi
     echo "## $(date +%T) trainer, demo model, $name" | tee -a "$LOG"
     timeout 150 $one -m moesaic.trainer $args logging.run_name=$name "$@" 2>&1 | grep -E "$keep" | tail -6 | tee -a "$LOG"
   done
-  big="model.dim=2048 model.num_layers=16 model.num_heads=16 model.max_seq_len=2048 data.seq_len=2048 model.moe.num_experts=16 model.moe.top_k=4 model.moe.ffn_dim=1408 model.moe.num_shared_experts=1 batch_size=8"
   echo "## $(date +%T) trainer, gpu_train's model (2.62B), compiled, bf16 autocast" | tee -a "$LOG"
   timeout 240 $one -m moesaic.trainer logging=quiet logging.out_dir=$OUT/trainer logging.run_name=big_compiled \
     steps=${BIG_STEPS:-30} eval_every=1000 parallel=ddp parallel.mixed_precision=bf16 compile=true $big 2>&1 | grep -E "$keep" | tail -6 | tee -a "$LOG"
@@ -195,5 +214,5 @@ if [ "$PART" = baseline ]; then
   echo "## $(date +%T) done" | tee -a "$LOG"
   exit 0
 fi
-echo "gpu_check.sh: unknown part ($PART): first, fused, moments, autotune, modes, moe_act, next, layer, trainer or baseline" >&2
+echo "gpu_check.sh: unknown part ($PART): first, fused, moments, autotune, modes, moe_act, next, layer, trainer, recast or baseline" >&2
 exit 2

@@ -88,7 +88,7 @@ class ParallelConfig:
     """Under autocast, keep no cast of the routed experts' weights that a rank holds as parameters
     (resident EP's held experts; every expert without a plan) from a layer's forward to its
     backward: autograd keeps the fp32 weight itself, and backward casts it again (one more pass over
-    the held weights, 6 bytes a parameter). It saves their bf16 copies, e.g. 4.4 GiB of the 2.62B
+    the held weights, 6 bytes a parameter). It saves their bf16 copies, e.g. 4.1 GiB of the 2.62B
     model of bench/gpu_train.py on one GPU. The same gradients, bit for bit; eager only
     (`compile=true` leaves it to inductor's partitioner). FSSDP does the same for the layers that it
     computes in place, under reshard_after_forward (the shared experts, dense MLPs, keep autocast's)."""

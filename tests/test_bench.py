@@ -44,7 +44,7 @@ def test_activation_memory_demo_model(tmp_path):
     assert rows["full"]["activations_MiB"] < rows["attention"]["activations_MiB"] < rows["none"]["activations_MiB"]
     assert rows["attention+moe_act"]["activations_MiB"] < rows["attention"]["activations_MiB"]
     assert rows["moe_act"]["activations_MiB"] < rows["none"]["activations_MiB"]
-    kept, recast = json.loads((tmp_path / "a.json").read_text())["recast"]  # FSSDP's in-place layer
+    kept, recast = json.loads((tmp_path / "a.json").read_text())["recast"]  # the experts' casts, kept or not
     casts = (2 * 2 * 256 * 128 + 2 * 128 * 256) * 2 / 2**10  # w13 and w2 of 2 experts, bf16, KiB
     assert kept["of which casts (KiB)"] == casts and recast["of which casts (KiB)"] == 0
     assert kept["kept_KiB"] - recast["kept_KiB"] == casts
