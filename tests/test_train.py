@@ -248,6 +248,8 @@ def test_compiled_training_equals_eager(tmp_path):
          "parallel.recast_expert_weights (True) is for resident experts, not parallel.expert_sharding ('fssdp')"),
         (["parallel=ddp", "parallel.recast_expert_weights=true", "parallel.mixed_precision=bf16", "compile=true"],
          "parallel.recast_expert_weights (True) with compile (True): eager only"),
+        (["parallel=deepspeed_moe", "model.moe_impl=deepspeed", "parallel.mixed_precision=bf16",
+          "parallel.recast_expert_weights=true"], "parallel.recast_expert_weights (True) with model.moe_impl ('deepspeed')"),
         (["parallel=ddp", "placement.plan=round_robin"], "placement.plan ('round_robin') needs expert parallelism"),
         (["checkpoint.async_mode=yes"], "checkpoint.async_mode ('yes') must be 'disabled' or 'async'"),
         (["seed=-1"], "seed (-1) must be in [0, 2**63)"),

@@ -14,8 +14,9 @@ without an overflow) gives the h back. Powers of two keep the scaling exact: x *
 in floating point.
 
 The scaler is pure bookkeeping: no tensors, no collectives (`unscale_and_clip_` then multiplies the
-gradients by the unscaling and the clipping coefficient together, in one pass). Its state goes into each checkpoint's manifest, so
-that a resumed run continues with the scale, and the count towards the next doubling, that it had.
+gradients by the unscaling and the clipping coefficient together, in one pass). Its state goes into
+each checkpoint's manifest, so that a resumed run continues with the scale, and the count towards
+the next doubling, that it had.
 Under engine=deepspeed the same scale is ZeRO's for each step (`Parallel._clip_with_zero`), so that
 ZeRO unscales its fp32 partitions of the dense gradients as moesaic does the experts'.
 """

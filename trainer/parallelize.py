@@ -22,8 +22,8 @@ from moesaic.parallel.dense_ddp import apply_ddp
 from moesaic.parallel.dense_fsdp import apply_fsdp, dense_grad_sq_norm, no_gradient_sync
 from moesaic.parallel.expert_parallel import (ExpertParallelDispatcher, apply_expert_parallel, expert_grad_sq_norm,
                                              reduce_expert_grads)
-from moesaic.parallel.fssdp import apply_fssdp, fssdp_bytes, fssdp_grad_sq_norm, fssdp_reduce_scatter
 from moesaic.parallel.experts import GroupedExperts
+from moesaic.parallel.fssdp import apply_fssdp, fssdp_bytes, fssdp_grad_sq_norm, fssdp_reduce_scatter
 from moesaic.parallel.moe import MoE
 from moesaic.parallel.router import apply_global_balance
 from moesaic.placement.baselines import static_plan
