@@ -135,10 +135,31 @@ def test_the_cli_compares_layouts_and_names_bad_input(tmp_path, capsys):
     assert big["ep+fsdp"]["dense_params"] < big["ep"]["dense_params"] and big["ep"]["total"] < big["ddp"]["total"]
     proc = run("--world-size", "4", "model=fine_grained")
     assert proc.returncode == 0 and "| this config |" in proc.stdout and "MiB" in proc.stdout, proc.stderr
+    # --savings: each memory setting the config leaves off, alone, then together (here EP, FSDP2, bf16)
+    proc = run("--world-size", "2", "--savings", "--json", "experiment=smoke", "parallel=ep", "parallel.dense_sharding=fsdp",
+               "parallel.mixed_precision=bf16")
+    assert proc.returncode == 0, proc.stderr
+    rows = {k: v["largest_rank"] for k, v in json.loads(proc.stdout).items()}
+    assert list(rows) == ["this config", "+ recompute_moe_act", "+ activation_checkpoint=attention",
+                          "+ activation_checkpoint=full", "+ recast_expert_weights", "+ dense_gather_dtype=bf16",
+                          "all of them"]
+    base = rows["this config"]
+    act = {k: r["activations"] for k, r in rows.items()}
+    assert act["+ activation_checkpoint=full"] < act["+ activation_checkpoint=attention"] < act["this config"]
+    assert act["+ recompute_moe_act"] < act["this config"] == act["+ recast_expert_weights"]
+    held = 2 * 2 * 3 * 32 * 32 * 2  # EP 2: 2 of 4 experts (d 32, ffn 32) in each of 2 layers, their bf16 casts
+    assert rows["+ recast_expert_weights"]["weight_copies"] == base["weight_copies"] - held
+    assert rows["+ dense_gather_dtype=bf16"]["fsdp_gathered"] == base["fsdp_gathered"] // 2  # the root in bf16
+    assert rows["all of them"]["weight_copies"] == 0 and min(r["total"] for r in rows.values()) == rows["all of them"]["total"]
+    assert all(r["expert_params"] == base["expert_params"] for r in rows.values())  # the state does not change
+    proc = run("--world-size", "2", "--savings", "experiment=smoke", "parallel=fssdp", "parallel.activation_checkpoint=full")
+    assert proc.returncode == 0 and "| setting |" in proc.stdout and "| this config |" in proc.stdout, proc.stderr
+    assert "recast" not in proc.stdout and "recompute_moe_act |" not in proc.stdout  # fp32, FSSDP, full: nothing to add
     for args, message in [(["--world-size", "3", "parallel=ep", "parallel.ep_size=2"],
                            "parallel.ep_size (2) must divide the world size (3)"),
                           (["--world-size", "0"], "--world-size (0) must be >= 1"),
-                          (["--world-size", "2", "parallel.engine=deepspeed"], "parallel.engine (deepspeed)")]:
+                          (["--world-size", "2", "parallel.engine=deepspeed"], "parallel.engine (deepspeed)"),
+                          (["--world-size", "2", "--compare", "--savings"], "--compare and --savings: one at a time")]:
         proc = run(*args)
         assert proc.returncode == 2 and f"moesaic-estimate: error: {message}" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr

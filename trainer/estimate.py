@@ -3,6 +3,7 @@ DeepSpeed's `estimate_zero2_model_states_mem_needs`, for moesaic's own layouts.
 
     moesaic-estimate --world-size 64 model=fine_grained parallel=fssdp [more Hydra overrides] [--json]
     moesaic-estimate --world-size 64 --compare model=fine_grained     # DDP, EP and FSSDP side by side
+    moesaic-estimate --world-size 64 --savings model=fine_grained     # each memory setting it leaves off
 
 Per rank, from the model's shapes (built on the meta device, nothing allocated) and the same layout
 code the trainer runs (the plan, FSSDP's owners, FSDP2's dim-0 shards):
@@ -198,11 +199,11 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
-def _table(named: dict[str, dict]) -> str:
+def _table(named: dict[str, dict], label: str = "layout") -> str:
     keys = ["dense_params", "dense_grads", "dense_moments", "expert_params", "expert_grads", "expert_moments",
             "gathered_weights", "gathered_grads", "activations", "weight_copies", "fsdp_gathered", "total"]
     unit, div = ("GiB", GIB) if max(s["total"] for s in named.values()) >= GIB else ("MiB", 2**20)
-    lines = ["| layout | " + " | ".join(f"{k.replace('_', ' ')} ({unit})" for k in keys) + " |",
+    lines = [f"| {label} | " + " | ".join(f"{k.replace('_', ' ')} ({unit})" for k in keys) + " |",
              "|---|" + "---|" * len(keys)]
     for name, s in named.items():
         lines.append(f"| {name} | " + " | ".join("n/a" if s[k] is None else f"{s[k] / div:,.2f}" for k in keys) + " |")
@@ -224,6 +225,36 @@ def layout_overrides(overrides: list[str], layout: str) -> list[str]:
     if layout.startswith("ddp"):
         drop += ("parallel.ep_size=",)
     return [o for o in overrides if not o.startswith(drop)] + COMPARE[layout]
+
+
+def savings_overrides(cfg: TrainConfig, overrides: list[str]) -> dict[str, list[str]]:
+    """--savings: the config, then each memory setting that it leaves off, alone, then all of them
+    together, as overrides on top of the given ones (a setting the config cannot take is left out)."""
+    pc, moe = cfg.parallel, cfg.model.num_moe_layers > 0 and cfg.model.moe_impl == "moesaic"
+    steps = {}
+    if moe and not pc.recompute_moe_act and pc.activation_checkpoint != "full":
+        steps["+ recompute_moe_act"] = ["parallel.recompute_moe_act=true"]
+    if pc.activation_checkpoint == "none" and cfg.model.moe_impl == "moesaic":
+        steps["+ activation_checkpoint=attention"] = ["parallel.activation_checkpoint=attention"]
+    if pc.activation_checkpoint != "full" and cfg.model.moe_impl == "moesaic":
+        steps["+ activation_checkpoint=full"] = ["parallel.activation_checkpoint=full"]
+    if (moe and pc.mixed_precision != "none" and pc.expert_sharding == "resident" and not cfg.compile
+            and not pc.recast_expert_weights):
+        steps["+ recast_expert_weights"] = ["parallel.recast_expert_weights=true"]
+    if pc.dense_sharding == "fsdp" and pc.mixed_precision == "bf16" and pc.dense_gather_dtype != "bf16":
+        steps["+ dense_gather_dtype=bf16"] = ["parallel.dense_gather_dtype=bf16"]
+    # all together: full checkpointing where offered (recompute_moe_act does nothing under it), else
+    # recompute_moe_act; and the weights' settings
+    together = [*(steps.get("+ activation_checkpoint=full") or steps.get("+ recompute_moe_act", [])),
+                *steps.get("+ recast_expert_weights", []), *steps.get("+ dense_gather_dtype=bf16", [])]
+    if len(steps) > 1:
+        steps["all of them"] = together
+
+    def on_top(more: list[str]) -> list[str]:
+        keys = {o.split("=")[0] for o in more}
+        return [o for o in overrides if o.split("=")[0] not in keys] + more
+
+    return {"this config": list(overrides), **{name: on_top(more) for name, more in steps.items()}}
 
 
 def compose(overrides: list[str]) -> TrainConfig:
@@ -248,13 +279,20 @@ def main_cli(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="moesaic-estimate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) of the run")
     ap.add_argument("--compare", action="store_true", help="DDP, EP and FSSDP, each with DDP or FSDP dense")
+    ap.add_argument("--savings", action="store_true", help="this config, then each memory setting it leaves off "
+                    "(checkpointing, recompute_moe_act, recast_expert_weights, FSDP2's bf16 gathers), alone and together")
     ap.add_argument("--json", action="store_true", help="every rank's figures, machine-readable")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as moesaic-train takes them")
     a = ap.parse_args(argv)
     try:
         if a.world_size < 1:
             raise ValueError(f"--world-size ({a.world_size}) must be >= 1")
+        if a.compare and a.savings:
+            raise ValueError("--compare and --savings: one at a time (--savings varies this config's settings, "
+                             "--compare its layout)")
         layouts = {n: layout_overrides(a.overrides, n) for n in COMPARE} if a.compare else {"this config": a.overrides}
+        if a.savings:
+            layouts = savings_overrides(compose(a.overrides), a.overrides)
         configs = {n: compose(o) for n, o in layouts.items()}
         results = {n: estimate(c, a.world_size) for n, c in configs.items()}
     except ValueError as e:
@@ -267,10 +305,10 @@ def main_cli(argv: list[str] | None = None) -> None:
     c = next(iter(configs.values()))
     print(f"model: d {m.dim}, {m.num_layers} layers ({m.num_moe_layers} MoE), {m.moe.num_experts} experts of "
           f"ffn {m.moe.ffn_dim}, top-{m.moe.top_k}; {a.world_size} ranks; the largest rank's model state per "
-          f"layout, and the activations of one micro-batch of {c.batch_size} x {c.data.seq_len} tokens "
+          f"{'setting' if a.savings else 'layout'}, and the activations of one micro-batch of {c.batch_size} x {c.data.seq_len} tokens "
           f"(mixed_precision {c.parallel.mixed_precision}, activation_checkpoint {c.parallel.activation_checkpoint}, "
           f"recompute_moe_act {c.parallel.recompute_moe_act}; eager kernels, balanced routing)")
-    print(_table({n: summarize(r) for n, r in results.items()}))
+    print(_table({n: summarize(r) for n, r in results.items()}, "setting" if a.savings else "layout"))
 
 
 if __name__ == "__main__":
