@@ -305,7 +305,8 @@ def main_cli(argv: list[str] | None = None) -> None:
     c = next(iter(configs.values()))
     print(f"model: d {m.dim}, {m.num_layers} layers ({m.num_moe_layers} MoE), {m.moe.num_experts} experts of "
           f"ffn {m.moe.ffn_dim}, top-{m.moe.top_k}; {a.world_size} ranks; the largest rank's model state per "
-          f"{'setting' if a.savings else 'layout'}, and the activations of one micro-batch of {c.batch_size} x {c.data.seq_len} tokens "
+          f"{'setting' if a.savings else 'layout'}, and the activations of one micro-batch of {c.batch_size} x "
+          f"{c.data.seq_len} tokens "
           f"(mixed_precision {c.parallel.mixed_precision}, activation_checkpoint {c.parallel.activation_checkpoint}, "
           f"recompute_moe_act {c.parallel.recompute_moe_act}; eager kernels, balanced routing)")
     print(_table({n: summarize(r) for n, r in results.items()}, "setting" if a.savings else "layout"))
