@@ -205,6 +205,19 @@ def recast_in_backward(weights: tuple, compute):
         return compute(*casts)
 
 
+def store_swiglu(store, x_TD: torch.Tensor, counts_E: torch.Tensor, w13_EGD: torch.Tensor, w2_EDF: torch.Tensor, *,
+                 recast: bool = False) -> torch.Tensor:
+    """The experts' SwiGLU as a store (`GroupedExperts`, `FSSDPExperts`) runs it with its kernels and
+    recompute_act: compiled (`store.compiled`), or eager, and with `recast` keeping no cast of the
+    weights for backward (`recast_in_backward`)."""
+    kw = dict(kernels=store.kernels, recompute_act=store.recompute_act)
+    if store.compiled:
+        return compiled_grouped_swiglu(x_TD, counts_E, w13_EGD, w2_EDF, **kw)
+    if recast:
+        return recast_in_backward((w13_EGD, w2_EDF), lambda w13, w2: grouped_swiglu(x_TD, counts_E, w13, w2, **kw))
+    return grouped_swiglu(x_TD, counts_E, w13_EGD, w2_EDF, **kw)
+
+
 def grouped_swiglu(
     x_TD: torch.Tensor,
     counts_E: torch.Tensor,
@@ -338,11 +351,7 @@ class GroupedExperts(nn.Module):
         return self.w13_EGD[:, self.ffn_dim :]
 
     def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        if self.recast_weights and not self.compiled:  # (parallel.recast_expert_weights)
-            return recast_in_backward((self.w13_EGD, self.w2_EDF), lambda w13, w2: grouped_swiglu(
-                x_TD, counts_E, w13, w2, kernels=self.kernels, recompute_act=self.recompute_act))
-        swiglu = compiled_grouped_swiglu if self.compiled else grouped_swiglu
-        return swiglu(x_TD, counts_E, self.w13_EGD, self.w2_EDF, kernels=self.kernels, recompute_act=self.recompute_act)
+        return store_swiglu(self, x_TD, counts_E, self.w13_EGD, self.w2_EDF, recast=self.recast_weights)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, dim={self.dim}, ffn_dim={self.ffn_dim}, kernels={self.kernels}"
@@ -365,4 +374,4 @@ def swiglu_flops(num_tokens: int, dim: int, ffn_dim: int) -> int:
 
 
 __all__ = ["EXPERT_WEIGHTS", "GroupedExperts", "KERNELS", "combine_slots", "compiled_grouped_swiglu",
-           "expert_weight_shapes", "gather_slots", "grouped_swiglu", "looped_swiglu", "swiglu_flops"]
+           "expert_weight_shapes", "gather_slots", "grouped_swiglu", "looped_swiglu", "store_swiglu", "swiglu_flops"]

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moesaic.parallel.expert_state import reshard_owners  # noqa: F401  (re-exported: FSSDP's owner moves)
-from moesaic.parallel.experts import compiled_grouped_swiglu, grouped_swiglu, recast_in_backward
+from moesaic.parallel.experts import store_swiglu
 from moesaic.parallel.expert_parallel import LayerPlan
 from moesaic.parallel.fssdp_dispatch import FSSDPDispatcher
 from moesaic.parallel.gather_schedule import GatherSchedule, computes_in_place, even_owners  # noqa: F401  (re-exported)
@@ -185,13 +185,9 @@ class FSSDPExperts(nn.Module):
         return w13.reshape(n, 2 * F, D), w2.reshape(n, D, F)
 
     def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        if self.direct and self.reshard_after_forward and not self.compiled:
-            # in place, under autocast: no cast of the owned weights kept until backward (compiled, the
-            # partitioner chooses, and keeps the fp32 weights, which are there anyway)
-            return recast_in_backward(self.weights(), lambda w13, w2: grouped_swiglu(
-                x_TD, counts_E, w13, w2, kernels=self.kernels, recompute_act=self.recompute_act))
-        swiglu = compiled_grouped_swiglu if self.compiled else grouped_swiglu
-        return swiglu(x_TD, counts_E, *self.weights(), kernels=self.kernels, recompute_act=self.recompute_act)
+        # in place, under autocast: no cast of the owned weights kept until backward, as a gathering
+        # layer frees its gathered ones (compiled, the partitioner chooses, and keeps the fp32 weights)
+        return store_swiglu(self, x_TD, counts_E, *self.weights(), recast=self.direct and self.reshard_after_forward)
 
     # -- re-materialization -------------------------------------------------------------------------
     def release(self) -> None:
