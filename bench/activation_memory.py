@@ -69,7 +69,7 @@ def activations(cfg: ModelConfig, mode: str, seq: int, batches=(1, 2)) -> tuple[
     for b in batches:
         x = torch.randint(0, 256, (b, seq), generator=torch.Generator().manual_seed(1))
         kept.append(kept_bytes(build(cfg, mode), x)[1])
-        gc.collect()  # the MoE layers' last_route ties each model to its graph: free both now
+        gc.collect()  # free this model (and its graph) before the next one is built
     per_token = (kept[1] - kept[0]) / ((batches[1] - batches[0]) * seq)
     return per_token, kept[0] - per_token * batches[0] * seq
 

@@ -31,9 +31,10 @@
 # 2.62B model through the trainer, compiled; bench/trainer_runs.py prints them side by side. Since the
 # nineteenth session the trainer builds on meta and initializes each rank's share on its GPU (CUDA
 # generators): these runs are that path's first on CUDA.
-# recast (about 2 minutes, the wheels as for trainer; not yet run): gpu_train's model through the
-# trainer, eager at batch 4 on one GPU, with parallel.recast_expert_weights off and on: the peak
-# memory, the bytes kept for backward beside moesaic-estimate's, and the step time.
+# recast (about 3 minutes, the wheels as for trainer; not yet run): gpu_train's model through the
+# trainer, eager at batch 4 on one GPU, with parallel.recast_expert_weights off and on, then on with
+# fused AdamW: the peak memory beside moesaic-estimate's step peak, the bytes kept for backward
+# beside its count, and the step time.
 # baseline (about 4.5 minutes): the expert layer table, and whole steps eager and compiled.
 # Name the H200 kind (nvidia-h200): batch 16 peaks at 94 GiB, over an H100's 80 (such a run fails alone
 # and the others go on), and the earlier figures are from H200s.
@@ -157,11 +158,16 @@ if [ "$PART" = recast ]; then  # parallel.recast_expert_weights on CUDA (about 2
   install_moesaic
   # gpu_train's model through the trainer, eager, DDP on one GPU (every expert resident), at batch 4 (8
   # would need about 83 GiB with the casts kept, by moesaic-estimate): the casts kept, then cast again
-  for flag in false true; do
-    echo "## $(date +%T) trainer, gpu_train's model (2.62B), eager, batch 4, recast_expert_weights=$flag" | tee -a "$LOG"
-    timeout 150 $one -m moesaic.trainer logging=quiet logging.out_dir=$OUT/trainer logging.run_name=big_recast_$flag \
+  # (then fused AdamW), each beside moesaic-estimate's total for the same overrides (auto: foreach on a GPU)
+  for spec in "false auto" "true auto" "true fused"; do
+    set -- $spec
+    echo "## $(date +%T) trainer, gpu_train's model (2.62B), eager, batch 4, recast_expert_weights=$1, optim.implementation=$2" | tee -a "$LOG"
+    timeout 150 $one -m moesaic.trainer logging=quiet logging.out_dir=$OUT/trainer logging.run_name=big_recast_$1_$2 \
       steps=${BIG_STEPS:-30} eval_every=1000 parallel=ddp parallel.mixed_precision=bf16 logging.count_kept=true \
-      parallel.recast_expert_weights=$flag ${big/batch_size=8/batch_size=4} 2>&1 | tail -4 | tee -a "$LOG"
+      parallel.recast_expert_weights=$1 optim.implementation=$2 ${big/batch_size=8/batch_size=4} 2>&1 | tail -4 | tee -a "$LOG"
+    echo "## moesaic-estimate, the same overrides (the last column: the step's peak)" | tee -a "$LOG"
+    timeout 60 python3 -m moesaic.trainer.estimate --world-size 1 parallel=ddp parallel.mixed_precision=bf16 \
+      parallel.recast_expert_weights=$1 optim.implementation=$2 ${big/batch_size=8/batch_size=4} 2>&1 | tail -1 | tee -a "$LOG"
   done
   python3 "$REPO/bench/trainer_runs.py" "$OUT/trainer" 2>&1 | tee -a "$LOG"
   exit 0

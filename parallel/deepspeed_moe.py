@@ -90,14 +90,15 @@ class DeepSpeedMoEBlock(nn.Module):
         }
         if self.shared is not None:
             y = y + self.shared(x_BSD)
-        self.last_route = RouterOutput(
+        route = RouterOutput(
             expert_ids_TK=indices_KT.t().to(torch.int64),
             weights_TK=gates_KT.t().detach(),
             aux_loss=l_aux,
             z_loss=l_aux.new_zeros(()),
             tokens_per_expert_E=exp_counts.to(torch.int64),
         )
-        return y, self.last_route
+        self.last_route = route.detached()
+        return y, route
 
 
 def apply_deepspeed_moe(model: nn.Module, ep_size: int, rank: int) -> list[str]:

@@ -130,5 +130,5 @@ class MoE(nn.Module):
         out_TD = self.dispatcher(x_TD, route, self.experts)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
-        self.last_route = route
+        self.last_route = route.detached()  # (a graph would keep its saved tensors until the next forward)
         return out_TD.view_as(x_BSD), route

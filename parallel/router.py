@@ -126,6 +126,13 @@ class RouterOutput:
     z_loss: torch.Tensor  # scalar, unscaled
     tokens_per_expert_E: torch.Tensor  # int64, token-slots routed to each expert
 
+    def detached(self) -> RouterOutput:
+        """The same tensors without their autograd graph: what a layer keeps for the recorder. A kept
+        graph would keep its saved tensors alive; under activation checkpointing, the recomputed
+        forward's graph, which no backward frees, until the next forward."""
+        return RouterOutput(*(t.detach() for t in (self.expert_ids_TK, self.weights_TK, self.aux_loss, self.z_loss,
+                                                   self.tokens_per_expert_E)))
+
 
 def limit_to_groups(select_TE: torch.Tensor, num_groups: int, num_limited: int, group_score: str) -> torch.Tensor:
     """Selection scores with every expert outside each token's `num_limited` best groups set to -inf.

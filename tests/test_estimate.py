@@ -142,7 +142,7 @@ def test_the_cli_compares_layouts_and_names_bad_input(tmp_path, capsys):
     rows = {k: v["largest_rank"] for k, v in json.loads(proc.stdout).items()}
     assert list(rows) == ["this config", "+ recompute_moe_act", "+ activation_checkpoint=attention",
                           "+ activation_checkpoint=full", "+ recast_expert_weights", "+ dense_gather_dtype=bf16",
-                          "all of them"]
+                          "+ optim.implementation=fused", "all of them"]
     base = rows["this config"]
     act = {k: r["activations"] for k, r in rows.items()}
     assert act["+ activation_checkpoint=full"] < act["+ activation_checkpoint=attention"] < act["this config"]
@@ -152,6 +152,11 @@ def test_the_cli_compares_layouts_and_names_bad_input(tmp_path, capsys):
     assert rows["+ dense_gather_dtype=bf16"]["fsdp_gathered"] == base["fsdp_gathered"] // 2  # the root in bf16
     assert rows["all of them"]["weight_copies"] == 0 and min(r["total"] for r in rows.values()) == rows["all of them"]["total"]
     assert all(r["expert_params"] == base["expert_params"] for r in rows.values())  # the state does not change
+    # AdamW's temporaries: `auto` counted as foreach on a GPU (the sqrt of a group's second moments), fused none;
+    # the dense matrices (DTensors) and the experts (plain tensors) are two groups
+    dense_matrices = base["dense_params"] // 4 - 5 * 16  # all but the 5 norms (d 32, in 2 shards)
+    assert base["optimizer_working"] == 4 * max(dense_matrices, base["expert_params"] // 4) > 0
+    assert rows["+ optim.implementation=fused"]["optimizer_working"] == 0
     proc = run("--world-size", "2", "--savings", "experiment=smoke", "parallel=fssdp", "parallel.activation_checkpoint=full")
     assert proc.returncode == 0 and "| setting |" in proc.stdout and "| this config |" in proc.stdout, proc.stderr
     assert "recast" not in proc.stdout and "recompute_moe_act |" not in proc.stdout  # fp32, FSSDP, full: nothing to add

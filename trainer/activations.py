@@ -25,10 +25,12 @@ What it assumes:
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from moesaic.trainer.config import TrainConfig
 
@@ -44,8 +46,9 @@ class _GroupedMmShape(torch.autograd.Function):
         return a.new_empty(a.shape[0], b.shape[-1])
 
     @staticmethod
-    def backward(ctx, grad):
-        raise RuntimeError("moesaic-estimate counts the forward only")
+    def backward(ctx, grad):  # as `torch._grouped_mm`'s backward allocates: both operands' gradients
+        a, b, _ = ctx.saved_tensors
+        return grad.new_empty(a.shape), grad.new_empty(b.shape), None
 
 
 @contextlib.contextmanager
@@ -62,6 +65,62 @@ def _grouped_mm_any_dtype():
         yield
     finally:
         torch._grouped_mm = real
+
+
+class LiveBytes(TorchDispatchMode):
+    """The bytes of the storages that ops allocate while it is on, live at once, at every op's end:
+    each storage once (views share it), from the op that creates it (an output whose storage no
+    input has) until its last reference goes (a weakref on the storage). Real or fake tensors alike.
+    `peak(leave_out)` replays the timeline without the given storages (the parameters' gradients,
+    counted apart), so that the order in which they were recognized does not matter."""
+
+    def __init__(self):
+        super().__init__()
+        self.events: list[tuple[int, int]] = []  # (allocation serial, +bytes or -bytes); (-1, 0) ends an op
+        self.alive: dict[int, tuple[int, int]] = {}  # storage key -> (serial, bytes)
+        self._refs: dict[int, weakref.ref] = {}
+        self._serial = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                if st._cdata not in inputs and st._cdata not in self.alive:
+                    self._alloc(st)
+        self.events.append((-1, 0))
+        return out
+
+    def _alloc(self, st) -> None:
+        key, n = st._cdata, st.nbytes()
+        self._serial += 1
+        self.alive[key] = (self._serial, n)
+        self.events.append((self._serial, n))
+        self._refs[key] = weakref.ref(st, lambda _, key=key: self._free(key))
+
+    def _free(self, key: int) -> None:
+        serial, n = self.alive.pop(key)
+        self._refs.pop(key, None)
+        self.events.append((serial, -n))
+
+    def serials(self, tensors) -> set[int]:
+        """The allocation serials of these tensors' storages (those allocated under the mode)."""
+        keys = {t.untyped_storage()._cdata for t in tensors}
+        return {self.alive[k][0] for k in keys if k in self.alive}
+
+    def peak(self, leave_out: set[int] = frozenset()) -> int:
+        live = top = 0
+        for serial, delta in self.events:
+            if serial < 0:
+                top = max(top, live)
+            elif serial not in leave_out:
+                live += delta
+        return top
+
+    def now(self, leave_out: set[int] = frozenset()) -> int:
+        return sum(n for s, n in self.alive.values() if s not in leave_out)
 
 
 @dataclass(frozen=True)
@@ -125,10 +184,34 @@ def forward_kept(model: torch.nn.Module, forward, *, copies: bool = True) -> tup
     return out, Kept(sum(kept.values()), sum(kept_casts.values()), expert)
 
 
+def step_bytes(model: torch.nn.Module, forward) -> tuple[Kept, int]:
+    """Runs `forward()` (a `ModelOutput`; the caller's autocast inside it) and the backward of its loss,
+    as the trainer does (the logits are not kept through backward), real or fake tensors alike:
+    (`Kept` after the forward, the working set). The working set is the most bytes that the
+    forward and backward hold at once beyond what autograd keeps, the parameters' gradients aside
+    (`moesaic-estimate` counts every gradient apart): a block's transients, the gradients of its
+    activations, under checkpointing its recomputed activations. Kept tensors free as backward goes,
+    so the working set is what backward needs on top of them, 0 where it frees faster than it
+    allocates."""
+    with LiveBytes() as live:
+        out, kept = forward_kept(model, forward)
+        loss = out.loss
+        del out
+        loss.backward()
+    grads = live.serials([p.grad for p in model.parameters() if p.grad is not None])
+    return kept, max(0, live.peak(grads) - kept.total)
+
+
 def kept_for_backward(cfg: TrainConfig, batch: int, *, fsdp_experts: bool = False) -> Kept:
     """What autograd keeps after the forward of `batch` sequences of data.seq_len tokens, every expert
     local, counted on fake tensors. `fsdp_experts`: without a plan, FSDP shards (and gathers) the
     experts as dense parameters."""
+    return count_step(cfg, batch, fsdp_experts=fsdp_experts, backward=False)[0]
+
+
+def count_step(cfg: TrainConfig, batch: int, *, fsdp_experts: bool = False,
+               backward: bool = True) -> tuple[Kept, int | None]:
+    """`kept_for_backward`, and with `backward` the working set of `step_bytes`, on fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from moesaic.trainer.model import Transformer
@@ -146,8 +229,14 @@ def kept_for_backward(cfg: TrainConfig, batch: int, *, fsdp_experts: bool = Fals
                 if fsdp_experts or ".experts." not in name:
                     p.data = p.data.to(torch.bfloat16)
         idx = torch.zeros(batch, cfg.data.seq_len, dtype=torch.int64)
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            return forward_kept(model, lambda: model(idx, idx))[1]
+
+        def forward():
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                return model(idx, idx)
+
+        if not backward:
+            return forward_kept(model, forward)[1], None
+        return step_bytes(model, forward)
 
 
 def activation_bytes(cfg: TrainConfig, *, fsdp_experts: bool = False) -> dict:
@@ -157,6 +246,7 @@ def activation_bytes(cfg: TrainConfig, *, fsdp_experts: bool = False) -> dict:
       in bf16, or without autocast);
     - "expert_copy": the copy of one expert's weights in one MoE layer: a rank keeps one for every
       expert whose fp32 weights it computes with under autocast (`estimate` counts them per rank);
+    - "working": the forward's and backward's working set beyond these (`step_bytes`);
     - "note".
     A capacity factor is counted as dropless (an upper bound). Where the rows' sizes depend on the
     routing (the per-expert loop of dims that `torch._grouped_mm` cannot take), the figures are None
@@ -171,11 +261,11 @@ def activation_bytes(cfg: TrainConfig, *, fsdp_experts: bool = False) -> dict:
         cfg.model.moe.capacity_factor = 0.0
         note = "capacity counted as dropless (an upper bound)"
     try:
-        kept = kept_for_backward(cfg, cfg.batch_size, fsdp_experts=fsdp_experts)
+        kept, working = count_step(cfg, cfg.batch_size, fsdp_experts=fsdp_experts)
     except DataDependentOutputException:
-        return {"activations": None, "dense_copies": None, "expert_copy": None,
+        return {"activations": None, "dense_copies": None, "expert_copy": None, "working": None,
                 "note": "not counted: the experts run as a per-expert loop (model.dim or model.moe.ffn_dim breaks "
                         "torch._grouped_mm's 16-byte rule), whose sizes depend on the routing"}
     slots = cfg.model.num_moe_layers * cfg.model.moe.num_experts
     return {"activations": kept.total - kept.weight_copies, "dense_copies": kept.weight_copies - kept.expert_copies,
-            "expert_copy": kept.expert_copies // slots if slots else 0, "note": note}
+            "expert_copy": kept.expert_copies // slots if slots else 0, "working": working, "note": note}

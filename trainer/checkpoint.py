@@ -139,10 +139,11 @@ def _dense_moments(dense: dict, optimizer, engine, for_save: bool) -> dict[str, 
 def init_optimizer_state(optimizer) -> None:
     """Create AdamW's state tensors (zeros) so that a load can fill them in place."""
     for group in optimizer.param_groups:
+        on_device = group.get("fused") or group.get("capturable")  # as AdamW keeps its step: beside the weights
         for p in group["params"]:
             st = optimizer.state[p]
             if "step" not in st:
-                st["step"] = torch.zeros((), dtype=torch.float32, device="cpu")  # AdamW's own (not capturable)
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 

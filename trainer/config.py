@@ -38,6 +38,10 @@ class OptimConfig:
     """AdamW epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: off)."""
+    implementation: str = "auto"
+    """AdamW's kernels (torchtitan's names): `auto` (torch's choice: foreach on a GPU, for-loop on a
+    CPU), `for-loop`, `foreach` (a temporary the size of a parameter group), or `fused` (none). See
+    `moesaic.trainer.optim.adamw_options`; `moesaic-estimate` counts each one's temporaries."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -55,6 +59,9 @@ class OptimConfig:
                 raise ValueError(f"optim.{name} ({getattr(self, name)}) must be in [0, 1)")
         if self.grad_clip < 0:
             raise ValueError(f"optim.grad_clip ({self.grad_clip}) must be >= 0")
+        if self.implementation not in ("auto", "for-loop", "foreach", "fused"):
+            raise ValueError(f"optim.implementation ({self.implementation!r}) must be one of 'auto', 'for-loop', "
+                             "'foreach', 'fused'")
 
 
 @dataclass(kw_only=True)
@@ -253,6 +260,10 @@ class TrainConfig:
         if self.parallel.recompute_moe_act and self.model.moe_impl == "deepspeed":
             raise ValueError("parallel.recompute_moe_act (True) with model.moe_impl ('deepspeed'): DeepSpeed-MoE's "
                              "experts are its own; use recompute_moe_act=false")
+        if self.optim.implementation != "auto" and self.parallel.engine == "deepspeed":
+            raise ValueError(f"optim.implementation ({self.optim.implementation!r}) with parallel.engine ('deepspeed'): "
+                             "DeepSpeed's engine steps its own flat partitions with torch's default; use "
+                             "implementation=auto")
         if not 0 <= self.seed < 2**63:  # numpy's SeedSequence draws the batches and takes no negative seed
             raise ValueError(f"seed ({self.seed}) must be in [0, 2**63)")
         if self.on_nan not in ("stop", "skip"):

@@ -30,10 +30,19 @@ code the trainer runs (the plan, FSSDP's owners, FSDP2's dim-0 shards):
 - FSDP2's gathered dense weights kept from the forward to the backward: the root's (FSDP2 keeps it
   gathered), and with reshard_after_forward=false every block's; the trainer measures the same
   (`logging.count_kept`), and the tests check that the two agree byte for byte.
+- the working sets: the forward's and backward's beyond what autograd keeps, gradients aside (a
+  block's transients and activation gradients, its recomputed activations under checkpointing),
+  counted in the same fake forward and its backward (`moesaic.trainer.activations.step_bytes`); and
+  the AdamW step's temporaries for `optim.implementation` (`auto` counted as on a GPU, where torch
+  picks foreach: the square roots of a parameter group's second moments, 4 bytes a parameter of
+  the rank's largest group; for-loop: twice the largest tensor; fused: none).
+The total is the step's peak: the state, every gradient, and the larger of the two phases (what the
+forward and backward hold, or the optimizer step's temporaries: the activations are gone by then).
 A run without torch.distributed (`python -m moesaic.trainer`, one process) applies neither EP nor
 FSSDP: estimate it with parallel=ddp --world-size 1 (torchrun's one rank applies them).
-Not included: the backward's working set (a block's dense weights gathered again, and the one
-prefetched, with their unsharded gradients; a layer's activation gradients). DeepSpeed's ZeRO engine and the
+Not included: the collectives' buffers (EP's all-to-all, FSSDP's and FSDP2's gathers beyond the
+weights they hold, DDP's reducer) and the backward's gathered dense weights under FSDP2 (a block's,
+and the one prefetched, with their unsharded gradients). DeepSpeed's ZeRO engine and the
 DeepSpeed-MoE baseline are refused by name: DeepSpeed pads and flattens its partitions in its own way.
 """
 
@@ -102,6 +111,17 @@ def cast_experts(ep_rank: int, plan, owners, cfg: TrainConfig) -> int:
                if (in_place_cast if computes_in_place(plan.placement[layer], own) else gathered_cast))
 
 
+def optimizer_working(groups: list[list[int]], implementation: str) -> int:
+    """Bytes of the AdamW step's temporaries (`moesaic.trainer.optim.adamw_options`), from the numels
+    of the rank's fp32 parameters in each of its `param_groups`. `auto` is counted as torch picks on
+    a GPU: foreach."""
+    if implementation == "fused":
+        return 0
+    if implementation == "for-loop":  # sqrt(v), then its quotient, of one tensor at a time
+        return 2 * FP32 * max((n for g in groups for n in g), default=0)
+    return FP32 * max((sum(g) for g in groups), default=0)  # foreach: sqrt(v) of a whole group at once
+
+
 def weight_copies(counted: dict, experts: int) -> int | None:
     """The dense weights' copies and `experts` experts' (`cast_experts`), None where not counted."""
     if counted["dense_copies"] is None:
@@ -168,6 +188,15 @@ def estimate(cfg: TrainConfig, world_size: int) -> list[dict]:
             experts = sum(local(p) for p in expert_tensors) * FP32
         else:
             experts = sum(held_experts(ep_rank, plan, owners)) * per_expert * FP32
+        if plan is None:
+            expert_numels = [local(p) for p in expert_tensors]
+        else:  # per MoE layer and weight: the held experts' (E_held, ...) tensor
+            expert_numels = [n * p.numel() // p.shape[0] for n in held_experts(ep_rank, plan, owners)
+                             for p in moes[0].experts.parameters()]
+        decay = [local(p) for p in dense_tensors if p.ndim >= 2]  # (the experts' are 3-D)
+        no_decay = [local(p) for p in dense_tensors if p.ndim < 2]
+        # optim.param_groups: under FSDP2 with a plan, the dense DTensors apart from the plain experts
+        groups = [decay, expert_numels, no_decay] if fsdp and plan is not None else [decay + expert_numels, no_decay]
         gathered = materialized_experts(ep_rank, plan, owners) if owners is not None else []
         working = per_expert * in_flight(gathered, reshard_after_forward=pc.reshard_after_forward, prefetch=pc.prefetch)
         rows.append({
@@ -179,13 +208,28 @@ def estimate(cfg: TrainConfig, world_size: int) -> list[dict]:
             "gathered_weights": working * gather_bytes, "gathered_grads": working * gather_bytes,
             "activations": activations,
             "weight_copies": weight_copies(counted, cast_experts(ep_rank, plan, owners, cfg) if casts else 0),
-            "fsdp_gathered": gathered_dense,
+            "fsdp_gathered": gathered_dense, "backward_working": counted["working"],
+            "optimizer_working": optimizer_working(groups, cfg.optim.implementation),
         })
     for r in rows:
-        r["total"] = sum(v for k, v in r.items() if k != "rank" and v is not None)
+        r["total"] = step_peak(r)
         if counted["note"]:
             r["activations_note"] = counted["note"]
     return rows
+
+
+STATE = ("dense_params", "dense_moments", "expert_params", "expert_moments", "dense_grads", "expert_grads")
+FORWARD_BACKWARD = ("gathered_weights", "gathered_grads", "activations", "weight_copies", "fsdp_gathered",
+                    "backward_working")
+
+
+def step_peak(row: dict) -> int:
+    """The state and every gradient, and the larger phase: the forward and backward's (an upper bound:
+    every gradient is counted beside every activation kept), or the optimizer step's temporaries."""
+    def total(keys):
+        return sum(row[k] or 0 for k in keys)
+
+    return total(STATE) + max(total(FORWARD_BACKWARD), row["optimizer_working"])
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -201,7 +245,8 @@ def summarize(rows: list[dict]) -> dict:
 
 def _table(named: dict[str, dict], label: str = "layout") -> str:
     keys = ["dense_params", "dense_grads", "dense_moments", "expert_params", "expert_grads", "expert_moments",
-            "gathered_weights", "gathered_grads", "activations", "weight_copies", "fsdp_gathered", "total"]
+            "gathered_weights", "gathered_grads", "activations", "weight_copies", "fsdp_gathered",
+            "backward_working", "optimizer_working", "total"]
     unit, div = ("GiB", GIB) if max(s["total"] for s in named.values()) >= GIB else ("MiB", 2**20)
     lines = [f"| {label} | " + " | ".join(f"{k.replace('_', ' ')} ({unit})" for k in keys) + " |",
              "|---|" + "---|" * len(keys)]
@@ -243,10 +288,13 @@ def savings_overrides(cfg: TrainConfig, overrides: list[str]) -> dict[str, list[
         steps["+ recast_expert_weights"] = ["parallel.recast_expert_weights=true"]
     if pc.dense_sharding == "fsdp" and pc.mixed_precision == "bf16" and pc.dense_gather_dtype != "bf16":
         steps["+ dense_gather_dtype=bf16"] = ["parallel.dense_gather_dtype=bf16"]
+    if cfg.optim.implementation != "fused" and pc.engine != "deepspeed":
+        steps["+ optim.implementation=fused"] = ["optim.implementation=fused"]
     # all together: full checkpointing where offered (recompute_moe_act does nothing under it), else
-    # recompute_moe_act; and the weights' settings
+    # recompute_moe_act; and the weights' and the optimizer's settings
     together = [*(steps.get("+ activation_checkpoint=full") or steps.get("+ recompute_moe_act", [])),
-                *steps.get("+ recast_expert_weights", []), *steps.get("+ dense_gather_dtype=bf16", [])]
+                *steps.get("+ recast_expert_weights", []), *steps.get("+ dense_gather_dtype=bf16", []),
+                *steps.get("+ optim.implementation=fused", [])]
     if len(steps) > 1:
         steps["all of them"] = together
 
@@ -280,7 +328,8 @@ def main_cli(argv: list[str] | None = None) -> None:
     ap.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) of the run")
     ap.add_argument("--compare", action="store_true", help="DDP, EP and FSSDP, each with DDP or FSDP dense")
     ap.add_argument("--savings", action="store_true", help="this config, then each memory setting it leaves off "
-                    "(checkpointing, recompute_moe_act, recast_expert_weights, FSDP2's bf16 gathers), alone and together")
+                    "(checkpointing, recompute_moe_act, recast_expert_weights, FSDP2's bf16 gathers, fused AdamW), "
+                    "alone and together")
     ap.add_argument("--json", action="store_true", help="every rank's figures, machine-readable")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as moesaic-train takes them")
     a = ap.parse_args(argv)

@@ -116,7 +116,7 @@ class Parallel:
     def build_optimizer(self, cfg: TrainConfig):
         """(optimizer, scheduler) that the loop steps. Under engine=deepspeed they cover the experts
         only; the dense AdamW and its schedule live inside the DeepSpeed engine."""
-        from moesaic.trainer.optim import build_optimizer, lr_lambda
+        from moesaic.trainer.optim import build_optimizer, lr_lambda, param_groups
 
         if cfg.parallel.engine != "deepspeed" or self.info.backend is None:
             opt = build_optimizer(self.model, cfg.optim)
@@ -131,11 +131,7 @@ class Parallel:
         o = cfg.optim
 
         def adamw(params):
-            decay = [p for p in params if p.ndim >= 2]
-            rest = [p for p in params if p.ndim < 2]
-            groups = [g for g in ({"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0})
-                      if g["params"]]
-            return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+            return torch.optim.AdamW(param_groups(params, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
 
         dense_opt = adamw(dense)
         dense_sched = torch.optim.lr_scheduler.LambdaLR(dense_opt, lr_lambda(o, cfg.steps))

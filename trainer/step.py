@@ -83,15 +83,15 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
                                 "fsdp_gathered": gathered_bytes(model)}  # FSDP2's weights gathered until backward
                     else:
                         out = par.train_model(x, y)
-                par.backward(out.loss if scale is None else out.loss * scale, cfg.grad_accum_steps)
+                loss, losses, c = out.loss, (out.ce_loss, out.aux_loss, out.z_loss), out.tokens_per_expert_LE
+                del out  # its logits (batch x seq x vocab, fp32) are not kept through backward and the next forward
+                par.backward(loss if scale is None else loss * scale, cfg.grad_accum_steps)
             if par.ds_engine is not None and not last:
                 par.ds_engine.step()  # not an accumulation boundary: DeepSpeed only counts the micro-step
             if cfg.model.moe.router.aux_loss_scope == "global_batch":
                 for moe in model.moe_layers():
                     moe.router.end_micro_batch(last)
-            losses = (out.ce_loss, out.aux_loss, out.z_loss)
             stats += torch.stack([t.detach().float() for t in losses]).to("cpu", torch.float64)  # one device sync
-            c = out.tokens_per_expert_LE
             if c is not None:
                 counts_LE = c.cpu() if counts_LE is None else counts_LE + c.cpu()
             recorder.observe_model(model)
