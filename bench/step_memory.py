@@ -1,7 +1,7 @@
 """A training step's memory: `moesaic-estimate`'s step peak against real steps, and what the thirtieth
 session's changes are worth on larger models.
 
-    python bench/step_memory.py [--json out.json]
+    python bench/step_memory.py [--skip-big] [--base experiment=smoke ...] [--json out.json]
 
 1. Measured (CPU, one process): the demo model at its default batch (8 x 128), per setting, the
    peak of a real step's tensors (torch's MemTracker over the second step: forward, backward,
@@ -96,12 +96,12 @@ def as_before(row: dict) -> int:
     return sum(row[k] or 0 for k in (*STATE, *FORWARD_BACKWARD) if k != "backward_working")
 
 
-def part1() -> list[dict]:
+def part1(base: list[str]) -> list[dict]:
     from moesaic.trainer.estimate import compose, estimate
 
     out = []
     for name, overrides in SETTINGS.items():
-        cfg = compose(["parallel=ddp", *overrides])
+        cfg = compose(["parallel=ddp", *base, *overrides])
         m, row = measure(cfg), estimate(cfg, 1)[0]
         out.append({"setting": name, "measured peak (MiB)": m["peak"] / MIB, "estimate (MiB)": row["total"] / MIB,
                     "estimate / measured": row["total"] / m["peak"], "before (MiB)": as_before(row) / MIB,
@@ -150,14 +150,19 @@ def part3() -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", nargs="*", default=[], help="overrides of part 1's model (default: the demo model)")
+    ap.add_argument("--skip-big", action="store_true", help="part 1 only")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['date']}\n")
-    p1 = part1()
-    print("## 1. The demo model, one process, batch 8 x 128: a real step's peak and the estimate\n")
+    p1 = part1(a.base)
+    print(f"## 1. The {' '.join(a.base) or 'demo model'}, one process: a real step's peak and the estimate\n")
     print(table(p1))
+    if a.skip_big:
+        write_json(a.json, {"machine": info, "measured": p1})
+        return
     p2 = part2()
     print("\n## 2. gpu_train's 2.62B model, bf16, batch 8 x 2,048: the working set, counted on fake tensors\n")
     print(table(p2))
@@ -166,8 +171,7 @@ def main() -> None:
     print(table(p3))
     print()
     print(table(logits))
-    if a.json:
-        write_json(a.json, {"machine": info, "measured": p1, "routes": p2, "optimizer": p3, "logits": logits})
+    write_json(a.json, {"machine": info, "measured": p1, "routes": p2, "optimizer": p3, "logits": logits})
 
 
 if __name__ == "__main__":

@@ -50,6 +50,13 @@ def test_activation_memory_demo_model(tmp_path):
     assert kept["kept_KiB"] - recast["kept_KiB"] == casts
 
 
+def test_step_memory_smoke_model(tmp_path):
+    out = run("step_memory.py", "--skip-big", "--base", "experiment=smoke", "--json", tmp_path / "m.json")
+    assert "| bf16, full checkpointing, fused" in out
+    rows = json.loads((tmp_path / "m.json").read_text())["measured"]
+    assert len(rows) == 5 and all(1 <= r["estimate / measured"] < 1.5 for r in rows), rows
+
+
 def test_placement_scale_small(tmp_path):
     out = run("placement_scale.py", "--preset", "mixtral", "--tokens", 2000, "--gpus", 4, "--gpus-per-node", 2,
               "--time-limit", 10, "--json", tmp_path / "s.json")

@@ -19,7 +19,10 @@ What it assumes:
   (the norm's normalized copy, for one), and under `compile=true` inductor's partitioner chooses what
   to keep (it recomputes element-wise steps such as silu): read the count as an upper bound there.
 - The bytes kept when the forward ends. Backward adds its working set: gradients of one block's
-  activations at a time, and with checkpointing one block's recomputed activations.
+  activations at a time, and with checkpointing one block's recomputed activations. `step_bytes`
+  counts it too, running the backward on the same fake tensors, with `LiveBytes` following every
+  storage from the op that creates it to its last reference (the tests check the count against real
+  steps byte for byte, and `LiveBytes` against torch's own MemTracker).
 """
 
 from __future__ import annotations

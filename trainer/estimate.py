@@ -111,15 +111,31 @@ def cast_experts(ep_rank: int, plan, owners, cfg: TrainConfig) -> int:
                if (in_place_cast if computes_in_place(plan.placement[layer], own) else gathered_cast))
 
 
+def adamw_groups(model, moes, local, held: list[int] | None, fsdp: bool) -> list[list[int]]:
+    """The numels of the rank's parameters in each of AdamW's groups (`moesaic.trainer.optim.
+    param_groups`: weight decay or not, FSDP2's DTensors apart from plain tensors), in the model's
+    order: `local(p)` for a dense one (its FSDP2 shard), the `held` experts (per MoE layer) of an
+    expert weight, all of them sharded as dense ones without a plan (`held` None)."""
+    layer_of = {id(p): i for i, m in enumerate(moes) for p in m.experts.parameters()}
+    groups: dict[tuple[bool, bool], list[int]] = {}
+    for p in model.parameters():
+        layer = layer_of.get(id(p))
+        numel = local(p) if layer is None or held is None else held[layer] * (p.numel() // p.shape[0])
+        groups.setdefault((p.ndim >= 2, fsdp and (layer is None or held is None)), []).append(numel)
+    return list(groups.values())
+
+
 def optimizer_working(groups: list[list[int]], implementation: str) -> int:
-    """Bytes of the AdamW step's temporaries (`moesaic.trainer.optim.adamw_options`), from the numels
-    of the rank's fp32 parameters in each of its `param_groups`. `auto` is counted as torch picks on
-    a GPU: foreach."""
+    """Bytes of the AdamW step's temporaries (`moesaic.trainer.optim.adamw_options`) at their most,
+    from the numels of the rank's fp32 parameters in each group (`adamw_groups`). `auto` is counted
+    as torch picks on a GPU: foreach, the square root of a whole group's second moments at once. The
+    for-loop takes one tensor's square root, then its quotient, while the previous tensor's
+    quotient is still referenced; fused has none."""
     if implementation == "fused":
         return 0
-    if implementation == "for-loop":  # sqrt(v), then its quotient, of one tensor at a time
-        return 2 * FP32 * max((n for g in groups for n in g), default=0)
-    return FP32 * max((sum(g) for g in groups), default=0)  # foreach: sqrt(v) of a whole group at once
+    if implementation == "for-loop":
+        return FP32 * max((2 * n + prev for g in groups for n, prev in zip(g, [0, *g])), default=0)
+    return FP32 * max((sum(g) for g in groups), default=0)
 
 
 def weight_copies(counted: dict, experts: int) -> int | None:
@@ -188,15 +204,7 @@ def estimate(cfg: TrainConfig, world_size: int) -> list[dict]:
             experts = sum(local(p) for p in expert_tensors) * FP32
         else:
             experts = sum(held_experts(ep_rank, plan, owners)) * per_expert * FP32
-        if plan is None:
-            expert_numels = [local(p) for p in expert_tensors]
-        else:  # per MoE layer and weight: the held experts' (E_held, ...) tensor
-            expert_numels = [n * p.numel() // p.shape[0] for n in held_experts(ep_rank, plan, owners)
-                             for p in moes[0].experts.parameters()]
-        decay = [local(p) for p in dense_tensors if p.ndim >= 2]  # (the experts' are 3-D)
-        no_decay = [local(p) for p in dense_tensors if p.ndim < 2]
-        # optim.param_groups: under FSDP2 with a plan, the dense DTensors apart from the plain experts
-        groups = [decay, expert_numels, no_decay] if fsdp and plan is not None else [decay + expert_numels, no_decay]
+        groups = adamw_groups(model, moes, local, None if plan is None else held_experts(ep_rank, plan, owners), fsdp)
         gathered = materialized_experts(ep_rank, plan, owners) if owners is not None else []
         working = per_expert * in_flight(gathered, reshard_after_forward=pc.reshard_after_forward, prefetch=pc.prefetch)
         rows.append({
@@ -357,7 +365,9 @@ def main_cli(argv: list[str] | None = None) -> None:
           f"{'setting' if a.savings else 'layout'}, and the activations of one micro-batch of {c.batch_size} x "
           f"{c.data.seq_len} tokens "
           f"(mixed_precision {c.parallel.mixed_precision}, activation_checkpoint {c.parallel.activation_checkpoint}, "
-          f"recompute_moe_act {c.parallel.recompute_moe_act}; eager kernels, balanced routing)")
+          f"recompute_moe_act {c.parallel.recompute_moe_act}, optim.implementation {c.optim.implementation}; eager "
+          f"kernels, balanced routing); total: the step's peak, the state and every gradient, and the larger of the "
+          f"forward-backward's columns and the optimizer's temporaries")
     print(_table({n: summarize(r) for n, r in results.items()}, "setting" if a.savings else "layout"))
 
 
