@@ -94,7 +94,8 @@ class LoggingConfig:
     """The first step's first forward counts, on every rank, the bytes that autograd keeps for
     backward: the activations, and the weights' copies in the autocast dtype apart; and FSDP2's
     gathered dense weights then (summary.json's `kept_for_backward_per_rank`; `moesaic-estimate`
-    predicts all three). Eager runs only."""
+    predicts all three); and the forward and backward's working set beyond those, the parameters'
+    gradients aside (`working`). Eager runs only."""
 
     def __post_init__(self) -> None:
         if self.log_every < 1:

@@ -35,14 +35,16 @@ code the trainer runs (the plan, FSSDP's owners, FSDP2's dim-0 shards):
   counted in the same fake forward and its backward (`moesaic.trainer.activations.step_bytes`); and
   the AdamW step's temporaries for `optim.implementation` (`auto` counted as on a GPU, where torch
   picks foreach: the square roots of a parameter group's second moments, 4 bytes a parameter of
-  the rank's largest group; for-loop: twice the largest tensor; fused: none).
+  the rank's largest group; for-loop: a tensor's square root and quotient beside the previous
+  tensor's quotient; fused: none). The tests check both against real steps, byte for byte.
 The total is the step's peak: the state, every gradient, and the larger of the two phases (what the
 forward and backward hold, or the optimizer step's temporaries: the activations are gone by then).
 A run without torch.distributed (`python -m moesaic.trainer`, one process) applies neither EP nor
 FSSDP: estimate it with parallel=ddp --world-size 1 (torchrun's one rank applies them).
-Not included: the collectives' buffers (EP's all-to-all, FSSDP's and FSDP2's gathers beyond the
-weights they hold, DDP's reducer) and the backward's gathered dense weights under FSDP2 (a block's,
-and the one prefetched, with their unsharded gradients). DeepSpeed's ZeRO engine and the
+Not included: collectives in flight (a DDP bucket's reduction, FSSDP's gradient reduce-scatters:
+their buffers overlap the peak or not as the ranks' timing goes; `logging.count_kept` measures the
+working set on every rank) and the backward's gathered dense weights under FSDP2 (a block's, and the
+one prefetched, with their unsharded gradients). DeepSpeed's ZeRO engine and the
 DeepSpeed-MoE baseline are refused by name: DeepSpeed pads and flattens its partitions in its own way.
 """
 
@@ -200,11 +202,12 @@ def estimate(cfg: TrainConfig, world_size: int) -> list[dict]:
             return fsdp_rows(p.shape[0], shards, index) * (p.numel() // p.shape[0]) if shards > 1 else p.numel()
 
         dense = sum(local(p) for p in dense_tensors) * FP32
-        if plan is None:  # every expert is a dense parameter: under FSDP, sharded by experts like the rest
+        held = None if plan is None else held_experts(ep_rank, plan, owners)
+        if held is None:  # every expert is a dense parameter: under FSDP, sharded by experts like the rest
             experts = sum(local(p) for p in expert_tensors) * FP32
         else:
-            experts = sum(held_experts(ep_rank, plan, owners)) * per_expert * FP32
-        groups = adamw_groups(model, moes, local, None if plan is None else held_experts(ep_rank, plan, owners), fsdp)
+            experts = sum(held) * per_expert * FP32
+        groups = adamw_groups(model, moes, local, held, fsdp)
         gathered = materialized_experts(ep_rank, plan, owners) if owners is not None else []
         working = per_expert * in_flight(gathered, reshard_after_forward=pc.reshard_after_forward, prefetch=pc.prefetch)
         rows.append({
