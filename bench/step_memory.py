@@ -49,6 +49,18 @@ def storage_bytes(tensors) -> int:
     return sum(st.nbytes() for st in {t.untyped_storage()._cdata: t.untyped_storage() for t in tensors}.values())
 
 
+def build(cfg) -> torch.nn.Module:
+    """`cfg`'s model on CPU (seed 0), with its activation checkpointing and recompute_moe_act."""
+    from moesaic.trainer.model import Transformer
+    from moesaic.trainer.parallelize import apply_activation_checkpoint
+
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    apply_activation_checkpoint(model, cfg.parallel.activation_checkpoint,
+                                recompute_moe_act=cfg.parallel.recompute_moe_act)
+    return model
+
+
 def measure(cfg, seed: int = 1) -> dict:
     """One process, `cfg`'s model: two real steps; of the second, torch's MemTracker peak (the
     rotary tables and the batch left out), the bytes that `optimizer.step()` allocated at once, and
@@ -56,22 +68,17 @@ def measure(cfg, seed: int = 1) -> dict:
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from moesaic.trainer.activations import LiveBytes
-    from moesaic.trainer.model import Transformer
     from moesaic.trainer.optim import build_optimizer
-    from moesaic.trainer.parallelize import apply_activation_checkpoint
+    from moesaic.trainer.step import precision
 
-    pc = cfg.parallel
-    torch.manual_seed(0)
-    model = Transformer(cfg.model)
-    apply_activation_checkpoint(model, pc.activation_checkpoint, recompute_moe_act=pc.recompute_moe_act)
+    model = build(cfg)
     opt = build_optimizer(model, cfg.optim)
     x = torch.randint(0, cfg.model.vocab_size, (cfg.batch_size, cfg.data.seq_len),
                       generator=torch.Generator().manual_seed(seed))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(pc.mixed_precision)
     seen = {}
 
     def step():
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with precision(cfg, x.device):
             loss = model(x, x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -13,21 +13,11 @@ from conftest import REPO, read_metrics, torchrun
 BENCH = REPO / "bench"
 
 
-def _model(cfg):
-    from moesaic.trainer.model import Transformer
-    from moesaic.trainer.parallelize import apply_activation_checkpoint
-
-    torch.manual_seed(0)
-    model = Transformer(cfg.model)
-    apply_activation_checkpoint(model, cfg.parallel.activation_checkpoint, recompute_moe_act=cfg.parallel.recompute_moe_act)
-    return model
-
-
 def _forward(cfg, model, x):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.parallel.mixed_precision)
+    from moesaic.trainer.step import precision
 
     def forward():
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with precision(cfg, x.device):
             return model(x, x)
 
     return forward
@@ -49,7 +39,7 @@ def test_the_estimate_bounds_a_real_step(overrides):
     set those of the real ones, byte for byte, and the optimizer's temporaries those of
     `optimizer.step()`, byte for byte too."""
     sys.path.insert(0, str(BENCH))
-    from step_memory import measure
+    from step_memory import build, measure
 
     from moesaic.trainer.activations import count_step, step_bytes
     from moesaic.trainer.estimate import compose, estimate
@@ -65,7 +55,7 @@ def test_the_estimate_bounds_a_real_step(overrides):
     assert m["optimizer_temps"] == row["optimizer_working"]
     assert row["optimizer_working"] > 0 or kind == "fused"
     assert m["peak"] <= row["total"] <= m["peak"] + m["grads"], (m, row["total"])
-    model = _model(cfg)
+    model = build(cfg)
     x = torch.randint(0, 256, (cfg.batch_size, cfg.data.seq_len), generator=torch.Generator().manual_seed(1))
     real = step_bytes(model, _forward(cfg, model, x))
     assert count_step(cfg, cfg.batch_size) == real and real[1] == row["backward_working"] > 0
@@ -77,11 +67,14 @@ def test_a_step_leaves_only_the_routes(mode):
     each MoE layer keeps for the routing recorder (`last_route`, without its graph). A route kept
     with its graph kept the router's inputs alive, and under checkpointing the recomputed block's
     whole graph, which no backward frees, until the next forward."""
+    sys.path.insert(0, str(BENCH))
+    from step_memory import build, storage_bytes
+
     from moesaic.trainer.activations import LiveBytes
     from moesaic.trainer.estimate import compose
 
     cfg = compose(["experiment=smoke", "parallel.mixed_precision=bf16", f"parallel.activation_checkpoint={mode}"])
-    model = _model(cfg)
+    model = build(cfg)
     x = torch.randint(0, 256, (cfg.batch_size, cfg.data.seq_len))
     with LiveBytes() as live:
         loss = _forward(cfg, model, x)().loss
@@ -90,9 +83,6 @@ def test_a_step_leaves_only_the_routes(mode):
     grads = live.serials([p.grad for p in model.parameters()])
     routes = [t for m in model.moe_layers() for t in vars(m.last_route).values()]
     assert all(not t.requires_grad and t.grad_fn is None for t in routes)
-    sys.path.insert(0, str(BENCH))
-    from step_memory import storage_bytes
-
     assert live.now(grads) == storage_bytes(routes) > 0
 
 

@@ -201,8 +201,14 @@ def step_bytes(model: torch.nn.Module, forward) -> tuple[Kept, int]:
         loss = out.loss
         del out
         loss.backward()
-    grads = live.serials([p.grad for p in model.parameters() if p.grad is not None])
-    return kept, max(0, live.peak(grads) - kept.total)
+    return kept, working_set(live, model, kept)
+
+
+def working_set(live: LiveBytes, model: torch.nn.Module, kept: Kept) -> int:
+    """What `live` saw held at once beyond `kept`, the parameters' gradients (FSDP2's: their local
+    shards) left out."""
+    grads = live.serials(getattr(p.grad, "_local_tensor", p.grad) for p in model.parameters() if p.grad is not None)
+    return max(0, live.peak(grads) - kept.total)
 
 
 def kept_for_backward(cfg: TrainConfig, batch: int, *, fsdp_experts: bool = False) -> Kept:

@@ -13,7 +13,7 @@ import torch
 from torch.profiler import record_function
 
 from moesaic.parallel.dense_fsdp import gathered_bytes, reshard
-from moesaic.trainer.activations import LiveBytes, forward_kept
+from moesaic.trainer.activations import LiveBytes, forward_kept, working_set
 from moesaic.trainer.config import TrainConfig
 from moesaic.trainer.data import TRAIN_STREAM, VAL_STREAM, sample_batch
 from moesaic.trainer.dist import DistInfo, all_reduce_
@@ -87,10 +87,8 @@ def train_step(step: int, *, cfg: TrainConfig, corpus, par, recorder, optimizer,
                 loss, losses, c = out.loss, (out.ce_loss, out.aux_loss, out.z_loss), out.tokens_per_expert_LE
                 del out  # its logits (batch x seq x vocab, fp32) are not kept through backward and the next forward
                 par.backward(loss if scale is None else loss * scale, cfg.grad_accum_steps)
-            if counting:  # the forward and backward's working set, as moesaic-estimate counts it (grads aside)
-                grads = live.serials(getattr(p.grad, "_local_tensor", p.grad) for p in model.parameters()
-                                     if p.grad is not None)
-                kept["working"] = max(0, live.peak(grads) - counted.total)
+            if counting:  # the forward and backward's working set, as moesaic-estimate counts it
+                kept["working"] = working_set(live, model, counted)
             if par.ds_engine is not None and not last:
                 par.ds_engine.step()  # not an accumulation boundary: DeepSpeed only counts the micro-step
             if cfg.model.moe.router.aux_loss_scope == "global_batch":
